@@ -1,0 +1,383 @@
+"""Byte-level training data: memory-mapped corpora and a seeded, resumable, shardable sampler.
+
+Pure numpy. Every split is a 1-D uint8 array that is an `np.memmap` (or a view of one), so
+a corpus is never loaded whole. Raw files are mapped in place; compressed files and
+multi-file corpora are first written once to a cache file (atomically) and that is mapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import sysconfig
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+# Standard enwik8 split (Hutter prize / Transformer-XL): train [0, 90M), validation
+# [90M, 95M), test [95M, 100M). Read at call time, so tests may monkeypatch it.
+ENWIK8_SPLIT_OFFSETS: tuple[int, int, int] = (90_000_000, 95_000_000, 100_000_000)
+# The default corpus (stdlib sources, ~11 MB on CPython 3.11) fits under this whole.
+DEFAULT_MAX_BYTES = 32 * 2**20
+# Directories skipped in the default corpus: third-party code, the (huge, repetitive) test
+# suites, and the IDLE / 2to3 tool trees, which are not representative library code.
+STDLIB_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+)
+
+_ENWIK8_NAME = re.compile(r"enwik8(\.gz|\.zip)?")
+_COMPRESSED_SUFFIXES = (".gz", ".zip")
+_CACHE_FORMAT = "ct_jax-data-v1"
+
+Splits = dict[str, np.ndarray]  # split name -> uint8 byte array (b,)
+
+
+# ---------------------------------------------------------------------------------------
+# Cache: one decompression / concatenation pass, written atomically, then memory-mapped.
+
+
+def default_cache_dir() -> Path:
+    """Where decompressed and concatenated corpora are cached: $XDG_CACHE_HOME/ct_jax."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ct_jax"
+
+
+def _fingerprint(tag: str, files: Sequence[Path], extra: str = "") -> str:
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}|{tag}|{extra}".encode())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"|{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:20]
+
+
+def _memmap(path: Path) -> np.ndarray:
+    # np.memmap cannot map an empty file; an empty split is then reported by the window check.
+    if os.path.getsize(path) == 0:
+        return np.zeros(0, np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def _cached(cache_dir: str | os.PathLike | None, name: str, write: Callable[[BinaryIO], None]) -> np.ndarray:
+    # Temp file in the same directory + os.replace: readers (and concurrent writers, e.g.
+    # several hosts on a shared disk) see either no cache file or a complete one.
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = directory / name
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    return _memmap(path)
+
+
+def _zip_member(path: Path, preferred: str | None) -> str:
+    with zipfile.ZipFile(path) as archive:
+        names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    matches = [name for name in names if preferred and name.rsplit("/", 1)[-1] == preferred]
+    if len(matches) == 1:
+        return matches[0]
+    if len(names) == 1:
+        return names[0]
+    wanted = f"a member named {preferred!r} or " if preferred else ""
+    raise ValueError(f"zip archive {path} must contain {wanted}exactly one file; it contains {names}")
+
+
+def _open_source(path: Path, cache_dir: str | os.PathLike | None, zip_member: str | None = None) -> np.ndarray:
+    """Memmap a raw file in place, or a .gz/.zip through a one-time decompressed cache."""
+    if path.suffix not in _COMPRESSED_SUFFIXES:
+        return _memmap(path)
+    member = _zip_member(path, zip_member) if path.suffix == ".zip" else None
+
+    def write(out: BinaryIO) -> None:
+        if member is None:
+            with gzip.open(path, "rb") as source:
+                shutil.copyfileobj(source, out, 1 << 20)
+        else:
+            with zipfile.ZipFile(path) as archive, archive.open(member) as source:
+                shutil.copyfileobj(source, out, 1 << 20)
+
+    name = f"{path.name}-{_fingerprint('decompressed', [path], member or '')}.bin"
+    return _cached(cache_dir, name, write)
+
+
+def _concatenated(tag: str, split: str, files: Sequence[Path], cache_dir: str | os.PathLike | None) -> np.ndarray:
+    expected = sum(file.stat().st_size for file in files)
+
+    def write(out: BinaryIO) -> None:
+        for file in files:
+            with open(file, "rb") as source:
+                shutil.copyfileobj(source, out, 1 << 20)
+        if out.tell() != expected:
+            raise RuntimeError(f"{tag} corpus files changed while being cached ({out.tell()} bytes, expected {expected})")
+
+    return _cached(cache_dir, f"{tag}-{split}-{_fingerprint(tag, files, split)}.bin", write)
+
+
+# ---------------------------------------------------------------------------------------
+# Corpora.
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"corpus path {str(path)!r} does not exist")
+    return path
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _walk(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str], bool]) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [name for name in dirnames if keep_dir(name)]
+        found += [Path(dirpath, name) for name in filenames if keep_file(name) and Path(dirpath, name).is_file()]
+    return sorted(found, key=lambda file: file.relative_to(root).as_posix())
+
+
+def _files_corpus(
+    tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int, max_bytes: int | None
+) -> Splits:
+    """Split sorted files into train / validation (file i goes to validation iff i % k == k - 1)."""
+    _check_int("validation_every", validation_every, 2)
+    if max_bytes is not None:
+        _check_int("max_bytes", max_bytes, 1)
+        # Whole files only, in sorted order, skipping any that would overflow the budget
+        # (a prefix would stop at the first large file, e.g. _pydecimal.py).
+        kept, total = [], 0
+        for file in files:
+            if total + file.stat().st_size <= max_bytes:
+                kept.append(file)
+                total += file.stat().st_size
+        files = kept
+    validation = files[validation_every - 1 :: validation_every]
+    if not validation:
+        raise ValueError(
+            f"{tag} corpus at {root} has {len(files)} files (max_bytes={max_bytes}); validation_every="
+            f"{validation_every} sends every {validation_every}-th file to validation, so it needs at least "
+            f"{validation_every} files"
+        )
+    train = [file for i, file in enumerate(files) if i % validation_every != validation_every - 1]
+    return {"train": _concatenated(tag, "train", train, cache_dir), "validation": _concatenated(tag, "validation", validation, cache_dir)}
+
+
+def load_enwik8(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, split_offsets: tuple[int, int, int] | None = None) -> Splits:
+    """enwik8 (raw, .gz, or .zip holding `enwik8`) with the standard 90M / 5M / 5M train / validation / test split."""
+    path = _existing(path)
+    train_end, validation_end, test_end = ENWIK8_SPLIT_OFFSETS if split_offsets is None else split_offsets
+    if not 0 < train_end < validation_end < test_end:
+        raise ValueError(f"split_offsets must be increasing positive byte offsets, got {(train_end, validation_end, test_end)}")
+    data = _open_source(path, cache_dir, zip_member="enwik8")
+    if len(data) < test_end:
+        raise ValueError(
+            f"enwik8 at {path} has {len(data)} bytes; the standard split needs at least {test_end} bytes "
+            f"(train {train_end}, validation {validation_end - train_end}, test {test_end - validation_end}). "
+            f"For a truncated or other file use the generic loader: load_corpus('text:{path}')"
+        )
+    return {"train": data[:train_end], "validation": data[train_end:validation_end], "test": data[validation_end:test_end]}
+
+
+def load_text_file(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_fraction: float = 0.05, max_bytes: int | None = None
+) -> Splits:
+    """One file (raw, .gz or single-member .zip), optionally its first max_bytes; the tail fraction is validation."""
+    path = _existing(path)
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
+    data = _open_source(path, cache_dir)
+    if max_bytes is not None:
+        _check_int("max_bytes", max_bytes, 1)
+        data = data[:max_bytes]
+    if len(data) == 0:
+        raise ValueError(f"text corpus {path} is empty")
+    n_train = len(data) - round(len(data) * validation_fraction)
+    return {"train": data[:n_train], "validation": data[n_train:]}
+
+
+def load_folder(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_every: int = 10, max_bytes: int | None = None
+) -> Splits:
+    """Every file under a folder (recursive, sorted by relative path, hidden names skipped), concatenated per split."""
+    root = _existing(path)
+    if not root.is_dir():
+        raise ValueError(f"path must be a folder, got file {str(root)!r}")
+    visible = lambda name: not name.startswith(".")  # noqa: E731 - skips .git and friends
+    return _files_corpus("folder", root, _walk(root, visible, visible), cache_dir, validation_every, max_bytes)
+
+
+def stdlib_source_files() -> list[Path]:
+    """The default corpus's files: the stdlib's .py sources minus STDLIB_EXCLUDED_DIRS, sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return _walk(root, lambda name: name not in STDLIB_EXCLUDED_DIRS, lambda name: name.endswith(".py"))
+
+
+def load_stdlib_corpus(
+    cache_dir: str | os.PathLike | None = None, *, validation_every: int = 10, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Splits:
+    """Default corpus present on every machine: this Python's stdlib sources (deterministic per installation)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return _files_corpus("stdlib", root, stdlib_source_files(), cache_dir, validation_every, max_bytes)
+
+
+def check_window(splits: Splits, window: int) -> None:
+    """Raise ValueError naming the first split shorter than one window."""
+    for name, data in splits.items():
+        _require_window(data, window, name)
+
+
+def _require_window(data: np.ndarray, window: int, name: str) -> None:
+    _check_int("window", window, 2)
+    if np.ndim(data) != 1:
+        raise ValueError(f"split {name!r} must be a 1-D byte array, got shape {np.shape(data)}")
+    if len(data) < window:
+        raise ValueError(
+            f"split {name!r} has {len(data)} bytes, fewer than one window of {window} bytes "
+            f"(window = n_segments * seq_len + 1)"
+        )
+
+
+def load_corpus(
+    spec: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *, window: int | None = None, max_bytes: int | None = None
+) -> Splits:
+    """Load splits by spec: None = stdlib sources; 'enwik8:PATH' or a file named enwik8[.gz|.zip] = enwik8;
+    'text:PATH' or any other path = a text file or folder. With `window`, every split must hold one window."""
+    if spec is None:
+        splits = load_stdlib_corpus(cache_dir, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+    else:
+        spec = os.fspath(spec)
+        if spec.startswith("enwik8:"):
+            kind, path = "enwik8", _existing(spec.removeprefix("enwik8:"))
+        elif spec.startswith("text:"):
+            kind, path = "text", _existing(spec.removeprefix("text:"))
+        else:
+            path = _existing(spec)
+            kind = "enwik8" if _ENWIK8_NAME.fullmatch(path.name) else "text"
+        if kind == "enwik8":
+            if max_bytes is not None:
+                raise ValueError(f"max_bytes={max_bytes} does not apply to enwik8's fixed splits; use 'text:{path}' for a prefix")
+            splits = load_enwik8(path, cache_dir)
+        elif path.is_dir():
+            splits = load_folder(path, cache_dir, max_bytes=max_bytes)
+        else:
+            splits = load_text_file(path, cache_dir, max_bytes=max_bytes)
+    if window is not None:
+        check_window(splits, window)
+    return splits
+
+
+# ---------------------------------------------------------------------------------------
+# Batching.
+
+
+def _gather(data: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
+    # (b,) starts -> (b, window) int32 windows; fancy indexing reads only the touched pages.
+    return np.asarray(data[starts[:, None] + np.arange(window)], dtype=np.int32)
+
+
+class WindowSampler:
+    """Endless batches of random `window`-byte windows, int32 (batch_size // process_count, window).
+
+    Batch `step` is drawn from np.random.default_rng([seed, step]), so the whole state is
+    (seed, step) and a restored sampler continues exactly. The global batch (batch_size rows)
+    is drawn identically on every process; process p takes rows [p * local, (p + 1) * local).
+    """
+
+    def __init__(
+        self, data: np.ndarray, window: int, batch_size: int, seed: int, *, process_index: int = 0, process_count: int = 1, name: str = "train"
+    ):
+        _require_window(data, window, name)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("seed", seed, 0)
+        _check_int("process_count", process_count, 1)
+        if isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index must be an integer in [0, {process_count}), got {process_index!r}")
+        if batch_size % process_count:
+            raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count ({process_count})")
+        self.data, self.window, self.batch_size = data, window, batch_size
+        self.seed, self.step = int(seed), 0
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = batch_size // process_count
+
+    def global_starts(self, step: int) -> np.ndarray:
+        """Start offsets (batch_size,) of batch `step` across all processes."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, len(self.data) - self.window + 1, size=self.batch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        first = self.process_index * self.local_batch_size
+        starts = self.global_starts(self.step)[first : first + self.local_batch_size]
+        self.step += 1
+        return _gather(self.data, starts, self.window)
+
+    def state_dict(self) -> dict[str, int]:
+        """Everything needed to resume: {'seed', 'step'} (plain ints, checkpoint-friendly)."""
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Adopt a saved state, so the next batch is the one the saved sampler would have drawn."""
+        if set(state) != {"seed", "step"}:
+            raise ValueError(f"state must have keys {{'seed', 'step'}}, got {sorted(state)}")
+        seed, step = int(state["seed"]), int(state["step"])
+        _check_int("state['seed']", seed, 0)
+        _check_int("state['step']", step, 0)
+        self.seed, self.step = seed, step
+
+
+def eval_batches(
+    data: np.ndarray, window: int, batch_size: int, max_batches: int | None = None, *, drop_remainder: bool = False, name: str = "validation"
+) -> Iterator[np.ndarray]:
+    """Deterministic sequential int32 (batch_size, window) batches for evaluation.
+
+    Windows start every window - 1 bytes (consecutive windows share one byte), so each byte
+    after the first is a target exactly once. The last batch may be short unless drop_remainder.
+    """
+    _require_window(data, window, name)
+    _check_int("batch_size", batch_size, 1)
+    if max_batches is not None:
+        _check_int("max_batches", max_batches, 1)
+    starts = np.arange((len(data) - 1) // (window - 1)) * (window - 1)
+    batch_firsts = range(0, len(starts), batch_size)[:max_batches]
+
+    def batches() -> Iterator[np.ndarray]:
+        for first in batch_firsts:
+            chunk = starts[first : first + batch_size]
+            if drop_remainder and len(chunk) < batch_size:
+                return
+            yield _gather(data, chunk, window)
+
+    return batches()
+
+
+def encode_text(text: str) -> np.ndarray:
+    """UTF-8 bytes of `text` as int32 tokens (n,), e.g. a generation prompt."""
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+
+def decode_bytes(tokens: Any) -> str:
+    """Byte tokens (n,) back to text; invalid UTF-8 (e.g. a cut multi-byte char) becomes U+FFFD."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 255):
+        raise ValueError(f"tokens must be bytes in [0, 255], got range [{tokens.min()}, {tokens.max()}]")
+    return tokens.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
