@@ -1,0 +1,124 @@
+"""The model's constructor arguments: upstream 0.4.0's keywords, defaults and checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _rate(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Normalised constructor arguments of the Compressive Transformer.
+
+    Field names and defaults are those of `compressive_transformer_pytorch` 0.4.0;
+    `None` defaults are resolved as upstream does (`mem_len = seq_len`,
+    `cmem_len = mem_len // cmem_ratio`, `memory_layers = 1..depth`).
+    """
+
+    num_tokens: int
+    dim: int
+    seq_len: int
+    depth: int
+    emb_dim: int | None = None
+    memory_layers: tuple[int, ...] | None = None
+    enhanced_recurrence: bool = True
+    mem_len: int | None = None
+    cmem_len: int | None = None
+    cmem_ratio: int = 4
+    heads: int = 8
+    gru_gated_residual: bool = True
+    mogrify_gru: bool = False
+    attn_dropout: float = 0.0
+    ff_glu: bool = False
+    ff_dropout: float = 0.0
+    attn_layer_dropout: float = 0.0
+    reconstruction_attn_dropout: float = 0.0
+    reconstruction_loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_tokens", "dim", "seq_len", "depth", "heads", "cmem_ratio"):
+            _positive_int(name, getattr(self, name))
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("emb_dim", _positive_int("emb_dim", self.emb_dim) if self.emb_dim is not None else self.dim)
+        set_("mem_len", self.seq_len if self.mem_len is None else self.mem_len)
+        if isinstance(self.mem_len, bool) or not isinstance(self.mem_len, int):
+            raise ValueError(f"mem_len must be an int, got {self.mem_len!r}")
+        if self.mem_len < self.seq_len:
+            raise ValueError(
+                f"mem_len must be at least seq_len ({self.seq_len}), got {self.mem_len}"
+            )
+        min_cmem = self.mem_len // self.cmem_ratio
+        set_("cmem_len", min_cmem if self.cmem_len is None else self.cmem_len)
+        if isinstance(self.cmem_len, bool) or not isinstance(self.cmem_len, int):
+            raise ValueError(f"cmem_len must be an int, got {self.cmem_len!r}")
+        if self.cmem_len < min_cmem:
+            raise ValueError(
+                f"cmem_len must be at least mem_len // cmem_ratio ({min_cmem}), got {self.cmem_len}"
+            )
+        if self.dim % self.heads != 0:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads, got heads={self.heads}")
+        set_("memory_layers", _memory_layers(self.memory_layers, self.depth))
+        for name in ("attn_dropout", "ff_dropout", "attn_layer_dropout", "reconstruction_attn_dropout"):
+            set_(name, _rate(name, getattr(self, name)))
+        for name in ("enhanced_recurrence", "gru_gated_residual", "mogrify_gru", "ff_glu"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        set_("reconstruction_loss_weight", float(self.reconstruction_loss_weight))
+
+    @property
+    def dim_head(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def pos_len(self) -> int:
+        """Rows of the relative-position table: `seq_len + mem_len + cmem_len`."""
+        return self.seq_len + self.mem_len + self.cmem_len
+
+    @property
+    def uses_dropout(self) -> bool:
+        return any(
+            r > 0
+            for r in (self.attn_dropout, self.ff_dropout, self.attn_layer_dropout, self.reconstruction_attn_dropout)
+        )
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Constructor kwargs as JSON-friendly values (the `config.json` of a checkpoint)."""
+        kwargs = dataclasses.asdict(self)
+        kwargs["memory_layers"] = list(self.memory_layers)
+        return kwargs
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> ModelConfig:
+        """Builds a config from constructor kwargs, naming any keyword upstream does not have."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown model arguments {unknown}; expected a subset of {sorted(known)}")
+        return cls(**kwargs)
+
+
+def _memory_layers(memory_layers: Iterable[int] | None, depth: int) -> tuple[int, ...]:
+    if memory_layers is None:
+        return tuple(range(1, depth + 1))
+    layers = list(memory_layers)
+    if not layers:
+        raise ValueError("memory_layers must name at least one layer in 1..depth, got []")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth:
+            raise ValueError(f"memory_layers entries must be ints in 1..{depth} (depth), got {layer!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"memory_layers must not repeat a layer, got {layers}")
+    return tuple(sorted(layers))

@@ -1,0 +1,264 @@
+"""Loss-free conversion between upstream PyTorch `state_dict`s / memories and `ct_jax` models.
+
+Parameter paths mirror upstream's, so a key maps to a path by renaming; matrices are
+transposed (torch stores `(out, in)`, Flax `(in, out)`; Conv1d `(out, in, r)` -> `(r, in, out)`).
+Files: a checkpoint directory holds `model.safetensors` (upstream key names) and
+`config.json` (the constructor kwargs), readable by both frameworks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ct_jax.config import ModelConfig
+from ct_jax.memory import Memory
+from ct_jax.model import CompressiveTransformer
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# (JAX path pattern, upstream key template) on the '.'-joined path: the first matching
+# prefix rule, then every suffix rule in order.
+_PREFIX_RENAMES = [
+    (r"^token_emb\.embedding$", "token_emb.weight"),
+    (r"^to_emb_dim\.", "to_logits.0."),
+    (r"^to_logits\.", "to_logits.1."),
+    (r"^(attn|ff)_layers\.(\d+)\.norm\.", r"\1_layers.\2.fn.norm."),
+    (r"^(attn|ff)_layers\.(\d+)\.fn\.", r"\1_layers.\2.fn.fn."),
+]
+_SUFFIX_RENAMES = [
+    (r"compress_mem_fn\.", "compress_mem_fn.conv."),
+    (r"gru\.input_kernel$", "gru.weight_ih"),
+    (r"gru\.hidden_kernel$", "gru.weight_hh"),
+    (r"gru\.input_bias$", "gru.bias_ih"),
+    (r"gru\.hidden_bias$", "gru.bias_hh"),
+    (r"mogrify\.(Q|R)\.down\.", r"mogrify.\1.0.0."),
+    (r"mogrify\.(Q|R)\.up\.", r"mogrify.\1.0.1."),
+    (r"\.kernel$", ".weight"),
+    (r"\.scale$", ".weight"),
+]
+_TRANSPOSED = re.compile(r"(kernel|input_kernel|hidden_kernel)$")
+# mogrifier < 0.0.5 stored bias-free factors as `mogrify.Q.0.weight` / `mogrify.Q.1.weight`.
+_OLD_MOGRIFIER = re.compile(r"^(.*\.mogrify\.[QR])\.([01])\.weight$")
+
+
+def torch_key(path: str) -> str:
+    """Upstream `state_dict` key of a `ct_jax` parameter path such as `attn_layers.0.fn.to_q.kernel`."""
+    for pattern, replacement in _PREFIX_RENAMES:
+        path, count = re.subn(pattern, replacement, path)
+        if count:
+            break
+    for pattern, replacement in _SUFFIX_RENAMES:
+        path = re.sub(pattern, replacement, path)
+    return path
+
+
+def _param_paths(model: CompressiveTransformer) -> dict[str, Any]:
+    flat = nnx.state(model, nnx.Param).flat_state()
+    return {".".join(str(p) for p in path): variable for path, variable in flat}
+
+
+def to_numpy(model: CompressiveTransformer) -> dict[str, np.ndarray]:
+    """Model weights as an upstream-keyed `state_dict` of numpy arrays (exact copies)."""
+    out = {}
+    for path, variable in _param_paths(model).items():
+        value = np.asarray(variable.get_value())
+        out[torch_key(path)] = value.transpose() if _TRANSPOSED.search(path) else value
+    return out
+
+
+def to_torch(model: CompressiveTransformer) -> dict[str, Any]:
+    """Model weights as an upstream `state_dict` of torch tensors; loads with `strict=True`."""
+    import torch
+
+    return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in to_numpy(model).items()}
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            import ml_dtypes
+
+            return value.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _upgrade_old_mogrifier(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Maps the bias-free mogrifier (< 0.0.5) layout to 0.0.5's, with zero biases (same function)."""
+    out = {}
+    for key, value in state.items():
+        match = _OLD_MOGRIFIER.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        new_prefix = f"{match.group(1)}.0.{match.group(2)}"
+        out[f"{new_prefix}.weight"] = value
+        out[f"{new_prefix}.bias"] = np.zeros(value.shape[0], value.dtype)
+    return out
+
+
+def from_torch(state_dict: Mapping[str, Any], model: CompressiveTransformer) -> CompressiveTransformer:
+    """Loads an upstream / `ct_torch_ref` `state_dict` into `model` in place (strict) and returns it.
+
+    Raises ValueError listing every missing or unexpected key and every shape mismatch,
+    before any parameter is changed.
+    """
+    state = _upgrade_old_mogrifier({key: _as_numpy(value) for key, value in state_dict.items()})
+    params = _param_paths(model)
+    expected = {torch_key(path): path for path in params}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = []
+    converted = {}
+    for key, path in expected.items():
+        if key not in state:
+            continue
+        value = state[key].transpose() if _TRANSPOSED.search(path) else state[key]
+        target = params[path].get_value()
+        if value.shape != target.shape:
+            shape = value.transpose().shape if _TRANSPOSED.search(path) else value.shape
+            mismatched.append(f"{key}: expected {tuple(reversed(target.shape)) if _TRANSPOSED.search(path) else target.shape}, got {shape}")
+            continue
+        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+            mismatched.append(f"{key}: expected a floating dtype, got {value.dtype}")
+            continue
+        converted[path] = jnp.asarray(value, dtype=target.dtype)
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if mismatched:
+            problems.append(f"shape/dtype mismatches {mismatched}")
+        raise ValueError("state_dict does not match the model: " + "; ".join(problems))
+    for path, value in converted.items():
+        params[path].set_value(value)
+    return model
+
+
+def memory_to_torch(memories: Memory):
+    """The valid part of a `ct_jax.Memory` as upstream `Memory(mem, compressed_mem)` tensors.
+
+    Shapes are exactly upstream's: `(n_memory_layers, b, valid_len, dim)`.
+    """
+    import torch
+
+    from ct_torch_ref import Memory as TorchMemory
+
+    mem_valid, cmem_valid = int(memories.mem_valid), int(memories.compressed_mem_valid)
+    mem = np.asarray(memories.mem)
+    cmem = np.asarray(memories.compressed_mem)
+    mem = mem[:, :, mem.shape[2] - mem_valid :]
+    cmem = cmem[:, :, cmem.shape[2] - cmem_valid :]
+    return TorchMemory(torch.from_numpy(np.ascontiguousarray(mem)), torch.from_numpy(np.ascontiguousarray(cmem)))
+
+
+def memory_from_torch(memory, model_or_config) -> Memory:
+    """Upstream `Memory(mem, compressed_mem)` (or a `(mem, cmem)` pair) as fixed-shape `ct_jax.Memory`."""
+    config = getattr(model_or_config, "config", model_or_config)
+    mem, cmem = (_as_numpy(t) for t in memory)
+    layers = len(config.memory_layers)
+    for name, value, capacity in (("mem", mem, config.mem_len), ("compressed_mem", cmem, config.cmem_len)):
+        if value.ndim != 4 or value.shape[0] != layers or value.shape[3] != config.dim:
+            raise ValueError(
+                f"memory.{name} must have shape ({layers}, batch, <= {capacity}, {config.dim}), got {value.shape}"
+            )
+        if value.shape[2] > capacity:
+            raise ValueError(f"memory.{name} holds {value.shape[2]} slots, more than its capacity {capacity}")
+    if mem.shape[1] != cmem.shape[1]:
+        raise ValueError(f"memory.mem batch {mem.shape[1]} differs from memory.compressed_mem batch {cmem.shape[1]}")
+    if cmem.shape[2] > 0 and mem.shape[2] != config.mem_len:
+        raise ValueError(
+            f"compressed memory is non-empty ({cmem.shape[2]} slots) while memory is not full "
+            f"({mem.shape[2]} of {config.mem_len}); a model never produces that state"
+        )
+    pad = lambda value, capacity: np.pad(value, ((0, 0), (0, 0), (capacity - value.shape[2], 0), (0, 0)))  # noqa: E731
+    return Memory(
+        jnp.asarray(pad(mem, config.mem_len)),
+        jnp.asarray(pad(cmem, config.cmem_len)),
+        jnp.asarray(mem.shape[2], jnp.int32),
+        jnp.asarray(cmem.shape[2], jnp.int32),
+    )
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Writes through a temporary file in the same folder, then renames: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pretrained(model: CompressiveTransformer, directory: str | os.PathLike) -> Path:
+    """Writes `model.safetensors` (upstream keys) and `config.json`, each atomically."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    weights = {key: np.ascontiguousarray(value) for key, value in to_numpy(model).items()}
+    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    config_text = json.dumps(model.config.to_kwargs(), indent=2, sort_keys=True)
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint directory's `config.json`."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in checkpoint directory {directory}")
+    try:
+        kwargs = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{path} must hold a JSON object of constructor kwargs, got {type(kwargs).__name__}")
+    return ModelConfig.from_kwargs(kwargs)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Weights from `.safetensors` (no code runs) or `.pt`/`.bin` (`torch.load(weights_only=True)`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} could not be read with torch.load(weights_only=True): {error}") from error
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} must hold a state_dict (a mapping of names to tensors), got {type(state).__name__}")
+    return {key: _as_numpy(value) for key, value in state.items()}
+
+
+def load_pretrained(directory: str | os.PathLike, *, dtype: Any = jnp.float32, seed: int = 0) -> CompressiveTransformer:
+    """A `ct_jax` model from a checkpoint directory written by either framework."""
+    config = read_config(directory)
+    model = CompressiveTransformer(**config.to_kwargs(), rngs=nnx.Rngs(seed), dtype=dtype)
+    return from_torch(read_state_dict(Path(directory) / WEIGHTS_FILE), model)

@@ -1,0 +1,124 @@
+"""The Compressive Transformer (one segment), Flax NNX; parameter paths mirror upstream's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from ct_jax.attention import SelfAttention
+from ct_jax.config import ModelConfig
+from ct_jax.layers import FeedForward, GRUGate, Mogrifier, layer_norm, linear, wide
+from ct_jax.memory import Memory
+
+
+class Sublayer(nnx.Module):
+    """PreNorm(fn) joined to the stream by a GRU gate (optionally mogrified) or a residual add."""
+
+    def __init__(self, dim: int, fn: nnx.Module, config: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.norm = layer_norm(dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fn = fn
+        gated = config.gru_gated_residual
+        self.gru = GRUGate(dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype) if gated else None
+        mogrify = gated and config.mogrify_gru
+        self.mogrify = Mogrifier(dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype) if mogrify else None
+        self.dtype = dtype
+
+    def normed(self, x: jax.Array) -> jax.Array:
+        return self.norm(x).astype(self.dtype)
+
+    def join(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """Combines the sublayer output `y` with the stream `x`."""
+        if self.gru is None:
+            return y + x
+        if self.mogrify is not None:
+            y, x = self.mogrify(y, x)
+        return self.gru(y, x)
+
+
+class CompressiveTransformer(nnx.Module):
+    """Compressive Transformer over one segment; same keywords and defaults as upstream 0.4.0.
+
+    `dtype` is the compute dtype (e.g. bfloat16) and `param_dtype` the storage dtype;
+    norms, softmax, logits and the aux loss stay in (at least) float32.
+    """
+
+    def __init__(self, num_tokens: int, dim: int, seq_len: int, depth: int, *, rngs: nnx.Rngs,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, **kwargs: Any):
+        config = ModelConfig.from_kwargs(dict(num_tokens=num_tokens, dim=dim, seq_len=seq_len, depth=depth, **kwargs))
+        self.config = config
+        self.dtype = dtype
+        emb_dim = config.emb_dim
+        opts = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.token_emb = nnx.Embed(num_tokens, emb_dim, embedding_init=jax.nn.initializers.normal(1.0),
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.to_model_dim = linear(emb_dim, dim, **opts) if emb_dim != dim else None
+        # zero-initialised as upstream
+        self.pos_emb = nnx.Param(jnp.zeros((config.heads, config.pos_len, config.dim_head), param_dtype))
+        self.to_emb_dim = linear(dim, emb_dim, **opts) if emb_dim != dim else None  # upstream to_logits.0
+        self.to_logits = linear(emb_dim, num_tokens, **opts)  # upstream to_logits.1
+        self.attn_layers = nnx.List([
+            Sublayer(dim, SelfAttention(config, **opts), config, **opts) for _ in range(depth)
+        ])
+        self.ff_layers = nnx.List([
+            Sublayer(dim, FeedForward(dim, dropout=config.ff_dropout, glu=config.ff_glu, **opts), config, **opts)
+            for _ in range(depth)
+        ])
+
+    def __call__(
+        self,
+        tokens: Int[Array, "b t"],
+        memories: Memory | None = None,
+        mask: Bool[Array, "b t"] | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[Float[Array, "b t v"], Memory, Float[Array, ""]]:
+        """One segment: (logits, next memories, aux loss). `mask` True = real token.
+
+        `rngs` (a `dropout` stream) overrides the model's own for dropout in training.
+        """
+        config = self.config
+        b, t = tokens.shape
+        if t > config.seq_len:
+            raise ValueError(f"tokens has a segment of length {t}, longer than seq_len={config.seq_len}")
+        if memories is None:
+            memories = Memory.empty(self, b, self.dtype)
+        x = self.token_emb(tokens)
+        if self.to_model_dim is not None:
+            x = self.to_model_dim(x)
+
+        mem, cmem = memories.mem, memories.compressed_mem
+        if config.enhanced_recurrence:  # each memory layer reads the memory of the one above it
+            mem, cmem = jnp.roll(mem, -1, axis=0), jnp.roll(cmem, -1, axis=0)
+        total_valid = memories.mem_valid + memories.compressed_mem_valid
+        pos_emb = self.pos_emb[...]
+
+        next_mem, next_cmem = [], []
+        mem_valid, cmem_valid = memories.mem_valid, memories.compressed_mem_valid
+        aux_loss = jnp.zeros((), wide(self.dtype))
+        for index, (attn, ff) in enumerate(zip(self.attn_layers, self.ff_layers)):
+            layer_memory = None
+            if index + 1 in config.memory_layers:
+                slot = len(next_mem)
+                layer_memory = (mem[slot], cmem[slot], memories.mem_valid, memories.compressed_mem_valid)
+            y, layer_memory, layer_aux = attn.fn(attn.normed(x), pos_emb, total_valid, mask, layer_memory, rngs)
+            x = attn.join(y, x)
+            x = ff.join(ff.fn(ff.normed(x), rngs), x)
+            aux_loss = aux_loss + layer_aux
+            if layer_memory is not None:
+                next_mem.append(layer_memory[0])
+                next_cmem.append(layer_memory[1])
+                mem_valid, cmem_valid = layer_memory[2], layer_memory[3]
+
+        if self.to_emb_dim is not None:
+            x = self.to_emb_dim(x)
+        logits = self.to_logits(x).astype(wide(self.dtype))
+        next_memories = Memory(
+            jax.lax.stop_gradient(jnp.stack(next_mem)), jax.lax.stop_gradient(jnp.stack(next_cmem)),
+            mem_valid, cmem_valid,
+        )
+        aux_loss = aux_loss * config.reconstruction_loss_weight / len(config.memory_layers)
+        return logits, next_memories, aux_loss
