@@ -1,0 +1,327 @@
+"""The Compressive Transformer of `compressive-transformer-pytorch` 0.4.0, for one segment.
+
+Same constructor keywords, defaults, state_dict keys and forward values as upstream;
+invalid arguments raise ValueError/TypeError instead of asserting.
+"""
+
+from __future__ import annotations
+
+import operator
+from functools import partial
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .attention import Memory, SelfAttention
+from .layers import FeedForward, GRUGating, PreNorm, Residual
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def _probability(name: str, value: Any) -> float:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _memory_layers(value: Iterable[int] | None, depth: int) -> list[int]:
+    if value is None:
+        return list(range(1, depth + 1))
+    try:
+        layers = [operator.index(layer) for layer in value]
+    except TypeError:
+        raise TypeError(
+            f"memory_layers must be an iterable of ints in [1, depth={depth}], got {value!r}"
+        ) from None
+    if not layers:
+        raise ValueError(
+            f"memory_layers must name at least one layer in [1, depth={depth}], got an empty "
+            "list; use a model without memory elsewhere if that is what you want"
+        )
+    invalid = [layer for layer in layers if not 1 <= layer <= depth]
+    if invalid:
+        raise ValueError(
+            f"memory_layers entries must be in [1, depth={depth}] (1-based), got {layers}; "
+            f"invalid: {invalid}"
+        )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"memory_layers must not repeat a layer, got {layers}")
+    return sorted(layers)
+
+
+def normalize_config(
+    num_tokens: int,
+    dim: int,
+    seq_len: int,
+    depth: int,
+    emb_dim: int | None = None,
+    memory_layers: Iterable[int] | None = None,
+    enhanced_recurrence: bool = True,
+    mem_len: int | None = None,
+    cmem_len: int | None = None,
+    cmem_ratio: int = 4,
+    heads: int = 8,
+    gru_gated_residual: bool = True,
+    mogrify_gru: bool = False,
+    attn_dropout: float = 0.0,
+    ff_glu: bool = False,
+    ff_dropout: float = 0.0,
+    attn_layer_dropout: float = 0.0,
+    reconstruction_attn_dropout: float = 0.0,
+    reconstruction_loss_weight: float = 1.0,
+) -> dict[str, Any]:
+    """Validates upstream's constructor kwargs and returns them with defaults resolved.
+
+    The result is JSON-serialisable (memory_layers a sorted list) and builds the same model.
+    """
+    for name, value in dict(
+        num_tokens=num_tokens, dim=dim, seq_len=seq_len, depth=depth, heads=heads,
+        cmem_ratio=cmem_ratio,
+    ).items():
+        _positive_int(name, value)
+    if dim % heads != 0:
+        raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
+    emb_dim = dim if emb_dim is None else _positive_int("emb_dim", emb_dim)
+
+    mem_len = seq_len if mem_len is None else mem_len
+    if isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < seq_len:
+        raise ValueError(f"mem_len must be an int >= seq_len={seq_len}, got {mem_len!r}")
+    min_cmem_len = mem_len // cmem_ratio
+    cmem_len = min_cmem_len if cmem_len is None else cmem_len
+    if isinstance(cmem_len, bool) or not isinstance(cmem_len, int) or cmem_len < min_cmem_len:
+        raise ValueError(
+            f"cmem_len must be an int >= mem_len // cmem_ratio = {mem_len} // {cmem_ratio} "
+            f"= {min_cmem_len}, got {cmem_len!r}"
+        )
+
+    return dict(
+        num_tokens=num_tokens,
+        dim=dim,
+        seq_len=seq_len,
+        depth=depth,
+        emb_dim=emb_dim,
+        memory_layers=_memory_layers(memory_layers, depth),
+        enhanced_recurrence=bool(enhanced_recurrence),
+        mem_len=mem_len,
+        cmem_len=cmem_len,
+        cmem_ratio=cmem_ratio,
+        heads=heads,
+        gru_gated_residual=bool(gru_gated_residual),
+        mogrify_gru=bool(mogrify_gru),
+        attn_dropout=_probability("attn_dropout", attn_dropout),
+        ff_glu=bool(ff_glu),
+        ff_dropout=_probability("ff_dropout", ff_dropout),
+        attn_layer_dropout=_probability("attn_layer_dropout", attn_layer_dropout),
+        reconstruction_attn_dropout=_probability(
+            "reconstruction_attn_dropout", reconstruction_attn_dropout
+        ),
+        reconstruction_loss_weight=float(reconstruction_loss_weight),
+    )
+
+
+class CompressiveTransformer(nn.Module):
+    """Compressive Transformer over one segment: tokens (b, t) -> (logits, Memory, aux loss).
+
+    Keywords and defaults are those of upstream 0.4.0; `self.config` holds them normalised.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        dim: int,
+        seq_len: int,
+        depth: int,
+        emb_dim: int | None = None,
+        memory_layers: Iterable[int] | None = None,
+        enhanced_recurrence: bool = True,
+        mem_len: int | None = None,
+        cmem_len: int | None = None,
+        cmem_ratio: int = 4,
+        heads: int = 8,
+        gru_gated_residual: bool = True,
+        mogrify_gru: bool = False,
+        attn_dropout: float = 0.0,
+        ff_glu: bool = False,
+        ff_dropout: float = 0.0,
+        attn_layer_dropout: float = 0.0,
+        reconstruction_attn_dropout: float = 0.0,
+        reconstruction_loss_weight: float = 1.0,
+    ):
+        super().__init__()
+        config = normalize_config(
+            num_tokens, dim, seq_len, depth, emb_dim, memory_layers, enhanced_recurrence,
+            mem_len, cmem_len, cmem_ratio, heads, gru_gated_residual, mogrify_gru,
+            attn_dropout, ff_glu, ff_dropout, attn_layer_dropout,
+            reconstruction_attn_dropout, reconstruction_loss_weight,
+        )
+        self.config = config
+        c = config
+        self.num_tokens = c["num_tokens"]
+        self.dim = c["dim"]
+        self.seq_len = c["seq_len"]
+        self.depth = c["depth"]
+        self.mem_len = c["mem_len"]
+        self.cmem_len = c["cmem_len"]
+        self.memory_layers = list(c["memory_layers"])
+        self.enhanced_recurrence = c["enhanced_recurrence"]
+        self.reconstruction_loss_weight = c["reconstruction_loss_weight"]
+
+        # Modules are created in upstream's order, so a seeded init draws the same numbers
+        # and state_dict() lists the same keys in the same order.
+        emb_dim = c["emb_dim"]
+        self.token_emb = nn.Embedding(num_tokens, emb_dim)
+        self.to_model_dim = nn.Identity() if emb_dim == dim else nn.Linear(emb_dim, dim)
+        total_positions = seq_len + c["mem_len"] + c["cmem_len"]
+        self.pos_emb = nn.Parameter(torch.zeros(heads, total_positions, dim // heads))
+        self.to_logits = nn.Sequential(
+            nn.Identity() if emb_dim == dim else nn.Linear(dim, emb_dim),
+            nn.Linear(emb_dim, num_tokens),
+        )
+
+        if c["gru_gated_residual"]:
+            wrapper = partial(GRUGating, dim, mogrify=c["mogrify_gru"])
+        else:
+            wrapper = Residual
+        # Every layer gets a compressor (unused outside memory layers), as upstream.
+        self.attn_layers = nn.ModuleList([
+            wrapper(PreNorm(dim, SelfAttention(
+                dim, seq_len, c["mem_len"], c["cmem_len"], cmem_ratio, heads,
+                attn_dropout=c["attn_dropout"], dropout=c["attn_layer_dropout"],
+                reconstruction_attn_dropout=c["reconstruction_attn_dropout"],
+            )))
+            for _ in range(depth)
+        ])
+        self.ff_layers = nn.ModuleList([
+            wrapper(PreNorm(dim, FeedForward(dim, dropout=c["ff_dropout"], glu=c["ff_glu"])))
+            for _ in range(depth)
+        ])
+
+    def forward(
+        self,
+        x: Tensor,
+        memories: Sequence[Tensor | None] | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Memory, Tensor]:
+        """One segment.
+
+        x: (b, t) integer tokens in [0, num_tokens), 1 <= t <= seq_len.
+        memories: Memory(mem (L, b, m, dim), compressed_mem (L, b, c, dim)) from the
+            previous segment, L = len(memory_layers), or None (either part may be None).
+        mask: (b, t) bool, True = real token.
+        Returns logits (b, t, num_tokens), the next Memory (stop-gradient) and the aux
+        reconstruction loss as a 0-d tensor (non-zero only in training mode, when
+        something was compressed).
+        """
+        self._check_inputs(x, memories, mask)
+        x = self.to_model_dim(self.token_emb(x))
+        b, t, d = x.shape
+
+        mem, cmem = memories if memories is not None else (None, None)
+        n_memory_layers = len(self.memory_layers)
+        mem = x.new_empty(n_memory_layers, b, 0, d) if mem is None else mem
+        cmem = x.new_empty(n_memory_layers, b, 0, d) if cmem is None else cmem
+
+        total_len = mem.shape[2] + cmem.shape[2] + self.seq_len
+        pos_emb = self.pos_emb[:, (self.seq_len - t) : total_len]
+
+        aux_loss = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
+
+        if self.enhanced_recurrence:
+            # Layer i attends to the memory made by memory layer i + 1, the top one to the
+            # lowest one's. Also applies to short segments, whose returned memory is
+            # therefore this rolled one. Kept for parity with upstream 0.4.0.
+            mem = torch.roll(mem, -1, 0)
+            cmem = torch.roll(cmem, -1, 0)
+
+        next_mem, next_cmem = [], []
+        memory_index = 0
+        for layer_num, (attn, ff) in enumerate(zip(self.attn_layers, self.ff_layers), start=1):
+            use_memory = layer_num in self.memory_layers
+            layer_memories = None
+            if use_memory:
+                layer_memories = (mem[memory_index], cmem[memory_index])
+                memory_index += 1
+
+            x, (mem_out, cmem_out), layer_aux_loss = attn(
+                x, memories=layer_memories, calc_memory=use_memory, input_mask=mask,
+                pos_emb=pos_emb,
+            )
+            (x,) = ff(x)
+            aux_loss = aux_loss + layer_aux_loss
+
+            if use_memory:
+                next_mem.append(mem_out)
+                next_cmem.append(cmem_out)
+
+        logits = self.to_logits(x)
+        next_memory = Memory(
+            mem=torch.stack(next_mem).detach(), compressed_mem=torch.stack(next_cmem).detach()
+        )
+        aux_loss = aux_loss * self.reconstruction_loss_weight / n_memory_layers
+        return logits, next_memory, aux_loss
+
+    def _check_inputs(
+        self, x: Any, memories: Any, mask: Any
+    ) -> None:
+        """Raises TypeError/ValueError naming the argument when inputs do not fit this model."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
+        if x.dtype == torch.bool or x.dtype.is_floating_point or x.dtype.is_complex:
+            raise TypeError(f"x must have an integer dtype, got {x.dtype}")
+        if x.ndim != 2:
+            raise ValueError(f"x must have shape (batch, t), got {tuple(x.shape)}")
+        b, t = x.shape
+        if not 1 <= t <= self.seq_len:
+            raise ValueError(
+                f"x has segment length t={t}, expected 1 <= t <= seq_len={self.seq_len}"
+            )
+        if x.numel() > 0:
+            low, high = int(x.min()), int(x.max())
+            if low < 0 or high >= self.num_tokens:
+                raise ValueError(
+                    f"x token ids must be in [0, num_tokens={self.num_tokens}), "
+                    f"got values in [{low}, {high}]"
+                )
+
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+                raise TypeError(f"mask must be a bool tensor (True = real token), got {got}")
+            if tuple(mask.shape) != (b, t):
+                raise ValueError(f"mask must have shape {(b, t)} like x, got {tuple(mask.shape)}")
+
+        if memories is None:
+            return
+        if isinstance(memories, Tensor) or len(memories) != 2:
+            raise TypeError(
+                "memories must be Memory(mem, compressed_mem) (or a pair), got "
+                f"{type(memories).__name__}"
+            )
+        n_layers = len(self.memory_layers)
+        for name, tensor, max_len in (
+            ("memories.mem", memories[0], self.mem_len),
+            ("memories.compressed_mem", memories[1], self.cmem_len),
+        ):
+            if tensor is None:
+                continue
+            if not isinstance(tensor, Tensor) or not tensor.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating-point tensor, got {tensor!r:.80}")
+            shape = tuple(tensor.shape)
+            if (
+                len(shape) != 4
+                or shape[0] != n_layers
+                or shape[1] != b
+                or shape[3] != self.dim
+                or shape[2] > max_len
+            ):
+                raise ValueError(
+                    f"{name} must have shape (n_memory_layers={n_layers}, batch={b}, "
+                    f"length <= {max_len}, dim={self.dim}), got {shape}"
+                )
