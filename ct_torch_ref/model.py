@@ -155,14 +155,16 @@ class CompressiveTransformer(nn.Module):
         reconstruction_loss_weight: float = 1.0,
     ):
         super().__init__()
-        config = normalize_config(
-            num_tokens, dim, seq_len, depth, emb_dim, memory_layers, enhanced_recurrence,
-            mem_len, cmem_len, cmem_ratio, heads, gru_gated_residual, mogrify_gru,
-            attn_dropout, ff_glu, ff_dropout, attn_layer_dropout,
-            reconstruction_attn_dropout, reconstruction_loss_weight,
+        self.config = c = normalize_config(
+            num_tokens=num_tokens, dim=dim, seq_len=seq_len, depth=depth, emb_dim=emb_dim,
+            memory_layers=memory_layers, enhanced_recurrence=enhanced_recurrence,
+            mem_len=mem_len, cmem_len=cmem_len, cmem_ratio=cmem_ratio, heads=heads,
+            gru_gated_residual=gru_gated_residual, mogrify_gru=mogrify_gru,
+            attn_dropout=attn_dropout, ff_glu=ff_glu, ff_dropout=ff_dropout,
+            attn_layer_dropout=attn_layer_dropout,
+            reconstruction_attn_dropout=reconstruction_attn_dropout,
+            reconstruction_loss_weight=reconstruction_loss_weight,
         )
-        self.config = config
-        c = config
         self.num_tokens = c["num_tokens"]
         self.dim = c["dim"]
         self.seq_len = c["seq_len"]
