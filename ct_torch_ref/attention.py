@@ -19,8 +19,9 @@ Memory = namedtuple("Memory", ["mem", "compressed_mem"])
 def relative_shift(pos_dots: Tensor) -> Tensor:
     """Transformer-XL relative shift of (..., i, j) query/position logits (upstream `shift`).
 
-    Entry (r, c) of the result reads column c + (i - 1 - r) of the input: key c is read
-    with the position row for distance (j - i + r) - c.
+    Entry (r, c) of the result is input column c + i - 1 - r: query r (at position
+    j - i + r) and key c, at distance d = j - i + r - c, read position row j - 1 - d.
+    Entries with d < 0 (future keys, masked later) read 0.
     """
     *lead, i, j = pos_dots.shape
     zero_pad = torch.zeros((*lead, i, i), dtype=pos_dots.dtype, device=pos_dots.device)

@@ -113,7 +113,9 @@ class AutoregressiveWrapper(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
-            raise ValueError(f"seq_len (number of tokens to generate) must be an int >= 0, got {seq_len!r}")
+            raise ValueError(
+                f"seq_len (number of tokens to generate) must be an int >= 0, got {seq_len!r}"
+            )
         if not isinstance(start_tokens, Tensor) or start_tokens.ndim not in (1, 2):
             raise ValueError("start_tokens must be a (b, p) or (p,) tensor of token ids")
         num_dims = start_tokens.ndim
@@ -128,7 +130,9 @@ class AutoregressiveWrapper(nn.Module):
         elif num_dims == 1 and mask.ndim == 1:
             mask = mask[None, :]
         if tuple(mask.shape) != (b, prime_len):
-            raise ValueError(f"mask must have shape {(b, prime_len)} like the prime, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must have shape {(b, prime_len)} like the prime, got {tuple(mask.shape)}"
+            )
 
         was_training = self.net.training
         self.net.eval()
@@ -203,8 +207,14 @@ class AutoregressiveWrapper(nn.Module):
         batch = inputs.shape[0]
         if max_batch_size is None:
             max_batch_size = batch
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}")
+        if (
+            isinstance(max_batch_size, bool)
+            or not isinstance(max_batch_size, int)
+            or max_batch_size < 1
+        ):
+            raise ValueError(
+                f"max_batch_size must be a positive int or None, got {max_batch_size!r}"
+            )
         return self._segment_losses(inputs, targets, mask, max_batch_size, kwargs)
 
     def _lm_batch(self, x: Any, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -240,7 +250,8 @@ class AutoregressiveWrapper(nn.Module):
         n_micro = math.ceil(inputs.shape[0] / max_batch_size)
 
         memories = [None] * n_micro
-        for seg_inputs, seg_targets, seg_mask in zip(input_segments, target_segments, mask_segments):
+        segments = zip(input_segments, target_segments, mask_segments)
+        for seg_inputs, seg_targets, seg_mask in segments:
             micro_masks = split_batch(seg_mask) if seg_mask is not None else (None,) * n_micro
             next_memories = []
             for ind, (xi, xo, mi, mem) in enumerate(
@@ -249,7 +260,9 @@ class AutoregressiveWrapper(nn.Module):
                 logits, new_mem, aux_loss = self.net(xi, mask=mi, memories=mem, **kwargs)
                 next_memories.append(new_mem)
                 if (xo != self.ignore_index).any():
-                    loss = F.cross_entropy(logits.transpose(1, 2), xo, ignore_index=self.ignore_index)
+                    loss = F.cross_entropy(
+                        logits.transpose(1, 2), xo, ignore_index=self.ignore_index
+                    )
                 else:
                     # Every target ignored (padding of shorter list inputs): 0 with a graph,
                     # where cross_entropy's empty mean would give NaN.

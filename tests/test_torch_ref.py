@@ -52,7 +52,9 @@ def assert_memory_close(label: str, got: Memory, expected: Memory) -> None:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_forward_matches_upstream(name, mask_kind, mode):
     upstream, ours = model_pair(name, training=mode == "train")
-    segments, masks = make_inputs(CONFIGS[name], batch=3, n_segments=N_SEGMENTS, seed=2, mask_kind=mask_kind)
+    segments, masks = make_inputs(
+        CONFIGS[name], batch=3, n_segments=N_SEGMENTS, seed=2, mask_kind=mask_kind
+    )
     up_mem = our_mem = None
     aux_values = []
     for i, (tokens, mask) in enumerate(zip(segments, masks)):
@@ -227,16 +229,20 @@ def test_load_state_dict_file_refuses_arbitrary_pickles(tmp_path):
 
 
 @pytest.mark.parametrize("max_batch_size", [None, 2])
-@pytest.mark.parametrize("name", ["defaults", "residual_uneven_evictions", "top_layer_only_mogrify"])
+@pytest.mark.parametrize(
+    "name", ["defaults", "residual_uneven_evictions", "top_layer_only_mogrify"]
+)
 def test_wrapper_losses_match_upstream(name, max_batch_size):
     upstream, ours = model_pair(name, training=True)
     seq_len = CONFIGS[name]["seq_len"]
     n_tokens = 4 * seq_len + seq_len // 2 + 1
-    tokens = torch.randint(0, CONFIGS[name]["num_tokens"], (3, n_tokens), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, CONFIGS[name]["num_tokens"], (3, n_tokens), generator=generator)
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[1, -3:] = False  # a mask as wide as x: the wrappers trim it to x[:, :-1]
-    up_returns = list(UpstreamWrapper(upstream)(tokens, max_batch_size=max_batch_size, return_loss=True, mask=mask))
-    our_returns = list(AutoregressiveWrapper(ours)(tokens, max_batch_size=max_batch_size, return_loss=True, mask=mask))
+    kwargs = dict(max_batch_size=max_batch_size, return_loss=True, mask=mask)
+    up_returns = list(UpstreamWrapper(upstream)(tokens, **kwargs))
+    our_returns = list(AutoregressiveWrapper(ours)(tokens, **kwargs))
     assert len(our_returns) == len(up_returns) == 5 * (1 if max_batch_size is None else 2)
     for i, (our, up) in enumerate(zip(our_returns, up_returns)):
         assert_close(f"return {i} loss", our.loss, up.loss, ATOL)
@@ -263,7 +269,8 @@ def test_generate_greedy_and_filter_options():
     logits, _, _ = ours(prime)
     greedy = wrapper.generate(prime, 1, temperature=0)
     assert torch.equal(greedy[:, 0], logits[:, -1].argmax(-1))
-    assert torch.equal(wrapper.generate(prime, 6, temperature=0), wrapper.generate(prime, 6, temperature=0))
+    greedy_run = wrapper.generate(prime, 6, temperature=0)
+    assert torch.equal(greedy_run, wrapper.generate(prime, 6, temperature=0))
     for filter_fn in ("top_k", "top_p", None, ct_torch_ref.top_k):
         assert wrapper.generate(prime, 6, filter_logits_fn=filter_fn).shape == (2, 6)
     assert wrapper.generate(prime[0], 6).shape == (6,)

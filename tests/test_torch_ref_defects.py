@@ -45,7 +45,8 @@ def against_both(defect: str, upstream_raises: type[BaseException] | tuple = Ass
 
 
 def _tokens(config: dict, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, config["num_tokens"], shape, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config["num_tokens"], shape, generator=generator)
 
 
 # 1. to_kv.weight.detach_() froze K/V after the first compression -------------------------
@@ -93,8 +94,8 @@ def test_kv_fix_leaves_every_other_gradient_as_upstream():
     ours = OURS.CompressiveTransformer(**config).train()
     ours.load_state_dict(upstream.state_dict())
     tokens = _tokens(config, (2, 4 * config["seq_len"] + 2 + 1))
-    for model, wrapper_cls in ((upstream, UPSTREAM.AutoregressiveWrapper), (ours, OURS.AutoregressiveWrapper)):
-        for ret in wrapper_cls(model)(tokens, return_loss=True):
+    for model, impl in ((upstream, UPSTREAM), (ours, OURS)):
+        for ret in impl.AutoregressiveWrapper(model)(tokens, return_loss=True):
             (ret.loss + ret.aux_loss.sum()).backward()
     up_params = dict(upstream.named_parameters())
     for name, param in ours.named_parameters():
@@ -120,7 +121,9 @@ def test_aux_loss_trains_only_the_compressors(impl):
     assert aux_total > 0
     aux_total.backward()
     learning = sorted(
-        name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+        name
+        for name, p in model.named_parameters()
+        if p.grad is not None and p.grad.abs().sum() > 0
     )
     expected = sorted(
         f"attn_layers.{layer - 1}.fn.fn.compress_mem_fn.conv.{kind}"
@@ -140,7 +143,9 @@ def test_generate_returns_the_requested_number_of_tokens(impl):
         prime = _tokens(config, (2, prime_len))
         for n_new in (1, 4, 9):
             out = wrapper.generate(prime, n_new)
-            assert out.shape == (2, n_new), f"prime of {prime_len}, asked {n_new}, got {tuple(out.shape)}"
+            assert out.shape == (2, n_new), (
+                f"prime of {prime_len}, asked {n_new}, got {tuple(out.shape)}"
+            )
         assert wrapper.generate(prime[0], 3).shape == (3,)
 
 
@@ -234,8 +239,10 @@ def test_list_inputs_pad_targets_with_ignore_index(impl):
         for j, rows in enumerate((slice(0, 2), slice(2, 3))):
             logits, memories[j], _ = model(xi[rows], memories=memories[j], mask=mi[rows])
             valid = xo[rows] != -100
-            loss = F.cross_entropy(logits[valid], xo[rows][valid]) if valid.any() else torch.zeros(())
-            expected.append(loss)
+            if valid.any():
+                expected.append(F.cross_entropy(logits[valid], xo[rows][valid]))
+            else:
+                expected.append(torch.zeros(()))
     assert len(returns) == len(expected) == 6
     for i, (ret, loss) in enumerate(zip(returns, expected)):
         assert torch.isfinite(ret.loss), f"return {i}: loss {ret.loss} (all targets are padding)"
@@ -252,7 +259,9 @@ def test_list_inputs_pad_targets_with_ignore_index(impl):
 
 
 @pytest.mark.parametrize("memory_layers", [[], [1, 1]], ids=["empty", "duplicate"])
-@against_both("memory_layers [] crashes at forward, duplicates skew the aux loss", pytest.fail.Exception)
+@against_both(
+    "memory_layers [] crashes at forward, duplicates skew the aux loss", pytest.fail.Exception
+)
 def test_invalid_memory_layers_are_rejected_at_construction(impl, memory_layers):
     with pytest.raises(ValueError, match="memory_layers"):
         impl.CompressiveTransformer(**dict(CONFIGS["defaults"], memory_layers=memory_layers))
@@ -272,4 +281,6 @@ def test_aux_loss_is_always_a_scalar(impl):
             memories = None
             for i, tokens in enumerate(segments):
                 _, memories, aux_loss = model(tokens, memories=memories)
-                assert aux_loss.shape == (), f"{name} segment {i}: aux loss shape {tuple(aux_loss.shape)}"
+                assert aux_loss.shape == (), (
+                    f"{name} segment {i}: aux loss shape {tuple(aux_loss.shape)}"
+                )
