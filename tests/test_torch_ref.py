@@ -20,7 +20,6 @@ from tests.tolerances import assert_close
 
 # Tiny tensors: a second intra-op thread only adds synchronisation (16x slower matmuls
 # on a busy 2-core machine). Values are unaffected: both models run in this process.
-torch.set_num_threads(1)
 
 N_SEGMENTS = 5  # 4 full segments (compression from the 2nd or 3rd on), then a short one
 

@@ -21,7 +21,6 @@ from tests.configs import CONFIGS, make_inputs, randomize_
 from tests.tolerances import TORCH_REF_VS_UPSTREAM_ATOL as ATOL
 from tests.tolerances import assert_close
 
-torch.set_num_threads(1)  # tiny tensors; see tests/test_torch_ref.py
 
 OURS = SimpleNamespace(
     CompressiveTransformer=ct_torch_ref.CompressiveTransformer,

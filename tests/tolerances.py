@@ -39,7 +39,8 @@ def _to_numpy(value: Any) -> np.ndarray:
     """torch / jax / numpy / Python scalar -> numpy array (torch bfloat16 via float32)."""
     if hasattr(value, "detach"):  # torch.Tensor
         value = value.detach().cpu()
-        return (value.float() if value.is_floating_point() else value).numpy()
+        # numpy has no bfloat16: widen it; every other dtype (float64 too) is kept
+        return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
     return np.asarray(value)
 
 

@@ -1,0 +1,148 @@
+"""Forward parity: ct_jax against the upstream package and ct_torch_ref, every segment and position."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import ct_jax
+import ct_torch_ref
+from ct_jax import convert
+from tests.configs import CONFIGS, MASK_KINDS, make_inputs, randomize_
+from tests.tolerances import JAX_VS_TORCH_ATOL, assert_close
+
+upstream = pytest.importorskip("compressive_transformer_pytorch")
+
+N_SEGMENTS = 5
+
+
+@functools.cache
+def _jitted_forward(name: str):
+    """One jitted forward per config, so its compilations are shared by the tests."""
+    return nnx.jit(lambda model, tokens, memories, mask: model(tokens, memories, mask))
+
+
+@functools.cache
+def _models(name: str) -> tuple[torch.nn.Module, ct_jax.CompressiveTransformer]:
+    """Upstream model with random weights (pos_emb too) and the same weights in JAX."""
+    torch_model = randomize_(upstream.CompressiveTransformer(**CONFIGS[name]), seed=1)
+    jax_model = ct_jax.CompressiveTransformer(**CONFIGS[name], rngs=nnx.Rngs(0))
+    convert.from_torch(torch_model.state_dict(), jax_model)
+    return torch_model, jax_model
+
+
+def _valid_memory(memories: ct_jax.Memory) -> tuple[np.ndarray, np.ndarray]:
+    torch_memory = convert.memory_to_torch(memories)
+    return torch_memory.mem.numpy(), torch_memory.compressed_mem.numpy()
+
+
+def compare_segments(torch_model, jax_model, segments, masks, *, call, label=""):
+    """Runs both models over the segments, threading memory, and checks every output."""
+    torch_memory, jax_memory = None, ct_jax.Memory.empty(jax_model, segments[0].shape[0])
+    for index, (tokens, mask) in enumerate(zip(segments, masks)):
+        with torch.no_grad():
+            logits, torch_memory, aux = torch_model(tokens, memories=torch_memory, mask=mask)
+        jax_mask = None if mask is None else jnp.asarray(mask.numpy())
+        jax_logits, jax_memory, jax_aux = call(jnp.asarray(tokens.numpy()), jax_memory, jax_mask)
+        where = f"{label} segment {index}"
+        assert_close(f"logits, {where}", jax_logits, logits, JAX_VS_TORCH_ATOL)
+        mem, cmem = _valid_memory(jax_memory)
+        assert_close(f"mem, {where}", mem, torch_memory.mem, JAX_VS_TORCH_ATOL)
+        assert_close(f"compressed_mem, {where}", cmem, torch_memory.compressed_mem, JAX_VS_TORCH_ATOL)
+        assert_close(f"aux_loss, {where}", jax_aux, aux.reshape(()), JAX_VS_TORCH_ATOL)
+        assert jnp.shape(jax_aux) == (), f"aux_loss must be a scalar, got shape {jnp.shape(jax_aux)}"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_forward_matches_upstream(name, mask_kind, mode):
+    torch_model, jax_model = _models(name)
+    torch_model.train(mode == "train")
+    getattr(jax_model, mode)()
+    segments, masks = make_inputs(CONFIGS[name], batch=3, n_segments=N_SEGMENTS, seed=7, mask_kind=mask_kind)
+    forward = _jitted_forward(name)
+    compare_segments(torch_model, jax_model, segments, masks, call=lambda *args: forward(jax_model, *args),
+                     label=f"{name}/{mask_kind}/{mode}")
+
+
+@pytest.mark.parametrize("name", ["defaults", "residual_uneven_evictions"])
+def test_eager_matches_upstream(name):
+    """Eager (un-jitted) calls give the reference's values too, starting from `memories=None`."""
+    torch_model, jax_model = _models(name)
+    torch_model.train()
+    jax_model.train()
+    segments, masks = make_inputs(CONFIGS[name], batch=2, n_segments=N_SEGMENTS, seed=3, mask_kind="right")
+    calls = []
+
+    def eager(tokens, memories, mask):
+        calls.append(tokens.shape)
+        return jax_model(tokens, None if len(calls) == 1 else memories, mask)
+
+    compare_segments(torch_model, jax_model, segments, masks, call=eager, label=f"{name}/eager")
+
+
+@pytest.mark.parametrize("name", ["defaults", "top_layer_only_mogrify", "wide_emb_heads8"])
+def test_weights_made_in_jax_match_ct_torch_ref(name):
+    """Parity in the other direction: JAX-initialised weights exported to ct_torch_ref."""
+    config = CONFIGS[name]
+    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(5))
+    jax_model.pos_emb.set_value(0.5 * jax.random.normal(jax.random.key(1), jax_model.pos_emb.shape))
+    torch_model = ct_torch_ref.CompressiveTransformer(**config)
+    torch_model.load_state_dict(convert.to_torch(jax_model), strict=True)
+    torch_model.train()
+    jax_model.train()
+    segments, masks = make_inputs(config, batch=2, n_segments=N_SEGMENTS, seed=11, mask_kind="left")
+    forward = nnx.jit(lambda model, *args: model(*args))
+    compare_segments(torch_model, jax_model, segments, masks, call=lambda *args: forward(jax_model, *args),
+                     label=f"{name}/from-jax")
+
+
+def test_float64_semantics_are_exact():
+    """In float64 both frameworks agree to ~1e-12: any gap in float32 is rounding, not semantics."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        for name in ("mogrify_odd_seq", "residual_uneven_evictions", "top_layer_only_mogrify"):
+            config = CONFIGS[name]
+            torch_model = randomize_(upstream.CompressiveTransformer(**config), seed=2).double().train()
+            jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0), dtype=jnp.float64,
+                                                      param_dtype=jnp.float64)
+            convert.from_torch(torch_model.state_dict(), jax_model)
+            segments, masks = make_inputs(config, batch=2, n_segments=N_SEGMENTS, seed=5, mask_kind="right")
+            memory = None
+            jax_memory = None
+            for tokens, mask in zip(segments, masks):
+                with torch.no_grad():
+                    logits, memory, aux = torch_model(tokens, memories=memory, mask=mask)
+                jax_logits, jax_memory, jax_aux = jax_model(jnp.asarray(tokens.numpy()), jax_memory,
+                                                            jnp.asarray(mask.numpy()))
+                assert_close(f"{name} float64 logits", jax_logits, logits, 1e-10)
+                assert_close(f"{name} float64 aux", jax_aux, aux.reshape(()), 1e-10)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_memory_round_trip_switches_framework_mid_run():
+    """A run can move between frameworks between two segments and continue with the same logits."""
+    name = "heads1_subset_mem2x"
+    torch_model, jax_model = _models(name)
+    torch_model.eval()
+    jax_model.eval()
+    segments, _ = make_inputs(CONFIGS[name], batch=2, n_segments=N_SEGMENTS, seed=4)
+    jax_memory = None
+    for tokens in segments[:3]:
+        _, jax_memory, _ = jax_model(jnp.asarray(tokens.numpy()), jax_memory)
+    torch_memory = convert.memory_to_torch(jax_memory)
+    with torch.no_grad():
+        logits, torch_memory, _ = torch_model(segments[3], memories=torch_memory)
+    back = convert.memory_from_torch(torch_memory, jax_model)
+    jax_logits, _, _ = jax_model(jnp.asarray(segments[4].numpy()), back)
+    with torch.no_grad():
+        expected, _, _ = torch_model(segments[4], memories=torch_memory)
+    assert_close("logits after torch -> jax memory hand-over", jax_logits, expected, JAX_VS_TORCH_ATOL)
