@@ -3,5 +3,6 @@
 from ct_jax.config import ModelConfig
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
+from ct_jax import autoregressive, convert, data  # noqa: E402  (public submodules)
 
-__all__ = ["CompressiveTransformer", "Memory", "ModelConfig"]
+__all__ = ["CompressiveTransformer", "Memory", "ModelConfig", "autoregressive", "convert", "data"]
