@@ -64,7 +64,7 @@ def torch_key(path: str) -> str:
 
 
 def _param_paths(model: CompressiveTransformer) -> dict[str, Any]:
-    flat = nnx.state(model, nnx.Param).flat_state()
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {".".join(str(p) for p in path): variable for path, variable in flat}
 
 
@@ -81,7 +81,7 @@ def to_torch(model: CompressiveTransformer) -> dict[str, Any]:
     """Model weights as an upstream `state_dict` of torch tensors; loads with `strict=True`."""
     import torch
 
-    return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in to_numpy(model).items()}
+    return {key: torch.from_numpy(np.array(value)) for key, value in to_numpy(model).items()}
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -163,7 +163,7 @@ def memory_to_torch(memories: Memory):
     cmem = np.asarray(memories.compressed_mem)
     mem = mem[:, :, mem.shape[2] - mem_valid :]
     cmem = cmem[:, :, cmem.shape[2] - cmem_valid :]
-    return TorchMemory(torch.from_numpy(np.ascontiguousarray(mem)), torch.from_numpy(np.ascontiguousarray(cmem)))
+    return TorchMemory(torch.from_numpy(np.array(mem)), torch.from_numpy(np.array(cmem)))
 
 
 def memory_from_torch(memory, model_or_config) -> Memory:
@@ -194,7 +194,7 @@ def memory_from_torch(memory, model_or_config) -> Memory:
     )
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Writes through a temporary file in the same folder, then renames: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -214,9 +214,9 @@ def save_pretrained(model: CompressiveTransformer, directory: str | os.PathLike)
 
     directory = Path(directory)
     weights = {key: np.ascontiguousarray(value) for key, value in to_numpy(model).items()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     config_text = json.dumps(model.config.to_kwargs(), indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
     return directory
 
 

@@ -15,7 +15,7 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import convert
 from tests.configs import CONFIGS, MASK_KINDS, make_inputs, randomize_
-from tests.tolerances import JAX_VS_TORCH_ATOL, assert_close
+from tests.tolerances import JAX_VS_TORCH_ATOL, JAX_VS_TORCH_F64_ATOL, assert_close
 
 upstream = pytest.importorskip("compressive_transformer_pytorch")
 
@@ -122,8 +122,8 @@ def test_float64_semantics_are_exact():
                     logits, memory, aux = torch_model(tokens, memories=memory, mask=mask)
                 jax_logits, jax_memory, jax_aux = jax_model(jnp.asarray(tokens.numpy()), jax_memory,
                                                             jnp.asarray(mask.numpy()))
-                assert_close(f"{name} float64 logits", jax_logits, logits, 1e-10)
-                assert_close(f"{name} float64 aux", jax_aux, aux.reshape(()), 1e-10)
+                assert_close(f"{name} float64 logits", jax_logits, logits, JAX_VS_TORCH_F64_ATOL)
+                assert_close(f"{name} float64 aux", jax_aux, aux.reshape(()), JAX_VS_TORCH_F64_ATOL)
     finally:
         jax.config.update("jax_enable_x64", False)
 

@@ -6,16 +6,17 @@ from typing import Any
 
 import numpy as np
 
+from ct_jax.parity import FLOAT32_ATOL, FLOAT64_ATOL, GRAD_ATOL, GRAD_RTOL  # noqa: F401
+
 # ct_torch_ref against upstream 0.4.0, float32 CPU. Both run the same kernels in the
 # same order, so the observed difference is 0; 1e-6 leaves room for kernel changes.
 TORCH_REF_VS_UPSTREAM_ATOL = 1e-6
 
-# ct_jax against ct_torch_ref, float32 forward (logits, memories, aux loss), 4+ segments.
-JAX_VS_TORCH_ATOL = 1e-5
-
-# Gradients of the summed segment losses, JAX against torch.
-GRAD_RTOL = 1e-4
-GRAD_ATOL = 1e-6
+# ct_jax against the reference: float32 forward (logits, memories, aux loss) over 4+
+# segments, float64 likewise, and gradients of the summed segment losses. Stated once, in
+# ct_jax.parity, which scripts/parity.py uses too.
+JAX_VS_TORCH_ATOL = FLOAT32_ATOL
+JAX_VS_TORCH_F64_ATOL = FLOAT64_ATOL
 
 # bfloat16 forward against float32 on the same weights: max abs diff of the logits
 # <= max(BF16_VS_F32_ATOL, BF16_VS_F32_SCALE_RTOL * max|float32 logits|) (bf16_atol below).

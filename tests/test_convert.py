@@ -1,0 +1,193 @@
+"""Converter: strict, loss-free weights both ways, memory hand-over, checkpoint files, scripts."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import ct_jax
+import ct_torch_ref
+from ct_jax import convert
+from tests.configs import CONFIGS, randomize_
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _jax_model(name: str, seed: int = 0) -> ct_jax.CompressiveTransformer:
+    return ct_jax.CompressiveTransformer(**CONFIGS[name], rngs=nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_torch_to_jax_to_torch_is_bit_exact(name):
+    torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**CONFIGS[name]), seed=3)
+    original = torch_model.state_dict()
+    back = convert.to_torch(convert.from_torch(original, _jax_model(name)))
+    assert list(back) == list(original) or sorted(back) == sorted(original)
+    for key, value in original.items():
+        assert back[key].dtype == value.dtype, key
+        assert torch.equal(back[key], value), f"{key} changed in the round trip"
+    # and the upstream package loads what we export, strictly
+    import compressive_transformer_pytorch as upstream
+
+    upstream.CompressiveTransformer(**CONFIGS[name]).load_state_dict(back, strict=True)
+
+
+@pytest.mark.parametrize("name", ["defaults", "mogrify_odd_seq", "small_emb_no_recurrence"])
+def test_jax_to_torch_to_jax_is_bit_exact(name):
+    model = _jax_model(name, seed=4)
+    other = convert.from_torch(convert.to_torch(model), _jax_model(name, seed=9))
+    for key, value in convert.to_numpy(model).items():
+        np.testing.assert_array_equal(convert.to_numpy(other)[key], value, err_msg=key)
+
+
+def test_strict_loading_lists_every_problem_and_changes_nothing():
+    model = _jax_model("defaults")
+    before = convert.to_numpy(model)
+    state = convert.to_torch(_jax_model("defaults", seed=1))
+    del state["pos_emb"]
+    state["surprise.weight"] = torch.zeros(3)
+    state["to_logits.1.bias"] = torch.zeros(7)
+    with pytest.raises(ValueError) as error:
+        convert.from_torch(state, model)
+    message = str(error.value)
+    assert "missing keys ['pos_emb']" in message
+    assert "unexpected keys ['surprise.weight']" in message
+    assert "to_logits.1.bias: expected (32,), got (7,)" in message
+    for key, value in convert.to_numpy(model).items():
+        np.testing.assert_array_equal(value, before[key], err_msg=f"{key} changed by a failed load")
+
+
+def test_reads_the_old_bias_free_mogrifier_layout():
+    """mogrifier < 0.0.5 stored `mogrify.Q.0.weight` / `Q.1.weight` without biases."""
+    name = "mogrify_odd_seq"
+    torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**CONFIGS[name]), seed=5)
+    with torch.no_grad():
+        for key, param in torch_model.named_parameters():
+            if ".mogrify." in key and key.endswith("bias"):
+                param.zero_()
+    old = {}
+    for key, value in torch_model.state_dict().items():
+        if ".mogrify." in key:
+            if key.endswith("bias"):
+                continue
+            key = key.replace(".0.0.weight", ".0.weight").replace(".0.1.weight", ".1.weight")
+        old[key] = value
+    assert any(k.endswith("mogrify.Q.1.weight") for k in old)
+    model = convert.from_torch(old, _jax_model(name))
+    exported = convert.to_torch(model)
+    for key, value in torch_model.state_dict().items():
+        assert torch.equal(exported[key], value), key
+
+
+def test_checkpoint_directories_are_shared_by_both_frameworks(tmp_path):
+    name = "top_layer_only_mogrify"
+    jax_model = _jax_model(name, seed=2)
+    convert.save_pretrained(jax_model, tmp_path / "from_jax")
+    assert sorted(p.name for p in (tmp_path / "from_jax").iterdir()) == ["config.json", "model.safetensors"]
+    torch_model = ct_torch_ref.load_pretrained(tmp_path / "from_jax")
+    for key, value in convert.to_numpy(jax_model).items():
+        np.testing.assert_array_equal(torch_model.state_dict()[key].numpy(), value, err_msg=key)
+    ct_torch_ref.save_pretrained(torch_model, tmp_path / "from_torch")
+    again = convert.load_pretrained(tmp_path / "from_torch")
+    assert again.config == jax_model.config
+    for key, value in convert.to_numpy(jax_model).items():
+        np.testing.assert_array_equal(convert.to_numpy(again)[key], value, err_msg=key)
+
+
+def test_broken_files_are_refused_with_a_reason(tmp_path):
+    model = _jax_model("defaults")
+    convert.save_pretrained(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        convert.load_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        convert.read_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"num_tokens": 32, "dim": 16, "seq_len": 4, "depth": 2,
+                                                      "heads": 3}))
+    with pytest.raises(ValueError, match="divisible by heads"):
+        convert.read_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        convert.read_config(tmp_path / "nowhere")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+def test_pickles_that_run_code_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"pos_emb": _Payload()}, path, pickle_module=pickle)
+    with pytest.raises(ValueError, match="weights_only"):
+        convert.read_state_dict(path)
+
+
+def test_config_mismatching_the_weights_is_reported(tmp_path):
+    convert.save_pretrained(_jax_model("defaults"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["depth"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing keys \[.*attn_layers\.2\."):
+        convert.load_pretrained(tmp_path)
+
+
+def test_memory_from_torch_checks_its_input():
+    model = _jax_model("heads1_subset_mem2x")  # 2 memory layers, mem_len 8, cmem_len 4, dim 16
+    good = ct_torch_ref.Memory(torch.zeros(2, 3, 8, 16), torch.zeros(2, 3, 1, 16))
+    memory = convert.memory_from_torch(good, model)
+    assert memory.mem.shape == (2, 3, 8, 16) and int(memory.compressed_mem_valid) == 1
+    cases = [
+        (ct_torch_ref.Memory(torch.zeros(3, 3, 8, 16), torch.zeros(3, 3, 0, 16)), "must have shape"),
+        (ct_torch_ref.Memory(torch.zeros(2, 3, 9, 16), torch.zeros(2, 3, 0, 16)), "more than its capacity 8"),
+        (ct_torch_ref.Memory(torch.zeros(2, 3, 4, 16), torch.zeros(2, 3, 1, 16)), "while memory is not full"),
+        (ct_torch_ref.Memory(torch.zeros(2, 3, 8, 16), torch.zeros(2, 2, 1, 16)), "batch"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            convert.memory_from_torch(bad, model)
+
+
+def test_memory_to_torch_has_upstream_shapes():
+    model = _jax_model("heads1_subset_mem2x")
+    _, memory, _ = model(jnp.zeros((2, 4), jnp.int32))
+    torch_memory = convert.memory_to_torch(memory)
+    assert tuple(torch_memory.mem.shape) == (2, 2, 4, 16)
+    assert tuple(torch_memory.compressed_mem.shape) == (2, 2, 0, 16)
+
+
+def _run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_convert_and_parity_scripts(tmp_path):
+    config = {"num_tokens": 40, "dim": 16, "seq_len": 4, "depth": 2, "heads": 2, "mem_len": 6, "cmem_len": 3,
+              "cmem_ratio": 2}
+    torch.manual_seed(0)
+    source = ct_torch_ref.CompressiveTransformer(**config)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    done = _run_script("scripts/convert.py", "--from", str(tmp_path / "weights.pt"), "--config",
+                       str(tmp_path / "config.json"), "--to", str(tmp_path / "ckpt"))
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and (tmp_path / "ckpt" / "model.safetensors").is_file()
+    done = _run_script("scripts/convert.py", "--from", str(tmp_path / "ckpt"), "--to", str(tmp_path / "back.pt"))
+    assert done.returncode == 0, done.stderr
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert all(torch.equal(back[key], value) for key, value in source.state_dict().items())
+
+    done = _run_script("scripts/parity.py", "--checkpoint", str(tmp_path / "ckpt"), "--segments", "4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| eval | 3 | logits |" in done.stdout and "MISS" not in done.stdout
