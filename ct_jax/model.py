@@ -13,6 +13,7 @@ from ct_jax.attention import SelfAttention
 from ct_jax.config import ModelConfig
 from ct_jax.layers import FeedForward, GRUGate, Mogrifier, layer_norm, linear, wide
 from ct_jax.memory import Memory
+from ct_jax.validation import check_mask, check_memory, check_tokens
 
 
 class Sublayer(nnx.Module):
@@ -81,9 +82,10 @@ class CompressiveTransformer(nnx.Module):
         `rngs` (a `dropout` stream) overrides the model's own for dropout in training.
         """
         config = self.config
+        check_tokens(tokens, config)
         b, t = tokens.shape
-        if t > config.seq_len:
-            raise ValueError(f"tokens has a segment of length {t}, longer than seq_len={config.seq_len}")
+        check_mask(mask, (b, t))
+        check_memory(memories, config, b)
         if memories is None:
             memories = Memory.empty(self, b, self.dtype)
         x = self.token_emb(tokens)

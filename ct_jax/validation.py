@@ -1,0 +1,74 @@
+"""Checks of a forward call's inputs, raised before any state changes.
+
+Shapes and dtypes are always checked. Token values are checked where they are concrete;
+under `jit` they are traced, and the range check becomes a `checkify.debug_check`: a
+no-op unless the caller wraps the function with
+`jax.experimental.checkify.checkify(fn, errors=checkify.user_checks)`, which then reports
+the first bad call (see README).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from ct_jax.config import ModelConfig
+from ct_jax.memory import Memory
+
+
+def check_tokens(tokens, config: ModelConfig) -> None:
+    """tokens: (batch, t) integers in [0, num_tokens), 1 <= t <= seq_len."""
+    shape, dtype = jnp.shape(tokens), jnp.result_type(tokens)
+    if len(shape) != 2:
+        raise ValueError(f"tokens must have shape (batch, t), got shape {shape}")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer token ids, got dtype {dtype}")
+    if not 1 <= shape[1] <= config.seq_len:
+        raise ValueError(f"tokens has a segment of length {shape[1]}; expected 1..seq_len={config.seq_len}")
+    if shape[0] == 0:
+        raise ValueError("tokens has batch size 0; expected at least 1 row")
+    message = f"token ids must lie in [0, num_tokens={config.num_tokens})"
+    if isinstance(tokens, jax.core.Tracer):
+        checkify.debug_check(jnp.all((tokens >= 0) & (tokens < config.num_tokens)), message + " (traced call)")
+        return
+    values = np.asarray(tokens)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= config.num_tokens:
+        raise ValueError(f"{message}, got values in [{low}, {high}]")
+
+
+def check_mask(mask, tokens_shape: tuple[int, ...]) -> None:
+    """mask: bool, the same shape as tokens (True = real token)."""
+    if mask is None:
+        return
+    if jnp.shape(mask) != tuple(tokens_shape):
+        raise ValueError(f"mask must have the tokens' shape {tuple(tokens_shape)}, got {jnp.shape(mask)}")
+    if jnp.result_type(mask) != jnp.bool_:
+        raise TypeError(f"mask must be boolean (True = real token), got dtype {jnp.result_type(mask)}")
+
+
+def check_memory(memories, config: ModelConfig, batch: int) -> None:
+    """memories: a `ct_jax.Memory` built for this configuration and batch size."""
+    if memories is None:
+        return
+    if not isinstance(memories, Memory):
+        raise TypeError(
+            f"memories must be a ct_jax.Memory (use ct_jax.convert.memory_from_torch for torch memories), "
+            f"got {type(memories).__name__}"
+        )
+    layers = len(config.memory_layers)
+    expected = {
+        "mem": (layers, batch, config.mem_len, config.dim),
+        "compressed_mem": (layers, batch, config.cmem_len, config.dim),
+        "mem_valid": (),
+        "compressed_mem_valid": (),
+    }
+    for name, shape in expected.items():
+        got = jnp.shape(getattr(memories, name))
+        if got != shape:
+            raise ValueError(
+                f"memories.{name} has shape {got}, expected {shape} (memory from another configuration "
+                f"or batch size?)"
+            )
