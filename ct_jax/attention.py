@@ -21,7 +21,7 @@ def masked_softmax(logits: jax.Array, valid: jax.Array) -> jax.Array:
     """
     logits = logits.astype(wide(logits.dtype))
     masked = jnp.where(valid, logits, -jnp.inf)
-    peak = jnp.max(masked, axis=-1, keepdims=True)
+    peak = jnp.max(masked, axis=-1, keepdims=True, initial=-jnp.inf)
     peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
     weights = jnp.exp(masked - peak)
     total = jnp.sum(weights, axis=-1, keepdims=True)

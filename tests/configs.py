@@ -143,3 +143,30 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             value = torch.where(value == 0, torch.full_like(value, 1e-3), value)
             param.copy_(value.to(param.dtype))
     return model
+
+
+def random_config(seed: int) -> dict[str, Any]:
+    """A random valid configuration from the whole space upstream accepts (tiny sizes).
+
+    Covers what fixed configs might miss: seq_len 1, ratios above seq_len, cmem_len 0,
+    mem_len not a multiple of seq_len, arbitrary memory-layer subsets, every flag.
+    """
+    import random
+
+    rng = random.Random(seed)
+    heads = rng.choice([1, 2, 4])
+    dim = heads * rng.choice([2, 4, 8])
+    seq_len = rng.choice([1, 2, 3, 4, 5, 6])
+    cmem_ratio = rng.choice([1, 2, 3, 4, 5])
+    mem_len = seq_len + rng.randrange(0, 2 * seq_len + 3)
+    cmem_len = mem_len // cmem_ratio + rng.choice([0, 0, 1, 3])
+    depth = rng.choice([1, 2, 3])
+    layers = sorted(rng.sample(range(1, depth + 1), rng.randint(1, depth)))
+    return dict(
+        num_tokens=rng.choice([5, 17, 40]), dim=dim, seq_len=seq_len, depth=depth,
+        emb_dim=rng.choice([None, dim, dim // 2 or 1, dim + 4]), memory_layers=layers,
+        enhanced_recurrence=rng.random() < 0.5, mem_len=mem_len, cmem_len=cmem_len,
+        cmem_ratio=cmem_ratio, heads=heads, gru_gated_residual=rng.random() < 0.7,
+        mogrify_gru=rng.random() < 0.4 and dim >= 4, ff_glu=rng.random() < 0.5,
+        reconstruction_loss_weight=rng.choice([1.0, 0.5, 3.0]),
+    )
