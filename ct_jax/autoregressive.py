@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from ct_jax.generation import generate  # noqa: F401  (public here: ct_jax.autoregressive.generate)
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 
@@ -107,3 +108,82 @@ def segment_losses(
         lm_losses.append(lm[None])
         aux_losses.append(aux[None])
     return jnp.concatenate(lm_losses), jnp.concatenate(aux_losses), memories
+
+
+def lm_objective(
+    model: CompressiveTransformer,
+    tokens: Int[Array, "b l"],
+    mask: Bool[Array, "b l"] | None = None,
+    memories: Memory | None = None,
+    rng: jax.Array | None = None,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    remat: bool = False,
+) -> tuple[Float[Array, ""], tuple[Float[Array, " n"], Float[Array, " n"]]]:
+    """The training objective `sum_segments(lm + aux)` and the per-segment `(lm, aux)` losses.
+
+    Its gradient is the one the reference accumulates with one `(loss + aux_loss).backward()`
+    per segment (the carried memory is stop-gradient, so the per-segment graphs are disjoint).
+    """
+    lm, aux, _ = segment_losses(model, tokens, mask, memories, rng, ignore_index=ignore_index, remat=remat)
+    return jnp.sum(lm + aux), (lm, aux)
+
+
+def _micro_split(x: jax.Array, micro_batches: int) -> jax.Array:
+    # (b, ...) -> (m, b // m, ...), micro-batch j = rows j, j + m, j + 2m, ...: a strided
+    # split keeps every micro-batch spread over the devices of a batch-sharded array.
+    return jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+
+
+def accumulated_grads(
+    model: CompressiveTransformer,
+    tokens: Int[Array, "b l"],
+    mask: Bool[Array, "b l"] | None = None,
+    rng: jax.Array | None = None,
+    *,
+    micro_batches: int = 1,
+    memories: Memory | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    remat: bool = False,
+) -> tuple[Float[Array, ""], Float[Array, " n"], Float[Array, " n"], nnx.State]:
+    """`lm_objective` and its gradient w.r.t. the model's `nnx.Param`s, averaged over micro-batches.
+
+    The batch is cut into `micro_batches` equal, strided micro-batches (rows j, j+m, ...),
+    each run from `memories` (per micro-batch, `b // micro_batches` rows; default empty) as
+    the reference runs each `max_batch_size` chunk, and a `lax.scan` sums their gradients, so
+    only one micro-batch's activations are live at a time. The result is the mean over
+    micro-batches (the reference sums them; the mean keeps the update independent of
+    `micro_batches`). Without ignored targets it equals the full-batch gradient up to
+    rounding; with them, each micro-batch's mean counts its own targets. Returns
+    `(objective, lm_losses[n], aux_losses[n], grads)`, losses averaged over micro-batches.
+    """
+    batch = tokens.shape[0]
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+    if batch % micro_batches:
+        raise ValueError(f"batch size ({batch}) must be divisible by micro_batches ({micro_batches})")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def objective(params, tokens, mask, key):
+        net = nnx.merge(graphdef, params, rest)
+        return lm_objective(net, tokens, mask, memories, key, ignore_index=ignore_index, remat=remat)
+
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+    if micro_batches == 1:
+        (total, (lm, aux)), grads = value_and_grad(params, tokens, mask, rng)
+        return total, lm, aux, grads
+
+    keys = jax.random.split(rng, micro_batches) if rng is not None else None
+    micro_masks = _micro_split(mask, micro_batches) if mask is not None else None
+
+    def accumulate(grad_sum, xs):
+        micro_tokens, micro_mask, key = xs
+        (total, (lm, aux)), grads = value_and_grad(params, micro_tokens, micro_mask, key)
+        return jax.tree.map(jnp.add, grad_sum, grads), (total, lm, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, (total, lm, aux) = jax.lax.scan(
+        accumulate, zeros, (_micro_split(tokens, micro_batches), micro_masks, keys)
+    )
+    grads = jax.tree.map(lambda g: g / micro_batches, grad_sum)
+    return jnp.mean(total), jnp.mean(lm, axis=0), jnp.mean(aux, axis=0), grads
