@@ -1,0 +1,186 @@
+"""Run files: orbax training checkpoints (keep the last K, atomic) and the metrics CSV / plot.
+
+Checkpoints hold one host copy of the train state (params, optimizer state, step, RNG) and a
+JSON record (data sampler position, configs), so a run resumes with any device count or
+parallel mode. Every file written here is complete or absent: orbax finalises a step by
+renaming its temporary folder, and the CSV and plot go through a temporary file + rename.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE_ITEM, RECORD_ITEM = "state", "record"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Calls `write(tmp)` on a temporary file beside `path`, then renames it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def all_finite(tree: Any) -> bool:
+    """True when every floating-point leaf of `tree` is finite."""
+    leaves = (np.asarray(leaf) for leaf in jax.tree.leaves(tree))
+    return all(np.isfinite(leaf).all() for leaf in leaves if np.issubdtype(leaf.dtype, np.inexact))
+
+
+class Checkpoints:
+    """`ocp.CheckpointManager` over `directory`: numbered steps, the last `keep` kept.
+
+    Saving is asynchronous (call `wait` before reading the files); a step appears only once
+    complete, so a run killed mid-save resumes from the previous one.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, *, async_save: bool = True):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a positive int, got {keep!r}")
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
+        """Saves a host pytree `state` and a JSON-able `record` as `step`; refuses non-finite values."""
+        if not all_finite(state):
+            raise FloatingPointError(f"refusing to checkpoint step {step}: the train state holds NaN or Inf")
+        self._manager.save(
+            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state), RECORD_ITEM: ocp.args.JsonSave(record)})
+        )
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        return step
+
+    def read_record(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON record of `step` (default: the latest), without reading the state."""
+        step = self._step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(**{RECORD_ITEM: ocp.args.JsonRestore()}))[RECORD_ITEM]
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """(state, record) of `step` (default: the latest); `template` gives the state's structure."""
+        step = self._step(step)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract), RECORD_ITEM: ocp.args.JsonRestore()})
+        )
+        return restored[STATE_ITEM], restored[RECORD_ITEM]
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+class MetricsLog:
+    """Per-step metrics in memory, written as a CSV (atomically) and plotted to a PNG.
+
+    One row per train step; `val_bpb` is filled on validation steps (step 0 = before training).
+    """
+
+    FIELDS = ("step", "loss", "lm", "aux", "bpb", "grad_norm", "learning_rate", "tokens_per_s", "val_bpb")
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.rows: dict[int, dict[str, float]] = {}
+        if self.path.is_file():
+            with open(self.path, newline="") as file:
+                for row in csv.DictReader(file):
+                    values = {key: float(value) for key, value in row.items() if key in self.FIELDS and value != ""}
+                    self.rows[int(values.pop("step"))] = values
+
+    def add(self, step: int, **values: float) -> None:
+        """Merges `values` into the row of `step`."""
+        unknown = sorted(set(values) - set(self.FIELDS))
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; expected a subset of {self.FIELDS[1:]}")
+        self.rows.setdefault(step, {}).update({key: float(value) for key, value in values.items()})
+
+    def truncate(self, last_step: int) -> None:
+        """Drops rows after `last_step` (a resumed run replays them)."""
+        self.rows = {step: row for step, row in self.rows.items() if step <= last_step}
+
+    def column(self, name: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of the rows that have `name`."""
+        steps = [step for step in sorted(self.rows) if name in self.rows[step]]
+        return steps, [self.rows[step][name] for step in steps]
+
+    def write(self) -> Path:
+        def write_csv(tmp: str) -> None:
+            with open(tmp, "w", newline="") as file:
+                writer = csv.writer(file)
+                writer.writerow(self.FIELDS)
+                for step in sorted(self.rows):
+                    row = self.rows[step]
+                    writer.writerow([step] + [_format(row.get(name)) for name in self.FIELDS[1:]])
+
+        return atomic_write(self.path, write_csv)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Train (per step and smoothed) and validation bits per byte against step, as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(8, 5))
+        steps, train = self.column("bpb")
+        if steps:
+            axes.plot(steps, train, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
+            axes.plot(steps, _smooth(train), color="tab:blue", label="train (smoothed)")
+        val_steps, val = self.column("val_bpb")
+        if val_steps:
+            axes.plot(val_steps, val, "o-", color="tab:orange", label="validation")
+        axes.set_xlabel("step")
+        axes.set_ylabel("bits per byte")
+        axes.grid(alpha=0.3)
+        axes.legend()
+        figure.tight_layout()
+        try:
+            return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        finally:
+            plt.close(figure)
+
+
+def _format(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _smooth(values: Iterable[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**count))
+    return out

@@ -1,0 +1,487 @@
+"""Training: optax train/eval steps over a functional train state, and the resumable loop.
+
+The model is split once, `graphdef, params, rest = nnx.split(model, nnx.Param, ...)`; a
+step merges it back inside the compiled function. Objective = sum over segments of
+(LM loss + aux loss), as upstream's per-segment backward, averaged over micro-batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from ct_jax.autoregressive import accumulated_grads, segment_losses
+from ct_jax.checkpointing import Checkpoints, MetricsLog
+from ct_jax.config import ModelConfig
+from ct_jax.memory import Memory
+from ct_jax.model import CompressiveTransformer
+from ct_jax.parallel import DataParallel, Parallel
+
+LN2 = math.log(2.0)
+# XLA:CPU options that cut compile time 2-3x (no LLVM optimisation, classic fusion
+# emitters) for a slower step: for tests and short CPU runs, where compiling dominates.
+FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Schedule(enum.Enum):
+    """Learning-rate schedule; both start with `warmup_steps` of linear warmup from 0."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"  # cosine decay to `learning_rate * final_lr_ratio` at `steps`
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A train step produced a NaN/Inf loss or gradient; the run stops without saving it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run except the model (defaults: upstream's example optimiser)."""
+
+    batch_size: int = 16  # global rows per step, each n_segments * seq_len + 1 tokens
+    n_segments: int = 4  # segments per row, scanned with the memory as carry
+    micro_batches: int = 1  # gradient accumulation: the batch runs in this many chunks
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    schedule: Schedule = Schedule.CONSTANT
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.1
+    grad_clip_norm: float = 0.5  # 0 disables clipping
+    dtype: str = "float32"  # compute dtype; parameters, optimizer state and losses stay float32
+    remat: bool = False  # recompute each segment's activations in the backward pass
+    seed: int = 0  # parameters, dropout and data order
+    parallel: Parallel = Parallel.NONE
+    eval_every: int = 100  # 0: only at the start and the end
+    eval_batches: int = 8
+    checkpoint_every: int = 100  # 0: only at the end
+    keep_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "n_segments", "micro_batches", "steps", "eval_batches", "keep_checkpoints"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "seed", "eval_every", "checkpoint_every"):
+            _check_int(name, getattr(self, name), 0)
+        for name in ("learning_rate", "final_lr_ratio", "grad_clip_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
+        object.__setattr__(self, "schedule", Schedule(self.schedule))
+        object.__setattr__(self, "parallel", Parallel(self.parallel))
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values (enums by value), as stored in checkpoints."""
+        out = dataclasses.asdict(self)
+        out["schedule"], out["parallel"] = self.schedule.value, self.parallel.value
+        return out
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+class TrainState(NamedTuple):
+    """The whole mutable state of training, a pytree."""
+
+    params: nnx.State  # the model's nnx.Param values, float32
+    opt_state: optax.OptState
+    step: Int[Array, ""]  # completed updates
+    rng: jax.Array  # raw uint32 key, split once per step (dropout)
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """The learning rate at each step, from `config.schedule`, warmup included."""
+    peak, warmup = config.learning_rate, config.warmup_steps
+    if config.schedule is Schedule.COSINE:
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warmup, max(config.steps, warmup + 1), end_value=peak * config.final_lr_ratio
+        )
+    if warmup == 0:
+        return optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping then Adam (upstream's example: lr 1e-4, clip 0.5)."""
+    adam = optax.adam(learning_rate_schedule(config))
+    if config.grad_clip_norm == 0:
+        return adam
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
+
+
+def create_model(model_config: ModelConfig | dict[str, Any], config: TrainConfig) -> CompressiveTransformer:
+    """A fresh model (float32 parameters, `config.dtype` compute) seeded from `config.seed`."""
+    if isinstance(model_config, dict):
+        model_config = ModelConfig.from_kwargs(model_config)
+    return CompressiveTransformer(
+        **model_config.to_kwargs(), rngs=nnx.Rngs(config.seed), dtype=config.compute_dtype, param_dtype=jnp.float32
+    )
+
+
+def init_state(model: CompressiveTransformer, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """The train state at step 0 for the model's current parameters."""
+    params = nnx.state(model, nnx.Param)
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # not the parameters' stream
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), rng)
+
+
+def _split(model: CompressiveTransformer, train: bool) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, non-parameter state) of the model in train or eval mode; leaves it in train mode."""
+    if not train:
+        model.eval()
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    model.train()
+    return graphdef, rest
+
+
+def make_train_step(
+    model: CompressiveTransformer,
+    optimizer: optax.GradientTransformation,
+    config: TrainConfig,
+    parallel: DataParallel | None = None,
+) -> Callable[[TrainState, Int[Array, "b l"]], tuple[TrainState, dict[str, Float[Array, ""]]]]:
+    """A pure, uncompiled `step(state, tokens) -> (state, metrics)` (compile with `DataParallel.compile`).
+
+    metrics: loss (the objective), lm and aux (means over segments, nats), bpb (lm / ln 2),
+    grad_norm (before clipping), learning_rate. A step whose loss or gradient is not finite
+    returns the state unchanged, so no NaN reaches the parameters.
+    """
+    graphdef, rest = _split(model, train=True)
+    axis_name = parallel.axis_name if parallel is not None else None
+    memory_sharding = parallel.memory_sharding() if parallel is not None else None
+    schedule = learning_rate_schedule(config)
+
+    def step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        key, next_rng = jax.random.split(state.rng)
+        if axis_name is not None:  # each device's rows get their own dropout masks
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        net = nnx.merge(graphdef, state.params, rest)
+        memories = None
+        if memory_sharding is not None:  # the carry is split along the batch like the tokens
+            buffers, counts = memory_sharding
+            empty = Memory.empty(net, tokens.shape[0] // config.micro_batches, net.dtype)
+            memories = jax.lax.with_sharding_constraint(empty, Memory(buffers, buffers, counts, counts))
+        loss, lm, aux, grads = accumulated_grads(
+            net, tokens, rng=key, micro_batches=config.micro_batches, memories=memories, remat=config.remat
+        )
+        if axis_name is not None:
+            loss, lm, aux, grads = jax.lax.pmean((loss, lm, aux, grads), axis_name)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updated = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, next_rng)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        lm_mean = jnp.mean(lm)
+        metrics = dict(loss=loss, lm=lm_mean, aux=jnp.mean(aux), bpb=lm_mean / LN2, grad_norm=grad_norm,
+                       learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(
+    model: CompressiveTransformer, parallel: DataParallel | None = None
+) -> Callable[[nnx.State, Int[Array, "b l"]], dict[str, Float[Array, ""]]]:
+    """A pure `eval_step(params, tokens) -> {lm, bpb}` in eval mode (no dropout, no aux loss)."""
+    graphdef, rest = _split(model, train=False)
+    axis_name = parallel.axis_name if parallel is not None else None
+
+    def eval_step(params: nnx.State, tokens: jax.Array) -> dict[str, jax.Array]:
+        lm, _, _ = segment_losses(nnx.merge(graphdef, params, rest), tokens)
+        lm = jnp.mean(lm)
+        if axis_name is not None:
+            lm = jax.lax.pmean(lm, axis_name)
+        return dict(lm=lm, bpb=lm / LN2)
+
+    return eval_step
+
+
+# Fields of TrainConfig that only the host loop reads; they do not change a compiled step.
+_LOOP_ONLY = dict(seed=0, eval_every=0, eval_batches=1, checkpoint_every=0, keep_checkpoints=1)
+
+
+_STEP_CACHE: collections.OrderedDict[tuple, tuple[DataParallel, Callable, Callable]] = collections.OrderedDict()
+_STEP_CACHE_SIZE = 8
+
+
+def _compiled_steps(model: CompressiveTransformer, config: TrainConfig, compiler_options: dict[str, Any] | None):
+    """(DataParallel, train step, eval step), jitted once per configuration and device set.
+
+    Repeated `Trainer`s / `fit` calls in one process (notebooks, tests) reuse the compiled
+    executables instead of tracing fresh closures. The key holds everything a step depends
+    on: the model's config and dtype, the step's settings and the devices.
+    """
+    step_config = dataclasses.replace(config, **_LOOP_ONLY)
+    if config.schedule is Schedule.CONSTANT:  # only the cosine schedule reads `steps`
+        step_config = dataclasses.replace(step_config, steps=1)
+    key = (model.config, jnp.dtype(model.dtype).name, step_config, tuple(sorted((compiler_options or {}).items())),
+           tuple(device.id for device in jax.devices()))
+    if key not in _STEP_CACHE:
+        parallel = DataParallel(config.parallel)
+        train_step = make_train_step(model, make_optimizer(config), config, parallel)
+        _STEP_CACHE[key] = (
+            parallel,
+            parallel.compile(train_step, donate_state=True, compiler_options=compiler_options),
+            parallel.compile(make_eval_step(model, parallel), compiler_options=compiler_options),
+        )
+        while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+            _STEP_CACHE.popitem(last=False)
+    _STEP_CACHE.move_to_end(key)
+    return _STEP_CACHE[key]
+
+
+class Trainer:
+    """Compiled train and eval steps for one model and config, on `config.parallel`'s devices.
+
+    States and metrics cross this boundary as host values; placed states stay opaque.
+    `compiler_options` are XLA options for the jit modes (e.g. FAST_CPU_COMPILE).
+    """
+
+    def __init__(self, model: CompressiveTransformer, config: TrainConfig, *,
+                 compiler_options: dict[str, Any] | None = None):
+        self.model, self.config = model, config
+        if jnp.dtype(model.dtype) != jnp.dtype(config.compute_dtype):
+            raise ValueError(f"model computes in {jnp.dtype(model.dtype).name}, but config.dtype is {config.dtype!r}")
+        self.parallel, self._train, self._eval = _compiled_steps(model, config, compiler_options)
+        self.parallel.check_batch_size(config.batch_size)
+        per_device = config.batch_size // self.parallel.device_count
+        if per_device % config.micro_batches:
+            raise ValueError(
+                f"batch_size per device ({per_device} = {config.batch_size} / {self.parallel.device_count} devices) "
+                f"must be divisible by micro_batches ({config.micro_batches})"
+            )
+        self.optimizer = make_optimizer(config)
+
+    @property
+    def window(self) -> int:
+        """Tokens per row: `n_segments * seq_len + 1`."""
+        return self.config.n_segments * self.model.config.seq_len + 1
+
+    def init_state(self) -> TrainState:
+        return jax.device_get(init_state(self.model, self.optimizer, self.config.seed))
+
+    def place(self, state: TrainState) -> TrainState:
+        return self.parallel.put_state(state)
+
+    def host(self, placed: TrainState) -> TrainState:
+        return self.parallel.get_state(placed)
+
+    def train_step(self, placed: TrainState, local_batch: np.ndarray) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One update on this process's rows; metrics stay on device (read with `metrics`)."""
+        return self._train(placed, self.parallel.put_batch(local_batch))
+
+    def metrics(self, device_metrics: dict[str, jax.Array]) -> dict[str, float]:
+        return {key: float(value) for key, value in self.parallel.get_outputs(device_metrics).items()}
+
+    def evaluate(self, placed: TrainState, batches: Iterator[np.ndarray]) -> float:
+        """Mean validation bits per byte over global batches (this process takes its rows)."""
+        parallel, values = self.parallel, []
+        for batch in batches:
+            local = batch.shape[0] // parallel.process_count
+            rows = batch[parallel.process_index * local : (parallel.process_index + 1) * local]
+            values.append(self._eval(placed.params, parallel.put_batch(rows))["bpb"])
+        if not values:
+            raise ValueError("evaluation got no batches")
+        return float(np.mean([float(np.asarray(parallel.get_outputs(v))) for v in values]))
+
+    def load_params(self, params: nnx.State) -> CompressiveTransformer:
+        """The model with host `params` loaded (in place), e.g. for export or sampling."""
+        nnx.update(self.model, jax.tree.map(jnp.asarray, params))
+        return self.model
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` leaves: the model with the final parameters, the host state and the metrics."""
+
+    model: CompressiveTransformer
+    state: TrainState
+    history: MetricsLog
+    out_dir: Path
+
+
+def _resume_point(checkpoints: Checkpoints, model_config: ModelConfig, config: TrainConfig, resume: bool,
+                  say: Callable[[str], Any]) -> tuple[int, dict[str, Any] | None]:
+    """(first step, checkpoint record or None), refusing a checkpoint of another model."""
+    start = checkpoints.latest_step()
+    if start is None:
+        return 0, None
+    if not resume:
+        raise ValueError(f"{checkpoints.directory} already holds checkpoints (up to step {start}); resume, "
+                         "or use another out_dir")
+    record = checkpoints.read_record(start)
+    if record["model_config"] != model_config.to_kwargs():
+        raise ValueError(f"the checkpoint in {checkpoints.directory} is of another model: {record['model_config']}, "
+                         f"expected {model_config.to_kwargs()} (use another out_dir)")
+    before = record["train_config"]
+    changed = {key: (value, before.get(key)) for key, value in config.to_json().items() if before.get(key) != value}
+    if changed:
+        say(f"resuming with changed training settings (now, before): {changed}")
+    return start, record
+
+
+def fit(
+    model_config: ModelConfig | dict[str, Any],
+    config: TrainConfig,
+    splits: dict[str, np.ndarray],
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+    compiler_options: dict[str, Any] | None = None,
+) -> FitResult:
+    """Trains on `splits['train']`, validating on `splits['validation']`, writing into `out_dir`.
+
+    Files: `checkpoints/` (orbax, every `checkpoint_every` steps and at the end, the last
+    `keep_checkpoints` kept), `metrics.csv` (rewritten atomically at every checkpoint),
+    `loss.png` and `model/` (`model.safetensors` + `config.json`, readable by ct_torch_ref)
+    at the end. With `resume`, a run continues from the newest checkpoint in `out_dir`,
+    reproducing the uninterrupted run exactly (same data, RNG and state); without it, an
+    `out_dir` holding checkpoints is refused. A non-finite loss raises NonFiniteLossError
+    naming the step, without saving it. In a multi-process run every process calls this;
+    process 0 writes the CSV, plot and export.
+    """
+    if isinstance(model_config, dict):
+        model_config = ModelConfig.from_kwargs(model_config)
+    out_dir = Path(out_dir)
+    lead = jax.process_index() == 0
+    say = log if lead else (lambda message: None)
+    checkpoints = Checkpoints(out_dir / "checkpoints", config.keep_checkpoints)
+    try:
+        start, record = _resume_point(checkpoints, model_config, config, resume, say)
+        run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead)
+        if record is not None:
+            run.resume(start, record)
+            say(f"resumed from step {start} of {config.steps} ({checkpoints.directory})")
+        run.loop(start, progress and lead)
+        checkpoints.wait()
+        host_state = run.trainer.host(run.state)
+        model = run.trainer.load_params(host_state.params)
+        if lead:
+            from ct_jax.convert import save_pretrained
+
+            run.history.write()
+            run.history.plot(out_dir / "loss.png")
+            save_pretrained(model, out_dir / "model")
+        return FitResult(model, host_state, run.history, out_dir)
+    finally:
+        checkpoints.close()  # after pending saves complete
+
+
+class _Run:
+    """The state of one `fit`: trainer, placed state, data sampler, metrics and checkpoints."""
+
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, splits: dict[str, np.ndarray], out_dir: Path,
+                 checkpoints: Checkpoints, compiler_options: dict[str, Any] | None, lead: bool):
+        from ct_jax.data import WindowSampler
+
+        self.model_config, self.config, self.checkpoints, self.lead = model_config, config, checkpoints, lead
+        self.trainer = Trainer(create_model(model_config, config), config, compiler_options=compiler_options)
+        parallel = self.trainer.parallel
+        self.validation = splits["validation"]
+        n_windows = (len(self.validation) - 1) // (self.trainer.window - 1)
+        if n_windows < config.batch_size:
+            raise ValueError(
+                f"the validation split ({len(self.validation)} bytes) holds {n_windows} windows of "
+                f"{self.trainer.window} bytes, fewer than one batch (batch_size={config.batch_size})"
+            )
+        self.sampler = WindowSampler(splits["train"], self.trainer.window, config.batch_size, config.seed,
+                                     process_index=parallel.process_index, process_count=parallel.process_count)
+        self.history = MetricsLog(out_dir / "metrics.csv")
+        self.history.truncate(-1)
+        self.state = self.trainer.place(self.trainer.init_state())
+
+    def resume(self, step: int, record: dict[str, Any]) -> None:
+        """Adopts checkpoint `step`: state, data position and the metrics up to it."""
+        host_state, _ = self.checkpoints.restore(self.trainer.host(self.state), step)
+        self.state = self.trainer.place(host_state)
+        self.sampler.load_state_dict(record["sampler"])
+        self.history = MetricsLog(self.history.path)
+        self.history.truncate(step)
+
+    def evaluate(self) -> float:
+        from ct_jax.data import eval_batches
+
+        config = self.config
+        batches = eval_batches(self.validation, self.trainer.window, config.batch_size, config.eval_batches,
+                               drop_remainder=True)
+        return self.trainer.evaluate(self.state, batches)
+
+    def save(self, step: int) -> None:
+        record = dict(step=step, sampler=self.sampler.state_dict(), model_config=self.model_config.to_kwargs(),
+                      train_config=self.config.to_json())
+        self.checkpoints.save(step, self.trainer.host(self.state), record)
+        if self.lead:
+            self.history.write()
+
+    def loop(self, start: int, progress: bool) -> None:
+        """Steps `start + 1 .. config.steps`, validating and checkpointing on schedule."""
+        config, trainer = self.config, self.trainer
+        if start == 0:
+            self.history.add(0, val_bpb=self.evaluate())
+        tokens_per_step = config.batch_size * config.n_segments * self.model_config.seq_len
+        pending: tuple[int, dict[str, jax.Array]] | None = None  # read one step late: no sync per step
+        clock = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        with tqdm(total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True) as bar:
+
+            def record(pending) -> float:
+                step, device_metrics = pending
+                metrics = trainer.metrics(device_metrics)
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); "
+                        f"stopped without saving it; the last checkpoint is step {self.checkpoints.latest_step()}"
+                    )
+                now = time.perf_counter()
+                metrics["tokens_per_s"] = tokens_per_step / max(now - clock, 1e-9)
+                self.history.add(step, **metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", bpb=f"{metrics['bpb']:.3f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+                return now
+
+            for step in range(start + 1, config.steps + 1):
+                self.state, device_metrics = trainer.train_step(self.state, next(self.sampler))
+                if pending is not None:
+                    clock = record(pending)
+                pending = (step, device_metrics)
+                evaluate_now = step == config.steps or (config.eval_every and step % config.eval_every == 0)
+                save_now = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                if evaluate_now or save_now:
+                    record(pending)
+                    pending = None
+                    if evaluate_now:
+                        val_bpb = self.evaluate()
+                        self.history.add(step, val_bpb=val_bpb)
+                        if progress:
+                            bar.write(f"step {step}: validation {val_bpb:.4f} bits/byte")
+                    if save_now:
+                        self.save(step)
+                    clock = time.perf_counter()
+            if pending is not None:
+                record(pending)

@@ -1,0 +1,156 @@
+"""Train a Compressive Transformer on bytes, then print a sample.
+
+With no arguments: a small model on the default corpus (this Python's standard-library
+sources), on every device JAX sees, for a few minutes on a CPU. Rerunning the same command
+continues from the newest checkpoint in --out. Every model and training setting has a flag.
+
+    python scripts/train.py
+    python scripts/train.py --data enwik8.gz --dim 512 --depth 8 --seq-len 512 --steps 100000
+    python scripts/train.py --parallel jit --cpu-devices 8     # data parallel on fake CPU devices
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
+
+from ct_jax.config import ModelConfig  # noqa: E402  (no JAX import yet: flags come first)
+
+# The small default model (0.27M parameters; rows of 4 segments of 32 bytes), sized to
+# train in a few minutes on 2 CPU cores; the learning rate is a small model's, not upstream's 1e-4.
+MODEL_DEFAULTS = dict(num_tokens=256, dim=64, depth=2, seq_len=32, mem_len=32, cmem_len=8, cmem_ratio=4, heads=4)
+TRAIN_DEFAULTS = dict(batch_size=16, n_segments=4, steps=500, learning_rate=3e-3, schedule="cosine", warmup_steps=50,
+                      eval_every=100, eval_batches=4, checkpoint_every=100)
+DEFAULT_OUT = "runs/train"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_dataclass_flags(group, cls, defaults: dict, choices: dict) -> None:
+    """One flag per field of `cls`; bools get --x / --no-x, tuples a comma-separated list."""
+    hints = typing.get_type_hints(cls)
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    for name, field in fields.items():
+        default = defaults.get(name, None if field.default is dataclasses.MISSING else field.default)
+        default = getattr(default, "value", default)  # enums by value
+        kind = hints[name]
+        args = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) else ()
+        base = next((arg for arg in args if arg is not type(None)), kind)
+        help_text = f"default: {default}"
+        if base is bool:
+            group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(base) is tuple or base is tuple:
+            group.add_argument(_flag(name), type=lambda text: [int(v) for v in text.split(",") if v], default=default,
+                               metavar="I,J,...", help=f"comma-separated; {help_text}")
+        elif name in choices:
+            group.add_argument(_flag(name), choices=choices[name], default=default, help=help_text)
+        else:
+            convert = base if base in (int, float, str) else str
+            group.add_argument(_flag(name), type=convert, default=default, help=help_text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from ct_jax.training import DTYPES, Parallel, Schedule, TrainConfig  # imports JAX, configures nothing
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_dataclass_flags(parser.add_argument_group("model"), ModelConfig, MODEL_DEFAULTS, {})
+    choices = dict(schedule=[s.value for s in Schedule], dtype=sorted(DTYPES),
+                   parallel=["auto"] + [p.value for p in Parallel])
+    train_defaults = dict(TRAIN_DEFAULTS, parallel="auto")
+    _add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, train_defaults, choices)
+    run = parser.add_argument_group("run")
+    run.add_argument("--data", default=None, help="corpus: a text file or folder, enwik8[.gz|.zip], 'enwik8:PATH' or "
+                     "'text:PATH'; default: this Python's standard-library sources")
+    run.add_argument("--max-bytes", type=int, default=None, help="use at most this many bytes of a text corpus")
+    run.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                     help="continue from the newest checkpoint in --out (default); --no-resume refuses an --out "
+                     "that already holds checkpoints")
+    run.add_argument("--sample-length", type=int, default=300, help="bytes to generate after training (0: none)")
+    run.add_argument("--prompt", default=None, help="sample prompt (default: the start of the validation split)")
+    run.add_argument("--temperature", type=float, default=0.8)
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    system = parser.add_argument_group("system")
+    system.add_argument("--cpu-devices", type=int, default=None, help="split the CPU into this many JAX devices")
+    system.add_argument("--compile-cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                        os.path.expanduser("~/.cache"), "ct_jax", "xla"),
+                        help="persistent compilation cache folder ('' disables); reruns and resumes skip compiling")
+    system.add_argument("--fast-compile", action="store_true",
+                        help="XLA:CPU options that compile 2-3x faster but step ~3x slower (smoke tests)")
+    system.add_argument("--coordinator-address", default=None, help="multi-host: host:port of process 0 "
+                        "(or CT_COORDINATOR_ADDRESS / JAX_COORDINATOR_ADDRESS)")
+    system.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    system.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    return parser.parse_args(argv)
+
+
+def sample_text(model, prompt: str, length: int, *, seed: int, temperature: float) -> str:
+    """`length` bytes sampled after `prompt` (upstream's top-k filter), as text."""
+    import jax
+
+    from ct_jax import data
+    from ct_jax.autoregressive import generate
+
+    model.eval()
+    tokens = generate(model, data.encode_text(prompt or "\n"), length, jax.random.PRNGKey(seed),
+                      temperature=temperature)
+    return data.decode_bytes(tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    from ct_jax import data, parallel, training
+
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    model_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)}
+    model_config = ModelConfig.from_kwargs(model_kwargs)
+    train_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig)}
+    if train_kwargs["parallel"] == "auto":
+        train_kwargs["parallel"] = "jit" if jax.device_count() > 1 else "none"
+    config = training.TrainConfig(**train_kwargs)
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
+
+    out = Path(args.out)
+    fast = args.fast_compile and jax.default_backend() == "cpu"
+    window = config.n_segments * model_config.seq_len + 1
+    splits = data.load_corpus(args.data, window=window, max_bytes=args.max_bytes)
+    say(f"data: {args.data or 'Python standard library sources'}: "
+        + ", ".join(f"{name} {len(split):,} bytes" for name, split in splits.items()))
+    say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
+        f"parallel={config.parallel.value}; out: {out}")
+    started = time.perf_counter()
+    result = training.fit(model_config, config, splits, out, resume=args.resume, progress=args.progress and lead,
+                          log=say, compiler_options=training.FAST_CPU_COMPILE if fast else None)
+    steps, val = result.history.column("val_bpb")
+    if val:
+        say(f"validation bits/byte: {val[0]:.3f} (step {steps[0]}) -> {val[-1]:.3f} (step {steps[-1]}); "
+            f"{time.perf_counter() - started:.0f}s")
+    say(f"wrote {out / 'metrics.csv'}, {out / 'loss.png'}, {out / 'model'} (model.safetensors + config.json)")
+    if lead and args.sample_length > 0:
+        prompt = args.prompt if args.prompt is not None else data.decode_bytes(splits["validation"][:64])
+        text = sample_text(result.model, prompt, args.sample_length, seed=config.seed, temperature=args.temperature)
+        say(f"sample ({args.sample_length} bytes after the prompt):\n{prompt}{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

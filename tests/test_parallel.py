@@ -1,0 +1,188 @@
+"""Data parallelism on fake CPU devices, and two processes joined by jax.distributed.
+
+Each case runs in fresh Python processes: the device count is fixed when JAX starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ct_jax import parallel
+from tests.test_training import CONFIG, MODEL, batch, make_trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+SEEDS = (100, 101)  # one batch per step
+# Fast XLA:CPU compiles (see ct_jax.training.FAST_CPU_COMPILE); pmap takes options only here.
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+TIMEOUT = 240
+
+# Runs tests/test_training.py's tiny model and step (its second segment compresses, so the
+# aux loss is exercised) for two steps on fixed batches; prints the losses and parameters.
+WORKER_COMMON = """
+import json, re, sys
+import numpy as np
+import jax
+from ct_jax import training
+
+MODEL, CONFIG = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+
+def run(mode, micro_batches=1):
+    config = training.TrainConfig(**dict(CONFIG, parallel=mode, micro_batches=micro_batches))
+    trainer = training.Trainer(training.create_model(MODEL, config), config)
+    state = trainer.place(trainer.init_state())
+    local = config.batch_size // jax.process_count()
+    losses = []
+    for seed in SEEDS:
+        window = config.n_segments * MODEL["seq_len"] + 1
+        tokens = np.random.default_rng(seed).integers(0, MODEL["num_tokens"], (config.batch_size, window), dtype=np.int32)
+        state, metrics = trainer.train_step(state, tokens[jax.process_index() * local : (jax.process_index() + 1) * local])
+        losses.append(trainer.metrics(metrics))
+    params = [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(trainer.host(state).params)]
+    return trainer, {"losses": losses, "params": params}
+""".replace("SEEDS", repr(SEEDS))
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    return env
+
+
+def _start(code: str, env: dict[str, str], log_dir: Path, name: str) -> tuple[subprocess.Popen, Path, Path]:
+    """Starts `code` in a fresh interpreter, output to files (a full pipe would block the
+    worker, and with it its partner process at the jax.distributed shutdown barrier)."""
+    stdout, stderr = log_dir / f"{name}.out", log_dir / f"{name}.err"
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        argv = [json.dumps(MODEL), json.dumps(CONFIG.to_json())]
+        proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env, cwd=ROOT, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL)
+    return proc, stdout, stderr
+
+
+def _result(proc: subprocess.Popen, stdout: Path, stderr: Path, name: str, timeout: float = TIMEOUT) -> dict:
+    """Waits for a worker; returns the JSON object it printed last."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{name} timed out after {timeout}s; stderr tail:\n{stderr.read_text()[-3000:]}")
+    assert proc.returncode == 0, f"{name} failed ({proc.returncode}); stderr tail:\n{stderr.read_text()[-3000:]}"
+    return json.loads(stdout.read_text().strip().splitlines()[-1])
+
+
+def _max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+
+def _assert_same_run(label: str, got: dict, expected: dict, atol: float = 1e-5) -> None:
+    for step, (g, e) in enumerate(zip(got["losses"], expected["losses"]), start=1):
+        for name in ("loss", "lm", "aux", "grad_norm"):
+            assert abs(g[name] - e[name]) <= atol * max(1.0, abs(e[name])), (
+                f"{label}: {name} at step {step} is {g[name]!r}, one device gives {e[name]!r}")
+    diff = _max_diff(got["params"], expected["params"])
+    assert diff <= atol, f"{label}: parameters after {len(got['losses'])} steps differ from one device's by {diff:.3e}"
+
+
+@pytest.fixture(scope="module")
+def one_device() -> dict:
+    """The same two steps in this process, on one device (tests/test_training.py's compiled step)."""
+    trainer = make_trainer()
+    state = trainer.place(trainer.init_state())
+    losses = []
+    for seed in SEEDS:
+        state, metrics = trainer.train_step(state, batch(seed))
+        losses.append(trainer.metrics(metrics))
+    return {"losses": losses, "params": jax.tree.leaves(trainer.host(state).params)}
+
+
+def test_pmap_and_mesh_jit_on_8_devices_match_one_device(tmp_path, one_device):
+    code = WORKER_COMMON + textwrap.dedent("""
+        assert jax.device_count() == 8, jax.devices()
+        out = {}
+        _, out["pmap"] = run("pmap")
+        trainer, out["jit"] = run("jit")
+        # The memory carry is constrained to the batch sharding: (layers, b, slots, dim) split on b.
+        tokens = np.zeros((CONFIG["batch_size"], CONFIG["n_segments"] * MODEL["seq_len"] + 1), np.int32)
+        hlo = trainer._train.lower(trainer.place(trainer.init_state()), trainer.parallel.put_batch(tokens)).as_text()
+        out["memory_sharded"] = bool(re.search(r'sharding_constraint .*\[\{\}, \{"data"\}, \{\}, \{\}\]', hlo)
+                                     or "devices=[1,8,1,1]" in hlo)  # Shardy or GSPMD syntax
+        print(json.dumps(out))
+    """)
+    env = _env(XLA_FLAGS=f"{FAST_XLA_FLAGS} --xla_force_host_platform_device_count=8")
+    out = _result(*_start(code, env, tmp_path, "8 devices"), "8-device worker")
+    assert one_device["losses"][0]["aux"] > 0, "the aux path must be exercised"
+    _assert_same_run("pmap on 8 devices", out["pmap"], one_device)
+    _assert_same_run("jit + Mesh on 8 devices", out["jit"], one_device)
+    assert out["memory_sharded"], "the jit step does not constrain the memory carry (l, b, m, d) to split b on 'data'"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+    """Two processes x 2 CPU devices, jax.distributed over 127.0.0.1, against 1 process x 4."""
+    worker = WORKER_COMMON + textwrap.dedent("""
+        from ct_jax.parallel import initialize_distributed
+        initialize_distributed()  # from CT_COORDINATOR_ADDRESS / CT_NUM_PROCESSES / CT_PROCESS_ID
+        assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+        _, out = run("jit", 1)
+        print(json.dumps(out))
+    """)
+    reference = WORKER_COMMON + textwrap.dedent("""
+        assert jax.device_count() == 4
+        _, out = run("jit", 1)
+        print(json.dumps(out))
+    """)
+    flags = f"{FAST_XLA_FLAGS} --xla_force_host_platform_device_count="
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    try:
+        for process_id in range(2):
+            env = _env(XLA_FLAGS=flags + "2", CT_COORDINATOR_ADDRESS=address, CT_NUM_PROCESSES="2",
+                       CT_PROCESS_ID=str(process_id))
+            procs.append(_start(worker, env, tmp_path, f"process{process_id}"))
+        expected = _result(*_start(reference, _env(XLA_FLAGS=flags + "4"), tmp_path, "reference"), "4-device reference")
+        outputs = [_result(*proc, f"process {i} of 2") for i, proc in enumerate(procs)]
+    finally:
+        for proc, _, _ in procs:  # never leave a worker waiting for its partner
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for process_id, got in enumerate(outputs):
+        _assert_same_run(f"process {process_id} of 2 (2 devices each)", got, expected)
+
+
+def test_initialize_distributed_reads_arguments_then_environment():
+    assert parallel.initialize_distributed(environ={}) is False, "no coordinator: a single-process run"
+    with pytest.raises(ValueError, match=r"num_processes is required .*CT_NUM_PROCESSES"):
+        parallel.initialize_distributed(environ={"CT_COORDINATOR_ADDRESS": "127.0.0.1:1234"})
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, num_processes=2\), got 2"):
+        parallel.initialize_distributed("127.0.0.1:1234", 2, 2, environ={})
+    with pytest.raises(ValueError, match="process_id from the environment must be an int, got 'x'"):
+        parallel.initialize_distributed(environ={"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
+                                                 "JAX_PROCESS_ID": "x"})
+    with pytest.raises(ValueError, match="need a coordinator_address"):
+        parallel.initialize_distributed(num_processes=2, process_id=1, environ={})
+
+
+def test_batch_must_split_over_the_devices():
+    data_parallel = parallel.DataParallel("none")
+    data_parallel.check_batch_size(3)  # one device: any batch
+    with pytest.raises(ValueError, match=r"'sharded' is not a valid Parallel"):
+        parallel.DataParallel("sharded")

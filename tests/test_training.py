@@ -1,0 +1,145 @@
+"""ct_jax.training: configuration, optimizer, the compiled train/eval steps (one device)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ct_jax import training
+from ct_jax.training import FAST_CPU_COMPILE, Schedule, TrainConfig, Trainer
+
+# Tiny model and step shared with tests/test_checkpoint.py (same values: the compiled steps
+# are cached per configuration, so both modules reuse one compilation).
+MODEL = dict(num_tokens=256, dim=16, seq_len=4, depth=1, heads=2, mem_len=4, cmem_len=2, cmem_ratio=2)
+CONFIG = TrainConfig(batch_size=8, n_segments=2, learning_rate=1e-2, steps=6, eval_every=3, eval_batches=2,
+                     checkpoint_every=2, keep_checkpoints=2)
+
+
+def make_trainer(config: TrainConfig = CONFIG) -> Trainer:
+    return Trainer(training.create_model(MODEL, config), config, compiler_options=FAST_CPU_COMPILE)
+
+
+def batch(seed: int, config: TrainConfig = CONFIG) -> np.ndarray:
+    window = config.n_segments * MODEL["seq_len"] + 1
+    return np.random.default_rng(seed).integers(0, MODEL["num_tokens"], (config.batch_size, window), dtype=np.int32)
+
+
+@pytest.fixture(scope="module")
+def trainer() -> Trainer:
+    return make_trainer()
+
+
+def test_defaults_are_upstreams_example_optimizer():
+    config = TrainConfig()
+    assert (config.learning_rate, config.grad_clip_norm, config.schedule) == (1e-4, 0.5, Schedule.CONSTANT)
+    params = {"w": jnp.zeros(4)}
+    grads = {"w": jnp.full(4, 10.0)}  # global norm 20, clipped to 0.5
+    optimizer = training.make_optimizer(config)
+    updates, state = optimizer.update(grads, optimizer.init(params), params)
+    adam_state = state[1][0]
+    np.testing.assert_allclose(adam_state.mu["w"], 0.1 * 0.25, rtol=1e-6, err_msg="Adam saw unclipped gradients")
+    np.testing.assert_allclose(updates["w"], -1e-4, rtol=1e-4, err_msg="first Adam step is -lr * sign(g)")
+
+
+def test_schedules_warm_up_then_hold_or_decay():
+    constant = training.learning_rate_schedule(TrainConfig(learning_rate=1e-3, warmup_steps=10, steps=100))
+    assert [float(constant(s)) for s in (0, 5, 10, 99)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+    cosine = training.learning_rate_schedule(
+        TrainConfig(learning_rate=1e-3, warmup_steps=10, steps=100, schedule="cosine", final_lr_ratio=0.1))
+    assert [float(cosine(s)) for s in (0, 10, 55, 100)] == pytest.approx([0.0, 1e-3, 5.5e-4, 1e-4], rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+    (dict(micro_batches=3, batch_size=16), r"batch_size \(16\) must be divisible by micro_batches \(3\)"),
+    (dict(learning_rate=float("nan")), "learning_rate must be a finite number >= 0, got nan"),
+    (dict(dtype="int8"), "dtype must be one of .*, got 'int8'"),
+    (dict(parallel="tpu"), "'tpu' is not a valid Parallel"),
+    (dict(schedule="linear"), "'linear' is not a valid Schedule"),
+])
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_trainer_rejects_a_model_of_another_dtype():
+    model = training.create_model(MODEL, CONFIG)
+    with pytest.raises(ValueError, match="model computes in float32, but config.dtype is 'bfloat16'"):
+        Trainer(model, TrainConfig(dtype="bfloat16"))
+
+
+def test_train_step_updates_the_state_and_reports_metrics(trainer):
+    state = trainer.place(trainer.init_state())
+    tokens = batch(0)
+    val_bpb = trainer.evaluate(state, iter([tokens]))
+    before = trainer.host(state)
+    new_state, device_metrics = trainer.train_step(state, tokens)
+    metrics = trainer.metrics(device_metrics)
+
+    assert set(metrics) == {"loss", "lm", "aux", "bpb", "grad_norm", "learning_rate"}
+    assert metrics["bpb"] == pytest.approx(metrics["lm"] / math.log(2), rel=1e-6)
+    assert metrics["loss"] == pytest.approx(CONFIG.n_segments * (metrics["lm"] + metrics["aux"]), rel=1e-5), \
+        "loss must be the sum over segments of lm + aux"
+    assert metrics["lm"] == pytest.approx(math.log(MODEL["num_tokens"]), abs=0.5), "a fresh model is near uniform"
+    assert metrics["aux"] > 0, "the second segment compresses, so the aux loss is positive"
+    assert metrics["grad_norm"] > 0 and metrics["learning_rate"] == pytest.approx(CONFIG.learning_rate)
+    # Eval mode (no dropout here, no aux) sees the same LM loss as the train step did.
+    assert val_bpb == pytest.approx(metrics["bpb"], abs=1e-5)
+    assert jax.tree.leaves(state.params)[0].is_deleted(), "the train step must donate the state's buffers"
+
+    after = trainer.host(new_state)
+    assert int(after.step) == 1 and not np.array_equal(after.rng, before.rng)
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before.params))]
+    assert all(changed), f"{changed.count(False)} parameter arrays did not change"
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(after.params))
+
+
+def test_loss_falls_on_a_repeated_batch(trainer):
+    state = trainer.place(trainer.init_state())
+    tokens = batch(1)
+    losses = []
+    for _ in range(25):
+        state, device_metrics = trainer.train_step(state, tokens)
+        losses.append(trainer.metrics(device_metrics)["lm"])
+    assert losses[-1] < losses[0] - 1.0, f"lm loss {losses[0]:.3f} -> {losses[-1]:.3f}: did not overfit one batch"
+
+
+def test_a_non_finite_step_leaves_the_state_unchanged(trainer):
+    host = trainer.init_state()
+    poisoned = host._replace(params=jax.tree.map(lambda x: x, host.params))  # new Variables, same arrays
+    embedding = poisoned.params["token_emb"]["embedding"]
+    embedding.set_value(np.full_like(embedding.get_value(), np.inf))
+    state, device_metrics = trainer.train_step(trainer.place(poisoned), batch(2))
+    metrics = trainer.metrics(device_metrics)
+    assert not math.isfinite(metrics["loss"])
+    after = trainer.host(state)
+    assert int(after.step) == 0, "a non-finite step must not count"
+    for got, expected in zip(jax.tree.leaves(after), jax.tree.leaves(poisoned)):
+        np.testing.assert_array_equal(got, expected, err_msg="a non-finite step changed the state")
+
+
+def test_bfloat16_compute_with_remat_keeps_float32_parameters():
+    config = TrainConfig(**{**CONFIG.to_json(), "dtype": "bfloat16", "remat": True})
+    bf16 = make_trainer(config)
+    assert bf16.model.dtype == jnp.bfloat16
+    f32_trainer = make_trainer()
+    tokens = batch(3)
+    _, f32_metrics = f32_trainer.train_step(f32_trainer.place(f32_trainer.init_state()), tokens)
+    state = bf16.place(bf16.init_state())
+    losses = []
+    for _ in range(10):
+        state, device_metrics = bf16.train_step(state, tokens)
+        losses.append(bf16.metrics(device_metrics))
+    host = bf16.host(state)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(host.params)), "parameters must stay float32"
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(host.opt_state) if leaf.dtype.kind == "f")
+    f32_lm = f32_trainer.metrics(f32_metrics)["lm"]
+    # Same weights, bf16 compute: the loss (computed in float32) agrees to bf16 precision.
+    assert losses[0]["lm"] == pytest.approx(f32_lm, rel=0.02), f"bf16 lm {losses[0]['lm']} vs float32 {f32_lm}"
+    assert all(math.isfinite(m["loss"]) for m in losses)
+    assert losses[-1]["lm"] < losses[0]["lm"] - 0.5, "bf16 training should overfit one batch too"
+
