@@ -11,8 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +19,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ct_jax.convert import atomic_write
+
 STATE_ITEM, RECORD_ITEM = "state", "record"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Calls `write(tmp)` on a temporary file beside `path`, then renames it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def all_finite(tree: Any) -> bool:

@@ -194,8 +194,10 @@ def memory_from_torch(memory, model_or_config) -> Memory:
     )
 
 
-def atomic_write(path: Path, write) -> None:
-    """Writes through a temporary file in the same folder, then renames: never half a file."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Calls `write(tmp)` on a temporary file beside `path`, then renames it over `path`:
+    a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -206,6 +208,7 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return path
 
 
 def save_pretrained(model: CompressiveTransformer, directory: str | os.PathLike) -> Path:
