@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         os.path.expanduser("~/.cache"), "ct_jax", "xla"),
                         help="persistent compilation cache folder ('' disables); reruns and resumes skip compiling")
     system.add_argument("--fast-compile", action="store_true",
-                        help="XLA:CPU options that compile 2-3x faster but step ~3x slower (smoke tests)")
+                        help="XLA:CPU flags that compile 2-3x faster but step ~3x slower (smoke tests)")
     system.add_argument("--coordinator-address", default=None, help="multi-host: host:port of process 0 "
                         "(or CT_COORDINATOR_ADDRESS / JAX_COORDINATOR_ADDRESS)")
     system.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
@@ -109,13 +109,18 @@ def sample_text(model, prompt: str, length: int, *, seed: int, temperature: floa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.fast_compile:  # as XLA_FLAGS, read when JAX starts its backend: every compile of the run gets them
+        from ct_jax.training import FAST_CPU_COMPILE
+
+        flags = [f"--{name}={str(value).lower()}" for name, value in FAST_CPU_COMPILE.items()]
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
     import jax
 
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
     from ct_jax import data, parallel, training
 
@@ -130,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     say = print if lead else (lambda *a, **k: None)
 
     out = Path(args.out)
-    fast = args.fast_compile and jax.default_backend() == "cpu"
     window = config.n_segments * model_config.seq_len + 1
     splits = data.load_corpus(args.data, window=window, max_bytes=args.max_bytes)
     say(f"data: {args.data or 'Python standard library sources'}: "
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         f"parallel={config.parallel.value}; out: {out}")
     started = time.perf_counter()
     result = training.fit(model_config, config, splits, out, resume=args.resume, progress=args.progress and lead,
-                          log=say, compiler_options=training.FAST_CPU_COMPILE if fast else None)
+                          log=say)
     steps, val = result.history.column("val_bpb")
     if val:
         say(f"validation bits/byte: {val[0]:.3f} (step {steps[0]}) -> {val[-1]:.3f} (step {steps[-1]}); "

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEEDS = (100, 101)  # one batch per step
 # Fast XLA:CPU compiles (see ct_jax.training.FAST_CPU_COMPILE); pmap takes options only here.
 FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-TIMEOUT = 240
+TIMEOUT = 300
 
 # Runs tests/test_training.py's tiny model and step (its second segment compresses, so the
 # aux loss is exercised) for two steps on fixed batches; prints the losses and parameters.
@@ -95,8 +95,62 @@ def _assert_same_run(label: str, got: dict, expected: dict, atol: float = 1e-5) 
     assert diff <= atol, f"{label}: parameters after {len(got['losses'])} steps differ from one device's by {diff:.3e}"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+EIGHT_DEVICES = WORKER_COMMON + textwrap.dedent("""
+    assert jax.device_count() == 8, jax.devices()
+    out = {}
+    _, out["pmap"] = run("pmap")
+    trainer, out["jit"] = run("jit")
+    # The memory carry is constrained to the batch sharding: (layers, b, slots, dim) split on b.
+    tokens = np.zeros((CONFIG["batch_size"], CONFIG["n_segments"] * MODEL["seq_len"] + 1), np.int32)
+    hlo = trainer._train.lower(trainer.place(trainer.init_state()), trainer.parallel.put_batch(tokens)).as_text()
+    out["memory_sharded"] = bool(re.search(r'sharding_constraint .*\\[\\{\\}, \\{"data"\\}, \\{\\}, \\{\\}\\]', hlo)
+                                 or "devices=[1,8,1,1]" in hlo)  # Shardy or GSPMD syntax
+    print(json.dumps(out))
+""")
+TWO_PROCESSES = WORKER_COMMON + textwrap.dedent("""
+    from ct_jax.parallel import initialize_distributed
+    initialize_distributed()  # from CT_COORDINATOR_ADDRESS / CT_NUM_PROCESSES / CT_PROCESS_ID
+    assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+    _, out = run("jit")
+    print(json.dumps(out))
+""")
+FOUR_DEVICES = WORKER_COMMON + textwrap.dedent("""
+    assert jax.process_count() == 1 and jax.device_count() == 4
+    _, out = run("jit")
+    print(json.dumps(out))
+""")
+
+
 @pytest.fixture(scope="module")
-def one_device() -> dict:
+def workers(tmp_path_factory):
+    """Every worker of this module, started together (they compile in parallel with this process)."""
+    logs = tmp_path_factory.mktemp("parallel_workers")
+    flags = f"{FAST_XLA_FLAGS} --xla_force_host_platform_device_count="
+    address = f"127.0.0.1:{_free_port()}"
+    started = {}
+    try:
+        started["8 devices"] = _start(EIGHT_DEVICES, _env(XLA_FLAGS=flags + "8"), logs, "eight")
+        for process_id in range(2):
+            env = _env(XLA_FLAGS=flags + "2", CT_COORDINATOR_ADDRESS=address, CT_NUM_PROCESSES="2",
+                       CT_PROCESS_ID=str(process_id))
+            started[f"process {process_id} of 2"] = _start(TWO_PROCESSES, env, logs, f"process{process_id}")
+        started["4 devices"] = _start(FOUR_DEVICES, _env(XLA_FLAGS=flags + "4"), logs, "four")
+        yield started
+    finally:
+        for proc, _, _ in started.values():  # never leave a worker behind (or waiting for its partner)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def one_device(workers) -> dict:
     """The same two steps in this process, on one device (tests/test_training.py's compiled step)."""
     trainer = make_trainer()
     state = trainer.place(trainer.init_state())
@@ -107,64 +161,20 @@ def one_device() -> dict:
     return {"losses": losses, "params": jax.tree.leaves(trainer.host(state).params)}
 
 
-def test_pmap_and_mesh_jit_on_8_devices_match_one_device(tmp_path, one_device):
-    code = WORKER_COMMON + textwrap.dedent("""
-        assert jax.device_count() == 8, jax.devices()
-        out = {}
-        _, out["pmap"] = run("pmap")
-        trainer, out["jit"] = run("jit")
-        # The memory carry is constrained to the batch sharding: (layers, b, slots, dim) split on b.
-        tokens = np.zeros((CONFIG["batch_size"], CONFIG["n_segments"] * MODEL["seq_len"] + 1), np.int32)
-        hlo = trainer._train.lower(trainer.place(trainer.init_state()), trainer.parallel.put_batch(tokens)).as_text()
-        out["memory_sharded"] = bool(re.search(r'sharding_constraint .*\[\{\}, \{"data"\}, \{\}, \{\}\]', hlo)
-                                     or "devices=[1,8,1,1]" in hlo)  # Shardy or GSPMD syntax
-        print(json.dumps(out))
-    """)
-    env = _env(XLA_FLAGS=f"{FAST_XLA_FLAGS} --xla_force_host_platform_device_count=8")
-    out = _result(*_start(code, env, tmp_path, "8 devices"), "8-device worker")
+def test_pmap_and_mesh_jit_on_8_devices_match_one_device(workers, one_device):
+    out = _result(*workers["8 devices"], "8-device worker")
     assert one_device["losses"][0]["aux"] > 0, "the aux path must be exercised"
     _assert_same_run("pmap on 8 devices", out["pmap"], one_device)
     _assert_same_run("jit + Mesh on 8 devices", out["jit"], one_device)
     assert out["memory_sharded"], "the jit step does not constrain the memory carry (l, b, m, d) to split b on 'data'"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
+def test_two_processes_match_one_process_with_four_devices(workers):
     """Two processes x 2 CPU devices, jax.distributed over 127.0.0.1, against 1 process x 4."""
-    worker = WORKER_COMMON + textwrap.dedent("""
-        from ct_jax.parallel import initialize_distributed
-        initialize_distributed()  # from CT_COORDINATOR_ADDRESS / CT_NUM_PROCESSES / CT_PROCESS_ID
-        assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
-        _, out = run("jit", 1)
-        print(json.dumps(out))
-    """)
-    reference = WORKER_COMMON + textwrap.dedent("""
-        assert jax.device_count() == 4
-        _, out = run("jit", 1)
-        print(json.dumps(out))
-    """)
-    flags = f"{FAST_XLA_FLAGS} --xla_force_host_platform_device_count="
-    address = f"127.0.0.1:{_free_port()}"
-    procs = []
-    try:
-        for process_id in range(2):
-            env = _env(XLA_FLAGS=flags + "2", CT_COORDINATOR_ADDRESS=address, CT_NUM_PROCESSES="2",
-                       CT_PROCESS_ID=str(process_id))
-            procs.append(_start(worker, env, tmp_path, f"process{process_id}"))
-        expected = _result(*_start(reference, _env(XLA_FLAGS=flags + "4"), tmp_path, "reference"), "4-device reference")
-        outputs = [_result(*proc, f"process {i} of 2") for i, proc in enumerate(procs)]
-    finally:
-        for proc, _, _ in procs:  # never leave a worker waiting for its partner
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for process_id, got in enumerate(outputs):
+    expected = _result(*workers["4 devices"], "4-device reference")
+    for process_id in range(2):
+        got = _result(*workers[f"process {process_id} of 2"], f"process {process_id} of 2")
         _assert_same_run(f"process {process_id} of 2 (2 devices each)", got, expected)
 
 

@@ -1,0 +1,175 @@
+"""scripts/train.py as users run it: a real subprocess, its files, and a real SIGKILL + resume."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ct_torch_ref
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "train.py"
+TIMEOUT = 300
+STEPS, CHECKPOINT_EVERY = 30, 5
+# A small model whose steps take long enough (~10 ms) that a kill lands mid-training.
+FLAGS = [
+    "--dim", "32", "--depth", "1", "--heads", "2", "--seq-len", "16", "--mem-len", "16", "--cmem-len", "4",
+    "--cmem-ratio", "4", "--batch-size", "16", "--n-segments", "2", "--steps", str(STEPS), "--learning-rate", "3e-3",
+    "--eval-every", "10", "--eval-batches", "1", "--checkpoint-every", str(CHECKPOINT_EVERY),
+    "--keep-checkpoints", "3", "--fast-compile",
+]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A text corpus and a compilation cache shared by this module's runs."""
+    root = tmp_path_factory.mktemp("train_script")
+    rng = np.random.default_rng(0)
+    words = "def return self import class for in if else while the value of None True".split()
+    text = " ".join(words[i] for i in rng.integers(0, len(words), 12000)).replace("None ", "None\n")
+    (root / "corpus.txt").write_text(text)
+    return root
+
+
+def _command(workdir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), *FLAGS, "--data", str(workdir / "corpus.txt"), "--out", str(out),
+            "--compile-cache", str(workdir / "xla-cache"), *extra]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # the script sets what it needs
+    return env
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, f"train.py failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def _rows(out: Path) -> dict[int, dict[str, str]]:
+    with open(out / "metrics.csv", newline="") as file:
+        return {int(row["step"]): row for row in csv.DictReader(file)}
+
+
+def _complete_steps(out: Path) -> list[int]:
+    """Checkpoint steps orbax has finalised (a step folder is renamed into place when complete)."""
+    folder = out / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def _kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, outcome: dict) -> None:
+    """Watches `out` and SIGKILLs the run as soon as a checkpoint is complete."""
+    deadline = time.monotonic() + TIMEOUT
+    while not _complete_steps(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    outcome["alive_at_first_checkpoint"] = proc.poll() is None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    outcome["returncode"] = proc.returncode
+
+
+@pytest.fixture(scope="module")
+def runs(workdir):
+    """Starts, together: the uninterrupted run, and the run killed at its first checkpoint."""
+    uninterrupted_out, killed_out = workdir / "uninterrupted", workdir / "killed"
+    uninterrupted = subprocess.Popen(
+        _command(workdir, uninterrupted_out, "--sample-length", "40", "--prompt", "def "), cwd=ROOT, env=_env(),
+        stdout=open(workdir / "uninterrupted.out", "w"), stderr=open(workdir / "uninterrupted.err", "w"),
+        stdin=subprocess.DEVNULL,
+    )
+    killed = subprocess.Popen(_command(workdir, killed_out, "--sample-length", "0"), cwd=ROOT, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    kill_outcome: dict = {}
+    killer = threading.Thread(target=_kill_after_first_checkpoint, args=(killed, killed_out, kill_outcome))
+    killer.start()
+    try:
+        yield dict(uninterrupted=(uninterrupted, uninterrupted_out), killed=(killed_out, killer, kill_outcome))
+    finally:
+        for proc in (uninterrupted, killed):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        killer.join()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(runs, workdir) -> tuple[Path, str, str]:
+    proc, out = runs["uninterrupted"]
+    try:
+        proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"train.py did not finish in {TIMEOUT}s")
+    stdout, stderr = (workdir / "uninterrupted.out").read_text(), (workdir / "uninterrupted.err").read_text()
+    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}"
+    return out, stdout, stderr
+
+
+def test_defaults_are_a_small_model_on_the_default_corpus():
+    args = _load_script().parse_args([])
+    assert args.data is None and args.parallel == "auto" and args.resume
+    assert (args.dim, args.depth, args.seq_len, args.num_tokens) == (64, 2, 32, 256)
+    assert args.steps * args.batch_size * args.n_segments * args.seq_len <= 2_000_000, "the default run must stay short"
+
+
+def test_run_writes_metrics_plot_export_and_prints_a_sample(uninterrupted):
+    out, stdout, stderr = uninterrupted
+    rows = _rows(out)
+    assert sorted(rows) == list(range(STEPS + 1))
+    val = {step: float(row["val_bpb"]) for step, row in rows.items() if row["val_bpb"]}
+    assert sorted(val) == [0, 10, 20, 30]
+    assert val[STEPS] < val[0] - 1.0, f"validation bits/byte should fall clearly: {val}"
+    assert all(float(rows[s]["tokens_per_s"]) > 0 for s in range(1, STEPS + 1))
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert _complete_steps(out) == [20, 25, 30], "--keep-checkpoints 3 keeps the last three"
+    torch_model = ct_torch_ref.load_pretrained(out / "model")  # the export loads in the reference
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["dim"] == 32 and sum(p.numel() for p in torch_model.parameters()) > 0
+    assert "sample (40 bytes after the prompt):\ndef " in stdout, stdout[-1000:]
+    assert "validation bits/byte:" in stdout
+    assert "bpb=" in stderr and "tok_s=" in stderr, "the progress bar shows loss, bits/byte, tokens/s"
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_on_the_same_curve(workdir, runs, uninterrupted):
+    reference, _, _ = uninterrupted
+    out, killer, outcome = runs["killed"]
+    killer.join(TIMEOUT)
+    assert outcome.get("alive_at_first_checkpoint"), f"the run ended before its first checkpoint was seen: {outcome}"
+    assert outcome["returncode"] == -signal.SIGKILL, outcome
+    killed_at = _complete_steps(out)
+    assert killed_at and killed_at[-1] < STEPS, f"the kill should land mid-training, checkpoints: {killed_at}"
+
+    command = _command(workdir, out, "--sample-length", "0")
+    done = _run(command)  # the same command again: no manual step
+    assert f"resumed from step {killed_at[-1]} of {STEPS}" in done.stdout, done.stdout[-2000:]
+    expected, got = _rows(reference), _rows(out)
+    assert sorted(got) == sorted(expected)
+    for step in range(1, STEPS + 1):
+        for name in ("loss", "lm", "aux", "grad_norm", "val_bpb"):
+            if expected[step][name]:
+                assert abs(float(got[step][name]) - float(expected[step][name])) <= 1e-6, (
+                    f"{name} at step {step}: {got[step][name]} after kill + resume, "
+                    f"{expected[step][name]} uninterrupted (killed with checkpoints {killed_at})")
+    a = (reference / "model" / "model.safetensors").read_bytes()
+    assert a == (out / "model" / "model.safetensors").read_bytes(), "final weights differ from the uninterrupted run's"
