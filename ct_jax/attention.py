@@ -29,7 +29,11 @@ def masked_softmax(logits: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def relative_shift(pos_logits: Float[Array, "b h t w"], keys: int) -> Float[Array, "b h t k"]:
-    """out[..., a, p] = pos_logits[..., a, p + t - 1 - a]: Transformer-XL's skew, by reshapes."""
+    """out[..., a, p] = pos_logits[..., a, p + t - 1 - a]: Transformer-XL's skew, by reshapes.
+
+    Exact where p + t - 1 - a < w (0 where it equals w); beyond that an entry wraps into
+    the next row, so with w < keys + t - 1 the caller must mask those (future) entries.
+    """
     *lead, t, width = pos_logits.shape
     padded = jnp.pad(pos_logits, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
     flat = padded.reshape(*lead, t * (width + 1))
@@ -103,8 +107,11 @@ class SelfAttention(nnx.Module):
 
         # Key p, query a are d = n_buffer + a - p apart; upstream reads position row
         # total_mem_valid + seq_len - 1 - d, so the rows drift while memory fills (kept).
+        # Visible pairs (p <= n_buffer + a) read window rows p + t - 1 - a <= keys - 1, so
+        # `keys` rows suffice (not keys + t - 1): future pairs read wrapped values, which the
+        # causal mask below overwrites. A third less q.P work and a smaller skew.
         first_row = total_mem_valid + config.seq_len - 1 - n_buffer - (t - 1)
-        window = position_window(pos_emb.astype(q.dtype), first_row, keys + t - 1)
+        window = position_window(pos_emb.astype(q.dtype), first_row, keys)
         pos_dots = jnp.einsum("bhid,hjd->bhij", q, window) * scale
         dots = (dots + relative_shift(pos_dots, keys)).astype(wide(self.dtype))
 
