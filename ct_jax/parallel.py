@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -87,23 +87,25 @@ def _replicate_global(x: Any, sharding: NamedSharding) -> jax.Array:
 class DataParallel:
     """Placement and compilation for one `Parallel` mode over all devices JAX sees."""
 
-    def __init__(self, mode: Parallel | str = Parallel.NONE):
+    def __init__(self, mode: Parallel | str = Parallel.NONE, devices: Sequence[jax.Device] | None = None):
+        """`devices`: a subset to use (none: one device; jit: the mesh's); pmap uses every local device."""
         self.mode = Parallel(mode)
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        if devices is not None and (self.mode is Parallel.PMAP or not devices):
+            raise ValueError(f"devices must be None (pmap) or a non-empty list (none, jit), got {devices!r}")
         if self.mode is Parallel.NONE:
             if self.process_count > 1:
                 raise ValueError(f"parallel='none' runs on one device, but this is a {self.process_count}-process run")
-            self.devices = jax.local_devices()[:1]
+            self.devices = list(devices or jax.local_devices())[:1]
         elif self.mode is Parallel.PMAP:
             self.devices = jax.devices()  # pmap runs on the local ones; collectives span all
             local = Mesh(np.asarray(jax.local_devices()), ("pmap",))
             self.stacked = NamedSharding(local, PartitionSpec("pmap"))  # leading axis = local device
         else:
-            self.devices = jax.devices()
+            self.devices = list(devices or jax.devices())
             self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
             self.replicated = NamedSharding(self.mesh, PartitionSpec())
             self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
-        self.local_device_count = len(self.devices) // self.process_count if self.mode is not Parallel.NONE else 1
 
     @property
     def device_count(self) -> int:

@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,7 +32,7 @@ from ct_jax.parallel import DataParallel, Parallel
 
 LN2 = math.log(2.0)
 # XLA:CPU options that cut compile time 2-3x (no LLVM optimisation, classic fusion
-# emitters) for a slower step: for tests and short CPU runs, where compiling dominates.
+# emitters) for a step ~3x slower: for tests and smoke runs, where compiling dominates.
 FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -226,7 +226,8 @@ _STEP_CACHE: collections.OrderedDict[tuple, tuple[DataParallel, Callable, Callab
 _STEP_CACHE_SIZE = 8
 
 
-def _compiled_steps(model: CompressiveTransformer, config: TrainConfig, compiler_options: dict[str, Any] | None):
+def _compiled_steps(model: CompressiveTransformer, config: TrainConfig, compiler_options: dict[str, Any] | None,
+                    devices: Sequence[jax.Device] | None):
     """(DataParallel, train step, eval step), jitted once per configuration and device set.
 
     Repeated `Trainer`s / `fit` calls in one process (notebooks, tests) reuse the compiled
@@ -237,9 +238,9 @@ def _compiled_steps(model: CompressiveTransformer, config: TrainConfig, compiler
     if config.schedule is Schedule.CONSTANT:  # only the cosine schedule reads `steps`
         step_config = dataclasses.replace(step_config, steps=1)
     key = (model.config, jnp.dtype(model.dtype).name, step_config, tuple(sorted((compiler_options or {}).items())),
-           tuple(device.id for device in jax.devices()))
+           tuple(device.id for device in devices or jax.devices()))
     if key not in _STEP_CACHE:
-        parallel = DataParallel(config.parallel)
+        parallel = DataParallel(config.parallel, devices)
         train_step = make_train_step(model, make_optimizer(config), config, parallel)
         _STEP_CACHE[key] = (
             parallel,
@@ -256,15 +257,16 @@ class Trainer:
     """Compiled train and eval steps for one model and config, on `config.parallel`'s devices.
 
     States and metrics cross this boundary as host values; placed states stay opaque.
-    `compiler_options` are XLA options for the jit modes (e.g. FAST_CPU_COMPILE).
+    `compiler_options` are XLA options for the jit modes (e.g. FAST_CPU_COMPILE); `devices`
+    a subset of the devices (parallel none / jit), by default all.
     """
 
     def __init__(self, model: CompressiveTransformer, config: TrainConfig, *,
-                 compiler_options: dict[str, Any] | None = None):
+                 compiler_options: dict[str, Any] | None = None, devices: Sequence[jax.Device] | None = None):
         self.model, self.config = model, config
         if jnp.dtype(model.dtype) != jnp.dtype(config.compute_dtype):
             raise ValueError(f"model computes in {jnp.dtype(model.dtype).name}, but config.dtype is {config.dtype!r}")
-        self.parallel, self._train, self._eval = _compiled_steps(model, config, compiler_options)
+        self.parallel, self._train, self._eval = _compiled_steps(model, config, compiler_options, devices)
         self.parallel.check_batch_size(config.batch_size)
         per_device = config.batch_size // self.parallel.device_count
         if per_device % config.micro_batches:

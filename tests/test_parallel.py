@@ -36,9 +36,9 @@ from ct_jax import training
 
 MODEL, CONFIG = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 
-def run(mode, micro_batches=1):
-    config = training.TrainConfig(**dict(CONFIG, parallel=mode, micro_batches=micro_batches))
-    trainer = training.Trainer(training.create_model(MODEL, config), config)
+def run(mode, devices=None):
+    config = training.TrainConfig(**dict(CONFIG, parallel=mode))
+    trainer = training.Trainer(training.create_model(MODEL, config), config, devices=devices)
     state = trainer.place(trainer.init_state())
     local = config.batch_size // jax.process_count()
     losses = []
@@ -105,6 +105,7 @@ EIGHT_DEVICES = WORKER_COMMON + textwrap.dedent("""
     assert jax.device_count() == 8, jax.devices()
     out = {}
     _, out["pmap"] = run("pmap")
+    _, out["jit on 4 devices"] = run("jit", jax.devices()[:4])  # the two-process test's reference
     trainer, out["jit"] = run("jit")
     # The memory carry is constrained to the batch sharding: (layers, b, slots, dim) split on b.
     tokens = np.zeros((CONFIG["batch_size"], CONFIG["n_segments"] * MODEL["seq_len"] + 1), np.int32)
@@ -120,13 +121,6 @@ TWO_PROCESSES = WORKER_COMMON + textwrap.dedent("""
     _, out = run("jit")
     print(json.dumps(out))
 """)
-FOUR_DEVICES = WORKER_COMMON + textwrap.dedent("""
-    assert jax.process_count() == 1 and jax.device_count() == 4
-    _, out = run("jit")
-    print(json.dumps(out))
-""")
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     """Every worker of this module, started together (they compile in parallel with this process)."""
@@ -140,7 +134,6 @@ def workers(tmp_path_factory):
             env = _env(XLA_FLAGS=flags + "2", CT_COORDINATOR_ADDRESS=address, CT_NUM_PROCESSES="2",
                        CT_PROCESS_ID=str(process_id))
             started[f"process {process_id} of 2"] = _start(TWO_PROCESSES, env, logs, f"process{process_id}")
-        started["4 devices"] = _start(FOUR_DEVICES, _env(XLA_FLAGS=flags + "4"), logs, "four")
         yield started
     finally:
         for proc, _, _ in started.values():  # never leave a worker behind (or waiting for its partner)
@@ -171,8 +164,8 @@ def test_pmap_and_mesh_jit_on_8_devices_match_one_device(workers, one_device):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(workers):
-    """Two processes x 2 CPU devices, jax.distributed over 127.0.0.1, against 1 process x 4."""
-    expected = _result(*workers["4 devices"], "4-device reference")
+    """Two processes x 2 CPU devices, jax.distributed over 127.0.0.1, against one process's 4-device mesh."""
+    expected = _result(*workers["8 devices"], "8-device worker")["jit on 4 devices"]
     for process_id in range(2):
         got = _result(*workers[f"process {process_id} of 2"], f"process {process_id} of 2")
         _assert_same_run(f"process {process_id} of 2 (2 devices each)", got, expected)
@@ -194,5 +187,7 @@ def test_initialize_distributed_reads_arguments_then_environment():
 def test_batch_must_split_over_the_devices():
     data_parallel = parallel.DataParallel("none")
     data_parallel.check_batch_size(3)  # one device: any batch
+    with pytest.raises(ValueError, match="devices must be None"):
+        parallel.DataParallel("pmap", jax.devices())
     with pytest.raises(ValueError, match=r"'sharded' is not a valid Parallel"):
         parallel.DataParallel("sharded")
