@@ -435,9 +435,9 @@ class _Run:
     def save(self, step: int) -> None:
         record = dict(step=step, sampler=self.sampler.state_dict(), model_config=self.model_config.to_kwargs(),
                       train_config=self.config.to_json())
-        self.checkpoints.save(step, self.trainer.host(self.state), record)
-        if self.lead:
+        if self.lead:  # first: the CSV always covers the newest checkpoint (a resume truncates it)
             self.history.write()
+        self.checkpoints.save(step, self.trainer.host(self.state), record)
 
     def loop(self, start: int, progress: bool) -> None:
         """Steps `start + 1 .. config.steps`, validating and checkpointing on schedule."""

@@ -30,6 +30,21 @@ MODEL_DEFAULTS = dict(num_tokens=256, dim=64, depth=2, seq_len=32, mem_len=32, c
 TRAIN_DEFAULTS = dict(batch_size=16, n_segments=4, steps=400, learning_rate=3e-3, schedule="cosine", warmup_steps=50,
                       eval_every=100, eval_batches=4, checkpoint_every=100)
 DEFAULT_OUT = "runs/train"
+HELP = dict(
+    memory_layers="layers (1-based) that keep memory; default: all",
+    batch_size="global rows per step (split over devices and processes)",
+    n_segments="segments of seq_len bytes per row, scanned with the memory as carry",
+    micro_batches="gradient accumulation: each step runs the batch in this many chunks",
+    warmup_steps="linear warmup from 0 (both schedules)",
+    final_lr_ratio="cosine schedule: the final learning rate as a fraction of --learning-rate",
+    grad_clip_norm="global-norm gradient clipping (0: off)",
+    dtype="compute dtype; parameters, optimizer state and losses stay float32",
+    remat="recompute activations in the backward pass (less memory, more compute)",
+    parallel="auto: jit over a device mesh when JAX sees several devices, else none",
+    eval_every="validate every N steps (and at the start and end)",
+    eval_batches="validation batches per evaluation",
+    checkpoint_every="checkpoint every N steps (and at the end)",
+)
 
 
 def _flag(name: str) -> str:
@@ -46,12 +61,12 @@ def _add_dataclass_flags(group, cls, defaults: dict, choices: dict) -> None:
         kind = hints[name]
         args = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) else ()
         base = next((arg for arg in args if arg is not type(None)), kind)
-        help_text = f"default: {default}"
+        help_text = f"{HELP[name]}; default: {default}" if name in HELP else f"default: {default}"
         if base is bool:
             group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(base) is tuple or base is tuple:
             group.add_argument(_flag(name), type=lambda text: [int(v) for v in text.split(",") if v], default=default,
-                               metavar="I,J,...", help=f"comma-separated; {help_text}")
+                               metavar="I,J,...", help=help_text)
         elif name in choices:
             group.add_argument(_flag(name), choices=choices[name], default=default, help=help_text)
         else:
