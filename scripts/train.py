@@ -28,7 +28,7 @@ from ct_jax.config import ModelConfig  # noqa: E402  (no JAX import yet: flags c
 # train in a few minutes on 2 CPU cores; the learning rate is a small model's, not upstream's 1e-4.
 MODEL_DEFAULTS = dict(num_tokens=256, dim=64, depth=2, seq_len=32, mem_len=32, cmem_len=8, cmem_ratio=4, heads=4)
 TRAIN_DEFAULTS = dict(batch_size=16, n_segments=4, steps=400, learning_rate=3e-3, schedule="cosine", warmup_steps=50,
-                      eval_every=100, eval_batches=4, checkpoint_every=100)
+                      eval_every=50, eval_batches=4, checkpoint_every=100)
 DEFAULT_OUT = "runs/train"
 HELP = dict(
     memory_layers="layers (1-based) that keep memory; default: all",

@@ -21,7 +21,7 @@ import ct_torch_ref
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train.py"
 TIMEOUT = 300
-STEPS, CHECKPOINT_EVERY = 30, 5
+STEPS, CHECKPOINT_EVERY = 40, 5
 # A small model whose steps take long enough (~10 ms) that a kill lands mid-training.
 FLAGS = [
     "--dim", "32", "--depth", "1", "--heads", "2", "--seq-len", "16", "--mem-len", "16", "--cmem-len", "4",
@@ -138,11 +138,11 @@ def test_run_writes_metrics_plot_export_and_prints_a_sample(uninterrupted):
     rows = _rows(out)
     assert sorted(rows) == list(range(STEPS + 1))
     val = {step: float(row["val_bpb"]) for step, row in rows.items() if row["val_bpb"]}
-    assert sorted(val) == [0, 10, 20, 30]
+    assert sorted(val) == [0, 10, 20, 30, 40]
     assert val[STEPS] < val[0] - 1.0, f"validation bits/byte should fall clearly: {val}"
     assert all(float(rows[s]["tokens_per_s"]) > 0 for s in range(1, STEPS + 1))
     assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
-    assert _complete_steps(out) == [20, 25, 30], "--keep-checkpoints 3 keeps the last three"
+    assert _complete_steps(out) == [30, 35, 40], "--keep-checkpoints 3 keeps the last three"
     torch_model = ct_torch_ref.load_pretrained(out / "model")  # the export loads in the reference
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["dim"] == 32 and sum(p.numel() for p in torch_model.parameters()) > 0
