@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -40,6 +42,50 @@ def _split_segments(x: jax.Array, seq_len: int) -> tuple[jax.Array | None, jax.A
     return full, tail
 
 
+class _Segments(NamedTuple):
+    """A sequence cut for the segment loop: stacked full segments (scan inputs) and a short tail."""
+
+    full: tuple | None  # (inputs, targets, masks, keys), each (n_full, b, seq_len, ...) / (n_full,)
+    tail: tuple | None  # (inputs, targets, mask, key) of the last, shorter segment
+
+
+def _segments(tokens: jax.Array, mask: jax.Array | None, rng: jax.Array | None, seq_len: int) -> _Segments:
+    """Shifts `tokens` into inputs and targets and cuts them (with mask and dropout keys) into segments."""
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must have shape (batch, n * seq_len + 1) with length >= 2, got {tokens.shape}")
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if mask is not None:
+        if mask.shape == tokens.shape:
+            mask = mask[:, :-1]
+        if mask.shape != inputs.shape:
+            raise ValueError(f"mask must have shape {tokens.shape} or {inputs.shape}, got {mask.shape}")
+    n_segments = -(-inputs.shape[1] // seq_len)
+    keys = jax.random.split(rng, n_segments) if rng is not None else None
+    full_inputs, tail_inputs = _split_segments(inputs, seq_len)
+    full_targets, tail_targets = _split_segments(targets, seq_len)
+    full_masks, tail_mask = _split_segments(mask, seq_len) if mask is not None else (None, None)
+    n_full = 0 if full_inputs is None else full_inputs.shape[0]
+    full = tail = None
+    if n_full:
+        full = (full_inputs, full_targets, full_masks, keys[:n_full] if keys is not None else None)
+    if tail_inputs is not None:
+        tail = (tail_inputs, tail_targets, tail_mask, keys[-1] if keys is not None else None)
+    return _Segments(full, tail)
+
+
+def _segment_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ignore_index: int):
+    """`loss(params, memories, inputs, targets, mask, key) -> (lm + aux, (memories, lm, aux))` of one segment."""
+
+    def loss(params, memories, inputs, targets, mask, key):
+        net = nnx.merge(graphdef, params, rest)
+        rngs = nnx.Rngs(dropout=key) if key is not None else None
+        logits, memories, aux = net(inputs, memories, mask, rngs=rngs)
+        lm = cross_entropy(logits, targets, ignore_index)
+        return lm + aux, (memories, lm, aux)
+
+    return loss
+
+
 def segment_losses(
     model: CompressiveTransformer,
     tokens: Int[Array, "b l"],
@@ -48,8 +94,6 @@ def segment_losses(
     rng: jax.Array | None = None,
     *,
     ignore_index: int = IGNORE_INDEX,
-    unroll: int = 1,
-    remat: bool = False,
 ) -> tuple[Float[Array, " n"], Float[Array, " n"], Memory]:
     """Per-segment LM and aux losses of `tokens` (b, n*seq_len + 1), as upstream's wrapper yields.
 
@@ -60,57 +104,29 @@ def segment_losses(
     dropped, as upstream). `rng` seeds dropout, one key per segment. Returns
     `(lm_losses[n], aux_losses[n], final_memories)`.
     """
-    config = model.config
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must have shape (batch, n * seq_len + 1) with length >= 2, got {tokens.shape}")
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    if mask is not None:
-        if mask.shape == tokens.shape:
-            mask = mask[:, :-1]
-        if mask.shape != inputs.shape:
-            raise ValueError(f"mask must have shape {tokens.shape} or {inputs.shape}, got {mask.shape}")
-    batch = tokens.shape[0]
+    segments = _segments(tokens, mask, rng, model.config.seq_len)
     if memories is None:
-        memories = Memory.empty(model, batch, model.dtype)
-    n_segments = -(-inputs.shape[1] // config.seq_len)
-    keys = jax.random.split(rng, n_segments) if rng is not None else None
-
-    graphdef, state = nnx.split(model)
-
-    def run_segment(memories, segment, target, segment_mask, key):
-        net = nnx.merge(graphdef, state)
-        rngs = nnx.Rngs(dropout=key) if key is not None else None
-        logits, memories, aux = net(segment, memories, segment_mask, rngs=rngs)
-        return memories, (cross_entropy(logits, target, ignore_index), aux)
+        memories = Memory.empty(model, tokens.shape[0], model.dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = _segment_loss(graphdef, params, rest, ignore_index)
 
     def body(memories, xs):
-        segment, target, segment_mask, key = xs
-        return run_segment(memories, segment, target, segment_mask, key)
+        _, (memories, lm, aux) = loss(params, memories, *xs)
+        return memories, (lm, aux)
 
-    if remat:
-        body = jax.checkpoint(body)
-
-    full_inputs, tail_inputs = _split_segments(inputs, config.seq_len)
-    full_targets, tail_targets = _split_segments(targets, config.seq_len)
-    full_masks, tail_mask = _split_segments(mask, config.seq_len) if mask is not None else (None, None)
-    n_full = 0 if full_inputs is None else full_inputs.shape[0]
     lm_losses, aux_losses = [], []
-    if n_full:
-        full_keys = keys[:n_full] if keys is not None else None
-        memories, (lm, aux) = jax.lax.scan(
-            body, memories, (full_inputs, full_targets, full_masks, full_keys), unroll=unroll
-        )
+    if segments.full is not None:
+        memories, (lm, aux) = jax.lax.scan(body, memories, segments.full)
         lm_losses.append(lm)
         aux_losses.append(aux)
-    if tail_inputs is not None:
-        tail_key = keys[-1] if keys is not None else None
-        memories, (lm, aux) = run_segment(memories, tail_inputs, tail_targets, tail_mask, tail_key)
+    if segments.tail is not None:
+        memories, (lm, aux) = body(memories, segments.tail)
         lm_losses.append(lm[None])
         aux_losses.append(aux[None])
     return jnp.concatenate(lm_losses), jnp.concatenate(aux_losses), memories
 
 
-def lm_objective(
+def sequence_grads(
     model: CompressiveTransformer,
     tokens: Int[Array, "b l"],
     mask: Bool[Array, "b l"] | None = None,
@@ -119,14 +135,43 @@ def lm_objective(
     *,
     ignore_index: int = IGNORE_INDEX,
     remat: bool = False,
-) -> tuple[Float[Array, ""], tuple[Float[Array, " n"], Float[Array, " n"]]]:
-    """The training objective `sum_segments(lm + aux)` and the per-segment `(lm, aux)` losses.
+) -> tuple[Float[Array, ""], Float[Array, " n"], Float[Array, " n"], nnx.State]:
+    """The objective `sum_segments(lm + aux)`, per-segment `(lm, aux)` and its gradient w.r.t. `nnx.Param`s.
 
-    Its gradient is the one the reference accumulates with one `(loss + aux_loss).backward()`
-    per segment (the carried memory is stop-gradient, so the per-segment graphs are disjoint).
+    The reference runs one `(loss + aux_loss).backward()` per segment, and its carried memory
+    is detached, so the segments' graphs are disjoint: each step of the `lax.scan` takes the
+    forward and backward of one segment and adds its gradient to the carry. Only one segment's
+    activations are ever live, and the backward runs right after its forward (no residuals
+    stacked over segments). `remat` keeps only the weight matmuls' outputs and recomputes the
+    rest (attention scores, elementwise ops) in the backward: less memory for long segments.
+    Returns `(objective, lm_losses[n], aux_losses[n], grads)`.
     """
-    lm, aux, _ = segment_losses(model, tokens, mask, memories, rng, ignore_index=ignore_index, remat=remat)
-    return jnp.sum(lm + aux), (lm, aux)
+    segments = _segments(tokens, mask, rng, model.config.seq_len)
+    if memories is None:
+        memories = Memory.empty(model, tokens.shape[0], model.dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = _segment_loss(graphdef, params, rest, ignore_index)
+    if remat:
+        loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    value_and_grad = jax.value_and_grad(loss, has_aux=True)
+
+    def body(carry, xs):
+        memories, grad_sum = carry
+        (_, (memories, lm, aux)), grads = value_and_grad(params, memories, *xs)
+        return (memories, jax.tree.map(jnp.add, grad_sum, grads)), (lm, aux)
+
+    carry = (memories, jax.tree.map(jnp.zeros_like, params))
+    lm_losses, aux_losses = [], []
+    if segments.full is not None:
+        carry, (lm, aux) = jax.lax.scan(body, carry, segments.full)
+        lm_losses.append(lm)
+        aux_losses.append(aux)
+    if segments.tail is not None:
+        carry, (lm, aux) = body(carry, segments.tail)
+        lm_losses.append(lm[None])
+        aux_losses.append(aux[None])
+    lm, aux = jnp.concatenate(lm_losses), jnp.concatenate(aux_losses)
+    return jnp.sum(lm + aux), lm, aux, carry[1]
 
 
 def _micro_split(x: jax.Array, micro_batches: int) -> jax.Array:
@@ -146,7 +191,7 @@ def accumulated_grads(
     ignore_index: int = IGNORE_INDEX,
     remat: bool = False,
 ) -> tuple[Float[Array, ""], Float[Array, " n"], Float[Array, " n"], nnx.State]:
-    """`lm_objective` and its gradient w.r.t. the model's `nnx.Param`s, averaged over micro-batches.
+    """`sequence_grads` (objective, per-segment losses, gradient), averaged over micro-batches.
 
     The batch is cut into `micro_batches` equal, strided micro-batches (rows j, j+m, ...),
     each run from `memories` (per micro-batch, `b // micro_batches` rows; default empty) as
@@ -162,23 +207,20 @@ def accumulated_grads(
         raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
     if batch % micro_batches:
         raise ValueError(f"batch size ({batch}) must be divisible by micro_batches ({micro_batches})")
+    if micro_batches == 1:
+        return sequence_grads(model, tokens, mask, memories, rng, ignore_index=ignore_index, remat=remat)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def objective(params, tokens, mask, key):
+    def micro_grads(params, tokens, mask, key):
         net = nnx.merge(graphdef, params, rest)
-        return lm_objective(net, tokens, mask, memories, key, ignore_index=ignore_index, remat=remat)
-
-    value_and_grad = jax.value_and_grad(objective, has_aux=True)
-    if micro_batches == 1:
-        (total, (lm, aux)), grads = value_and_grad(params, tokens, mask, rng)
-        return total, lm, aux, grads
+        return sequence_grads(net, tokens, mask, memories, key, ignore_index=ignore_index, remat=remat)
 
     keys = jax.random.split(rng, micro_batches) if rng is not None else None
     micro_masks = _micro_split(mask, micro_batches) if mask is not None else None
 
     def accumulate(grad_sum, xs):
         micro_tokens, micro_mask, key = xs
-        (total, (lm, aux)), grads = value_and_grad(params, micro_tokens, micro_mask, key)
+        total, lm, aux, grads = micro_grads(params, micro_tokens, micro_mask, key)
         return jax.tree.map(jnp.add, grad_sum, grads), (total, lm, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)

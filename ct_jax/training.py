@@ -62,7 +62,7 @@ class TrainConfig:
     final_lr_ratio: float = 0.1
     grad_clip_norm: float = 0.5  # 0 disables clipping
     dtype: str = "float32"  # compute dtype; parameters, optimizer state and losses stay float32
-    remat: bool = False  # recompute each segment's activations in the backward pass
+    remat: bool = False  # keep only weight-matmul outputs; recompute scores and elementwise ops in the backward
     seed: int = 0  # parameters, dropout and data order
     parallel: Parallel = Parallel.NONE
     eval_every: int = 100  # 0: only at the start and the end
@@ -188,7 +188,7 @@ def make_train_step(
         )
         if axis_name is not None:
             loss, lm, aux, grads = jax.lax.pmean((loss, lm, aux, grads), axis_name)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         updated = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, next_rng)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -20,7 +20,7 @@ from flax import nnx
 import ct_jax
 import ct_torch_ref
 from ct_jax import convert
-from ct_jax.autoregressive import accumulated_grads, lm_objective
+from ct_jax.autoregressive import accumulated_grads
 from ct_jax.training import FAST_CPU_COMPILE
 from tests.configs import CONFIGS, make_inputs, randomize_
 from tests.tolerances import GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
@@ -92,10 +92,8 @@ def _setup(name: str, ignore_index: int = -100):
 
     @functools.partial(jax.jit, compiler_options=FAST_CPU_COMPILE)
     def grad_fn(params, tokens, mask):
-        def objective(params):
-            return lm_objective(nnx.merge(graphdef, params, rest), tokens, mask, ignore_index=ignore_index)
-
-        return jax.value_and_grad(objective, has_aux=True)(params)
+        net = nnx.merge(graphdef, params, rest)
+        return accumulated_grads(net, tokens, mask, ignore_index=ignore_index)
 
     return wrapper, model, params, grad_fn
 
@@ -114,7 +112,7 @@ def test_segment_losses_and_gradients_match_reference(name, mask_kind, short_las
     torch_lm, torch_aux, torch_grads = _torch_losses_and_grads(wrapper, tokens, mask)
 
     jax_mask = None if mask is None else jnp.asarray(mask.numpy())
-    (total, (lm, aux)), grads = grad_fn(params, jnp.asarray(tokens.numpy()), jax_mask)
+    total, lm, aux, grads = grad_fn(params, jnp.asarray(tokens.numpy()), jax_mask)
     label = f"{name}/{mask_kind}/{'short last' if short_last else 'full'}"
     assert lm.shape == torch_lm.shape, f"{label}: {lm.shape[0]} segments, the reference yields {torch_lm.shape[0]}"
     assert_close(f"{label}: lm loss per segment", lm, torch_lm, JAX_VS_TORCH_ATOL)
@@ -140,7 +138,7 @@ def test_ignored_targets_do_not_count():
     assert not (tokens[2, seq_len:] != pad).any(), "row 2 must have no counted target after segment 0"
     torch_lm, torch_aux, torch_grads = _torch_losses_and_grads(wrapper, tokens, mask)
 
-    (_, (lm, aux)), grads = grad_fn(params, jnp.asarray(tokens.numpy()), jnp.asarray(mask.numpy()))
+    _, lm, aux, grads = grad_fn(params, jnp.asarray(tokens.numpy()), jnp.asarray(mask.numpy()))
     assert_close("lm loss per segment, padded rows", lm, torch_lm, JAX_VS_TORCH_ATOL)
     assert_close("aux loss per segment, padded rows", aux, torch_aux, JAX_VS_TORCH_ATOL)
     _compare_grads("padded rows", grads, model, torch_grads)
@@ -167,13 +165,13 @@ def test_program_size_does_not_grow_with_segments():
     config = dict(CONFIGS["defaults"], depth=1)  # the structure, not the size, is under test
     graphdef, params, rest = nnx.split(_abstract_model(config), nnx.Param, ...)
 
-    def objective(params, tokens):
-        return lm_objective(nnx.merge(graphdef, params, rest), tokens)[0]
+    def gradient(params, tokens):
+        return accumulated_grads(nnx.merge(graphdef, params, rest), tokens)[3]
 
     sizes = {}
     for n in (2, 8):
         tokens = jnp.zeros((2, n * config["seq_len"] + 2 + 1), jnp.int32)
-        traced = jax.jit(jax.grad(objective)).trace(params, tokens)
+        traced = jax.jit(gradient).trace(params, tokens)
         hlo = traced.lower().as_text()
         sizes[n] = (_equation_count(traced.jaxpr.jaxpr), sum(1 for line in hlo.splitlines() if " = " in line))
     assert sizes[2] == sizes[8], f"(jaxpr equations, HLO ops) for 2 segments {sizes[2]} != for 8 segments {sizes[8]}"
@@ -207,3 +205,17 @@ def test_micro_batches_must_divide_the_batch():
         accumulated_grads(model, tokens, micro_batches=2)
     with pytest.raises(ValueError, match="micro_batches must be a positive int, got 0"):
         accumulated_grads(model, tokens, micro_batches=0)
+
+
+def test_remat_gives_the_same_gradient():
+    """`remat` (weight-matmul outputs kept, the rest recomputed) changes memory, not the numbers."""
+    name = "residual_uneven_evictions"
+    _, model, _, _ = _setup(name)
+    tokens, mask = _tokens_and_mask(CONFIGS[name], "right", short_last=True, seed=9)
+    tokens, mask = jnp.asarray(tokens.numpy()), jnp.asarray(mask.numpy())
+    results = [jax.jit(functools.partial(accumulated_grads, remat=remat), compiler_options=FAST_CPU_COMPILE)(
+        model, tokens, mask) for remat in (False, True)]
+    for label, plain, rematted in zip(("objective", "lm", "aux"), results[0][:3], results[1][:3]):
+        assert_close(f"remat: {label}", rematted, plain, 1e-6)
+    for (path, plain), rematted in zip(jax.tree.leaves_with_path(results[0][3]), jax.tree.leaves(results[1][3])):
+        assert_close(f"remat: grad {jax.tree_util.keystr(path)}", rematted, plain, 1e-6)
