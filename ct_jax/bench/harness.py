@@ -1,0 +1,392 @@
+"""Runs and times the benchmark: ct_jax, the PyTorch reference (and upstream 0.4.0 if installed).
+
+Each framework runs the same configuration, weights (the torch model's, converted), batch
+and tokens, through its public path:
+- training step: JAX `ct_jax.training.make_train_step` (clip 0.5, Adam 1e-4) jitted with
+  the state donated; torch `AutoregressiveWrapper(return_loss=True)` with one
+  `(loss + aux).backward()` per segment, clip_grad_norm 0.5, Adam 1e-4;
+- eval forward: every segment in eval mode (no aux loss), no gradients;
+- generation: prime of 128 tokens, 512 new, batch 1, top-k sampling.
+Timings are wall-clock medians of interleaved repetitions (the frameworks alternate, so
+a load change on a shared machine hits both), after warm-up, with a synchronisation
+before every clock read. Peak host memory is read from `/proc/self/status` (VmHWM) in a
+fresh subprocess per framework, reset after warm-up, so that compilation is not counted.
+The report lives in `ct_jax.bench.report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FRAMEWORKS = ("jax", "torch", "upstream")  # ct_jax, ct_torch_ref, compressive_transformer_pytorch
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """A benchmark case: model kwargs, batch, segments per step and compute dtype."""
+
+    name: str
+    model: Mapping[str, Any]
+    batch: int
+    segments: int = 4
+    dtype: str = "float32"  # compute dtype; parameters stay float32 (torch: autocast)
+    prime: int = 128
+    generate: int = 512
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        for name in ("batch", "segments", "prime", "generate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.segments * self.model["seq_len"]
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model"] = dict(self.model)
+        return out
+
+
+def _model(dim: int, depth: int, seq_len: int, cmem_len: int, heads: int, memory_layers) -> dict[str, Any]:
+    return dict(num_tokens=256, dim=dim, depth=depth, seq_len=seq_len, mem_len=seq_len, cmem_len=cmem_len,
+                cmem_ratio=4, heads=heads, memory_layers=list(memory_layers))
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    "S": BenchConfig("S", _model(256, 4, 128, 32, 4, [3, 4]), batch=4),
+    "M": BenchConfig("M", _model(512, 8, 256, 64, 8, [6, 7, 8]), batch=2),
+    "L": BenchConfig("L", _model(1024, 16, 512, 128, 16, range(9, 17)), batch=16, dtype="bfloat16"),
+}
+
+
+def parse_config(spec: str) -> BenchConfig:
+    """A named config (S, M, L), a JSON object or the path of a JSON file with BenchConfig's fields."""
+    if spec in CONFIGS:
+        return CONFIGS[spec]
+    text = Path(spec).read_text() if not spec.lstrip().startswith("{") and Path(spec).is_file() else spec
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(
+            f"config must be one of {sorted(CONFIGS)}, a JSON object or a JSON file, got {spec!r}"
+        ) from None
+    if not isinstance(fields, dict) or "model" not in fields or "batch" not in fields:
+        raise ValueError(f"a JSON config needs at least 'model' (kwargs) and 'batch', got {fields!r}")
+    fields.setdefault("name", "custom")
+    return BenchConfig(**fields)
+
+
+def configure_host(device: str, threads: int | None) -> int:
+    """Pins the process to `threads` cores before JAX starts; returns the thread count.
+
+    XLA's CPU thread pool is sized from the process's CPU affinity when the backend
+    starts, and torch gets `torch.set_num_threads(threads)`, so both use the same cores.
+    """
+    if device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    elif device == "gpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cuda")
+    else:
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    cpus = sorted(os.sched_getaffinity(0))
+    threads = len(cpus) if threads is None else threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= len(cpus):
+        raise ValueError(f"threads must be an int in [1, {len(cpus)}] (cores available), got {threads!r}")
+    os.sched_setaffinity(0, cpus[:threads])
+    return threads
+
+
+@dataclasses.dataclass
+class Timing:
+    """Seconds per call over repetitions."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(median=self.median, min=min(self.samples), max=max(self.samples), samples=self.samples)
+
+
+def interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1,
+                sync: Callable[[], None] = lambda: None) -> dict[str, Timing]:
+    """Times each call `reps` times, alternating frameworks (order reversed every repetition).
+
+    Every call must return only after its work is done (each side synchronises inside).
+    """
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            sync()
+            start = time.perf_counter()
+            calls[name]()
+            sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: Timing(values) for name, values in samples.items()}
+
+
+def vm_status_mib(field: str) -> float:
+    """A `/proc/self/status` memory field (VmHWM, VmRSS) in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    """Resets VmHWM to the current RSS (Linux >= 4.0: `echo 5 > /proc/self/clear_refs`)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def tokens_for(bench: BenchConfig, segments: int | None = None, seed: int = 0) -> np.ndarray:
+    """The (batch, segments * seq_len + 1) int64 tokens every framework gets."""
+    length = (segments or bench.segments) * bench.model["seq_len"] + 1
+    return np.random.default_rng(seed).integers(0, bench.model["num_tokens"], (bench.batch, length))
+
+
+def upstream_available() -> bool:
+    try:
+        import compressive_transformer_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+def measure_peak_memory(framework: str, bench: BenchConfig, device: str, threads: int,
+                        executable: Path | None = None, timeout: float = 900) -> dict[str, float]:
+    """Peak memory of training steps of `framework`, measured in a fresh subprocess.
+
+    `peak_rss_mib` is the process's VmHWM over a warm-up and a timed step; `step_mib` is
+    that minus the RSS after importing the framework (and starting the JAX runtime): the
+    model, optimizer state, activations and, for JAX, the compiled program. For JAX,
+    `executable` is the train step serialised by the parent (so the child does not
+    compile again, and the compiler's memory is not counted).
+    """
+    spec = dict(framework=framework, bench=bench.to_json(), device=device, threads=threads,
+                executable=str(executable) if executable else None)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "ct_jax.bench.harness", "peak-memory", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak-memory child for {framework} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _peak_memory_child(spec: dict[str, Any]) -> dict[str, float]:
+    """Peak RSS over two training steps (warm-up included), reset after setup; see measure_peak_memory."""
+    bench = BenchConfig(**spec["bench"])
+    configure_host(spec["device"], spec["threads"])
+    if spec["framework"] == "jax":
+        import jax
+
+        from ct_jax import training  # noqa: F401  (imports first, then the baseline)
+        from ct_jax.bench import sides as bench_sides
+
+        jax.devices()  # the runtime's own memory counts as baseline
+        baseline = vm_status_mib("VmRSS")
+        side = bench_sides.JaxSide(bench, spec["device"], state_dict=None)
+        step = side.load_train_step(Path(spec["executable"]))
+    else:
+        import torch  # noqa: F401  (imports first, then the baseline)
+
+        import ct_torch_ref  # noqa: F401
+        from ct_jax.bench import sides as bench_sides
+
+        if spec["framework"] == "upstream":
+            import compressive_transformer_pytorch  # noqa: F401
+
+        baseline = vm_status_mib("VmRSS")
+        side = bench_sides.TorchSide(bench, spec["device"], spec["threads"], upstream=spec["framework"] == "upstream")
+        step = side.train_step
+    before = vm_status_mib("VmRSS")
+    reset_peak_rss()
+    step()  # the first step allocates the optimizer state (torch) and the allocators' pools
+    step()
+    peak = vm_status_mib("VmHWM")
+    return dict(peak_rss_mib=peak, baseline_rss_mib=baseline, rss_before_steps_mib=before,
+                step_mib=peak - baseline, device_peak_mib=side.device_peak_mib())
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class RunOptions:
+    device: str = "cpu"
+    threads: int = 1
+    reps: int = 3
+    warmup: int = 1
+    compile_segments: tuple[int, ...] = (2, 8, 32)
+    peak_memory: bool = True
+    upstream: bool = True
+    matmul_sizes: tuple[int, ...] | None = None  # default: 1024, 2048 (CPU); 4096, 8192 (GPU)
+    log: Callable[[str], Any] = print
+
+
+def matmul_peaks(device: str, dtype: str, threads: int, reps: int = 5,
+                 sizes: tuple[int, ...] | None = None) -> dict[str, dict[str, Any]]:
+    """Dense square matmul GFLOP/s per framework, best over a few sizes (the MFU denominator)."""
+    from ct_jax.bench.sides import jax_matmul_seconds, torch_matmul_seconds
+
+    sizes = sizes or ((1024, 2048) if device == "cpu" else (4096, 8192))
+    out: dict[str, dict[str, Any]] = {}
+    for name, timer in (("jax", jax_matmul_seconds), ("torch", torch_matmul_seconds)):
+        by_size = {n: 2 * n**3 / timer(n, dtype, device, reps, threads) / 1e9 for n in sizes}
+        out[name] = dict(gflops=max(by_size.values()), by_size=by_size)
+    return out
+
+
+def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, generation: bool = True,
+               compile_times: bool = True) -> dict[str, Any]:
+    """All measurements of one config (generation and compile times optional); a JSON-ready dict."""
+    from ct_jax import flops as flop_count
+    from ct_jax.bench.sides import JaxSide, TorchSide
+
+    log = options.log
+    record: dict[str, Any] = dict(config=bench.to_json())
+    torch_side = TorchSide(bench, options.device, options.threads)
+    state_dict = torch_side.state_dict()
+    sides: dict[str, Any] = dict(jax=JaxSide(bench, options.device, state_dict), torch=torch_side)
+    if options.upstream and upstream_available():
+        sides["upstream"] = TorchSide(bench, options.device, options.threads, upstream=True, state_dict=state_dict)
+    jax_side = sides["jax"]
+    sync = torch_side.sync
+
+    log(f"[{bench.name}] compiling the JAX train and eval steps")
+    record["jax_train_compile_s"] = jax_side.compile_train()
+    record["jax_eval_compile_s"] = jax_side.compile_eval()
+    tokens = bench.tokens_per_step
+    train_flops = flop_count.run_flops(bench.model, bench.batch, bench.segments, training=True)
+    eval_flops = flop_count.run_flops(bench.model, bench.batch, bench.segments, training=False)
+    record["flops"] = dict(train={k: dataclasses.asdict(v) for k, v in train_flops.items()},
+                           eval={k: dataclasses.asdict(v) for k, v in eval_flops.items()},
+                           train_total=sum(f.total for f in train_flops.values()),
+                           eval_total=sum(f.total for f in eval_flops.values()))
+
+    for kind in ("train", "eval"):
+        log(f"[{bench.name}] {kind}: {options.reps} interleaved repetitions of {', '.join(sides)}")
+        timings = interleaved({name: getattr(side, f"{kind}_step") for name, side in sides.items()},
+                              options.reps, options.warmup, sync)
+        record[kind] = {name: dict(timing.to_json(), tokens_per_s=tokens / timing.median)
+                        for name, timing in timings.items()}
+
+    if generation:
+        record["generation"] = _generation(bench, options, jax_side, torch_side, sync)
+
+    if compile_times and options.compile_segments:
+        record["compile"] = {}
+        for segments in options.compile_segments:
+            log(f"[{bench.name}] JAX train step: lower + compile for {segments} segments")
+            record["compile"][str(segments)] = jax_side.compile_time(segments)
+
+    if options.peak_memory:
+        record["peak_memory"] = {}
+        executable = results_dir / f"jax_train_{bench.name}.xla"
+        jax_side.save_train_step(executable)
+        try:
+            for name in ("jax", "torch"):
+                log(f"[{bench.name}] peak memory of a {name} training step (subprocess)")
+                record["peak_memory"][name] = measure_peak_memory(
+                    name, bench, options.device, options.threads, executable if name == "jax" else None)
+        finally:
+            executable.unlink(missing_ok=True)
+    return record
+
+
+def _generation(bench: BenchConfig, options: RunOptions, jax_side, torch_side, sync) -> dict[str, Any]:
+    new = bench.generate
+    calls = dict(jax=jax_side.generate, torch=torch_side.generate)
+    options.log(f"[{bench.name}] generation ({bench.prime} + {new} tokens, batch 1): {', '.join(calls)}")
+    start = time.perf_counter()
+    jax_side.generate()  # compiles
+    first_jax = time.perf_counter() - start
+    # the torch reference recomputes every window: slow, so fewer repetitions there
+    timings = interleaved(calls, max(1, min(options.reps, 2)), warmup=0, sync=sync)
+    out: dict[str, Any] = {name: dict(t.to_json(), tokens_per_s=new / t.median) for name, t in timings.items()}
+    out["jax"]["first_call_s"] = first_jax
+    return out
+
+
+def run(configs: list[BenchConfig], options: RunOptions, out_dir: Path,
+        per_config: list[dict[str, bool]] | None = None) -> dict[str, Any]:
+    """The matmul peaks, then every config; returns the JSON record (files go to a scratch dir in out_dir).
+
+    `per_config[i]` may switch off `generation` / `compile` (compile-time rows) for config i.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import jax
+    import torch
+
+    dtype = configs[0].dtype
+    if any(c.dtype != dtype for c in configs):
+        raise ValueError("all configs of one run must share a dtype (the matmul peak is measured once)")
+    options.log(f"measuring the dense matmul peak ({dtype})")
+    record: dict[str, Any] = dict(
+        machine=machine_info(options), versions=dict(jax=jax.__version__, torch=torch.__version__),
+        options=dict(device=options.device, threads=options.threads, reps=options.reps, warmup=options.warmup),
+        load_average_start=os.getloadavg(),
+        matmul_peak=matmul_peaks(options.device, dtype, options.threads, sizes=options.matmul_sizes),
+        configs={},
+    )
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        for index, bench in enumerate(configs):
+            switches = (per_config or [{}] * len(configs))[index]
+            record["configs"][bench.name] = run_config(
+                bench, options, Path(scratch), generation=switches.get("generation", True),
+                compile_times=switches.get("compile", True))
+    record["load_average_end"] = os.getloadavg()
+    return record
+
+
+def machine_info(options: RunOptions) -> dict[str, Any]:
+    import platform
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = dict(cpu=cpu, cores_available=len(os.sched_getaffinity(0)), threads_used=options.threads,
+                python=platform.python_version(), platform=platform.platform(),
+                xla_flags=os.environ.get("XLA_FLAGS", ""))
+    if options.device == "gpu":
+        import jax
+
+        info["gpu"] = str(jax.devices()[0].device_kind)
+    return info
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "peak-memory":
+        print(json.dumps(_peak_memory_child(json.loads(sys.argv[2]))))
+    else:
+        raise SystemExit("usage: python -m ct_jax.bench.harness peak-memory '<json spec>' (internal)")

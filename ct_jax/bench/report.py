@@ -1,0 +1,179 @@
+"""The benchmark record as a Markdown table (with the issue's targets), a JSON file and a bar chart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ct_jax.convert import atomic_write
+
+LABELS = dict(jax="ct_jax", torch="ct_torch_ref", upstream="upstream 0.4.0")
+
+
+@dataclasses.dataclass
+class Row:
+    """One measurement of one config: a cell per framework, JAX's ratio, the target and whether it holds."""
+
+    config: str
+    measurement: str
+    cells: dict[str, str]
+    ratio: float | None = None  # JAX / ct_torch_ref (compile rows: 32 segments / 2 segments)
+    ratio_text: str = "—"
+    target: str = "—"
+    met: bool | None = None
+    advantage: float | None = None  # for the chart: > 1 means JAX is better
+
+    @property
+    def met_text(self) -> str:
+        return "—" if self.met is None else ("yes" if self.met else "**no**")
+
+
+def _throughput_cell(entry: dict[str, Any] | None, work: float) -> str:
+    if not entry:
+        return "—"
+    return f"{work / entry['median']:,.0f} ({work / entry['max']:,.0f}–{work / entry['min']:,.0f})"
+
+
+def _targets(config: str, device: str) -> dict[str, float]:
+    """The issue's targets: CPU on S and M (float32), GPU on L (bfloat16)."""
+    if device == "gpu":
+        return dict(train=1.5, train_mfu=0.40)
+    targets = dict(train=1.0, eval=1.0, generation=10.0, compile=1.3)
+    if config == "M":
+        targets.update(train_mfu=0.70, memory=1.0)
+    return targets
+
+
+def rows(record: dict[str, Any]) -> list[Row]:
+    """Table rows for every config of the record."""
+    device = record["options"]["device"]
+    peaks = record["matmul_peak"]
+    out: list[Row] = []
+    for name, rec in record["configs"].items():
+        targets = _targets(name, device)
+        tokens = rec["config"]["batch"] * rec["config"]["segments"] * rec["config"]["model"]["seq_len"]
+        for kind, label in (("train", "train step, tok/s"), ("eval", "eval forward, tok/s")):
+            entry = rec[kind]
+            row = Row(name, label, {fw: _throughput_cell(entry.get(fw), tokens) for fw in LABELS})
+            _ratio(row, entry["torch"]["median"] / entry["jax"]["median"], targets.get(kind))
+            out.append(row)
+        if "generation" in rec:
+            gen = rec["generation"]
+            new = rec["config"]["generate"]
+            label = f"generation, tok/s (b=1, {rec['config']['prime']}+{new})"
+            row = Row(name, label, {fw: _throughput_cell(gen.get(fw), new) for fw in LABELS})
+            row.cells["upstream"] = "— (same recompute as ref)" if "upstream" in rec["train"] else "—"
+            _ratio(row, gen["torch"]["median"] / gen["jax"]["median"], targets.get("generation"))
+            out.append(row)
+        if "compile" in rec:
+            segs = sorted(rec["compile"], key=int)
+            times = [rec["compile"][s]["total_s"] for s in segs]
+            row = Row(name, f"compile train step, s ({' / '.join(segs)} segments)",
+                      dict(jax=" / ".join(f"{t:.1f}" for t in times), torch="— (eager)", upstream="— (eager)"))
+            ratio = times[-1] / times[0]
+            row.ratio, row.ratio_text = ratio, f"{ratio:.2f} ({segs[-1]} vs {segs[0]})"
+            if "compile" in targets:
+                row.target, row.met = f"≤ {targets['compile']:g}", ratio <= targets["compile"]
+            out.append(row)
+        if "peak_memory" in rec:
+            mem = rec["peak_memory"]
+            cells = {fw: f"{mem[fw]['step_mib']:,.0f} ({mem[fw]['peak_rss_mib']:,.0f})" if fw in mem else "—"
+                     for fw in LABELS}
+            row = Row(name, "train step host memory, MiB above the framework's import RSS (peak RSS)", cells)
+            ratio = mem["jax"]["step_mib"] / mem["torch"]["step_mib"]
+            row.ratio, row.ratio_text, row.advantage = ratio, f"{ratio:.2f}", 1 / ratio
+            if "memory" in targets:
+                row.target, row.met = f"≤ {targets['memory']:g}", ratio <= targets["memory"]
+            out.append(row)
+            if mem["jax"].get("device_peak_mib") is not None:
+                cells = {fw: f"{mem[fw]['device_peak_mib']:,.0f}" if fw in mem else "—" for fw in LABELS}
+                out.append(Row(name, "peak device memory of a train step, MiB", cells))
+        flops = rec["flops"]["train_total"]
+        cells, mfu = {}, {}
+        for fw in LABELS:
+            entry = rec["train"].get(fw)
+            peak = peaks.get(fw if fw == "jax" else "torch", {}).get("gflops")
+            if not entry or not peak:
+                cells[fw] = "—"
+                continue
+            achieved = flops / entry["median"] / 1e9
+            mfu[fw] = achieved / peak
+            cells[fw] = f"{achieved:,.1f} ({100 * mfu[fw]:.0f}% of peak)"
+        row = Row(name, f"model GFLOP/s, train ({flops / 1e9:,.1f} GFLOP/step)", cells)
+        row.ratio, row.ratio_text = mfu["jax"] / mfu["torch"], f"{mfu['jax'] / mfu['torch']:.2f} (MFU)"
+        if "train_mfu" in targets:
+            row.target, row.met = f"JAX ≥ {100 * targets['train_mfu']:.0f}%", mfu["jax"] >= targets["train_mfu"]
+        out.append(row)
+    peak_row = Row("all", "dense matmul peak, GFLOP/s (best square size)",
+                   dict(jax=f"{peaks['jax']['gflops']:,.1f}", torch=f"{peaks['torch']['gflops']:,.1f}",
+                        upstream="(torch's)"))
+    ratio = peaks["jax"]["gflops"] / peaks["torch"]["gflops"]
+    peak_row.ratio, peak_row.ratio_text = ratio, f"{ratio:.2f}"
+    out.append(peak_row)
+    return out
+
+
+def _ratio(row: Row, ratio: float, target: float | None) -> None:
+    row.ratio, row.advantage, row.ratio_text = ratio, ratio, f"{ratio:.2f}x"
+    if target is not None:
+        row.target, row.met = f"≥ {target:g}x", ratio >= target
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The results table, then the conditions it was measured under."""
+    table = rows(record)
+    has_upstream = any("upstream" in rec["train"] for rec in record["configs"].values())
+    frameworks = [fw for fw in LABELS if fw != "upstream" or has_upstream]
+    head = ["config", "measurement", *(LABELS[fw] for fw in frameworks), "JAX ÷ ref", "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table:
+        cells = [row.config, row.measurement, *(row.cells.get(fw, "—") for fw in frameworks),
+                 row.ratio_text, row.target, row.met_text]
+        lines.append("| " + " | ".join(cells) + " |")
+    machine, options = record["machine"], record["options"]
+    lines += [
+        "",
+        f"Throughput cells: median (min–max) over {options['reps']} interleaved repetitions after "
+        f"{options['warmup']} warm-up; generation: at most 2 repetitions.",
+        f"Machine: {machine['cpu']}, {machine['threads_used']} of {machine['cores_available']} cores used "
+        f"(XLA pool from the CPU affinity, torch.set_num_threads({machine['threads_used']})); "
+        f"device {options['device']}; jax {record['versions']['jax']}, torch {record['versions']['torch']}.",
+        f"XLA_FLAGS: `{machine['xla_flags'] or '(none)'}`. JAX train path: ct_jax.training.make_train_step.",
+        "Load average (1, 5, 15 min) at start {} and end {}.".format(
+            *(", ".join(f"{x:.1f}" for x in record[k]) for k in ("load_average_start", "load_average_end"))),
+    ]
+    return "\n".join(lines)
+
+
+def write_json(record: dict[str, Any], path: Path) -> None:
+    """The whole record (every sample), written atomically."""
+    text = json.dumps(record, indent=1, default=str)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def bar_chart(record: dict[str, Any], path: Path) -> None:
+    """PNG of JAX's advantage over ct_torch_ref per row (log scale; > 1: JAX better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = [row for row in rows(record) if row.advantage is not None]
+    labels = [f"{row.config}: {row.measurement.split(',')[0]}" for row in table]
+    values = [row.advantage for row in table]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(table) + 1.5))
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+    ax.barh(range(len(table)), values, color=colors)
+    ax.set_yticks(range(len(table)), labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=1)
+    for index, value in enumerate(values):
+        ax.text(value, index, f" {value:.2f}x", va="center")
+    ax.set_xlabel("JAX advantage over ct_torch_ref (throughput ratio; memory: ref ÷ JAX)")
+    ax.set_title(f"ct_jax vs ct_torch_ref, {record['options']['device']}, {record['machine']['threads_used']} threads")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)

@@ -1,0 +1,76 @@
+"""Benchmark ct_jax against the PyTorch reference (and upstream 0.4.0 if installed), side by side.
+
+    python scripts/bench.py                       # CPU: S (every row) and M (train, eval, memory, FLOP/s)
+    python scripts/bench.py --config M --all      # every row on M
+    python scripts/bench.py --device gpu --config L
+    python scripts/bench.py --config '{"name": "tiny", "model": {...}, "batch": 2, "segments": 2}'
+
+Prints a Markdown table; writes bench.json and bench.png (JAX/reference ratios) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", help="S, M, L, a JSON object or a JSON file; repeatable "
+                        "(default: S and M on CPU, L on GPU)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"), help="directory for bench.json and bench.png")
+    parser.add_argument("--threads", type=int, default=None, help="cores for both frameworks (default: all available)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    parser.add_argument("--all", action="store_true", help="generation and compile-time rows on every config "
+                        "(default: on the first config only, to stay within 10 minutes on 2 cores)")
+    parser.add_argument("--compile-segments", default="2,8,32", help="segment counts of the compile-time row")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-upstream", action="store_true", help="skip the upstream package even if installed")
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0:
+        parser.error(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
+    try:
+        args.compile_segments = tuple(int(n) for n in args.compile_segments.split(",") if n)
+    except ValueError:
+        parser.error(f"--compile-segments must be comma-separated ints, got {args.compile_segments!r}")
+    if any(n < 1 for n in args.compile_segments):
+        parser.error(f"--compile-segments must be positive, got {args.compile_segments}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ct_jax.bench import harness  # sets nothing up by itself; configure_host runs before JAX starts
+
+    threads = harness.configure_host(args.device, args.threads)
+    specs = args.config or (["L"] if args.device == "gpu" else ["S", "M"])
+    configs = [harness.parse_config(spec) for spec in specs]
+    from ct_jax.bench import report as bench_report
+
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f}s] {message}", file=sys.stderr, flush=True)
+
+    options = harness.RunOptions(device=args.device, threads=threads, reps=args.reps, warmup=args.warmup,
+                                      compile_segments=args.compile_segments, peak_memory=not args.no_memory,
+                                      upstream=not args.no_upstream, log=log)
+    first_only = [args.all or index == 0 for index in range(len(configs))]
+    per_config = [dict(generation=on, compile=on) for on in first_only]
+    record = harness.run(configs, options, args.out, per_config=per_config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench_report.write_json(record, args.out / "bench.json")
+    bench_report.bar_chart(record, args.out / "bench.png")
+    print(bench_report.markdown(record))
+    log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Smoke test of the benchmark harness (not a timing test) and checks of the analytic FLOP count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ct_jax import flops
+from ct_jax.bench import harness
+from ct_jax.bench import report as bench_report
+from ct_jax.config import ModelConfig
+
+TINY = dict(num_tokens=32, dim=16, depth=2, seq_len=8, mem_len=8, cmem_len=2, cmem_ratio=4, heads=2,
+            memory_layers=[2])
+
+
+def test_memory_schedule_follows_the_reference_growth():
+    # seq_len 6, mem_len 10, ratio 4: evictions of 2 (padded by 2 -> 1 slot), then 6 (+2 -> 2 slots)
+    config = ModelConfig(num_tokens=8, dim=8, seq_len=6, depth=1, heads=1, mem_len=10, cmem_len=3, cmem_ratio=4)
+    assert flops.memory_schedule(config, 4) == [(0, 0, 0), (6, 0, 1), (10, 1, 2), (10, 3, 2)]
+
+
+def test_flops_of_one_segment_by_hand():
+    # one layer with memory (4 valid slots + 1 compressed), residual joins, no GLU
+    kwargs = dict(num_tokens=10, dim=4, seq_len=2, depth=1, heads=2, mem_len=4, cmem_len=1, cmem_ratio=4,
+                  gru_gated_residual=False)
+    config = ModelConfig(**kwargs)
+    b, t, d, keys = 3, 2, 4, 2 + 4 + 1
+    got = flops.segment_flops(config, b, mem=4, cmem=1, compressed=0, training=False)
+    assert got["attention projections"].forward == 2 * b * t * d * d * 2 + 2 * b * keys * d * 2 * d
+    assert got["attention scores and values"].forward == 2 * (2 * b * 2 * t * keys * 2)  # heads 2, dim_head 2
+    assert got["relative positions"].forward == 2 * b * 2 * t * keys * 2
+    assert got["feed-forward"].forward == 2 * b * t * d * 4 * d * 2
+    assert got["logits"].forward == 2 * b * t * d * 10
+    assert got["gated residuals"].forward == 0 and got["memory compression"].forward == 0
+    assert all(f.backward == 0 for f in got.values()), "eval has no backward"
+    train = flops.segment_flops(config, b, mem=4, cmem=1, compressed=0, training=True)
+    assert train["feed-forward"].backward == 2 * train["feed-forward"].forward
+
+
+def test_training_flops_count_the_aux_path_only_when_something_is_compressed():
+    per = flops.run_flops(TINY, batch=2, segments=3, training=True)
+    assert per["reconstruction loss"].forward > 0 and per["memory compression"].backward > 0
+    first = flops.run_flops(TINY, batch=2, segments=1, training=True)  # nothing evicted yet
+    assert first["reconstruction loss"].total == 0 and first["memory compression"].total == 0
+    assert flops.total_flops(TINY, 2, 3, training=True) > 3 * flops.total_flops(TINY, 2, 3, training=False) * 0.9
+
+
+def test_parse_config_names_json_and_errors(tmp_path):
+    assert harness.parse_config("S").model["dim"] == 256
+    spec = dict(name="tiny", model=TINY, batch=2, segments=2)
+    assert harness.parse_config(json.dumps(spec)).segments == 2
+    (tmp_path / "c.json").write_text(json.dumps(spec))
+    assert harness.parse_config(str(tmp_path / "c.json")).name == "tiny"
+    with pytest.raises(ValueError, match="config must be one of"):
+        harness.parse_config("XL")
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        harness.BenchConfig("x", TINY, batch=0)
+
+
+@pytest.mark.slow
+def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
+    """One repetition of everything, peak-memory subprocesses included; checks the outputs, not the speed."""
+    bench = harness.BenchConfig("tiny", TINY, batch=2, segments=2, prime=5, generate=4)
+    options = harness.RunOptions(threads=1, reps=1, warmup=0, compile_segments=(2, 3),
+                                      matmul_sizes=(64,), log=print)
+    record = harness.run([bench], options, tmp_path)
+    rec = record["configs"]["tiny"]
+    for kind in ("train", "eval"):
+        assert {"jax", "torch"} <= set(rec[kind]), f"{kind} is missing a framework: {sorted(rec[kind])}"
+    assert rec["generation"]["jax"].get("tokens_per_s", 0) > 0, rec["generation"]["jax"]
+    assert set(rec["compile"]) == {"2", "3"}
+    assert all(rec["peak_memory"][fw]["step_mib"] > 0 for fw in ("jax", "torch")), rec["peak_memory"]
+    table = bench_report.markdown(record)
+    body = [line.split(" | ") for line in table.splitlines() if line.startswith("| tiny")]
+    assert len(body) == 6, table  # train, eval, generation, compile, memory, FLOP/s
+    for cells in body:  # | config | measurement | ct_jax | ct_torch_ref | upstream? | ratio | target | met |
+        assert "—" not in (cells[2], cells[3], cells[-3]), f"unfilled row: {cells}"
+    bench_report.write_json(record, tmp_path / "bench.json")
+    bench_report.bar_chart(record, tmp_path / "bench.png")
+    assert json.loads((tmp_path / "bench.json").read_text())["configs"]["tiny"]["config"]["batch"] == 2
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
