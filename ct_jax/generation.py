@@ -92,7 +92,7 @@ class _State(NamedTuple):
 
     memory: Memory  # as the last full window left it (not rolled)
     memory_kv: tuple[tuple[jax.Array, jax.Array], ...]  # per memory layer: K, V of cmem|mem, (V*b, h, c+m, dh)
-    cache_kv: tuple[tuple[jax.Array, jax.Array], ...]  # per layer: K, V of the window, (V*b, h, seq_len, dh)
+    cache_kv: tuple[tuple[jax.Array, jax.Array], ...]  # per layer: K, V of the window, (V*b or b, h, seq_len, dh)
     stream: Int[Array, "b n"]  # prime | generated tokens (| padding)
     pos: Int[Array, ""]  # the token to run next (the window's last)
     start: Int[Array, ""]  # where the current window starts
@@ -131,6 +131,24 @@ def _memory_kv(net: CompressiveTransformer, memory: Memory) -> tuple[tuple[jax.A
     return tuple(out)
 
 
+def _scores(q: Float[Array, "B h n d"], k: Float[Array, "B|1 h j d"]) -> Float[Array, "B h n j"]:
+    """q . k over d (`k` may be shared over the batch). One query row (the per-token case) as
+    a multiply-reduce: it reads each cached key once, where a matmul would first copy the
+    cache into its preferred layout."""
+    if q.shape[2] == 1:
+        return jnp.sum(q * k, axis=-1)[:, :, None, :]
+    if k.shape[0] == 1:
+        return jnp.einsum("bhid,hjd->bhij", q, k[0])
+    return jnp.einsum("bhid,bhjd->bhij", q, k)
+
+
+def _weighted(attn: Float[Array, "B h n j"], v: Float[Array, "B h j d"]) -> Float[Array, "B h n d"]:
+    """Attention-weighted sum of values; one query row as a multiply-reduce (see `_scores`)."""
+    if attn.shape[2] == 1:
+        return jnp.sum(attn[:, :, 0, :, None] * v, axis=2)[:, :, None, :]
+    return jnp.einsum("bhij,bhjd->bhid", attn, v)
+
+
 def _attend_cached(
     fn: SelfAttention,
     x: Float[Array, "B n d"],
@@ -156,20 +174,19 @@ def _attend_cached(
     k_new, v_new = map(fn._heads, jnp.split(fn.to_kv(x), 2, axis=-1))
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k_new.astype(cache[0].dtype), start, axis=2)
     v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v_new.astype(cache[1].dtype), start, axis=2)
+    # Memory and window keys stay apart (no per-token concatenation of the caches).
     if memory_kv is None:
-        k, v, n_buffer = k_cache, v_cache, 0
+        parts, n_buffer = [(k_cache, v_cache)], 0
         memory_valid = jnp.zeros((0,), bool)
     else:
-        k = jnp.concatenate([memory_kv[0], k_cache], axis=2)
-        v = jnp.concatenate([memory_kv[1], v_cache], axis=2)
-        n_buffer = memory_kv[0].shape[2]
+        parts, n_buffer = [memory_kv, (k_cache, v_cache)], memory_kv[0].shape[2]
     keys = n_buffer + seq_len
-    dots = jnp.einsum("bhid,bhjd->bhij", q, k) * scale
+    dots = jnp.concatenate([_scores(q, k) for k, _ in parts], axis=-1) * scale
 
     # Query start + a and key p are n_buffer + start + a - p apart; rows as in SelfAttention.
     first_row = total_valid + seq_len - 1 - n_buffer - start - (n - 1)
     window = position_window(pos_emb.astype(q.dtype), first_row, keys + n - 1)
-    pos_dots = jnp.einsum("bhid,hjd->bhij", q, window) * scale
+    pos_dots = _scores(q, window[None]) * scale
     dots = (dots + relative_shift(pos_dots, keys)).astype(wide(fn.dtype))
 
     query_pos = n_buffer + start + jnp.arange(n)[:, None]
@@ -180,8 +197,10 @@ def _attend_cached(
     visible = visible & jnp.concatenate([memory_columns, pair_mask], axis=-1)
     dots = jnp.where(visible, dots, -jnp.finfo(dots.dtype).max)
     slot_valid = jnp.concatenate([memory_valid, jnp.arange(seq_len) < end])
-    attn = masked_softmax(dots, slot_valid[None, None, None, :]).astype(v.dtype)
-    out = rearrange(jnp.einsum("bhij,bhjd->bhid", attn, v), "b h t d -> b t (h d)")
+    attn = masked_softmax(dots, slot_valid[None, None, None, :]).astype(v_cache.dtype)
+    offsets = np.cumsum([0] + [k.shape[2] for k, _ in parts])
+    out = sum(_weighted(attn[..., lo:hi], v) for (_, v), lo, hi in zip(parts, offsets[:-1], offsets[1:]))
+    out = rearrange(out, "b h t d -> b t (h d)")
     return fn.to_out(out), (k_cache, v_cache)
 
 
@@ -197,14 +216,16 @@ def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_m
     x = net.token_emb(tokens)
     if net.to_model_dim is not None:
         x = net.to_model_dim(x)
-    x = jnp.concatenate([x] * n_variants)  # (V*b, n, d), variant-major
-    mask = jnp.concatenate([window_mask] * n_variants)
+    mask = window_mask
     memory_valid = jnp.concatenate([valid_slots(config.cmem_len, memory.compressed_mem_valid),
                                     valid_slots(config.mem_len, memory.mem_valid)])
     pos_emb = net.pos_emb[...]
     caches = []
     for index, (attn, ff) in enumerate(zip(net.attn_layers, net.ff_layers)):
         layer = index + 1
+        if layer == min(config.memory_layers):  # layers below the first memory layer do not vary
+            x = jnp.concatenate([x] * n_variants)  # (V*b, n, d), variant-major
+            mask = jnp.concatenate([window_mask] * n_variants)
         layer_kv = memory_kv[config.memory_layers.index(layer)] if layer in config.memory_layers else None
         y, cache = _attend_cached(attn.fn, attn.normed(x), pos_emb, memory.total_valid, start, end, mask,
                                   layer_kv, memory_valid, cache_kv[index])
@@ -249,23 +270,29 @@ def _decode(graphdef, state, prime, prime_len, mask, rng, temperature, eos_token
     stream_mask = jnp.pad(mask, ((0, 0), (0, stream_len - prime.shape[1])), constant_values=True)
     has_eos = eos_token >= 0
     pad = jnp.where(has_eos, eos_token, 0)
-    cache_shape = (n_variants * batch, config.heads, seq_len, config.dim_head)
+    def cache_shape(layer: int) -> tuple[int, ...]:  # layers below the first memory layer: one variant
+        rows = batch if layer < min(config.memory_layers) else n_variants * batch
+        return (rows, config.heads, seq_len, config.dim_head)
+
     memory = Memory.empty(net, batch, net.dtype)
     init = _State(
         memory=memory, memory_kv=_memory_kv(net, memory),
-        cache_kv=tuple((jnp.zeros(cache_shape, net.dtype),) * 2 for _ in range(config.depth)),
+        cache_kv=tuple((jnp.zeros(cache_shape(layer), net.dtype),) * 2 for layer in range(1, config.depth + 1)),
         stream=stream, pos=jnp.zeros((), jnp.int32), start=jnp.zeros((), jnp.int32), call=jnp.ones((), jnp.int32),
         tokens=jnp.broadcast_to(pad, (batch, length)).astype(jnp.int32),
         logits=jnp.zeros((batch, length, config.num_tokens), wide(net.dtype)) if return_logits else None,
         done=jnp.zeros((batch,), bool), lengths=jnp.full((batch,), length, jnp.int32),
     )
 
-    def body(s: _State) -> _State:
-        # At a window start: a window of prime tokens only is run whole, as the reference runs
-        # the prime's full windows; the rest of the prime is the first call's window.
-        at_start = s.pos == s.start
-        pos = jnp.where(at_start, jnp.where(s.start + seq_len <= prime_len, s.start + seq_len - 1,
-                                            jnp.maximum(s.pos, prime_len - 1)), s.pos)
+    def call(s: _State, incremental_only: bool) -> _State:
+        """One reference call. `incremental_only`: the caller knows it is a one-token cached call."""
+        pos = s.pos
+        if not incremental_only:
+            # At a window start: a window of prime tokens only is run whole, as the reference runs
+            # the prime's full windows; the rest of the prime is the first call's window.
+            at_start = s.pos == s.start
+            pos = jnp.where(at_start, jnp.where(s.start + seq_len <= prime_len, s.start + seq_len - 1,
+                                                jnp.maximum(s.pos, prime_len - 1)), s.pos)
         filled = pos - s.start + 1
         window = jax.lax.dynamic_slice_in_dim(s.stream, s.start, seq_len, axis=1)
         window_mask = jax.lax.dynamic_slice_in_dim(stream_mask, s.start, seq_len, axis=1)
@@ -288,9 +315,13 @@ def _decode(graphdef, state, prime, prime_len, mask, rng, temperature, eos_token
         def incremental(s: _State):
             return cached(jax.lax.dynamic_slice_in_dim(s.stream, pos, 1, axis=1), pos - s.start)
 
-        is_full = filled == seq_len
-        kind = jnp.where(is_full, 0, jnp.where(pos == prime_len - 1, 1, 2))
-        memory, memory_kv, cache_kv, logits = jax.lax.switch(kind, (full, first, incremental), s)
+        if incremental_only:
+            is_full = jnp.zeros((), bool)
+            memory, memory_kv, cache_kv, logits = incremental(s)
+        else:
+            is_full = filled == seq_len
+            kind = jnp.where(is_full, 0, jnp.where(pos == prime_len - 1, 1, 2))
+            memory, memory_kv, cache_kv, logits = jax.lax.switch(kind, (full, first, incremental), s)
         sampling = pos >= prime_len - 1  # else a prime window: the next token is the prime's
         index = jnp.maximum(pos - (prime_len - 1), 0)  # prime windows write index 0, overwritten later
         sample = _sample(logits, jax.random.fold_in(rng, index), temperature, filter_fn, filter_thres)
@@ -313,6 +344,16 @@ def _decode(graphdef, state, prime, prime_len, mask, rng, temperature, eos_token
 
     def keep_going(s: _State):
         return (s.pos < prime_len - 1 + length) & ~jnp.all(s.done)
+
+    def incremental_next(s: _State):
+        # Inside a window, past the prime and short of full: the call is one cached token.
+        return keep_going(s) & (s.pos > s.start) & (s.pos - s.start + 1 < seq_len) & (s.pos > prime_len - 1)
+
+    def body(s: _State) -> _State:
+        # Any call, then the window's run of one-token calls in a loop of their own: its body
+        # has no branch, so the memory and its K/V pass through untouched (no per-token copies).
+        s = call(s, incremental_only=False)
+        return jax.lax.while_loop(incremental_next, functools.partial(call, incremental_only=True), s)
 
     final = jax.lax.while_loop(keep_going, body, init)
     return Decoded(final.tokens, final.lengths, final.logits)

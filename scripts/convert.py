@@ -18,9 +18,11 @@ from pathlib import Path
 
 from flax import nnx
 
-from ct_jax import convert
-from ct_jax.config import ModelConfig
-from ct_jax.model import CompressiveTransformer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
+
+from ct_jax import convert  # noqa: E402
+from ct_jax.config import ModelConfig  # noqa: E402
+from ct_jax.model import CompressiveTransformer  # noqa: E402
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import jax
 
-from ct_jax import convert
-from ct_jax.generation import decode
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
+
+from ct_jax import convert  # noqa: E402
+from ct_jax.generation import decode  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import ct_torch_ref
-from ct_jax import convert, parity
-from ct_jax.model import CompressiveTransformer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
+
+import ct_torch_ref  # noqa: E402
+from ct_jax import convert, parity  # noqa: E402
+from ct_jax.model import CompressiveTransformer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ from ct_jax.bench.harness import BenchConfig, tokens_for
 
 
 def _jax_train_step(model, bench: BenchConfig):
-    """(step(state, tokens) -> (state, loss), initial state) of ct_jax's public train path."""
+    """(step(state, tokens) -> (state, loss), optimizer) of ct_jax's public train path."""
     from ct_jax import training
 
     config = training.TrainConfig(batch_size=bench.batch, n_segments=bench.segments, learning_rate=1e-4,
@@ -32,13 +32,15 @@ def _jax_train_step(model, bench: BenchConfig):
         new_state, metrics = public_step(state, tokens)
         return new_state, metrics["loss"]
 
-    return step, training.init_state(model, optimizer, 0)
+    return step, optimizer
 
 
 class JaxSide:
     """ct_jax's training step (state donated), eval pass and generation on one config."""
 
     def __init__(self, bench: BenchConfig, device: str, state_dict: dict[str, Any] | None):
+        """`state_dict` None: shapes only, zero weights, so that nothing is computed or compiled
+        but the train step (the peak-memory child counts what a step needs, not model init)."""
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -48,13 +50,24 @@ class JaxSide:
 
         self.bench = bench
         dtype = jnp.bfloat16 if bench.dtype == "bfloat16" else jnp.float32
-        self.model = CompressiveTransformer(**bench.model, rngs=nnx.Rngs(0), dtype=dtype)
+
+        def create():
+            return CompressiveTransformer(**bench.model, rngs=nnx.Rngs(0), dtype=dtype)
+
+        self.model = create() if state_dict is not None else nnx.eval_shape(create)
         if state_dict is not None:
             convert.from_torch(state_dict, self.model)
-        self.tokens = jnp.asarray(tokens_for(bench), jnp.int32)
-        self._step, state = _jax_train_step(self.model, bench)
+        self.tokens = jax.device_put(tokens_for(bench).astype(np.int32))
+        self._step, optimizer = _jax_train_step(self.model, bench)
+        if state_dict is None:
+            shapes = jax.eval_shape(lambda params: training.TrainState(
+                params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0)),
+                nnx.state(self.model, nnx.Param))
+            state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+        else:
+            state = jax.device_get(training.init_state(self.model, optimizer, 0))
         leaves, self._treedef = jax.tree.flatten(state)
-        self._leaves = [jnp.copy(x) for x in leaves]  # donated by every step; the model keeps its own
+        self._leaves = [jax.device_put(x) for x in leaves]  # donated by every step; the model keeps its own
         self._eval, self._eval_params = training.make_eval_step(self.model), nnx.state(self.model, nnx.Param)
         self._prime = jnp.asarray(tokens_for(bench)[:1, : bench.prime], jnp.int32)
         self.compiled_train = self.compiled_eval = None
