@@ -127,10 +127,12 @@ class Timing:
 
 
 def interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1,
-                sync: Callable[[], None] = lambda: None) -> dict[str, Timing]:
+                sync: Callable[[], None] = lambda: None, settle_s: float = 0.25) -> dict[str, Timing]:
     """Times each call `reps` times, alternating frameworks (order reversed every repetition).
 
     Every call must return only after its work is done (each side synchronises inside).
+    `settle_s` of idle before each timed call lets the other framework's worker threads
+    (OpenMP spin-waits, XLA's pool) go to sleep, so they do not steal the cores.
     """
     names = list(calls)
     for _ in range(warmup):
@@ -140,6 +142,7 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: int =
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
             sync()
+            time.sleep(settle_s)
             start = time.perf_counter()
             calls[name]()
             sync()
@@ -160,6 +163,16 @@ def reset_peak_rss() -> None:
     """Resets VmHWM to the current RSS (Linux >= 4.0: `echo 5 > /proc/self/clear_refs`)."""
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
+
+
+def release_free_heap() -> None:
+    """Returns freed heap pages to the OS (glibc `malloc_trim`), so RSS counts live memory only."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS may include freed heap
+        pass
 
 
 def tokens_for(bench: BenchConfig, segments: int | None = None, seed: int = 0) -> np.ndarray:
@@ -226,6 +239,7 @@ def _peak_memory_child(spec: dict[str, Any]) -> dict[str, float]:
         baseline = vm_status_mib("VmRSS")
         side = bench_sides.TorchSide(bench, spec["device"], spec["threads"], upstream=spec["framework"] == "upstream")
         step = side.train_step
+    release_free_heap()  # loading an XLA executable leaves ~200 MB of freed loader heap resident
     before = vm_status_mib("VmRSS")
     reset_peak_rss()
     step()  # the first step allocates the optimizer state (torch) and the allocators' pools
