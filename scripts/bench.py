@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - start:6.0f}s] {message}", file=sys.stderr, flush=True)
 
     options = harness.RunOptions(device=args.device, threads=threads, reps=args.reps, warmup=args.warmup,
-                                      compile_segments=args.compile_segments, peak_memory=not args.no_memory,
-                                      upstream=not args.no_upstream, log=log)
+                                 compile_segments=args.compile_segments, peak_memory=not args.no_memory,
+                                 upstream=not args.no_upstream, log=log)
     first_only = [args.all or index == 0 for index in range(len(configs))]
     per_config = [dict(generation=on, compile=on) for on in first_only]
     record = harness.run(configs, options, args.out, per_config=per_config)

@@ -159,6 +159,7 @@ def bar_chart(record: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     table = [row for row in rows(record) if row.advantage is not None]
     labels = [f"{row.config}: {row.measurement.split(',')[0]}" for row in table]
@@ -169,6 +170,9 @@ def bar_chart(record: dict[str, Any], path: Path) -> None:
     ax.set_yticks(range(len(table)), labels)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ticks = [t for t in (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100) if min(values) / 2 <= t <= max(values) * 2]
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axvline(1.0, color="black", linewidth=1)
     for index, value in enumerate(values):
         ax.text(value, index, f" {value:.2f}x", va="center")
