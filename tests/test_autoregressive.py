@@ -22,7 +22,7 @@ import ct_torch_ref
 from ct_jax import convert
 from ct_jax.autoregressive import accumulated_grads
 from ct_jax.training import FAST_CPU_COMPILE
-from tests.configs import CONFIGS, make_inputs, randomize_
+from tests.configs import CONFIGS, make_inputs, random_config, randomize_
 from tests.tolerances import GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
 
 BATCH = 4
@@ -219,3 +219,28 @@ def test_remat_gives_the_same_gradient():
         assert_close(f"remat: {label}", rematted, plain, 1e-6)
     for (path, plain), rematted in zip(jax.tree.leaves_with_path(results[0][3]), jax.tree.leaves(results[1][3])):
         assert_close(f"remat: grad {jax.tree_util.keystr(path)}", rematted, plain, 1e-6)
+
+
+@pytest.mark.parametrize("seed", [3, 7, 13])
+def test_gradients_match_reference_on_random_configs(seed):
+    """Property-style: random valid configs (tests.configs.random_config), a row padded from
+    its middle, 4 full segments and a short one, per-segment losses and every gradient."""
+    config = random_config(seed)
+    torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=seed).train()
+    model = _abstract_model(config)
+    convert.from_torch(torch_model.state_dict(), model)
+    model.train()
+    rng = np.random.default_rng(seed)
+    length = 4 * config["seq_len"] + int(rng.integers(1, config["seq_len"] + 1)) + 1
+    tokens = torch.from_numpy(rng.integers(0, config["num_tokens"], (3, length)))
+    mask = torch.ones(3, length - 1, dtype=torch.bool)
+    mask[1, length // 2:] = False
+    torch_lm, torch_aux, torch_grads = _torch_losses_and_grads(
+        ct_torch_ref.AutoregressiveWrapper(torch_model), tokens, mask)
+    assert np.any(torch_aux > 0), f"seed {seed}: nothing compressed, the aux path is untested"
+    run = jax.jit(accumulated_grads, compiler_options=FAST_CPU_COMPILE)
+    _, lm, aux, grads = run(model, jnp.asarray(tokens.numpy()), jnp.asarray(mask.numpy()))
+    label = f"random config {seed}"
+    assert_close(f"{label}: lm loss per segment", lm, torch_lm, JAX_VS_TORCH_ATOL)
+    assert_close(f"{label}: aux loss per segment", aux, torch_aux, JAX_VS_TORCH_ATOL)
+    _compare_grads(label, grads, model, torch_grads)
