@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,21 @@ def _segment_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ig
     return loss
 
 
+def _run_segments(body: Callable, carry: Any, segments: _Segments) -> tuple[Any, jax.Array, jax.Array]:
+    """`body(carry, xs) -> (carry, (lm, aux))` over the full segments (one `lax.scan`), then
+    over the short tail; returns `(carry, lm_losses[n], aux_losses[n])`."""
+    lm_losses, aux_losses = [], []
+    if segments.full is not None:
+        carry, (lm, aux) = jax.lax.scan(body, carry, segments.full)
+        lm_losses.append(lm)
+        aux_losses.append(aux)
+    if segments.tail is not None:
+        carry, (lm, aux) = body(carry, segments.tail)
+        lm_losses.append(lm[None])
+        aux_losses.append(aux[None])
+    return carry, jnp.concatenate(lm_losses), jnp.concatenate(aux_losses)
+
+
 def segment_losses(
     model: CompressiveTransformer,
     tokens: Int[Array, "b l"],
@@ -114,16 +130,8 @@ def segment_losses(
         _, (memories, lm, aux) = loss(params, memories, *xs)
         return memories, (lm, aux)
 
-    lm_losses, aux_losses = [], []
-    if segments.full is not None:
-        memories, (lm, aux) = jax.lax.scan(body, memories, segments.full)
-        lm_losses.append(lm)
-        aux_losses.append(aux)
-    if segments.tail is not None:
-        memories, (lm, aux) = body(memories, segments.tail)
-        lm_losses.append(lm[None])
-        aux_losses.append(aux[None])
-    return jnp.concatenate(lm_losses), jnp.concatenate(aux_losses), memories
+    memories, lm, aux = _run_segments(body, memories, segments)
+    return lm, aux, memories
 
 
 def sequence_grads(
@@ -160,18 +168,8 @@ def sequence_grads(
         (_, (memories, lm, aux)), grads = value_and_grad(params, memories, *xs)
         return (memories, jax.tree.map(jnp.add, grad_sum, grads)), (lm, aux)
 
-    carry = (memories, jax.tree.map(jnp.zeros_like, params))
-    lm_losses, aux_losses = [], []
-    if segments.full is not None:
-        carry, (lm, aux) = jax.lax.scan(body, carry, segments.full)
-        lm_losses.append(lm)
-        aux_losses.append(aux)
-    if segments.tail is not None:
-        carry, (lm, aux) = body(carry, segments.tail)
-        lm_losses.append(lm[None])
-        aux_losses.append(aux[None])
-    lm, aux = jnp.concatenate(lm_losses), jnp.concatenate(aux_losses)
-    return jnp.sum(lm + aux), lm, aux, carry[1]
+    (_, grads), lm, aux = _run_segments(body, (memories, jax.tree.map(jnp.zeros_like, params)), segments)
+    return jnp.sum(lm + aux), lm, aux, grads
 
 
 def _micro_split(x: jax.Array, micro_batches: int) -> jax.Array:
