@@ -59,6 +59,15 @@ def test_parse_config_names_json_and_errors(tmp_path):
         harness.BenchConfig("x", TINY, batch=0)
 
 
+def test_run_refuses_a_gpu_run_without_a_gpu_before_measuring(tmp_path):
+    bench = harness.BenchConfig("tiny", TINY, batch=2)
+    with pytest.raises(RuntimeError, match=r"device='gpu' needs a GPU for both frameworks: JAX's backend is 'cpu'"):
+        harness.run([bench], harness.RunOptions(device="gpu"), tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "nothing is written before the inputs are checked"
+    with pytest.raises(ValueError, match="configs must share a dtype"):
+        harness.run([bench, harness.BenchConfig("b", TINY, batch=2, dtype="bfloat16")], harness.RunOptions(), tmp_path)
+
+
 @pytest.mark.slow
 def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
     """One repetition of everything, peak-memory subprocesses included; checks the outputs, not the speed."""

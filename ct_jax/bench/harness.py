@@ -355,13 +355,22 @@ def run(configs: list[BenchConfig], options: RunOptions, out_dir: Path,
 
     `per_config[i]` may switch off `generation` / `compile` (compile-time rows) for config i.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     import jax
     import torch
 
     dtype = configs[0].dtype
     if any(c.dtype != dtype for c in configs):
-        raise ValueError("all configs of one run must share a dtype (the matmul peak is measured once)")
+        raise ValueError(f"configs must share a dtype (the matmul peak is measured once), got "
+                         f"{ {c.name: c.dtype for c in configs} }")
+    if options.device == "gpu":
+        try:
+            platform = jax.default_backend()
+        except RuntimeError as error:  # JAX_PLATFORMS=cuda without a usable CUDA install
+            platform = f"none ({error})"
+        if platform != "gpu" or not torch.cuda.is_available():
+            raise RuntimeError(f"device='gpu' needs a GPU for both frameworks: JAX's backend is {platform!r}, "
+                               f"torch.cuda.is_available() is {torch.cuda.is_available()}")
+    out_dir.mkdir(parents=True, exist_ok=True)
     options.log(f"measuring the dense matmul peak ({dtype})")
     record: dict[str, Any] = dict(
         machine=machine_info(options), versions=dict(jax=jax.__version__, torch=torch.__version__),
