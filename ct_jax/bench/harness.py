@@ -11,7 +11,7 @@ Timings are wall-clock medians of interleaved repetitions (the frameworks altern
 a load change on a shared machine hits both), after warm-up, with a synchronisation
 before every clock read. Peak host memory is read from `/proc/self/status` (VmHWM) in a
 fresh subprocess per framework, reset after warm-up, so that compilation is not counted.
-The report lives in `ct_jax.bench.report`.
+The report lives in `ct_jax.bench.report`, the peak-memory child in `ct_jax.bench.peak_memory`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -150,31 +148,6 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: int =
     return {name: Timing(values) for name, values in samples.items()}
 
 
-def vm_status_mib(field: str) -> float:
-    """A `/proc/self/status` memory field (VmHWM, VmRSS) in MiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss() -> None:
-    """Resets VmHWM to the current RSS (Linux >= 4.0: `echo 5 > /proc/self/clear_refs`)."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-
-
-def release_free_heap() -> None:
-    """Returns freed heap pages to the OS (glibc `malloc_trim`), so RSS counts live memory only."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS may include freed heap
-        pass
-
-
 def tokens_for(bench: BenchConfig, segments: int | None = None, seed: int = 0) -> np.ndarray:
     """The (batch, segments * seq_len + 1) int64 tokens every framework gets."""
     length = (segments or bench.segments) * bench.model["seq_len"] + 1
@@ -187,66 +160,6 @@ def upstream_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-# --------------------------------------------------------------------------- peak memory
-
-
-def measure_peak_memory(framework: str, bench: BenchConfig, device: str, threads: int,
-                        executable: Path | None = None, timeout: float = 900) -> dict[str, float]:
-    """Peak memory of training steps of `framework`, measured in a fresh subprocess.
-
-    `peak_rss_mib` is the process's VmHWM over a warm-up and a timed step; `step_mib` is
-    that minus the RSS after importing the framework (and starting the JAX runtime): the
-    model, optimizer state, activations and, for JAX, the compiled program. For JAX,
-    `executable` is the train step serialised by the parent (so the child does not
-    compile again, and the compiler's memory is not counted).
-    """
-    spec = dict(framework=framework, bench=bench.to_json(), device=device, threads=threads,
-                executable=str(executable) if executable else None)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-m", "ct_jax.bench.harness", "peak-memory", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"peak-memory child for {framework} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _peak_memory_child(spec: dict[str, Any]) -> dict[str, float]:
-    """Peak RSS over two training steps (warm-up included), reset after setup; see measure_peak_memory."""
-    bench = BenchConfig(**spec["bench"])
-    configure_host(spec["device"], spec["threads"])
-    if spec["framework"] == "jax":
-        import jax
-
-        from ct_jax import training  # noqa: F401  (imports first, then the baseline)
-        from ct_jax.bench import sides as bench_sides
-
-        jax.devices()  # the runtime's own memory counts as baseline
-        baseline = vm_status_mib("VmRSS")
-        side = bench_sides.JaxSide(bench, spec["device"], state_dict=None)
-        step = side.load_train_step(Path(spec["executable"]))
-    else:
-        import torch  # noqa: F401  (imports first, then the baseline)
-
-        import ct_torch_ref  # noqa: F401
-        from ct_jax.bench import sides as bench_sides
-
-        if spec["framework"] == "upstream":
-            import compressive_transformer_pytorch  # noqa: F401
-
-        baseline = vm_status_mib("VmRSS")
-        side = bench_sides.TorchSide(bench, spec["device"], spec["threads"], upstream=spec["framework"] == "upstream")
-        step = side.train_step
-    release_free_heap()  # loading an XLA executable leaves ~200 MB of freed loader heap resident
-    before = vm_status_mib("VmRSS")
-    reset_peak_rss()
-    step()  # the first step allocates the optimizer state (torch) and the allocators' pools
-    step()
-    peak = vm_status_mib("VmHWM")
-    return dict(peak_rss_mib=peak, baseline_rss_mib=baseline, rss_before_steps_mib=before,
-                step_mib=peak - baseline, device_peak_mib=side.device_peak_mib())
 
 
 # --------------------------------------------------------------------------- the run
@@ -282,6 +195,7 @@ def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, ge
                compile_times: bool = True) -> dict[str, Any]:
     """All measurements of one config (generation and compile times optional); a JSON-ready dict."""
     from ct_jax import flops as flop_count
+    from ct_jax.bench.peak_memory import measure_peak_memory
     from ct_jax.bench.sides import JaxSide, TorchSide
 
     log = options.log
@@ -406,10 +320,3 @@ def machine_info(options: RunOptions) -> dict[str, Any]:
 
         info["gpu"] = str(jax.devices()[0].device_kind)
     return info
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "peak-memory":
-        print(json.dumps(_peak_memory_child(json.loads(sys.argv[2]))))
-    else:
-        raise SystemExit("usage: python -m ct_jax.bench.harness peak-memory '<json spec>' (internal)")
