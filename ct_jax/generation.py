@@ -47,36 +47,7 @@ from ct_jax.attention import SelfAttention, masked_softmax, position_window, rel
 from ct_jax.layers import wide
 from ct_jax.memory import Memory, valid_slots
 from ct_jax.model import CompressiveTransformer
-
-FilterFn = Callable[..., jax.Array]
-
-
-def top_k(logits: Float[Array, "... v"], thres: float = 0.9) -> Float[Array, "... v"]:
-    """Keeps the k = int((1 - thres) * vocab) largest logits (at least 1), the rest -inf.
-
-    Upstream's meaning of `thres` (0.9 keeps the top 10%), with upstream's empty top-k on
-    small vocabularies fixed as in ct_torch_ref.
-    """
-    vocab = logits.shape[-1]
-    k = min(vocab, max(1, int((1 - thres) * vocab)))
-    values, indices = jax.lax.top_k(logits, k)
-    kept = jnp.full_like(logits, -jnp.inf)
-    return jnp.put_along_axis(kept, indices, values, axis=-1, inplace=False)
-
-
-def top_p(logits: Float[Array, "... v"], thres: float = 0.9) -> Float[Array, "... v"]:
-    """Nucleus filter with upstream's `thres`: keeps the most likely tokens up to and
-    including the first whose cumulative probability exceeds 1 - thres (always >= 1)."""
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    cum_probs = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove = cum_probs > (1 - thres)
-    remove = jnp.concatenate([jnp.zeros_like(remove[..., :1]), remove[..., :-1]], axis=-1)
-    sorted_logits = jnp.where(remove, -jnp.inf, sorted_logits)
-    return jnp.put_along_axis(logits, order, sorted_logits, axis=-1, inplace=False)
-
-
-FILTERS: dict[str, FilterFn] = {"top_k": top_k, "top_p": top_p}
+from ct_jax.sampling import FILTERS, FilterFn, draw, top_k, top_p  # noqa: F401  (top_k, top_p: public here too)
 
 
 class Decoded(NamedTuple):
@@ -242,15 +213,6 @@ def _to_logits(net: CompressiveTransformer, x: jax.Array) -> jax.Array:
     return net.to_logits(x).astype(wide(net.dtype))
 
 
-def _sample(logits: Float[Array, "b v"], key, temperature, filter_fn: FilterFn | None, filter_thres: float):
-    """Greedy where temperature == 0, else a draw from softmax(filter(logits) / temperature)."""
-    greedy = jnp.argmax(logits, axis=-1)
-    filtered = filter_fn(logits, thres=filter_thres) if filter_fn is not None else logits
-    safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
-    drawn = jax.random.categorical(key, filtered / safe_temperature, axis=-1)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
-
-
 def _decode(graphdef, state, prime, prime_len, mask, rng, temperature, eos_token, *, length: int,
             filter_fn: FilterFn | None, filter_thres: float, return_logits: bool, on_token) -> Decoded:
     """The compiled loop. `prime` (b, capacity) holds `prime_len` (traced) tokens, then padding.
@@ -324,7 +286,7 @@ def _decode(graphdef, state, prime, prime_len, mask, rng, temperature, eos_token
             memory, memory_kv, cache_kv, logits = jax.lax.switch(kind, (full, first, incremental), s)
         sampling = pos >= prime_len - 1  # else a prime window: the next token is the prime's
         index = jnp.maximum(pos - (prime_len - 1), 0)  # prime windows write index 0, overwritten later
-        sample = _sample(logits, jax.random.fold_in(rng, index), temperature, filter_fn, filter_thres)
+        sample = draw(logits, jax.random.fold_in(rng, index), temperature, filter_fn, filter_thres)
         next_token = jnp.where(sampling, sample, jax.lax.dynamic_index_in_dim(s.stream, pos + 1, 1, keepdims=False))
         stream = jax.lax.dynamic_update_slice_in_dim(s.stream, next_token[:, None], pos + 1, axis=1)
         emitted = jnp.where(s.done, pad, sample)
