@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-    from ct_jax import data, parallel, training
+    from ct_jax import data, parallel, train_loop, training
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     model_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)}
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
         f"parallel={config.parallel.value}; out: {out}")
     started = time.perf_counter()
-    result = training.fit(model_config, config, splits, out, resume=args.resume, progress=args.progress and lead,
+    result = train_loop.fit(model_config, config, splits, out, resume=args.resume, progress=args.progress and lead,
                           log=say)
     steps, val = result.history.column("val_bpb")
     if val:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ct_torch_ref
-from ct_jax import checkpointing, convert, training
+from ct_jax import checkpointing, convert, train_loop, training
 from ct_jax.checkpointing import Checkpoints, MetricsLog
 from tests.test_training import CONFIG, MODEL, batch
 from tests.tolerances import JAX_VS_TORCH_ATOL, assert_close
@@ -29,7 +29,7 @@ def _splits() -> dict[str, np.ndarray]:
 
 
 def _fit(out_dir, **kwargs):
-    return training.fit(MODEL, CONFIG, _splits(), out_dir, progress=False, log=lambda message: None,
+    return train_loop.fit(MODEL, CONFIG, _splits(), out_dir, progress=False, log=lambda message: None,
                         compiler_options=training.FAST_CPU_COMPILE, **kwargs)
 
 
@@ -75,12 +75,12 @@ def test_resume_continues_the_uninterrupted_run_exactly(finished, tmp_path):
     out, result = finished
     # A run that stopped after step 2 (its last checkpoint), then the same command again.
     resumed_dir = tmp_path / "resumed"
-    training.fit(MODEL, training.TrainConfig(**{**CONFIG.to_json(), "steps": 2}), _splits(), resumed_dir,
+    train_loop.fit(MODEL, training.TrainConfig(**{**CONFIG.to_json(), "steps": 2}), _splits(), resumed_dir,
                  progress=False, log=lambda m: None, compiler_options=training.FAST_CPU_COMPILE)
     assert Checkpoints(resumed_dir / "checkpoints").all_steps() == [2]
 
     messages = []
-    resumed = training.fit(MODEL, CONFIG, _splits(), resumed_dir, progress=False, log=messages.append,
+    resumed = train_loop.fit(MODEL, CONFIG, _splits(), resumed_dir, progress=False, log=messages.append,
                            compiler_options=training.FAST_CPU_COMPILE)
     assert any("resumed from step 2" in m for m in messages), messages
     expected, got = _rows(out / "metrics.csv"), _rows(resumed_dir / "metrics.csv")
@@ -98,7 +98,7 @@ def test_resume_refuses_another_model(finished):
     out, _ = finished
     other = dict(MODEL, dim=8)
     with pytest.raises(ValueError, match="is of another model"):
-        training.fit(other, CONFIG, _splits(), out, progress=False, log=lambda m: None)
+        train_loop.fit(other, CONFIG, _splits(), out, progress=False, log=lambda m: None)
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(finished):
