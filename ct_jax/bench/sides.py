@@ -132,7 +132,11 @@ class JaxSide:
         jax.block_until_ready(generate(self.model, self._prime, self.bench.generate, jax.random.key(0)))
 
     def save_train_step(self, path: Path) -> None:
-        """Serialises the compiled train step, for the peak-memory child."""
+        """Serialises the compiled train step, for the peak-memory child.
+
+        Pickled (the executable's pytree structure needs it): only this run's own scratch
+        file is ever unpickled, never a user's file.
+        """
         from jax.experimental import serialize_executable
 
         path.write_bytes(pickle.dumps(serialize_executable.serialize(self.compiled_train)))
