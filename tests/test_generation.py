@@ -19,7 +19,7 @@ import ct_torch_ref
 from ct_jax import convert, generation
 from ct_jax.autoregressive import generate
 from ct_jax.generation import decode
-from tests.configs import CONFIGS, randomize_
+from tests.configs import CONFIGS, random_config, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, JAX_VS_TORCH_ATOL, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,3 +311,21 @@ def test_script_streams_the_greedy_sample(tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == bytes(expected.astype(np.uint8).tolist()) + b"\n", (result.stdout, expected)
     assert f"{length} tokens" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("seed", [3, 9])
+def test_greedy_generation_matches_reference_on_random_configs(seed):
+    """Property-style: random valid configs (tests.configs.random_config; seed 3 rolls three
+    memory layers by enhanced recurrence, seed 9 has its only memory layer above layer 1),
+    unit-scale random weights, a prime of random length, three windows and more."""
+    config = random_config(seed)
+    torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=seed).eval()
+    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
+    convert.from_torch(torch_model.state_dict(), jax_model)
+    jax_model.eval()
+    rng = np.random.default_rng(seed)
+    prime = rng.integers(0, config["num_tokens"], (2, int(rng.integers(1, 3 * config["seq_len"] + 2))))
+    length = 3 * config["seq_len"] + int(rng.integers(1, 5))
+    expected, expected_logits, _ = reference_generate(torch_model, prime, length)
+    got = decode(jax_model, prime, length, jax.random.key(0), temperature=0, return_logits=True)
+    assert_greedy_parity(f"random config {seed}", got, expected, expected_logits)
