@@ -28,8 +28,6 @@ from typing import Any
 
 import numpy as np
 
-FRAMEWORKS = ("jax", "torch", "upstream")  # ct_jax, ct_torch_ref, compressive_transformer_pytorch
-
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:

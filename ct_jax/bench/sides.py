@@ -7,14 +7,13 @@ Every call returns only once its work is done (JAX: `block_until_ready`; torch o
 from __future__ import annotations
 
 import pickle
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ct_jax.bench.harness import BenchConfig, tokens_for
+from ct_jax.bench.harness import BenchConfig, interleaved, tokens_for
 
 # --------------------------------------------------------------------------- JAX
 
@@ -57,7 +56,8 @@ class JaxSide:
         self.model = create() if state_dict is not None else nnx.eval_shape(create)
         if state_dict is not None:
             convert.from_torch(state_dict, self.model)
-        self.tokens = jax.device_put(tokens_for(bench).astype(np.int32))
+        tokens = tokens_for(bench).astype(np.int32)
+        self.tokens = jax.device_put(tokens)
         self._step, optimizer = _jax_train_step(self.model, bench)
         if state_dict is None:
             shapes = jax.eval_shape(lambda params: training.TrainState(
@@ -69,7 +69,7 @@ class JaxSide:
         leaves, self._treedef = jax.tree.flatten(state)
         self._leaves = [jax.device_put(x) for x in leaves]  # donated by every step; the model keeps its own
         self._eval, self._eval_params = training.make_eval_step(self.model), nnx.state(self.model, nnx.Param)
-        self._prime = jnp.asarray(tokens_for(bench)[:1, : bench.prime], jnp.int32)
+        self._prime = jax.device_put(np.ascontiguousarray(tokens[:1, : bench.prime]))
         self.compiled_train = self.compiled_eval = None
 
     def _flat_step(self):
@@ -84,26 +84,26 @@ class JaxSide:
 
         return jax.jit(flat, donate_argnums=tuple(range(n)))
 
+    def _timed_compile(self, *args):
+        """(compiled train step, lower / compile / total seconds) for `args` (arrays or shapes)."""
+        start = time.perf_counter()
+        lowered = self._flat_step().lower(*args)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        done = time.perf_counter()
+        return compiled, dict(lower_s=lowered_at - start, compile_s=done - lowered_at, total_s=done - start)
+
     def compile_time(self, segments: int) -> dict[str, float]:
         """Seconds to lower and to compile the train step for `segments` segments (fresh trace)."""
         import jax
 
         tokens = jax.ShapeDtypeStruct((self.bench.batch, segments * self.bench.model["seq_len"] + 1), jax.numpy.int32)
-        leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._leaves]
-        start = time.perf_counter()
-        lowered = self._flat_step().lower(*leaves, tokens)
-        lowered_at = time.perf_counter()
-        lowered.compile()
-        done = time.perf_counter()
-        return dict(lower_s=lowered_at - start, compile_s=done - lowered_at, total_s=done - start)
+        return self._timed_compile(*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._leaves), tokens)[1]
 
     def compile_train(self) -> dict[str, float]:
-        start = time.perf_counter()
-        lowered = self._flat_step().lower(*self._leaves, self.tokens)
-        lowered_at = time.perf_counter()
-        self.compiled_train = lowered.compile()
-        done = time.perf_counter()
-        return dict(lower_s=lowered_at - start, compile_s=done - lowered_at, total_s=done - start)
+        """Compiles the train step for this config's tokens; returns its lower / compile seconds."""
+        self.compiled_train, seconds = self._timed_compile(*self._leaves, self.tokens)
+        return seconds
 
     def compile_eval(self) -> float:
         import jax
@@ -166,13 +166,7 @@ def jax_matmul_seconds(n: int, dtype: str, device: str, reps: int, threads: int)
     keys = jax.random.split(jax.random.key(0))
     a, b = (jax.random.normal(k, (n, n), jnp.dtype(dtype)) for k in keys)
     matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return interleaved(dict(jax=lambda: matmul(a, b).block_until_ready()), reps, settle_s=0)["jax"].median
 
 
 # --------------------------------------------------------------------------- torch
@@ -264,12 +258,4 @@ def torch_matmul_seconds(n: int, dtype: str, device: str, reps: int, threads: in
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=generator).to(target, getattr(torch, dtype)) for _ in range(2))
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        sync()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return interleaved(dict(torch=lambda: a @ b), reps, sync=sync, settle_s=0)["torch"].median
