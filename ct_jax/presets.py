@@ -27,7 +27,7 @@ PEAK_LR, FINAL_LR = 3e-4, 1e-6
 
 def _train(warmup: int, decay: int, batch_size: int) -> dict[str, Any]:
     return dict(
-        learning_rate=PEAK_LR, schedule="cosine", warmup_steps=warmup, steps=warmup + decay,
+        optimizer="adam", learning_rate=PEAK_LR, schedule="cosine", warmup_steps=warmup, steps=warmup + decay,
         final_lr_ratio=FINAL_LR / PEAK_LR, grad_clip_norm=0.1, batch_size=batch_size,
     )
 
