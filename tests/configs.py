@@ -170,3 +170,36 @@ def random_config(seed: int) -> dict[str, Any]:
         mogrify_gru=rng.random() < 0.4 and dim >= 4, ff_glu=rng.random() < 0.5,
         reconstruction_loss_weight=rng.choice([1.0, 0.5, 3.0]),
     )
+
+
+# Paper options (docs/paper-options.md) are tested on this config: evictions of 2 then 3
+# slots with ratio 4, so "exact" padding (1 zero) and upstream's (3 zeros, dropping two
+# evicted slots) differ; compression from the third segment on.
+OPTIONS_BASE: dict[str, Any] = dict(
+    num_tokens=24, dim=8, seq_len=3, depth=2, heads=2, mem_len=7, cmem_len=3, cmem_ratio=4,
+)
+# Every non-default value of every option, one at a time.
+OPTION_VALUES: list[tuple[str, str]] = [
+    (name, value)
+    for name, values in {
+        "compression": ("mean_pool", "max_pool", "dilated_conv", "most_used"),
+        "reconstruction_target": ("evicted",),
+        "aux_loss": ("autoencoder", "none"),
+        "eviction_padding": ("exact",),
+        "relative_positions": ("sinusoidal",),
+    }.items()
+    for value in values
+]
+
+
+def random_options(seed: int) -> dict[str, str]:
+    """A random combination of the paper options (most_used never with the autoencoder)."""
+    import random
+
+    from ct_torch_ref.options import OPTIONS
+
+    rng = random.Random(1000 + seed)
+    options = {name: rng.choice(values) for name, values in OPTIONS.items()}
+    if options["compression"] == "most_used" and options["aux_loss"] == "autoencoder":
+        options["aux_loss"] = "attention"
+    return options
