@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, no_type_check
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ct_jax.attention import SelfAttention
 from ct_jax.layers import wide
@@ -52,9 +52,9 @@ from ct_jax.sampling import FILTERS, FilterFn, draw, top_k, top_p  # noqa: F401 
 class Decoded(NamedTuple):
     """What `decode` returns. Rows are padded with `eos_token` after their first eos."""
 
-    tokens: Int[Array, "b n"]  # n = the requested length
-    lengths: Int[Array, " b"]  # tokens up to and including each row's first eos (else n)
-    logits: Float[Array, "b n v"] | None  # the logits each token was drawn from, if asked
+    tokens: Int[Array, "*b n"]  # n = the requested length (no b for a 1-D prime)
+    lengths: Int[Array, "*b"]  # tokens up to and including each row's first eos (else n)
+    logits: Float[Array, "*b n v"] | None  # the logits each token was drawn from, if asked
 
 
 class _State(NamedTuple):
@@ -286,16 +286,17 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+@no_type_check  # checks its own arguments, with errors that name them
 def decode(
     model: CompressiveTransformer,
-    prime: Int[Array, "b p"] | Int[Array, " p"],
+    prime: Int[ArrayLike, "*b p"],
     length: int,
     rng: jax.Array,
     temperature: float | jax.Array = 1.0,
     filter_logits_fn: str | FilterFn | None = "top_k",
     filter_thres: float = 0.9,
     eos_token: int | None = None,
-    mask: Bool[Array, "b p"] | Bool[Array, " p"] | None = None,
+    mask: Bool[ArrayLike, "*b p"] | None = None,
     *,
     return_logits: bool = False,
     on_token: Callable[[np.ndarray, np.ndarray], Any] | None = None,
@@ -357,17 +358,18 @@ def decode(
     return out
 
 
+@no_type_check  # checks its own arguments, with errors that name them
 def generate(
     model: CompressiveTransformer,
-    prime: Int[Array, "b p"] | Int[Array, " p"],
+    prime: Int[ArrayLike, "*b p"],
     length: int,
     rng: jax.Array,
     temperature: float | jax.Array = 1.0,
     filter_logits_fn: str | FilterFn | None = "top_k",
     filter_thres: float = 0.9,
     eos_token: int | None = None,
-    mask: Bool[Array, "b p"] | Bool[Array, " p"] | None = None,
-) -> Int[Array, "b n"] | tuple[Int[Array, "b n"], Int[Array, " b"]]:
+    mask: Bool[ArrayLike, "*b p"] | None = None,
+) -> Int[Array, "*b n"] | tuple[Int[Array, "*b n"], Int[Array, "*b"]]:
     """Samples `length` tokens after `prime` in one compiled call; same windows and memory as
     `ct_torch_ref`'s generate.
 

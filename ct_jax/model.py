@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, no_type_check
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ct_jax.attention import SelfAttention
 from ct_jax.config import ModelConfig
@@ -80,11 +80,12 @@ class CompressiveTransformer(nnx.Module):
             x = self.to_emb_dim(x)
         return self.to_logits(x).astype(wide(self.dtype))
 
+    @no_type_check  # checks its own inputs (`ct_jax.validation`), with errors that name the argument
     def __call__(
         self,
-        tokens: Int[Array, "b t"],
+        tokens: Int[ArrayLike, "b t"],
         memories: Memory | None = None,
-        mask: Bool[Array, "b t"] | None = None,
+        mask: Bool[ArrayLike, "b t"] | None = None,
         *,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[Float[Array, "b t v"], Memory, Float[Array, ""]]:
