@@ -48,7 +48,7 @@ class DilatedConvCompress(nnx.Module):
     upstream's strided convolution (`kernel`, `bias` as `ConvCompress`)."""
 
     def __init__(self, dim: int, ratio: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.rates = dilation_rates(ratio)
+        self.rates = tuple(dilation_rates(ratio))
         self.dilated = nnx.List([DilatedKernel(dim, rngs=rngs, param_dtype=param_dtype) for _ in self.rates])
         self.conv = ConvCompress(dim, ratio, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.dtype = dtype
