@@ -39,7 +39,8 @@ def _resume_point(checkpoints: Checkpoints, model_config: ModelConfig, config: T
         raise ValueError(f"{checkpoints.directory} already holds checkpoints (up to step {start}); resume, "
                          "or use another out_dir")
     record = checkpoints.read_record(start)
-    if record["model_config"] != model_config.to_kwargs():
+    # Normalised, so records written before a keyword existed (its default) still match.
+    if ModelConfig.from_kwargs(record["model_config"]).to_kwargs() != model_config.to_kwargs():
         raise ValueError(f"the checkpoint in {checkpoints.directory} is of another model: {record['model_config']}, "
                          f"expected {model_config.to_kwargs()} (use another out_dir)")
     before = record["train_config"]

@@ -190,7 +190,8 @@ def make_train_step(
         if memory_sharding is not None:  # the carry is split along the batch like the tokens
             buffers, counts = memory_sharding
             empty = Memory.empty(net, tokens.shape[0] // config.micro_batches, net.dtype)
-            memories = jax.lax.with_sharding_constraint(empty, Memory(buffers, buffers, counts, counts))
+            usage = None if empty.mem_usage is None else buffers  # (l, b, m): split along b too
+            memories = jax.lax.with_sharding_constraint(empty, Memory(buffers, buffers, counts, counts, usage))
         loss, lm, aux, grads = accumulated_grads(
             net, tokens, rng=key, micro_batches=config.micro_batches, memories=memories, remat=config.remat,
             memory_gradients=config.memory_gradients,

@@ -146,7 +146,7 @@ def test_greedy_generation_matches_reference(options):
     np.testing.assert_array_equal(np.asarray(got.tokens), expected.numpy(), err_msg=str(options))
 
 
-def test_new_parameters_convert_both_ways_and_sinusoidal_loads_into_larger_memory():
+def test_new_parameters_convert_both_ways_and_sinusoidal_loads_into_larger_memory(tmp_path):
     config = dict(OPTIONS_BASE, compression="dilated_conv", aux_loss="autoencoder", relative_positions="sinusoidal")
     jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(3))
     state = convert.to_torch(jax_model)
@@ -161,3 +161,8 @@ def test_new_parameters_convert_both_ways_and_sinusoidal_loads_into_larger_memor
         np.testing.assert_array_equal(value, state[key].numpy(), err_msg=key)
     larger = dict(config, mem_len=12, cmem_len=9)
     convert.from_torch(state, ct_jax.CompressiveTransformer(**larger, rngs=nnx.Rngs(0)))  # strict: no error
+    # Checkpoint directories carry the options in config.json, both ways.
+    convert.save_pretrained(jax_model, tmp_path / "jax")
+    assert ct_torch_ref.load_pretrained(tmp_path / "jax").config == torch_model.config
+    ct_torch_ref.save_pretrained(torch_model, tmp_path / "torch")
+    assert convert.load_pretrained(tmp_path / "torch").config == jax_model.config
