@@ -133,6 +133,22 @@ def test_defaults_are_a_small_model_on_the_default_corpus():
     assert args.steps * args.batch_size * args.n_segments * args.seq_len <= 2_000_000, "the default run must stay short"
 
 
+def test_a_preset_sets_the_papers_settings_and_flags_override_it():
+    from ct_jax import presets
+
+    script = _load_script()
+    args = script.parse_args(["--preset", "enwik8", "--depth", "2", "--memory-gradients", "--compression", "mean_pool"])
+    preset = presets.get("enwik8")
+    assert (args.depth, args.compression, args.memory_gradients) == (2, "mean_pool", True)  # flags win
+    assert (args.dim, args.seq_len, args.cmem_len, args.cmem_ratio) == (1024, 768, 1152, 3)
+    assert (args.relative_positions, args.reconstruction_target, args.eviction_padding) == (
+        "sinusoidal", "evicted", "exact")
+    assert (args.learning_rate, args.grad_clip_norm, args.warmup_steps) == (3e-4, 0.1, 4000)
+    assert args.steps == preset["train"]["steps"] and args.schedule == "cosine"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--compression", "nope"])
+
+
 def test_run_writes_metrics_plot_export_and_prints_a_sample(uninterrupted):
     out, stdout, stderr = uninterrupted
     rows = _rows(out)
