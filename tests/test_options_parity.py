@@ -62,16 +62,20 @@ def test_each_option_value_matches_reference(option, value):
     compare_run(torch_model, jax_model, config, mask_kind="right", seed=3, label=f"{option}={value}")
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_random_configurations_with_random_options_match_reference(seed):
+# Random configurations (tests.configs) that compress within 4 full segments, with random
+# options covering dilated conv, most-used and mean pooling, both targets, both paddings,
+# the autoencoder and sinusoidal positions between them.
+RANDOM_CASES = [(3, "train", "left"), (8, "train", "right"), (9, "train", "left"), (49, "eval", "right")]
+
+
+@pytest.mark.parametrize("seed,mode,mask_kind", RANDOM_CASES)
+def test_random_configurations_with_random_options_match_reference(seed, mode, mask_kind):
     """The property sweep of test_parity.py with random option combinations on top."""
     config = dict(random_config(seed), **random_options(seed))
     torch_model, jax_model = model_pair(config, seed=seed)
-    mode = ("train", "eval")[seed % 2]
     torch_model.train(mode == "train")
     getattr(jax_model, mode)()
-    compare_run(torch_model, jax_model, config, mask_kind=("left", "right")[seed % 2], seed=seed,
-                label=f"random {seed} {config} {mode}")
+    compare_run(torch_model, jax_model, config, mask_kind=mask_kind, seed=seed, label=f"random {seed} {config} {mode}")
 
 
 def _torch_grads(torch_model, tokens: torch.Tensor, memory_gradients: bool) -> tuple[float, dict]:
