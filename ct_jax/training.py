@@ -146,6 +146,7 @@ def init_state(model: CompressiveTransformer, optimizer: optax.GradientTransform
 
 def _split(model: CompressiveTransformer, train: bool) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, non-parameter state) of the model in train or eval mode; leaves it in train mode."""
+    model.train()
     if not train:
         model.eval()
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
@@ -223,19 +224,33 @@ _STEP_CACHE: collections.OrderedDict[tuple, tuple[DataParallel, Callable, Callab
 _STEP_CACHE_SIZE = 8
 
 
+def _structure_key(model: CompressiveTransformer) -> tuple[nnx.GraphDef, tuple]:
+    """The model's graphdef and the values of its non-parameter state, hashable."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    values = []
+    for leaf in jax.tree.leaves(rest):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        array = np.asarray(leaf)
+        values.append((array.dtype.str, array.shape, array.tobytes()))
+    return graphdef, tuple(values)
+
+
 def _compiled_steps(model: CompressiveTransformer, config: TrainConfig, compiler_options: dict[str, Any] | None,
                     devices: Sequence[jax.Device] | None):
     """(DataParallel, train step, eval step), jitted once per configuration and device set.
 
     Repeated `Trainer`s / `fit` calls in one process (notebooks, tests) reuse the compiled
     executables instead of tracing fresh closures. The key holds everything a step depends
-    on: the model's config and dtype, the step's settings and the devices.
+    on: the model's config and dtype, its structure (graphdef) and non-parameter state (the
+    steps hold these as constants: dropout RNG streams, anything a subclass adds), the
+    step's settings and the devices. Parameters are the steps' arguments, not in the key.
     """
     step_config = dataclasses.replace(config, **_LOOP_ONLY)
     if config.schedule is Schedule.CONSTANT:  # only the cosine schedule reads `steps`
         step_config = dataclasses.replace(step_config, steps=1)
-    key = (model.config, jnp.dtype(model.dtype).name, step_config, tuple(sorted((compiler_options or {}).items())),
-           tuple(device.id for device in devices or jax.devices()))
+    key = (model.config, jnp.dtype(model.dtype).name, *_structure_key(model), step_config,
+           tuple(sorted((compiler_options or {}).items())), tuple(device.id for device in devices or jax.devices()))
     if key not in _STEP_CACHE:
         parallel = DataParallel(config.parallel, devices)
         train_step = make_train_step(model, make_optimizer(config), config, parallel)

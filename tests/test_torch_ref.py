@@ -347,6 +347,15 @@ def test_forward_rejects_invalid_inputs(kwargs, error, pattern):
 def test_forward_accepts_full_and_partial_memories():
     model = CompressiveTransformer(**BASE)
     tokens = torch.zeros(2, 4, dtype=torch.long)
-    model(tokens, memories=_valid_memory())
-    model(tokens, memories=(None, None))
-    model(tokens[:, :2], memories=Memory(torch.zeros(2, 2, 3, 16), None))
+    cases = [  # (tokens, memories, compressed slots after the step: 4 evicted slots / ratio 4)
+        (tokens, _valid_memory(), 1),
+        (tokens, (None, None), 0),
+        (tokens[:, :2], Memory(torch.zeros(2, 2, 3, 16), None), 0),
+    ]
+    for x, memories, compressed in cases:
+        logits, memory, aux = model(x, memories=memories)
+        assert logits.shape == (2, x.shape[1], BASE["num_tokens"]), logits.shape
+        assert memory.mem.shape[:2] == (2, 2) and memory.mem.shape[2] <= 4, memory.mem.shape
+        assert memory.compressed_mem.shape == (2, 2, compressed, 16), memory.compressed_mem.shape
+        assert torch.isfinite(logits).all() and torch.isfinite(aux)
+        assert (aux.item() > 0) == (compressed > 0), f"aux loss {aux.item()} with {compressed} compressed slots"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -161,3 +162,15 @@ def test_micro_batches_give_the_full_batch_update(trainer):
     for got, expected in zip(jax.tree.leaves(micro_state.params), jax.tree.leaves(full_state.params)):
         np.testing.assert_allclose(got, expected, atol=1e-3 * CONFIG.learning_rate,
                                    err_msg="2 micro-batches updated differently")
+
+
+def test_compiled_steps_are_shared_only_by_models_with_the_same_non_parameter_state(trainer):
+    """The cached steps hold the model's non-parameter state as constants: equal state shares them."""
+    assert make_trainer()._train is trainer._train, "an equal model must reuse the compiled steps"
+    dropout = dict(MODEL, attn_dropout=0.1)  # the dropout layer holds an RNG stream (non-parameter state)
+    first = Trainer(training.create_model(dropout, CONFIG), CONFIG, compiler_options=FAST_CPU_COMPILE)
+    reseeded = dataclasses.replace(CONFIG, seed=1)
+    second = Trainer(training.create_model(dropout, reseeded), reseeded, compiler_options=FAST_CPU_COMPILE)
+    assert first._train is not second._train, "a model with other non-parameter state got another model's step"
+    again = Trainer(training.create_model(dropout, CONFIG), CONFIG, compiler_options=FAST_CPU_COMPILE)
+    assert again._train is first._train and again._eval is first._eval
