@@ -42,7 +42,7 @@ class ModelConfig:
     seq_len: int
     depth: int
     emb_dim: int | None = None
-    memory_layers: tuple[int, ...] | None = None
+    memory_layers: Iterable[int] | None = None  # stored as a sorted tuple
     enhanced_recurrence: bool = True
     mem_len: int | None = None
     cmem_len: int | None = None

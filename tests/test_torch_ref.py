@@ -13,8 +13,9 @@ from compressive_transformer_pytorch import AutoregressiveWrapper as UpstreamWra
 from compressive_transformer_pytorch import CompressiveTransformer as UpstreamTransformer
 
 import ct_torch_ref
+from ct_jax.parity import MASK_KINDS, make_inputs
 from ct_torch_ref import AutoregressiveWrapper, CompressiveTransformer, Memory
-from tests.configs import CONFIGS, MASK_KINDS, make_inputs, randomize_
+from tests.configs import CONFIGS, randomize_
 from tests.tolerances import TORCH_REF_VS_UPSTREAM_ATOL as ATOL
 from tests.tolerances import assert_close
 

@@ -12,21 +12,7 @@ import pytest
 
 from ct_jax import training
 from ct_jax.training import FAST_CPU_COMPILE, Schedule, TrainConfig, Trainer
-
-# Tiny model and step shared with tests/test_checkpoint.py (same values: the compiled steps
-# are cached per configuration, so both modules reuse one compilation).
-MODEL = dict(num_tokens=256, dim=16, seq_len=4, depth=1, heads=2, mem_len=4, cmem_len=2, cmem_ratio=2)
-CONFIG = TrainConfig(batch_size=8, n_segments=2, learning_rate=1e-2, steps=6, eval_every=3, eval_batches=2,
-                     checkpoint_every=2, keep_checkpoints=2)
-
-
-def make_trainer(config: TrainConfig = CONFIG) -> Trainer:
-    return Trainer(training.create_model(MODEL, config), config, compiler_options=FAST_CPU_COMPILE)
-
-
-def batch(seed: int, config: TrainConfig = CONFIG) -> np.ndarray:
-    window = config.n_segments * MODEL["seq_len"] + 1
-    return np.random.default_rng(seed).integers(0, MODEL["num_tokens"], (config.batch_size, window), dtype=np.int32)
+from tests.configs import TRAIN_CONFIG, TRAIN_MODEL, make_trainer, train_batch
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +54,14 @@ def test_config_rejects_bad_values(kwargs, message):
 
 
 def test_trainer_rejects_a_model_of_another_dtype():
-    model = training.create_model(MODEL, CONFIG)
+    model = training.create_model(TRAIN_MODEL, TRAIN_CONFIG)
     with pytest.raises(ValueError, match="model computes in float32, but config.dtype is 'bfloat16'"):
         Trainer(model, TrainConfig(dtype="bfloat16"))
 
 
 def test_train_step_updates_the_state_and_reports_metrics(trainer):
     state = trainer.place(trainer.init_state())
-    tokens = batch(0)
+    tokens = train_batch(0)
     val_bpb = trainer.evaluate(state, iter([tokens]))
     before = trainer.host(state)
     new_state, device_metrics = trainer.train_step(state, tokens)
@@ -83,11 +69,11 @@ def test_train_step_updates_the_state_and_reports_metrics(trainer):
 
     assert set(metrics) == {"loss", "lm", "aux", "bpb", "grad_norm", "learning_rate"}
     assert metrics["bpb"] == pytest.approx(metrics["lm"] / math.log(2), rel=1e-6)
-    assert metrics["loss"] == pytest.approx(CONFIG.n_segments * (metrics["lm"] + metrics["aux"]), rel=1e-5), \
+    assert metrics["loss"] == pytest.approx(TRAIN_CONFIG.n_segments * (metrics["lm"] + metrics["aux"]), rel=1e-5), \
         "loss must be the sum over segments of lm + aux"
-    assert metrics["lm"] == pytest.approx(math.log(MODEL["num_tokens"]), abs=0.5), "a fresh model is near uniform"
+    assert metrics["lm"] == pytest.approx(math.log(TRAIN_MODEL["num_tokens"]), abs=0.5), "a fresh model is near uniform"
     assert metrics["aux"] > 0, "the second segment compresses, so the aux loss is positive"
-    assert metrics["grad_norm"] > 0 and metrics["learning_rate"] == pytest.approx(CONFIG.learning_rate)
+    assert metrics["grad_norm"] > 0 and metrics["learning_rate"] == pytest.approx(TRAIN_CONFIG.learning_rate)
     # Eval mode (no dropout here, no aux) sees the same LM loss as the train step did.
     assert val_bpb == pytest.approx(metrics["bpb"], abs=1e-5)
     assert jax.tree.leaves(state.params)[0].is_deleted(), "the train step must donate the state's buffers"
@@ -101,7 +87,7 @@ def test_train_step_updates_the_state_and_reports_metrics(trainer):
 
 def test_loss_falls_on_a_repeated_batch(trainer):
     state = trainer.place(trainer.init_state())
-    tokens = batch(1)
+    tokens = train_batch(1)
     losses = []
     for _ in range(25):
         state, device_metrics = trainer.train_step(state, tokens)
@@ -115,7 +101,7 @@ def test_a_non_finite_step_leaves_the_state_unchanged(trainer):
     poisoned = host._replace(params=jax.tree.map(lambda x: x, host.params))  # new Variables, same arrays
     embedding = poisoned.params["token_emb"]["embedding"]
     embedding.set_value(np.full_like(embedding.get_value(), np.inf))
-    state, device_metrics = trainer.train_step(trainer.place(poisoned), batch(2))
+    state, device_metrics = trainer.train_step(trainer.place(poisoned), train_batch(2))
     metrics = trainer.metrics(device_metrics)
     assert not math.isfinite(metrics["loss"])
     after = trainer.host(state)
@@ -125,11 +111,11 @@ def test_a_non_finite_step_leaves_the_state_unchanged(trainer):
 
 
 def test_bfloat16_compute_with_remat_keeps_float32_parameters():
-    config = TrainConfig(**{**CONFIG.to_json(), "dtype": "bfloat16", "remat": True})
+    config = TrainConfig(**{**TRAIN_CONFIG.to_json(), "dtype": "bfloat16", "remat": True})
     bf16 = make_trainer(config)
     assert bf16.model.dtype == jnp.bfloat16
     f32_trainer = make_trainer()
-    tokens = batch(3)
+    tokens = train_batch(3)
     _, f32_metrics = f32_trainer.train_step(f32_trainer.place(f32_trainer.init_state()), tokens)
     state = bf16.place(bf16.init_state())
     losses = []
@@ -149,10 +135,10 @@ def test_bfloat16_compute_with_remat_keeps_float32_parameters():
 
 def test_micro_batches_give_the_full_batch_update(trainer):
     """Gradient accumulation over 2 micro-batches: the same step as the whole batch at once."""
-    micro = make_trainer(TrainConfig(**{**CONFIG.to_json(), "micro_batches": 2}))
+    micro = make_trainer(TrainConfig(**{**TRAIN_CONFIG.to_json(), "micro_batches": 2}))
     results = []
     for each in (trainer, micro):
-        state, device_metrics = each.train_step(each.place(each.init_state()), batch(4))
+        state, device_metrics = each.train_step(each.place(each.init_state()), train_batch(4))
         results.append((each.metrics(device_metrics), each.host(state)))
     (full_metrics, full_state), (micro_metrics, micro_state) = results
     for name in ("loss", "lm", "aux", "grad_norm"):
@@ -160,17 +146,17 @@ def test_micro_batches_give_the_full_batch_update(trainer):
     # Adam's first step is lr * g / (|g| + eps): a coordinate whose gradient is near 0 turns
     # rounding differences into visible ones, so the bound is a fraction of the learning rate.
     for got, expected in zip(jax.tree.leaves(micro_state.params), jax.tree.leaves(full_state.params)):
-        np.testing.assert_allclose(got, expected, atol=1e-3 * CONFIG.learning_rate,
+        np.testing.assert_allclose(got, expected, atol=1e-3 * TRAIN_CONFIG.learning_rate,
                                    err_msg="2 micro-batches updated differently")
 
 
 def test_compiled_steps_are_shared_only_by_models_with_the_same_non_parameter_state(trainer):
     """The cached steps hold the model's non-parameter state as constants: equal state shares them."""
     assert make_trainer()._train is trainer._train, "an equal model must reuse the compiled steps"
-    dropout = dict(MODEL, attn_dropout=0.1)  # the dropout layer holds an RNG stream (non-parameter state)
-    first = Trainer(training.create_model(dropout, CONFIG), CONFIG, compiler_options=FAST_CPU_COMPILE)
-    reseeded = dataclasses.replace(CONFIG, seed=1)
+    dropout = dict(TRAIN_MODEL, attn_dropout=0.1)  # the dropout layer holds an RNG stream (non-parameter state)
+    first = Trainer(training.create_model(dropout, TRAIN_CONFIG), TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE)
+    reseeded = dataclasses.replace(TRAIN_CONFIG, seed=1)
     second = Trainer(training.create_model(dropout, reseeded), reseeded, compiler_options=FAST_CPU_COMPILE)
     assert first._train is not second._train, "a model with other non-parameter state got another model's step"
-    again = Trainer(training.create_model(dropout, CONFIG), CONFIG, compiler_options=FAST_CPU_COMPILE)
+    again = Trainer(training.create_model(dropout, TRAIN_CONFIG), TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE)
     assert again._train is first._train and again._eval is first._eval
