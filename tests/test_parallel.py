@@ -18,7 +18,7 @@ import pytest
 
 from ct_jax import parallel
 from tests.configs import make_trainer, train_batch
-from tests.workers.parallel_train import SEEDS
+from tests.workers.parallel_train import CONFIG, SEEDS
 
 ROOT = Path(__file__).resolve().parent.parent
 # Fast XLA:CPU compiles (see ct_jax.training.FAST_CPU_COMPILE); pmap takes options only here.
@@ -97,8 +97,8 @@ def workers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_device(workers) -> dict:
-    """The same two steps in this process, on one device (the training tests' compiled step)."""
-    trainer = make_trainer()
+    """The same two steps in this process, on one device (the training tests' model and config)."""
+    trainer = make_trainer(CONFIG)
     state = trainer.place(trainer.init_state())
     losses = []
     for seed in SEEDS:
