@@ -41,7 +41,7 @@ class Schedule(enum.Enum):
     COSINE = "cosine"  # cosine decay to `learning_rate * final_lr_ratio` at `steps`
 
 
-class Optimizer(str, enum.Enum):
+class Optimizer(enum.Enum):
     """The update rule after clipping."""
 
     ADAM = "adam"  # upstream's example
@@ -61,15 +61,15 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the batch runs in this many chunks
     steps: int = 1000
     learning_rate: float = 1e-4
-    optimizer: Optimizer = Optimizer.ADAM
-    schedule: Schedule = Schedule.CONSTANT
+    optimizer: Optimizer | str = Optimizer.ADAM  # a name is turned into the enum
+    schedule: Schedule | str = Schedule.CONSTANT
     warmup_steps: int = 0
     final_lr_ratio: float = 0.1
     grad_clip_norm: float = 0.5  # 0 disables clipping
     dtype: str = "float32"  # compute dtype; parameters, optimizer state and losses stay float32
     remat: bool = False  # keep only weight-matmul outputs; recompute scores and elementwise ops in the backward
     seed: int = 0  # parameters, dropout and data order
-    parallel: Parallel = Parallel.NONE
+    parallel: Parallel | str = Parallel.NONE
     eval_every: int = 100  # 0: only at the start and the end
     eval_batches: int = 8
     checkpoint_every: int = 100  # 0: only at the end

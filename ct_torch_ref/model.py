@@ -7,8 +7,9 @@ invalid arguments raise ValueError/TypeError instead of asserting.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
