@@ -22,6 +22,7 @@ def _jax(**kwargs):
     return ct_jax.CompressiveTransformer(**kwargs, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.usefixtures("unchecked_types")  # the package's own messages
 @pytest.mark.parametrize("override, error", [
     *((dict(dim=value), TypeError) for value in (16.0, "16", True, None)),
     *(({name: value}, TypeError) for name in ("num_tokens", "seq_len", "depth", "heads", "cmem_ratio", "emb_dim")

@@ -47,6 +47,7 @@ def test_training_flops_count_the_aux_path_only_when_something_is_compressed():
     assert flops.total_flops(TINY, 2, 3, training=True) > 3 * flops.total_flops(TINY, 2, 3, training=False) * 0.9
 
 
+@pytest.mark.usefixtures("unchecked_types")  # the package's own messages
 def test_parse_config_names_json_and_errors(tmp_path):
     assert common.parse_config("S").model["dim"] == 256
     spec = dict(name="tiny", model=TINY, batch=2, segments=2)

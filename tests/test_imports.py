@@ -1,4 +1,4 @@
-"""ct_jax has no import cycle, counting imports inside functions (they form cycles too, only later)."""
+"""ct_jax has no import cycle (imports inside functions count: they close cycles too, only later)."""
 
 from __future__ import annotations
 
@@ -98,3 +98,4 @@ def test_the_check_sees_a_cycle_through_a_function_level_import(tmp_path):
     (package / "c.py").write_text("import pkg.a as a\n")
     (package / "d.py").write_text("from pkg import a\n")
     assert cycles(import_graph(package)) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
+

@@ -285,6 +285,7 @@ def test_generate_greedy_and_filter_options():
 BASE = dict(num_tokens=16, dim=16, seq_len=4, depth=2, heads=2)
 
 
+@pytest.mark.usefixtures("unchecked_types")  # the package's own messages
 @pytest.mark.parametrize(
     "override, error, names",
     [
@@ -320,6 +321,7 @@ def _valid_memory(batch: int = 2) -> Memory:
     return Memory(torch.zeros(2, batch, 4, 16), torch.zeros(2, batch, 1, 16))
 
 
+@pytest.mark.usefixtures("unchecked_types")  # the package's own messages
 @pytest.mark.parametrize(
     "kwargs, error, pattern",
     [
