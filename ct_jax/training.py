@@ -87,7 +87,9 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})"
+            )
         object.__setattr__(self, "optimizer", Optimizer(self.optimizer))
         object.__setattr__(self, "schedule", Schedule(self.schedule))
         object.__setattr__(self, "parallel", Parallel(self.parallel))
@@ -99,7 +101,8 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (enums by value), as stored in checkpoints."""
         out = dataclasses.asdict(self)
-        out["optimizer"], out["schedule"], out["parallel"] = self.optimizer.value, self.schedule.value, self.parallel.value
+        for name in ("optimizer", "schedule", "parallel"):
+            out[name] = getattr(self, name).value
         return out
 
 

@@ -40,7 +40,8 @@ HELP = dict(
     final_lr_ratio="cosine schedule: the final learning rate as a fraction of --learning-rate",
     grad_clip_norm="global-norm gradient clipping (0: off)",
     dtype="compute dtype; parameters, optimizer state and losses stay float32",
-    remat="keep only weight-matmul outputs, recompute attention scores and elementwise ops in the backward (less memory, more compute)",
+    remat="keep only weight-matmul outputs, recompute attention scores and elementwise ops in the backward "
+          "(less memory, more compute)",
     parallel="auto: jit over a device mesh when JAX sees several devices, else none",
     eval_every="validate every N steps (and at the start and end)",
     eval_batches="validation batches per evaluation",

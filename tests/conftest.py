@@ -10,6 +10,13 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Every annotated function and dataclass of both packages checks its arguments and result at
+# run time (jaxtyping shapes included, consistent across one call; under jit at trace time).
+# Must run before either package is imported. PEP 484's numeric tower: an int is a float.
+jaxtyping.install_import_hook(
+    ["ct_jax", "ct_torch_ref"], "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"
+)
+
 try:  # tiny tensors: on 2 busy cores torch's default thread pool makes tests ~16x slower
     import torch
 

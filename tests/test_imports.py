@@ -1,9 +1,12 @@
-"""ct_jax has no import cycle (imports inside functions count: they close cycles too, only later)."""
+"""ct_jax has no import cycle (imports inside functions count: they close cycles too, only later),
+and the test run checks annotations at run time."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,3 +102,14 @@ def test_the_check_sees_a_cycle_through_a_function_level_import(tmp_path):
     (package / "d.py").write_text("from pkg import a\n")
     assert cycles(import_graph(package)) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
 
+
+def test_annotations_are_checked_at_run_time():
+    """tests/conftest.py's import hook is on: a call that breaks an annotation fails in the checker."""
+    import jax.numpy as jnp
+    import jaxtyping
+
+    from ct_jax.sampling import top_k
+
+    top_k(jnp.zeros((2, 5)))
+    with pytest.raises(jaxtyping.TypeCheckError, match="logits"):
+        top_k(jnp.zeros((2, 5), jnp.int32))  # Float[Array, "... v"] gets integers
