@@ -57,7 +57,10 @@ class Checkpoints:
         if not all_finite(state):
             raise FloatingPointError(f"refusing to checkpoint step {step}: the train state holds NaN or Inf")
         self._manager.save(
-            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state), RECORD_ITEM: ocp.args.JsonSave(record)})
+            step,
+            args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardSave(state), RECORD_ITEM: ocp.args.JsonSave(record)}
+            ),
         )
 
     def _step(self, step: int | None) -> int:
@@ -69,14 +72,18 @@ class Checkpoints:
     def read_record(self, step: int | None = None) -> dict[str, Any]:
         """The JSON record of `step` (default: the latest), without reading the state."""
         step = self._step(step)
-        return self._manager.restore(step, args=ocp.args.Composite(**{RECORD_ITEM: ocp.args.JsonRestore()}))[RECORD_ITEM]
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{RECORD_ITEM: ocp.args.JsonRestore()}))
+        return restored[RECORD_ITEM]
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """(state, record) of `step` (default: the latest); `template` gives the state's structure."""
         step = self._step(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract), RECORD_ITEM: ocp.args.JsonRestore()})
+            step,
+            args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardRestore(abstract), RECORD_ITEM: ocp.args.JsonRestore()}
+            ),
         )
         return restored[STATE_ITEM], restored[RECORD_ITEM]
 

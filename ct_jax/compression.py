@@ -111,7 +111,7 @@ def select_most_used(
     region: Float[Array, "b t d"],
     scores: Float[Array, "b t"],
     valid: Bool[Array, "#b t"],
-    n_keep: Int[Array, "*#b"],
+    n_keep: Int[Array, "*#batch"],
     n_out: int,
 ) -> Float[Array, "b o d"]:
     """The n_keep valid slots of `region` with the highest scores, in their original order,

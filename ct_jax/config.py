@@ -9,15 +9,24 @@ from typing import Any
 from ct_jax.options import OPTIONS, check_option
 
 
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return value
+
+
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if _int(name, value) <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
 def _rate(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    """A dropout probability: [0, 1] as upstream's nn.Dropout (1 drops everything)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1], got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -35,7 +44,7 @@ class ModelConfig:
     seq_len: int
     depth: int
     emb_dim: int | None = None
-    memory_layers: tuple[int, ...] | None = None
+    memory_layers: Iterable[int] | None = None  # stored as a sorted tuple
     enhanced_recurrence: bool = True
     mem_len: int | None = None
     cmem_len: int | None = None
@@ -61,17 +70,13 @@ class ModelConfig:
             _positive_int(name, getattr(self, name))
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("emb_dim", _positive_int("emb_dim", self.emb_dim) if self.emb_dim is not None else self.dim)
-        set_("mem_len", self.seq_len if self.mem_len is None else self.mem_len)
-        if isinstance(self.mem_len, bool) or not isinstance(self.mem_len, int):
-            raise ValueError(f"mem_len must be an int, got {self.mem_len!r}")
+        set_("mem_len", self.seq_len if self.mem_len is None else _int("mem_len", self.mem_len))
         if self.mem_len < self.seq_len:
             raise ValueError(
                 f"mem_len must be at least seq_len ({self.seq_len}), got {self.mem_len}"
             )
         min_cmem = self.mem_len // self.cmem_ratio
-        set_("cmem_len", min_cmem if self.cmem_len is None else self.cmem_len)
-        if isinstance(self.cmem_len, bool) or not isinstance(self.cmem_len, int):
-            raise ValueError(f"cmem_len must be an int, got {self.cmem_len!r}")
+        set_("cmem_len", min_cmem if self.cmem_len is None else _int("cmem_len", self.cmem_len))
         if self.cmem_len < min_cmem:
             raise ValueError(
                 f"cmem_len must be at least mem_len // cmem_ratio ({min_cmem}), got {self.cmem_len}"
@@ -83,7 +88,7 @@ class ModelConfig:
             set_(name, _rate(name, getattr(self, name)))
         for name in ("enhanced_recurrence", "gru_gated_residual", "mogrify_gru", "ff_glu"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         set_("reconstruction_loss_weight", float(self.reconstruction_loss_weight))
         for name in OPTIONS:
             check_option(name, getattr(self, name))
@@ -132,7 +137,9 @@ def _memory_layers(memory_layers: Iterable[int] | None, depth: int) -> tuple[int
     if not layers:
         raise ValueError("memory_layers must name at least one layer in 1..depth, got []")
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"memory_layers entries must be ints in 1..{depth} (depth), got {layer!r}")
+        if not 1 <= layer <= depth:
             raise ValueError(f"memory_layers entries must be ints in 1..{depth} (depth), got {layer!r}")
     if len(set(layers)) != len(layers):
         raise ValueError(f"memory_layers must not repeat a layer, got {layers}")

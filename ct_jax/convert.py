@@ -130,7 +130,8 @@ def from_torch(state_dict: Mapping[str, Any], model: CompressiveTransformer) -> 
         target = params[path].get_value()
         if value.shape != target.shape:
             shape = value.transpose().shape if _TRANSPOSED.search(path) else value.shape
-            mismatched.append(f"{key}: expected {tuple(reversed(target.shape)) if _TRANSPOSED.search(path) else target.shape}, got {shape}")
+            wanted = tuple(reversed(target.shape)) if _TRANSPOSED.search(path) else target.shape
+            mismatched.append(f"{key}: expected {wanted}, got {shape}")
             continue
         if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
             mismatched.append(f"{key}: expected a floating dtype, got {value.dtype}")

@@ -123,7 +123,9 @@ def _concatenated(tag: str, split: str, files: Sequence[Path], cache_dir: str | 
             with open(file, "rb") as source:
                 shutil.copyfileobj(source, out, 1 << 20)
         if out.tell() != expected:
-            raise RuntimeError(f"{tag} corpus files changed while being cached ({out.tell()} bytes, expected {expected})")
+            raise RuntimeError(
+                f"{tag} corpus files changed while being cached ({out.tell()} bytes, expected {expected})"
+            )
 
     return _cached(cache_dir, f"{tag}-{split}-{_fingerprint(tag, files, split)}.bin", write)
 
@@ -153,7 +155,8 @@ def _walk(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str]
 
 
 def _files_corpus(
-    tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int, max_bytes: int | None
+    tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int,
+    max_bytes: int | None,
 ) -> Splits:
     """Split sorted files into train / validation (file i goes to validation iff i % k == k - 1)."""
     _check_int("validation_every", validation_every, 2)
@@ -175,15 +178,21 @@ def _files_corpus(
             f"{validation_every} files"
         )
     train = [file for i, file in enumerate(files) if i % validation_every != validation_every - 1]
-    return {"train": _concatenated(tag, "train", train, cache_dir), "validation": _concatenated(tag, "validation", validation, cache_dir)}
+    return {"train": _concatenated(tag, "train", train, cache_dir),
+            "validation": _concatenated(tag, "validation", validation, cache_dir)}
 
 
-def load_enwik8(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, split_offsets: tuple[int, int, int] | None = None) -> Splits:
+def load_enwik8(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
+    split_offsets: tuple[int, int, int] | None = None,
+) -> Splits:
     """enwik8 (raw, .gz, or .zip holding `enwik8`) with the standard 90M / 5M / 5M train / validation / test split."""
     path = _existing(path)
     train_end, validation_end, test_end = ENWIK8_SPLIT_OFFSETS if split_offsets is None else split_offsets
     if not 0 < train_end < validation_end < test_end:
-        raise ValueError(f"split_offsets must be increasing positive byte offsets, got {(train_end, validation_end, test_end)}")
+        raise ValueError(
+            f"split_offsets must be increasing positive byte offsets, got {(train_end, validation_end, test_end)}"
+        )
     data = _open_source(path, cache_dir, zip_member="enwik8")
     if len(data) < test_end:
         raise ValueError(
@@ -191,11 +200,13 @@ def load_enwik8(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
             f"(train {train_end}, validation {validation_end - train_end}, test {test_end - validation_end}). "
             f"For a truncated or other file use the generic loader: load_corpus('text:{path}')"
         )
-    return {"train": data[:train_end], "validation": data[train_end:validation_end], "test": data[validation_end:test_end]}
+    return {"train": data[:train_end], "validation": data[train_end:validation_end],
+            "test": data[validation_end:test_end]}
 
 
 def load_text_file(
-    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_fraction: float = 0.05, max_bytes: int | None = None
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_fraction: float = 0.05,
+    max_bytes: int | None = None,
 ) -> Splits:
     """One file (raw, .gz or single-member .zip), optionally its first max_bytes; the tail fraction is validation."""
     path = _existing(path)
@@ -212,7 +223,8 @@ def load_text_file(
 
 
 def load_folder(
-    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_every: int = 10, max_bytes: int | None = None
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_every: int = 10,
+    max_bytes: int | None = None,
 ) -> Splits:
     """Every file under a folder (recursive, sorted by relative path, hidden names skipped), concatenated per split."""
     root = _existing(path)
@@ -254,7 +266,8 @@ def _require_window(data: np.ndarray, window: int, name: str) -> None:
 
 
 def load_corpus(
-    spec: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *, window: int | None = None, max_bytes: int | None = None
+    spec: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *, window: int | None = None,
+    max_bytes: int | None = None,
 ) -> Splits:
     """Load splits by spec: None = stdlib sources; 'enwik8:PATH' or a file named enwik8[.gz|.zip] = enwik8;
     'text:PATH' or any other path = a text file or folder. With `window`, every split must hold one window."""
@@ -271,7 +284,9 @@ def load_corpus(
             kind = "enwik8" if _ENWIK8_NAME.fullmatch(path.name) else "text"
         if kind == "enwik8":
             if max_bytes is not None:
-                raise ValueError(f"max_bytes={max_bytes} does not apply to enwik8's fixed splits; use 'text:{path}' for a prefix")
+                raise ValueError(
+                    f"max_bytes={max_bytes} does not apply to enwik8's fixed splits; use 'text:{path}' for a prefix"
+                )
             splits = load_enwik8(path, cache_dir)
         elif path.is_dir():
             splits = load_folder(path, cache_dir, max_bytes=max_bytes)
@@ -300,13 +315,15 @@ class WindowSampler:
     """
 
     def __init__(
-        self, data: np.ndarray, window: int, batch_size: int, seed: int, *, process_index: int = 0, process_count: int = 1, name: str = "train"
+        self, data: np.ndarray, window: int, batch_size: int, seed: int, *, process_index: int = 0,
+        process_count: int = 1, name: str = "train",
     ):
         _require_window(data, window, name)
         _check_int("batch_size", batch_size, 1)
         _check_int("seed", seed, 0)
         _check_int("process_count", process_count, 1)
-        if isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
+        integral = isinstance(process_index, (int, np.integer)) and not isinstance(process_index, bool)
+        if not integral or not 0 <= process_index < process_count:
             raise ValueError(f"process_index must be an integer in [0, {process_count}), got {process_index!r}")
         if batch_size % process_count:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count ({process_count})")
@@ -344,7 +361,8 @@ class WindowSampler:
 
 
 def eval_batches(
-    data: np.ndarray, window: int, batch_size: int, max_batches: int | None = None, *, drop_remainder: bool = False, name: str = "validation"
+    data: np.ndarray, window: int, batch_size: int, max_batches: int | None = None, *, drop_remainder: bool = False,
+    name: str = "validation",
 ) -> Iterator[np.ndarray]:
     """Deterministic sequential int32 (batch_size, window) batches for evaluation.
 

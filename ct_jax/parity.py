@@ -6,8 +6,10 @@ The tolerances here are the project's single statement of them (tests import the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -15,6 +17,9 @@ from flax import nnx
 from ct_jax import convert
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
+
+if TYPE_CHECKING:  # torch is an optional dependency: imported where it is used
+    import torch
 
 FLOAT32_ATOL = 1e-5  # logits, memories, aux loss: max abs diff, float32, every segment and position
 FLOAT64_ATOL = 1e-10  # the same in float64: semantics, not rounding
@@ -46,53 +51,102 @@ def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
-def random_inputs(num_tokens: int, seq_len: int, segments: int, batch: int, seed: int):
-    """Token segments (the last one short when seq_len > 1) and right-padding masks (a fully padded row)."""
-    rng = np.random.default_rng(seed)
-    lengths = [seq_len] * (segments - 1) + [max(1, seq_len // 2)]
-    tokens = rng.integers(0, num_tokens, (batch, sum(lengths)))
-    kept = rng.integers(1, sum(lengths) + 1, batch)
-    kept[0] = sum(lengths)
-    mask = np.arange(sum(lengths))[None, :] < kept[:, None]
-    if batch > 2:
-        mask[-1] = False
-    bounds = np.cumsum([0] + lengths)
-    return [(tokens[:, s:e], mask[:, s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
+# None: no mask. "right"/"left": rows padded at the end/start of the whole sequence (so
+# some segments hold fully padded rows). "padded_row": row 1 fully padded everywhere.
+MASK_KINDS: tuple[str | None, ...] = (None, "right", "left", "padded_row")
+
+
+def segment_lengths(seq_len: int, n_segments: int) -> list[int]:
+    """n_segments - 1 full segments of seq_len, then a short one (seq_len // 2, >= 1)."""
+    return [seq_len] * (n_segments - 1) + [max(1, seq_len // 2)]
+
+
+def make_inputs(config: Mapping[str, Any], batch: int = 3, n_segments: int = 5, seed: int = 0,
+                mask_kind: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Random token segments (int64, (batch, t)) and their masks (bool, True = real token).
+
+    `config` needs num_tokens and seq_len. The last segment is short (t < seq_len whenever
+    seq_len > 1). Masks are None for mask_kind None; otherwise one mask per segment, cut
+    from a whole-sequence mask in which row 0 is never padded.
+    """
+    import torch
+
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
+    if mask_kind is not None and batch < 2:
+        raise ValueError(f"masks need batch >= 2 (one unpadded row), got batch={batch}")
+    generator = torch.Generator().manual_seed(seed)
+    lengths = segment_lengths(config["seq_len"], n_segments)
+    total = sum(lengths)
+    tokens = torch.randint(0, config["num_tokens"], (batch, total), generator=generator)
+    segments = list(tokens.split(lengths, dim=1))
+    if mask_kind is None:
+        return segments, [None] * n_segments
+
+    positions = torch.arange(total)
+    # Row 0 is never padded; the others keep between one token and all but one.
+    kept = torch.randint(1, total, (batch,), generator=generator)
+    kept[0] = total
+    if mask_kind == "right":
+        mask = positions[None, :] < kept[:, None]
+    elif mask_kind == "left":
+        mask = positions[None, :] >= (total - kept)[:, None]
+    else:  # "padded_row"
+        mask = torch.ones(batch, total, dtype=torch.bool)
+        mask[1] = False
+    return segments, list(mask.split(lengths, dim=1))
+
+
+JaxCall = Callable[[jax.Array, Memory | None, jax.Array | None], tuple[jax.Array, Memory, jax.Array]]
+
+
+def run_both(torch_model: Any, call: JaxCall, segments: list[Any], masks: list[Any],
+             memories: Memory | None = None) -> Iterator[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Runs the torch model and `call(tokens, memories, mask)` over the segments, each threading
+    its memory; yields per segment {output: (JAX value, torch value)} for the OUTPUTS."""
+    import torch
+
+    torch_memory, jax_memory = None, memories
+    for tokens, mask in zip(segments, masks):
+        with torch.no_grad():
+            logits, torch_memory, aux = torch_model(tokens, memories=torch_memory, mask=mask)
+        jax_mask = None if mask is None else jnp.asarray(mask.numpy())
+        jax_logits, jax_memory, jax_aux = call(jnp.asarray(tokens.numpy()), jax_memory, jax_mask)
+        valid = convert.memory_to_torch(jax_memory)
+        yield {
+            "logits": (np.asarray(jax_logits), logits.numpy()),
+            "mem": (valid.mem.numpy(), torch_memory.mem.numpy()),
+            "compressed_mem": (valid.compressed_mem.numpy(), torch_memory.compressed_mem.numpy()),
+            "aux_loss": (np.asarray(jax_aux), aux.detach().numpy().reshape(())),
+        }
 
 
 def compare(torch_model: Any, jax_model: CompressiveTransformer, *, segments: int = 4, batch: int = 3,
-            seed: int = 0, modes: tuple[str, ...] = ("eval", "train")) -> list[Row]:
+            seed: int = 0, modes: tuple[str, ...] = ("eval", "train"), mask_kind: str | None = "right") -> list[Row]:
     """Runs both models over `segments` segments (memories threaded) in each mode; one Row per output."""
-    import torch
-
     config = jax_model.config
     forward = nnx.jit(lambda model, tokens, memories, mask: model(tokens, memories, mask))
+    tolerance = FLOAT64_ATOL if jax_model.dtype == jnp.float64 else FLOAT32_ATOL
+    mask_kind = mask_kind if batch >= 2 else None  # a mask needs one unpadded row besides the padded ones
+    inputs = make_inputs(dict(num_tokens=config.num_tokens, seq_len=config.seq_len), batch, segments, seed, mask_kind)
     rows = []
     for mode in modes:
         torch_model.train(mode == "train")
         getattr(jax_model, mode)()
-        torch_memory, jax_memory = None, Memory.empty(jax_model, batch, jax_model.dtype)
-        for index, (tokens, mask) in enumerate(random_inputs(config.num_tokens, config.seq_len, segments, batch, seed)):
-            with torch.no_grad():
-                logits, torch_memory, aux = torch_model(torch.from_numpy(tokens), memories=torch_memory,
-                                                        mask=torch.from_numpy(mask))
-            jax_logits, jax_memory, jax_aux = forward(jax_model, jnp.asarray(tokens), jax_memory, jnp.asarray(mask))
-            valid = convert.memory_to_torch(jax_memory)
-            pairs = {
-                "logits": (np.asarray(jax_logits), logits.numpy()),
-                "mem": (valid.mem.numpy(), torch_memory.mem.numpy()),
-                "compressed_mem": (valid.compressed_mem.numpy(), torch_memory.compressed_mem.numpy()),
-                "aux_loss": (np.asarray(jax_aux).reshape(()), aux.detach().numpy().reshape(())),
-            }
-            tolerance = FLOAT64_ATOL if jax_model.dtype == jnp.float64 else FLOAT32_ATOL
+        empty = Memory.empty(jax_model, batch, jax_model.dtype)
+        outputs = run_both(torch_model, lambda *args: forward(jax_model, *args), *inputs, memories=empty)
+        for index, pairs in enumerate(outputs):
+            pairs["aux_loss"] = (pairs["aux_loss"][0].reshape(()), pairs["aux_loss"][1])
             rows += [Row(mode, index, name, _max_abs_diff(*pairs[name]), tolerance) for name in OUTPUTS]
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
     """A Markdown table: mode, segment, output, max abs diff, tolerance, verdict."""
-    lines = ["| mode | segment | output | max abs diff | tolerance | verdict |", "| --- | ---: | --- | ---: | ---: | --- |"]
+    lines = ["| mode | segment | output | max abs diff | tolerance | verdict |",
+             "| --- | ---: | --- | ---: | ---: | --- |"]
     for row in rows:
         verdict = "ok" if row.ok else "MISS"
-        lines.append(f"| {row.mode} | {row.segment} | {row.output} | {row.max_abs_diff:.3e} | {row.tolerance:.0e} | {verdict} |")
+        lines.append(f"| {row.mode} | {row.segment} | {row.output} | {row.max_abs_diff:.3e} | {row.tolerance:.0e} "
+                     f"| {verdict} |")
     return "\n".join(lines)

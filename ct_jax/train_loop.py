@@ -16,7 +16,7 @@ import numpy as np
 from ct_jax.checkpointing import Checkpoints, MetricsLog
 from ct_jax.config import ModelConfig
 from ct_jax.model import CompressiveTransformer
-from ct_jax.training import NonFiniteLossError, Trainer, TrainConfig, TrainState, create_model
+from ct_jax.training import NonFiniteLossError, TrainConfig, Trainer, TrainState, create_model
 
 
 @dataclasses.dataclass

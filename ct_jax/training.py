@@ -41,7 +41,7 @@ class Schedule(enum.Enum):
     COSINE = "cosine"  # cosine decay to `learning_rate * final_lr_ratio` at `steps`
 
 
-class Optimizer(str, enum.Enum):
+class Optimizer(enum.Enum):
     """The update rule after clipping."""
 
     ADAM = "adam"  # upstream's example
@@ -61,8 +61,8 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the batch runs in this many chunks
     steps: int = 1000
     learning_rate: float = 1e-4
-    optimizer: Optimizer = Optimizer.ADAM
-    schedule: Schedule = Schedule.CONSTANT
+    optimizer: Optimizer | str = Optimizer.ADAM  # a name is turned into the enum
+    schedule: Schedule | str = Schedule.CONSTANT
     warmup_steps: int = 0
     final_lr_ratio: float = 0.1
     grad_clip_norm: float = 0.5  # 0 disables clipping
@@ -70,7 +70,7 @@ class TrainConfig:
     remat: bool = False  # keep only weight-matmul outputs; recompute scores and elementwise ops in the backward
     memory_gradients: bool = False  # backpropagate through the memory carried between a row's segments (paper's BPTT)
     seed: int = 0  # parameters, dropout and data order
-    parallel: Parallel = Parallel.NONE
+    parallel: Parallel | str = Parallel.NONE
     eval_every: int = 100  # 0: only at the start and the end
     eval_batches: int = 8
     checkpoint_every: int = 100  # 0: only at the end
@@ -88,7 +88,9 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})"
+            )
         object.__setattr__(self, "optimizer", Optimizer(self.optimizer))
         object.__setattr__(self, "schedule", Schedule(self.schedule))
         object.__setattr__(self, "parallel", Parallel(self.parallel))
@@ -100,7 +102,8 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (enums by value), as stored in checkpoints."""
         out = dataclasses.asdict(self)
-        out["optimizer"], out["schedule"], out["parallel"] = self.optimizer.value, self.schedule.value, self.parallel.value
+        for name in ("optimizer", "schedule", "parallel"):
+            out[name] = getattr(self, name).value
         return out
 
 
@@ -157,6 +160,7 @@ def init_state(model: CompressiveTransformer, optimizer: optax.GradientTransform
 
 def _split(model: CompressiveTransformer, train: bool) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, non-parameter state) of the model in train or eval mode; leaves it in train mode."""
+    model.train()
     if not train:
         model.eval()
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
@@ -236,19 +240,33 @@ _STEP_CACHE: collections.OrderedDict[tuple, tuple[DataParallel, Callable, Callab
 _STEP_CACHE_SIZE = 8
 
 
+def _structure_key(model: CompressiveTransformer) -> tuple[nnx.GraphDef, tuple]:
+    """The model's graphdef and the values of its non-parameter state, hashable."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    values = []
+    for leaf in jax.tree.leaves(rest):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        array = np.asarray(leaf)
+        values.append((array.dtype.str, array.shape, array.tobytes()))
+    return graphdef, tuple(values)
+
+
 def _compiled_steps(model: CompressiveTransformer, config: TrainConfig, compiler_options: dict[str, Any] | None,
                     devices: Sequence[jax.Device] | None):
     """(DataParallel, train step, eval step), jitted once per configuration and device set.
 
     Repeated `Trainer`s / `fit` calls in one process (notebooks, tests) reuse the compiled
     executables instead of tracing fresh closures. The key holds everything a step depends
-    on: the model's config and dtype, the step's settings and the devices.
+    on: the model's config and dtype, its structure (graphdef) and non-parameter state (the
+    steps hold these as constants: dropout RNG streams, anything a subclass adds), the
+    step's settings and the devices. Parameters are the steps' arguments, not in the key.
     """
     step_config = dataclasses.replace(config, **_LOOP_ONLY)
     if config.schedule is Schedule.CONSTANT:  # only the cosine schedule reads `steps`
         step_config = dataclasses.replace(step_config, steps=1)
-    key = (model.config, jnp.dtype(model.dtype).name, step_config, tuple(sorted((compiler_options or {}).items())),
-           tuple(device.id for device in devices or jax.devices()))
+    key = (model.config, jnp.dtype(model.dtype).name, *_structure_key(model), step_config,
+           tuple(sorted((compiler_options or {}).items())), tuple(device.id for device in devices or jax.devices()))
     if key not in _STEP_CACHE:
         parallel = DataParallel(config.parallel, devices)
         train_step = make_train_step(model, make_optimizer(config), config, parallel)

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = _load(args)
         written = _write(model, args.target)
-    except (ValueError, FileNotFoundError) as error:
+    except (TypeError, ValueError, FileNotFoundError) as error:  # TypeError: a wrongly typed config.json
         print(f"error: {error}", file=sys.stderr)
         return 2
     n_params = sum(value.size for value in convert.to_numpy(model).values())

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
         filter_fn, filter_thres = filter_options(args, vocab)
-    except (ValueError, FileNotFoundError) as error:
+    except (TypeError, ValueError, FileNotFoundError) as error:  # TypeError: a wrongly typed config.json
         print(f"error: {error}", file=sys.stderr)
         return 2
 

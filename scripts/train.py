@@ -44,8 +44,9 @@ HELP = dict(
     grad_clip_norm="global-norm gradient clipping (0: off)",
     dtype="compute dtype; parameters, optimizer state and losses stay float32",
     memory_gradients="backpropagate through the memory carried between a row's segments (the paper's BPTT; "
-    "memory grows with --n-segments, --remat helps)",
-    remat="keep only weight-matmul outputs, recompute attention scores and elementwise ops in the backward (less memory, more compute)",
+                     "memory grows with --n-segments, --remat helps)",
+    remat="keep only weight-matmul outputs, recompute attention scores and elementwise ops in the backward "
+          "(less memory, more compute)",
     parallel="auto: jit over a device mesh when JAX sees several devices, else none",
     eval_every="validate every N steps (and at the start and end)",
     eval_batches="validation batches per evaluation",

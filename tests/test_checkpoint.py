@@ -13,7 +13,7 @@ import torch
 import ct_torch_ref
 from ct_jax import checkpointing, convert, train_loop, training
 from ct_jax.checkpointing import Checkpoints, MetricsLog
-from tests.test_training import CONFIG, MODEL, batch
+from tests.configs import TRAIN_CONFIG, TRAIN_MODEL, train_batch
 from tests.tolerances import JAX_VS_TORCH_ATOL, assert_close
 
 COMPARED = ("loss", "lm", "aux", "bpb", "grad_norm", "learning_rate", "val_bpb")
@@ -29,7 +29,7 @@ def _splits() -> dict[str, np.ndarray]:
 
 
 def _fit(out_dir, **kwargs):
-    return train_loop.fit(MODEL, CONFIG, _splits(), out_dir, progress=False, log=lambda message: None,
+    return train_loop.fit(TRAIN_MODEL, TRAIN_CONFIG, _splits(), out_dir, progress=False, log=lambda message: None,
                         compiler_options=training.FAST_CPU_COMPILE, **kwargs)
 
 
@@ -40,7 +40,7 @@ def _rows(path) -> dict[int, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """An uninterrupted run of CONFIG.steps steps (checkpoints every 2, the last 2 kept)."""
+    """An uninterrupted run of TRAIN_CONFIG.steps steps (checkpoints every 2, the last 2 kept)."""
     out = tmp_path_factory.mktemp("uninterrupted")
     return out, _fit(out)
 
@@ -49,24 +49,24 @@ def test_run_writes_checkpoints_metrics_plot_and_export(finished):
     out, result = finished
     assert Checkpoints(out / "checkpoints").all_steps() == [4, 6], "keep_checkpoints=2 keeps the last two"
     rows = _rows(out / "metrics.csv")
-    assert sorted(rows) == list(range(CONFIG.steps + 1))
+    assert sorted(rows) == list(range(TRAIN_CONFIG.steps + 1))
     assert [step for step, row in rows.items() if row["val_bpb"]] == [0, 3, 6]
     assert float(rows[6]["val_bpb"]) < float(rows[0]["val_bpb"]), "validation bits/byte should fall"
     png = (out / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
     assert (out / "model" / convert.WEIGHTS_FILE).is_file() and (out / "model" / convert.CONFIG_FILE).is_file()
-    assert int(result.state.step) == CONFIG.steps
+    assert int(result.state.step) == TRAIN_CONFIG.steps
 
 
 def test_checkpoint_holds_state_sampler_position_and_configs(finished):
     out, result = finished
     checkpoints = Checkpoints(out / "checkpoints")
-    template = training.Trainer(result.model, CONFIG).init_state()
+    template = training.Trainer(result.model, TRAIN_CONFIG).init_state()
     state, record = checkpoints.restore(template)
-    assert record["step"] == 6 and record["sampler"] == {"seed": CONFIG.seed, "step": 6}
+    assert record["step"] == 6 and record["sampler"] == {"seed": TRAIN_CONFIG.seed, "step": 6}
     assert record["model_config"] == result.model.config.to_kwargs()
-    assert record["train_config"] == CONFIG.to_json()
+    assert record["train_config"] == TRAIN_CONFIG.to_json()
     for got, expected in zip(jax.tree.leaves(state), jax.tree.leaves(result.state)):
         np.testing.assert_array_equal(got, expected, err_msg="checkpoint differs from the final state")
 
@@ -75,17 +75,17 @@ def test_resume_continues_the_uninterrupted_run_exactly(finished, tmp_path):
     out, result = finished
     # A run that stopped after step 2 (its last checkpoint), then the same command again.
     resumed_dir = tmp_path / "resumed"
-    train_loop.fit(MODEL, training.TrainConfig(**{**CONFIG.to_json(), "steps": 2}), _splits(), resumed_dir,
+    train_loop.fit(TRAIN_MODEL, training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "steps": 2}), _splits(), resumed_dir,
                  progress=False, log=lambda m: None, compiler_options=training.FAST_CPU_COMPILE)
     assert Checkpoints(resumed_dir / "checkpoints").all_steps() == [2]
 
     messages = []
-    resumed = train_loop.fit(MODEL, CONFIG, _splits(), resumed_dir, progress=False, log=messages.append,
+    resumed = train_loop.fit(TRAIN_MODEL, TRAIN_CONFIG, _splits(), resumed_dir, progress=False, log=messages.append,
                            compiler_options=training.FAST_CPU_COMPILE)
     assert any("resumed from step 2" in m for m in messages), messages
     expected, got = _rows(out / "metrics.csv"), _rows(resumed_dir / "metrics.csv")
     assert sorted(got) == sorted(expected)
-    for step in range(3, CONFIG.steps + 1):
+    for step in range(3, TRAIN_CONFIG.steps + 1):
         for name in COMPARED:
             if expected[step][name]:
                 assert_close(f"{name} at step {step} after resuming from step 2", float(got[step][name]),
@@ -96,9 +96,9 @@ def test_resume_continues_the_uninterrupted_run_exactly(finished, tmp_path):
 
 def test_resume_refuses_another_model(finished):
     out, _ = finished
-    other = dict(MODEL, dim=8)
+    other = dict(TRAIN_MODEL, dim=8)
     with pytest.raises(ValueError, match="is of another model"):
-        train_loop.fit(other, CONFIG, _splits(), out, progress=False, log=lambda m: None)
+        train_loop.fit(other, TRAIN_CONFIG, _splits(), out, progress=False, log=lambda m: None)
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(finished):
@@ -139,8 +139,8 @@ def test_export_loads_in_the_torch_reference_with_the_same_losses(finished):
     for key, value in torch_model.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), expected[key], err_msg=f"exported {key} differs")
     # The same validation batch through both: torch's mean segment loss in bits = JAX's eval.
-    tokens = batch(9)
-    trainer = training.Trainer(result.model, CONFIG, compiler_options=training.FAST_CPU_COMPILE)
+    tokens = train_batch(9)
+    trainer = training.Trainer(result.model, TRAIN_CONFIG, compiler_options=training.FAST_CPU_COMPILE)
     jax_bpb = trainer.evaluate(trainer.place(result.state), iter([tokens]))
     wrapper = ct_torch_ref.AutoregressiveWrapper(torch_model.eval())
     with torch.no_grad():

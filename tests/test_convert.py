@@ -174,8 +174,9 @@ def _run_script(*args: str) -> subprocess.CompletedProcess:
 def test_convert_and_parity_scripts(tmp_path):
     config = {"num_tokens": 40, "dim": 16, "seq_len": 4, "depth": 2, "heads": 2, "mem_len": 6, "cmem_len": 3,
               "cmem_ratio": 2}
-    torch.manual_seed(0)
-    source = ct_torch_ref.CompressiveTransformer(**config)
+    # Random weights everywhere: upstream initialises pos_emb to zeros, which would hide positional errors.
+    source = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=0)
+    assert source.pos_emb.abs().min() > 0
     torch.save(source.state_dict(), tmp_path / "weights.pt")
     (tmp_path / "config.json").write_text(json.dumps(config))
 

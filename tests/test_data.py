@@ -308,7 +308,8 @@ def test_sampler_shards_concatenate_to_global_batch(corpus_bytes, process_count)
     for step, global_batch in enumerate(global_batches):
         local = [shard[step] for shard in shards]
         assert all(batch.shape == (8 // process_count, 17) for batch in local)
-        np.testing.assert_array_equal(np.concatenate(local), global_batch, err_msg=f"step {step}: shards != global batch")
+        np.testing.assert_array_equal(np.concatenate(local), global_batch,
+                                      err_msg=f"step {step}: shards != global batch")
 
 
 def test_sampler_argument_errors(corpus_bytes):

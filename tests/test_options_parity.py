@@ -17,13 +17,16 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import autoregressive, convert
 from ct_jax.generation import decode
-from tests.configs import OPTION_VALUES, OPTIONS_BASE, make_inputs, random_config, random_options, randomize_
+from ct_jax.parity import make_inputs
+from tests.configs import OPTION_VALUES, OPTIONS_BASE, random_config, random_options, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
 
 N_SEGMENTS = 5
 
 
-def model_pair(config: dict, seed: int = 1) -> tuple[ct_torch_ref.CompressiveTransformer, ct_jax.CompressiveTransformer]:
+def model_pair(
+    config: dict, seed: int = 1
+) -> tuple[ct_torch_ref.CompressiveTransformer, ct_jax.CompressiveTransformer]:
     """ct_torch_ref with random weights (every parameter non-zero) and the same weights in JAX."""
     torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=seed)
     jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
