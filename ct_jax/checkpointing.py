@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ct_jax.convert import atomic_write
+from ct_jax._checks import check_int
+from ct_jax.io import atomic_write
 
 STATE_ITEM, RECORD_ITEM = "state", "record"
 
@@ -38,8 +39,7 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, *, async_save: bool = True):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive int, got {keep!r}")
+        check_int("keep", keep)
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)

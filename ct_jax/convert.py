@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from ct_jax.config import ModelConfig
+from ct_jax.io import atomic_write
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 
@@ -192,23 +192,6 @@ def memory_from_torch(memory, model_or_config) -> Memory:
         jnp.asarray(mem.shape[2], jnp.int32),
         jnp.asarray(cmem.shape[2], jnp.int32),
     )
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Calls `write(tmp)` on a temporary file beside `path`, then renames it over `path`:
-    a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def save_pretrained(model: CompressiveTransformer, directory: str | os.PathLike) -> Path:

@@ -7,20 +7,21 @@ multi-file corpora are first written once to a cache file (atomically) and that 
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import os
 import re
 import shutil
 import sysconfig
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from ct_jax._checks import check_int
+from ct_jax.io import atomic_write
 
 # Standard enwik8 split (Hutter prize / Transformer-XL): train [0, 90M), validation
 # [90M, 95M), test [95M, 100M). Read at call time, so tests may monkeypatch it.
@@ -65,23 +66,16 @@ def _memmap(path: Path) -> np.ndarray:
 
 
 def _cached(cache_dir: str | os.PathLike | None, name: str, write: Callable[[BinaryIO], None]) -> np.ndarray:
-    # Temp file in the same directory + os.replace: readers (and concurrent writers, e.g.
-    # several hosts on a shared disk) see either no cache file or a complete one.
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / name
+    # atomic_write: readers (and concurrent writers, e.g. several hosts on a shared disk)
+    # see either no cache file or a complete one.
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / name
     if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
+
+        def write_file(tmp: str) -> None:
+            with open(tmp, "wb") as out:
                 write(out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+
+        atomic_write(path, write_file)
     return _memmap(path)
 
 
@@ -139,11 +133,6 @@ def _existing(path: str | os.PathLike) -> Path:
     return path
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def _walk(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str], bool]) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -156,9 +145,9 @@ def _files_corpus(
     tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int, max_bytes: int | None
 ) -> Splits:
     """Split sorted files into train / validation (file i goes to validation iff i % k == k - 1)."""
-    _check_int("validation_every", validation_every, 2)
+    check_int("validation_every", validation_every, 2)
     if max_bytes is not None:
-        _check_int("max_bytes", max_bytes, 1)
+        check_int("max_bytes", max_bytes, 1)
         # Whole files only, in sorted order, skipping any that would overflow the budget
         # (a prefix would stop at the first large file, e.g. _pydecimal.py).
         kept, total = [], 0
@@ -203,7 +192,7 @@ def load_text_file(
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
     data = _open_source(path, cache_dir)
     if max_bytes is not None:
-        _check_int("max_bytes", max_bytes, 1)
+        check_int("max_bytes", max_bytes, 1)
         data = data[:max_bytes]
     if len(data) == 0:
         raise ValueError(f"text corpus {path} is empty")
@@ -243,7 +232,7 @@ def check_window(splits: Splits, window: int) -> None:
 
 
 def _require_window(data: np.ndarray, window: int, name: str) -> None:
-    _check_int("window", window, 2)
+    check_int("window", window, 2)
     if np.ndim(data) != 1:
         raise ValueError(f"split {name!r} must be a 1-D byte array, got shape {np.shape(data)}")
     if len(data) < window:
@@ -303,11 +292,10 @@ class WindowSampler:
         self, data: np.ndarray, window: int, batch_size: int, seed: int, *, process_index: int = 0, process_count: int = 1, name: str = "train"
     ):
         _require_window(data, window, name)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("process_count", process_count, 1)
-        if isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index must be an integer in [0, {process_count}), got {process_index!r}")
+        check_int("batch_size", batch_size, 1)
+        check_int("seed", seed, 0)
+        check_int("process_count", process_count, 1)
+        check_int("process_index", process_index, 0, below=process_count)
         if batch_size % process_count:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count ({process_count})")
         self.data, self.window, self.batch_size = data, window, batch_size
@@ -338,8 +326,8 @@ class WindowSampler:
         if set(state) != {"seed", "step"}:
             raise ValueError(f"state must have keys {{'seed', 'step'}}, got {sorted(state)}")
         seed, step = int(state["seed"]), int(state["step"])
-        _check_int("state['seed']", seed, 0)
-        _check_int("state['step']", step, 0)
+        check_int("state['seed']", seed, 0)
+        check_int("state['step']", step, 0)
         self.seed, self.step = seed, step
 
 
@@ -352,9 +340,9 @@ def eval_batches(
     after the first is a target exactly once. The last batch may be short unless drop_remainder.
     """
     _require_window(data, window, name)
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     if max_batches is not None:
-        _check_int("max_batches", max_batches, 1)
+        check_int("max_batches", max_batches, 1)
     starts = np.arange((len(data) - 1) // (window - 1)) * (window - 1)
     batch_firsts = range(0, len(starts), batch_size)[:max_batches]
 

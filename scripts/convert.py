@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 
 from ct_jax import convert  # noqa: E402
 from ct_jax.config import ModelConfig  # noqa: E402
+from ct_jax.io import atomic_write  # noqa: E402
 from ct_jax.model import CompressiveTransformer  # noqa: E402
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -55,13 +56,13 @@ def _write(model: CompressiveTransformer, target: Path) -> list[Path]:
         import torch
 
         state = convert.to_torch(model)
-        convert.atomic_write(target, lambda tmp: torch.save(state, tmp))
+        atomic_write(target, lambda tmp: torch.save(state, tmp))
         return [target]
     if target.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
         weights = convert.to_numpy(model)
-        convert.atomic_write(target, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+        atomic_write(target, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
         return [target]
     convert.save_pretrained(model, target)
     return [target / convert.WEIGHTS_FILE, target / convert.CONFIG_FILE]

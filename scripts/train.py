@@ -125,10 +125,9 @@ def sample_text(model, prompt: str, length: int, *, seed: int, temperature: floa
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.fast_compile:  # as XLA_FLAGS, read when JAX starts its backend: every compile of the run gets them
-        from ct_jax.training import FAST_CPU_COMPILE
+        from ct_jax.training import xla_flags
 
-        flags = [f"--{name}={str(value).lower()}" for name, value in FAST_CPU_COMPILE.items()]
-        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags()]).strip()
     import jax
 
     if args.cpu_devices:

@@ -294,7 +294,7 @@ def test_sampler_load_state_dict_rejects_bad_state(corpus_bytes):
     sampler = data.WindowSampler(corpus_bytes, 17, 4, seed=7)
     with pytest.raises(ValueError, match=r"keys \{'seed', 'step'\}, got \['step'\]"):
         sampler.load_state_dict({"step": 3})
-    with pytest.raises(ValueError, match=r"state\['step'\] must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"state\['step'\] must be an int >= 0, got -1"):
         sampler.load_state_dict({"seed": 0, "step": -1})
 
 
@@ -314,11 +314,11 @@ def test_sampler_shards_concatenate_to_global_batch(corpus_bytes, process_count)
 def test_sampler_argument_errors(corpus_bytes):
     with pytest.raises(ValueError, match=r"batch_size \(6\) must be divisible by process_count \(4\)"):
         data.WindowSampler(corpus_bytes, 17, 6, seed=0, process_count=4)
-    with pytest.raises(ValueError, match=r"process_index must be an integer in \[0, 2\), got 2"):
+    with pytest.raises(ValueError, match=r"process_index must be an int in \[0, 2\), got 2"):
         data.WindowSampler(corpus_bytes, 17, 4, seed=0, process_index=2, process_count=2)
-    with pytest.raises(ValueError, match="window must be an integer >= 2, got 1"):
+    with pytest.raises(ValueError, match="window must be an int >= 2, got 1"):
         data.WindowSampler(corpus_bytes, 1, 4, seed=0)
-    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
         data.WindowSampler(corpus_bytes, 17, 4, seed=-1)
 
 
