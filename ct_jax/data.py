@@ -14,6 +14,7 @@ import re
 import shutil
 import sysconfig
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,6 +38,7 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 _ENWIK8_NAME = re.compile(r"enwik8(\.gz|\.zip)?")
 _COMPRESSED_SUFFIXES = (".gz", ".zip")
 _CACHE_FORMAT = "ct_jax-data-v1"
+_ARCHIVE_ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile)  # gzip.BadGzipFile is an OSError
 
 Splits = dict[str, np.ndarray]  # split name -> uint8 byte array (b,)
 
@@ -80,8 +82,11 @@ def _cached(cache_dir: str | os.PathLike | None, name: str, write: Callable[[Bin
 
 
 def _zip_member(path: Path, preferred: str | None) -> str:
-    with zipfile.ZipFile(path) as archive:
-        names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    except _ARCHIVE_ERRORS as error:
+        raise ValueError(f"{path} is not a readable zip file (corrupt or truncated?): {error}") from error
     matches = [name for name in names if preferred and name.rsplit("/", 1)[-1] == preferred]
     if len(matches) == 1:
         return matches[0]
@@ -98,12 +103,16 @@ def _open_source(path: Path, cache_dir: str | os.PathLike | None, zip_member: st
     member = _zip_member(path, zip_member) if path.suffix == ".zip" else None
 
     def write(out: BinaryIO) -> None:
-        if member is None:
-            with gzip.open(path, "rb") as source:
-                shutil.copyfileobj(source, out, 1 << 20)
-        else:
-            with zipfile.ZipFile(path) as archive, archive.open(member) as source:
-                shutil.copyfileobj(source, out, 1 << 20)
+        try:
+            if member is None:
+                with gzip.open(path, "rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 20)
+            else:
+                with zipfile.ZipFile(path) as archive, archive.open(member) as source:
+                    shutil.copyfileobj(source, out, 1 << 20)
+        except _ARCHIVE_ERRORS as error:
+            raise ValueError(f"{path} is not a readable {path.suffix[1:]} file (corrupt or truncated?): "
+                             f"{type(error).__name__}: {error}") from error
 
     name = f"{path.name}-{_fingerprint('decompressed', [path], member or '')}.bin"
     return _cached(cache_dir, name, write)
@@ -126,7 +135,10 @@ def _concatenated(tag: str, split: str, files: Sequence[Path], cache_dir: str | 
 # Corpora.
 
 
-def _existing(path: str | os.PathLike) -> Path:
+def _existing(path: str | os.PathLike, spec: str | None = None) -> Path:
+    if not os.fspath(path).strip():  # Path("") is the current directory
+        given = f"the data spec {spec!r} names no path" if spec is not None else "the corpus path is empty"
+        raise ValueError(f"{given}; give a file or folder (or no data spec for the default corpus)")
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"corpus path {str(path)!r} does not exist")
@@ -170,6 +182,8 @@ def _files_corpus(
 def load_enwik8(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, split_offsets: tuple[int, int, int] | None = None) -> Splits:
     """enwik8 (raw, .gz, or .zip holding `enwik8`) with the standard 90M / 5M / 5M train / validation / test split."""
     path = _existing(path)
+    if path.is_dir():
+        raise ValueError(f"enwik8 path {str(path)!r} is a folder; expected the enwik8 file (raw, .gz or .zip)")
     train_end, validation_end, test_end = ENWIK8_SPLIT_OFFSETS if split_offsets is None else split_offsets
     if not 0 < train_end < validation_end < test_end:
         raise ValueError(f"split_offsets must be increasing positive byte offsets, got {(train_end, validation_end, test_end)}")
@@ -231,6 +245,21 @@ def check_window(splits: Splits, window: int) -> None:
         _require_window(data, window, name)
 
 
+def fingerprint(splits: Splits, samples: int = 64, chunk: int = 4096) -> str:
+    """A cheap identity of the data: each split's name, length and `samples` spread chunks, hashed.
+
+    Recorded in checkpoints, so a resume on other data is noticed without reading a corpus whole.
+    """
+    digest = hashlib.sha256(_CACHE_FORMAT.encode())
+    for name in sorted(splits):
+        split = splits[name]
+        digest.update(f"|{name}|{len(split)}|".encode())
+        starts = np.unique(np.linspace(0, max(len(split) - chunk, 0), samples).astype(np.int64))
+        for start in starts:
+            digest.update(np.asarray(split[start : start + chunk], np.uint8).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _require_window(data: np.ndarray, window: int, name: str) -> None:
     check_int("window", window, 2)
     if np.ndim(data) != 1:
@@ -252,11 +281,11 @@ def load_corpus(
     else:
         spec = os.fspath(spec)
         if spec.startswith("enwik8:"):
-            kind, path = "enwik8", _existing(spec.removeprefix("enwik8:"))
+            kind, path = "enwik8", _existing(spec.removeprefix("enwik8:"), spec)
         elif spec.startswith("text:"):
-            kind, path = "text", _existing(spec.removeprefix("text:"))
+            kind, path = "text", _existing(spec.removeprefix("text:"), spec)
         else:
-            path = _existing(spec)
+            path = _existing(spec, spec)
             kind = "enwik8" if _ENWIK8_NAME.fullmatch(path.name) else "text"
         if kind == "enwik8":
             if max_bytes is not None:

@@ -111,7 +111,7 @@ def test_failed_decompression_leaves_no_cache(tmp_path, small_enwik8):
     path = tmp_path / "enwik8.gz"
     path.write_bytes(gzip.compress(random_bytes(1000))[:-100])  # truncated stream
     cache = tmp_path / "cache"
-    with pytest.raises(EOFError):
+    with pytest.raises(ValueError, match=rf"{path} is not a readable gz file \(corrupt or truncated\?\): EOFError"):
         data.load_enwik8(path, cache)
     assert cache_files(cache) == [], f"partial cache left behind: {cache_files(cache)}"
 
@@ -226,6 +226,33 @@ def test_missing_path_names_it(tmp_path):
         data.load_corpus(str(missing))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         data.load_corpus(f"enwik8:{missing}")
+
+
+@pytest.mark.parametrize("spec", ["", "  ", "text:", "enwik8:", "text: "])
+def test_an_empty_data_spec_is_refused_never_the_current_folder(spec):
+    with pytest.raises(ValueError, match="names no path"):
+        data.load_corpus(spec)
+
+
+def test_corrupt_archives_name_the_file(tmp_path):
+    gz, bad_zip = tmp_path / "corpus.txt.gz", tmp_path / "corpus.zip"
+    gz.write_bytes(b"\x1f\x8b not gzip at all")
+    bad_zip.write_bytes(b"PK not a zip")
+    with pytest.raises(ValueError, match=f"{gz} is not a readable gz file"):
+        data.load_corpus(str(gz), tmp_path / "cache")
+    with pytest.raises(ValueError, match=f"{bad_zip} is not a readable zip file"):
+        data.load_corpus(str(bad_zip), tmp_path / "cache")
+    with pytest.raises(ValueError, match="is a folder"):
+        data.load_corpus(f"enwik8:{tmp_path}")
+
+
+def test_fingerprint_tells_corpora_apart():
+    a = {"train": np.arange(10_000, dtype=np.uint8), "validation": np.zeros(100, np.uint8)}
+    b = {"train": a["train"].copy(), "validation": a["validation"].copy()}
+    assert data.fingerprint(a) == data.fingerprint(b)
+    b["train"][5000] += 1
+    assert data.fingerprint(a) != data.fingerprint(b)
+    assert data.fingerprint(a) != data.fingerprint({"train": a["train"][:-1], "validation": a["validation"]})
 
 
 def test_split_shorter_than_window(tmp_path):
