@@ -48,7 +48,11 @@ class Schedule(enum.Enum):
     COSINE = "cosine"  # cosine decay to `learning_rate * final_lr_ratio` at `steps`
 
 
-class NonFiniteLossError(FloatingPointError):
+class TrainingDivergedError(FloatingPointError):
+    """A loss far above its running level: the run stops without checkpointing the parameters behind it."""
+
+
+class NonFiniteLossError(TrainingDivergedError):
     """A train step produced a NaN/Inf loss or gradient; the run stops without saving it."""
 
 
@@ -73,13 +77,14 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 3
+    divergence_factor: float = 4.0  # a loss above this multiple of its running median stops the run (0: off)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "n_segments", "micro_batches", "steps", "eval_batches", "keep_checkpoints"):
             check_int(name, getattr(self, name))
         for name in ("warmup_steps", "seed", "eval_every", "checkpoint_every"):
             check_int(name, getattr(self, name), 0)
-        for name in ("learning_rate", "final_lr_ratio", "grad_clip_norm"):
+        for name in ("learning_rate", "final_lr_ratio", "grad_clip_norm", "divergence_factor"):
             check_float(name, getattr(self, name), 0.0)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
@@ -216,7 +221,7 @@ def make_eval_step(
 
 
 # Fields of TrainConfig that only the host loop reads; they do not change a compiled step.
-_LOOP_ONLY = dict(seed=0, eval_every=0, eval_batches=1, checkpoint_every=0, keep_checkpoints=1)
+_LOOP_ONLY = dict(seed=0, eval_every=0, eval_batches=1, checkpoint_every=0, keep_checkpoints=1, divergence_factor=0.0)
 
 
 _STEP_CACHE: collections.OrderedDict[tuple, tuple[DataParallel, Callable, Callable]] = collections.OrderedDict()
