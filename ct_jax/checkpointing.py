@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import sys
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +41,22 @@ def checksums(tree: Any) -> dict[str, str]:
         array = np.ascontiguousarray(np.asarray(leaf))
         out[jax.tree_util.keystr(path)] = f"{array.dtype} {list(array.shape)} {zlib.crc32(array.view(np.uint8)):08x}"
     return out
+
+
+def _silence_closed_loop_callbacks() -> None:
+    """After a failed read, tensorstore completes the other pending reads into orbax's closed
+    asyncio loop, each printing an "Event loop is closed" traceback: drop exactly those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ct_jax_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._ct_jax_filter = True
+    sys.unraisablehook = hook
 
 
 class DamagedCheckpointError(ValueError):
@@ -88,6 +105,7 @@ class Checkpoints:
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax / tensorstore raise many types for missing or damaged files
+            _silence_closed_loop_callbacks()
             message = " ".join(str(error).split())[:300]
             raise DamagedCheckpointError(f"step {step} cannot be read ({type(error).__name__}: {message})") from error
 

@@ -271,6 +271,23 @@ def _require_window(data: np.ndarray, window: int, name: str) -> None:
         )
 
 
+def _parse_spec(spec: str | os.PathLike) -> tuple[str, Path]:
+    """("enwik8" | "text", existing path) of a data spec; ValueError / FileNotFoundError otherwise."""
+    spec = os.fspath(spec)
+    if spec.startswith("enwik8:"):
+        return "enwik8", _existing(spec.removeprefix("enwik8:"), spec)
+    if spec.startswith("text:"):
+        return "text", _existing(spec.removeprefix("text:"), spec)
+    path = _existing(spec, spec)
+    return ("enwik8" if _ENWIK8_NAME.fullmatch(path.name) else "text"), path
+
+
+def check_spec(spec: str | os.PathLike | None) -> None:
+    """Raises as `load_corpus` would for an empty spec or a missing path, without reading any data."""
+    if spec is not None:
+        _parse_spec(spec)
+
+
 def load_corpus(
     spec: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *, window: int | None = None, max_bytes: int | None = None
 ) -> Splits:
@@ -279,14 +296,7 @@ def load_corpus(
     if spec is None:
         splits = load_stdlib_corpus(cache_dir, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     else:
-        spec = os.fspath(spec)
-        if spec.startswith("enwik8:"):
-            kind, path = "enwik8", _existing(spec.removeprefix("enwik8:"), spec)
-        elif spec.startswith("text:"):
-            kind, path = "text", _existing(spec.removeprefix("text:"), spec)
-        else:
-            path = _existing(spec, spec)
-            kind = "enwik8" if _ENWIK8_NAME.fullmatch(path.name) else "text"
+        kind, path = _parse_spec(spec)
         if kind == "enwik8":
             if max_bytes is not None:
                 raise ValueError(f"max_bytes={max_bytes} does not apply to enwik8's fixed splits; use 'text:{path}' for a prefix")
