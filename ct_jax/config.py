@@ -88,6 +88,9 @@ class ModelConfig:
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ModelConfig:
         """Builds a config from constructor kwargs, naming any keyword upstream does not have."""
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"model arguments must be a mapping of constructor keywords (a JSON object), "
+                            f"got {type(kwargs).__name__}: {kwargs!r:.80}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
