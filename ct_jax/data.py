@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ct_jax._checks import check_int
-from ct_jax.io import atomic_write
+from ct_jax.io import atomic_write, remove_orphan_temps
 
 # Standard enwik8 split (Hutter prize / Transformer-XL): train [0, 90M), validation
 # [90M, 95M), test [95M, 100M). Read at call time, so tests may monkeypatch it.
@@ -71,6 +71,7 @@ def _cached(cache_dir: str | os.PathLike | None, name: str, write: Callable[[Bin
     # atomic_write: readers (and concurrent writers, e.g. several hosts on a shared disk)
     # see either no cache file or a complete one.
     path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / name
+    remove_orphan_temps(path)  # of a writer killed mid-write
     if not path.exists():
 
         def write_file(tmp: str) -> None:

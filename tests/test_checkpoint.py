@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import stat
 
 import jax
 import numpy as np
@@ -58,6 +59,10 @@ def test_run_writes_checkpoints_metrics_plot_and_export(finished):
     png = (out / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("metrics.csv", "loss.png", "model/model.safetensors", "model/config.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, f"{name} ignores the umask"
     assert (out / "model" / convert.WEIGHTS_FILE).is_file() and (out / "model" / convert.CONFIG_FILE).is_file()
     assert int(result.state.step) == CONFIG.steps
 

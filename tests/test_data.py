@@ -2,6 +2,9 @@
 
 import gzip
 import os
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -407,3 +410,28 @@ def test_folder_max_bytes_keeps_whole_files_in_order(tmp_path):
     splits = data.load_folder(root, tmp_path / "cache", validation_every=2, max_bytes=35)
     # b (50 bytes) would overflow the budget and is skipped; a, c, d fit (30 bytes), e does not.
     assert splits["train"].tobytes() + splits["validation"].tobytes() == b"a" * 10 + b"d" * 10 + b"c" * 10
+
+
+def test_a_cache_write_killed_midway_leaves_no_orphan_after_the_next_load(tmp_path):
+    """A real SIGKILL while the decompressed cache is written, then the same load again."""
+    content = random_bytes(5000)
+    path = tmp_path / "corpus.txt.gz"
+    path.write_bytes(gzip.compress(content))
+    cache = tmp_path / "cache"
+    code = ("import sys, time, shutil\nfrom ct_jax import data\n"
+            "def stuck(source, out, size):\n    out.write(source.read(10)); out.flush(); print('writing', flush=True)"
+            "; time.sleep(60)\n"
+            "data.shutil = type('S', (), {'copyfileobj': staticmethod(stuck)})\n"
+            "data.load_corpus(sys.argv[1], sys.argv[2])")
+    root = Path(__file__).resolve().parent.parent
+    writer = subprocess.Popen([sys.executable, "-c", code, str(path), str(cache)], cwd=root, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(root)))
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert len(list(cache.glob(".*.tmp"))) == 1, "the kill should leave the temporary"
+    splits = data.load_corpus(str(path), cache)
+    assert splits["train"].tobytes() + splits["validation"].tobytes() == content
+    assert not list(cache.glob(".*.tmp")), f"orphan left: {list(cache.iterdir())}"

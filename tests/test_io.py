@@ -54,6 +54,19 @@ def test_atomic_write_follows_the_umask_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["file.txt"]
 
 
+def test_the_reference_checkpoint_files_follow_the_umask(tmp_path):
+    import ct_torch_ref
+
+    model = ct_torch_ref.CompressiveTransformer(num_tokens=8, dim=4, seq_len=2, depth=1, heads=1)
+    old = os.umask(0o027)
+    try:
+        ct_torch_ref.save_pretrained(model, tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+
+
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
     path = io.atomic_write(tmp_path / "f", lambda tmp: Path(tmp).write_text("old"))
 
