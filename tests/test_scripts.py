@@ -82,3 +82,12 @@ def test_convert_refuses_bad_configs_non_finite_weights_and_another_models_confi
                    "--to", str(tmp_path / "out"))
     _refused(done, f"--config differs from {other / 'config.json'}")
     assert "'enhanced_recurrence': (True, False)" in done.stderr
+
+
+@pytest.mark.parametrize("command, message", [
+    (("scripts/bench.py", "--threads", "0"), "--threads must be >= 1, got 0"),
+    (("scripts/parity.py", "--config", "{}", "--seed", "-1"), "--seed must be >= 0, got -1"),
+])
+def test_bench_and_parity_refuse_bad_counts(command, message):
+    done = _script(*command)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
