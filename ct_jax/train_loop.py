@@ -97,7 +97,7 @@ def fit(
 
 
 class _Guard:
-    """Running median of the train loss; raises when a loss is non-finite or far above it."""
+    """The running median of the train loss, and the check of a loss against it."""
 
     WINDOW, FLOOR = 16, 1.0  # losses in the median; nats below which the level counts as FLOOR
 

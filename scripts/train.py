@@ -44,6 +44,8 @@ HELP = dict(
     eval_every="validate every N steps (and at the start and end)",
     eval_batches="validation batches per evaluation",
     checkpoint_every="checkpoint every N steps (and at the end)",
+    divergence_factor="stop when a train loss exceeds this multiple of its running median (0: only NaN/Inf stop "
+    "the run); a checkpoint is written once a loss at its parameters passed this check",
 )
 
 
