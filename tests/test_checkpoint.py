@@ -226,6 +226,19 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_set_aside(fin
         np.testing.assert_array_equal(got, expected, err_msg="the rerun from step 4 must redo step 6 exactly")
 
 
+def test_flipped_bytes_that_the_storage_misses_are_caught_by_the_checksums(tmp_path):
+    checkpoints = Checkpoints(tmp_path, keep=2, async_save=False)
+    state = {"w": np.arange(100_000, dtype=np.float32)}  # stored raw: a flip is not noticed by decompression
+    checkpoints.save(1, state, {"step": 1})
+    data_file = _largest_file(tmp_path / "1" / "state")
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(checkpointing.DamagedCheckpointError, match=r"step 1 fails its checksums: 1 of 1 arrays"):
+        checkpoints.restore(state, 1)
+    checkpoints.close()
+
+
 def test_restore_verifies_the_checksums_saved_with_the_arrays(tmp_path):
     checkpoints = Checkpoints(tmp_path, keep=2, async_save=False)
     state = {"w": np.arange(1000, dtype=np.float32), "b": np.ones(3, np.float32)}
