@@ -106,7 +106,7 @@ def _run_segments(body: Callable, carry: Any, segments: _Segments) -> tuple[Any,
 def segment_losses(
     model: CompressiveTransformer,
     tokens: Int[Array, "b l"],
-    mask: Bool[Array, "b l"] | None = None,
+    mask: Bool[Array, "b _"] | None = None,
     memories: Memory | None = None,
     rng: jax.Array | None = None,
     *,
@@ -138,7 +138,7 @@ def segment_losses(
 def sequence_grads(
     model: CompressiveTransformer,
     tokens: Int[Array, "b l"],
-    mask: Bool[Array, "b l"] | None = None,
+    mask: Bool[Array, "b _"] | None = None,
     memories: Memory | None = None,
     rng: jax.Array | None = None,
     *,
@@ -182,7 +182,7 @@ def _micro_split(x: jax.Array, micro_batches: int) -> jax.Array:
 def accumulated_grads(
     model: CompressiveTransformer,
     tokens: Int[Array, "b l"],
-    mask: Bool[Array, "b l"] | None = None,
+    mask: Bool[Array, "b _"] | None = None,
     rng: jax.Array | None = None,
     *,
     micro_batches: int = 1,

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ct_jax.parity import (  # noqa: F401
+    ACCUMULATED_GRAD_RTOL,
     BF16_VS_F32_ATOL,
     BF16_VS_F32_SCALE_RTOL,
     FLOAT32_ATOL,
