@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from ct_jax._checks import check_int
 from ct_jax.generation import generate  # noqa: F401  (public here: ct_jax.autoregressive.generate)
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
@@ -230,8 +231,7 @@ def accumulated_grads(
     `(objective, lm_losses[n], aux_losses[n], grads)`, losses averaged over micro-batches.
     """
     batch = tokens.shape[0]
-    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-        raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+    check_int("micro_batches", micro_batches)
     if batch % micro_batches:
         raise ValueError(f"batch size ({batch}) must be divisible by micro_batches ({micro_batches})")
     if micro_batches == 1:

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from ct_jax._checks import check_float, check_int
 from ct_jax.autoregressive import accumulated_grads, segment_losses
 from ct_jax.config import ModelConfig
 from ct_jax.memory import Memory
@@ -30,8 +31,14 @@ from ct_jax.parallel import DataParallel, Parallel
 LN2 = math.log(2.0)
 # XLA:CPU options that cut compile time 2-3x (no LLVM optimisation, classic fusion
 # emitters) for a step ~3x slower: for tests and smoke runs, where compiling dominates.
+# The one statement of them: `compiler_options` of a jit, or `xla_flags()` for XLA_FLAGS.
 FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def xla_flags(options: dict[str, Any] = FAST_CPU_COMPILE) -> str:
+    """XLA options as XLA_FLAGS text (read when JAX starts its backend, so for every compile)."""
+    return " ".join(f"--{name}={str(value).lower()}" for name, value in options.items())
 
 
 class Schedule(enum.Enum):
@@ -48,7 +55,11 @@ class Optimizer(enum.Enum):
     SGD = "sgd"  # plain gradient descent: the update is linear in the gradient (exact-equivalence tests)
 
 
-class NonFiniteLossError(FloatingPointError):
+class TrainingDivergedError(FloatingPointError):
+    """A loss far above its running level: the run stops without checkpointing the parameters behind it."""
+
+
+class NonFiniteLossError(TrainingDivergedError):
     """A train step produced a NaN/Inf loss or gradient; the run stops without saving it."""
 
 
@@ -75,16 +86,15 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 3
+    divergence_factor: float = 4.0  # a loss above this multiple of its running median stops the run (0: off)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "n_segments", "micro_batches", "steps", "eval_batches", "keep_checkpoints"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name))
         for name in ("warmup_steps", "seed", "eval_every", "checkpoint_every"):
-            _check_int(name, getattr(self, name), 0)
-        for name in ("learning_rate", "final_lr_ratio", "grad_clip_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_int(name, getattr(self, name), 0)
+        for name in ("learning_rate", "final_lr_ratio", "grad_clip_norm", "divergence_factor"):
+            check_float(name, getattr(self, name), 0.0)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size % self.micro_batches:
@@ -105,11 +115,6 @@ class TrainConfig:
         for name in ("optimizer", "schedule", "parallel"):
             out[name] = getattr(self, name).value
         return out
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 class TrainState(NamedTuple):
@@ -233,7 +238,7 @@ def make_eval_step(
 
 
 # Fields of TrainConfig that only the host loop reads; they do not change a compiled step.
-_LOOP_ONLY = dict(seed=0, eval_every=0, eval_batches=1, checkpoint_every=0, keep_checkpoints=1)
+_LOOP_ONLY = dict(seed=0, eval_every=0, eval_batches=1, checkpoint_every=0, keep_checkpoints=1, divergence_factor=0.0)
 
 
 _STEP_CACHE: collections.OrderedDict[tuple, tuple[DataParallel, Callable, Callable]] = collections.OrderedDict()

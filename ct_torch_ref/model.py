@@ -6,6 +6,7 @@ invalid arguments raise ValueError/TypeError instead of asserting.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable, Sequence
 from functools import partial
@@ -152,9 +153,15 @@ def normalize_config(
         reconstruction_attn_dropout=_probability(
             "reconstruction_attn_dropout", reconstruction_attn_dropout
         ),
-        reconstruction_loss_weight=float(reconstruction_loss_weight),
+        reconstruction_loss_weight=_finite("reconstruction_loss_weight", reconstruction_loss_weight),
         **options,
     )
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 class CompressiveTransformer(nn.Module):
@@ -334,8 +341,8 @@ class CompressiveTransformer(nn.Module):
         """Raises TypeError/ValueError naming the argument when inputs do not fit this model."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
-        if x.dtype == torch.bool or x.dtype.is_floating_point or x.dtype.is_complex:
-            raise TypeError(f"x must have an integer dtype, got {x.dtype}")
+        if x.dtype not in (torch.int32, torch.int64):  # what nn.Embedding takes
+            raise TypeError(f"x must hold token ids as torch.int64 or torch.int32, got {x.dtype}")
         if x.ndim != 2:
             raise ValueError(f"x must have shape (batch, t), got {tuple(x.shape)}")
         b, t = x.shape

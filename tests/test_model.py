@@ -38,7 +38,7 @@ def forward():
         (dict(seq_len=-1), ValueError, r"seq_len must be a positive int"),
         (dict(mem_len=3), ValueError, r"mem_len must be at least seq_len \(4\), got 3"),
         (dict(cmem_len=1), ValueError, r"cmem_len must be at least mem_len // cmem_ratio \(4\), got 1"),
-        (dict(attn_dropout=1.5), ValueError, r"attn_dropout must be a float in \[0, 1\]"),
+        (dict(attn_dropout=1.5), ValueError, r"attn_dropout must be a finite number in \[0, 1\]"),
         (dict(bogus=1), TypeError, r"unknown model arguments \['bogus'\]"),
     ],
 )

@@ -16,13 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-from ct_jax import parallel
+from ct_jax import parallel, training
 from tests.configs import make_trainer, train_batch
 from tests.workers.parallel_train import CONFIG, SEEDS
 
 ROOT = Path(__file__).resolve().parent.parent
-# Fast XLA:CPU compiles (see ct_jax.training.FAST_CPU_COMPILE); pmap takes options only here.
-FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+FAST_XLA_FLAGS = training.xla_flags()  # fast XLA:CPU compiles; pmap takes options only as flags
 TIMEOUT = 300
 
 

@@ -304,6 +304,7 @@ BASE = dict(num_tokens=16, dim=16, seq_len=4, depth=2, heads=2)
         (dict(memory_layers=[3]), ValueError, "memory_layers"),
         (dict(memory_layers=[1.5]), TypeError, "memory_layers"),
         (dict(attn_dropout=1.5), ValueError, "attn_dropout"),
+        (dict(reconstruction_loss_weight=float("nan")), ValueError, "reconstruction_loss_weight must be a finite"),
     ],
 )
 def test_constructor_rejects_invalid_arguments(override, error, names):
@@ -325,7 +326,9 @@ def _valid_memory(batch: int = 2) -> Memory:
 @pytest.mark.parametrize(
     "kwargs, error, pattern",
     [
-        (dict(x=torch.zeros(2, 4)), TypeError, "integer dtype"),
+        (dict(x=torch.zeros(2, 4)), TypeError, "token ids as torch.int64 or torch.int32, got torch.float32"),
+        (dict(x=torch.zeros(2, 4, dtype=torch.uint8)), TypeError,
+         "token ids as torch.int64 or torch.int32, got torch.uint8"),
         (dict(x=torch.zeros(2, 4, dtype=torch.long).tolist()), TypeError, "torch.Tensor"),
         (dict(x=torch.zeros(2, 5, dtype=torch.long)), ValueError, "seq_len=4"),
         (dict(x=torch.full((2, 4), 16)), ValueError, "num_tokens=16"),

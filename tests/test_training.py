@@ -44,7 +44,7 @@ def test_schedules_warm_up_then_hold_or_decay():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+    (dict(batch_size=0), "batch_size must be a positive int, got 0"),
     (dict(micro_batches=3, batch_size=16), r"batch_size \(16\) must be divisible by micro_batches \(3\)"),
     (dict(learning_rate=float("nan")), "learning_rate must be a finite number >= 0, got nan"),
     (dict(dtype="int8"), "dtype must be one of .*, got 'int8'"),

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ct_jax.convert import atomic_write
+from ct_jax.io import atomic_write
 
 LABELS = dict(jax="ct_jax", torch="ct_torch_ref", upstream="upstream 0.4.0")
 
