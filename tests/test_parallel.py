@@ -48,7 +48,19 @@ def run(mode, devices=None):
         state, metrics = trainer.train_step(state, tokens[jax.process_index() * local : (jax.process_index() + 1) * local])
         losses.append(trainer.metrics(metrics))
     params = [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(trainer.host(state).params)]
-    return trainer, {"losses": losses, "params": params}
+    return trainer, {"losses": losses, "params": params}, state
+
+
+def device_bytes(tree):
+    # (total bytes of the arrays, bytes each device holds, paths of the replicated arrays)
+    total, per_device, replicated = 0, {}, []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        total += leaf.nbytes
+        if leaf.sharding.is_fully_replicated:
+            replicated.append(jax.tree_util.keystr(path))
+        for shard in leaf.addressable_shards:
+            per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
+    return total, sorted(per_device.values()), replicated
 """.replace("SEEDS", repr(SEEDS))
 
 
@@ -104,9 +116,12 @@ def _free_port() -> int:
 EIGHT_DEVICES = WORKER_COMMON + textwrap.dedent("""
     assert jax.device_count() == 8, jax.devices()
     out = {}
-    _, out["pmap"] = run("pmap")
-    _, out["jit on 4 devices"] = run("jit", jax.devices()[:4])  # the two-process test's reference
-    trainer, out["jit"] = run("jit")
+    _, out["pmap"], _ = run("pmap")
+    _, out["jit on 4 devices"], _ = run("jit", jax.devices()[:4])  # the two-process test's reference
+    _, out["fsdp"], state = run("fsdp")
+    out["fsdp_params"] = device_bytes(state.params)
+    out["fsdp_params_and_optimizer"] = device_bytes((state.params, state.opt_state))
+    trainer, out["jit"], _ = run("jit")
     # The memory carry is constrained to the batch sharding: (layers, b, slots, dim) split on b.
     tokens = np.zeros((CONFIG["batch_size"], CONFIG["n_segments"] * MODEL["seq_len"] + 1), np.int32)
     hlo = trainer._train.lower(trainer.place(trainer.init_state()), trainer.parallel.put_batch(tokens)).as_text()
@@ -118,7 +133,7 @@ TWO_PROCESSES = WORKER_COMMON + textwrap.dedent("""
     from ct_jax.parallel import initialize_distributed
     initialize_distributed()  # from CT_COORDINATOR_ADDRESS / CT_NUM_PROCESSES / CT_PROCESS_ID
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
-    _, out = run("jit")
+    _, out, _ = run("jit")
     print(json.dumps(out))
 """)
 @pytest.fixture(scope="module")
@@ -160,6 +175,17 @@ def test_pmap_and_mesh_jit_on_8_devices_match_one_device(workers, one_device):
     _assert_same_run("pmap on 8 devices", out["pmap"], one_device)
     _assert_same_run("jit + Mesh on 8 devices", out["jit"], one_device)
     assert out["memory_sharded"], "the jit step does not constrain the memory carry (l, b, m, d) to split b on 'data'"
+
+
+def test_fsdp_on_8_devices_matches_one_device_with_an_eighth_of_the_state_each(workers, one_device):
+    out = _result(*workers["8 devices"], "8-device worker")
+    _assert_same_run("fsdp on 8 devices", out["fsdp"], one_device)
+    for name in ("fsdp_params", "fsdp_params_and_optimizer"):
+        total, per_device, replicated = out[name]
+        assert len(per_device) == 8, f"{name}: held by {len(per_device)} devices"
+        # every parameter of the tiny model has an axis 8 divides: only scalars (Adam's count) stay whole
+        assert max(per_device) <= total / 8 + 64, f"{name}: a device holds {max(per_device)} of {total} bytes"
+        assert all("count" in path for path in replicated), f"{name}: replicated arrays {replicated}"
 
 
 @pytest.mark.slow
