@@ -74,7 +74,7 @@ class SelfAttention(nnx.Module):
         self,
         x: Float[Array, "b t d"],
         pos_emb: Float[Array, "h r dh"],
-        total_mem_valid: Int[Array, ""],
+        total_mem_valid: Int[Array, " b"],
         mask: Bool[Array, "b t"] | None = None,
         layer_memory: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
         rngs: nnx.Rngs | None = None,
@@ -82,8 +82,9 @@ class SelfAttention(nnx.Module):
         """Returns (output, updated (mem, cmem, mem_valid, cmem_valid) or None, aux loss).
 
         `x` is the layer-normed input; `layer_memory` is this layer's buffers and counts
-        (None for a layer without memory); `total_mem_valid` is the valid length of the
-        memory layers' `cmem|mem`, which sets the positional rows for every layer.
+        (None for a layer without memory); `total_mem_valid` is each row's valid length of
+        the memory layers' `cmem|mem`, which sets that row's positional rows in every layer.
+        Counts are per row: each row computes what it would alone.
         """
         config = self.config
         b, t, _ = x.shape
@@ -91,7 +92,7 @@ class SelfAttention(nnx.Module):
         x = x.astype(self.dtype)
         if layer_memory is None:
             mem = cmem = jnp.zeros((b, 0, x.shape[-1]), x.dtype)
-            mem_valid = cmem_valid = jnp.zeros((), jnp.int32)
+            mem_valid = cmem_valid = jnp.zeros((b,), jnp.int32)
         else:
             mem, cmem, mem_valid, cmem_valid = layer_memory
             mem, cmem = mem.astype(x.dtype), cmem.astype(x.dtype)
@@ -110,9 +111,10 @@ class SelfAttention(nnx.Module):
         # Visible pairs (p <= n_buffer + a) read window rows p + t - 1 - a <= keys - 1, so
         # `keys` rows suffice (not keys + t - 1): future pairs read wrapped values, which the
         # causal mask below overwrites. A third less q.P work and a smaller skew.
-        first_row = total_mem_valid + config.seq_len - 1 - n_buffer - (t - 1)
-        window = position_window(pos_emb.astype(q.dtype), first_row, keys)
-        pos_dots = jnp.einsum("bhid,hjd->bhij", q, window) * scale
+        first_row = total_mem_valid + config.seq_len - 1 - n_buffer - (t - 1)  # (b,)
+        window = jax.vmap(position_window, in_axes=(None, 0, None))(pos_emb.astype(q.dtype), first_row, keys)
+        # [b, h, t, keys] = q [b, h, t, dh] . window [b, h, keys, dh]
+        pos_dots = jnp.einsum("bhid,bhjd->bhij", q, window) * scale
         dots = (dots + relative_shift(pos_dots, keys)).astype(wide(self.dtype))
 
         query_pos = n_buffer + jnp.arange(t)[:, None]
@@ -126,10 +128,11 @@ class SelfAttention(nnx.Module):
         # Masked logits get -finfo.max as upstream (a fully masked row is uniform, not NaN);
         # buffer slots not yet valid get exactly zero weight.
         dots = jnp.where(visible, dots, -jnp.finfo(dots.dtype).max)
-        slot_valid = jnp.concatenate(
-            [memlib.valid_slots(n_cmem, cmem_valid), memlib.valid_slots(n_mem, mem_valid), jnp.ones((t,), bool)]
+        slot_valid = jnp.concatenate(  # (b, keys)
+            [memlib.valid_slots(n_cmem, cmem_valid), memlib.valid_slots(n_mem, mem_valid), jnp.ones((b, t), bool)],
+            axis=-1,
         )
-        attn = masked_softmax(dots, slot_valid[None, None, None, :]).astype(v.dtype)
+        attn = masked_softmax(dots, slot_valid[:, None, None, :]).astype(v.dtype)
         attn = self.attn_dropout(attn, rngs=rngs)
         out = rearrange(jnp.einsum("bhij,bhjd->bhid", attn, v), "b h t d -> b t (h d)")
         out = self.dropout(self.to_out(out), rngs=rngs)
@@ -140,7 +143,7 @@ class SelfAttention(nnx.Module):
 
         new_mem_valid = jnp.minimum(mem_valid + t, config.mem_len)
         new_mem = jnp.concatenate([mem, x], axis=1)[:, t:]
-        new_mem = jnp.where(memlib.valid_slots(n_mem, new_mem_valid)[None, :, None], new_mem, 0)
+        new_mem = jnp.where(memlib.valid_slots(n_mem, new_mem_valid)[:, :, None], new_mem, 0)
         if config.cmem_len == 0:
             return out, (new_mem, cmem, new_mem_valid, cmem_valid), aux_loss
 
@@ -162,13 +165,14 @@ class SelfAttention(nnx.Module):
         comp_k, comp_v = map(self._heads, jnp.split(comp_kv, 2, axis=-1))
         target = self._full_attention(q_sg, mem_k, mem_v, memlib.valid_slots(n_mem, mem_valid), rngs)
         recon = self._full_attention(q_sg, comp_k, comp_v, memlib.valid_slots(compressed.shape[1], n_compressed), rngs)
-        mse = jnp.mean(jnp.square(target.astype(aux_loss.dtype) - recon.astype(aux_loss.dtype)))
-        aux_loss = jnp.where(n_compressed > 0, mse, 0.0)
+        # per row (a row alone gives its own), 0 for rows that compressed nothing; the batch's is their mean
+        mse = jnp.mean(jnp.square(target.astype(aux_loss.dtype) - recon.astype(aux_loss.dtype)), axis=(1, 2, 3))
+        aux_loss = jnp.mean(jnp.where(n_compressed > 0, mse, 0.0))
         return out, new_memory, aux_loss
 
     def _full_attention(self, q, k, v, valid, rngs) -> jax.Array:
         """Unmasked attention over the valid slots, as upstream's `full_attn`."""
         dots = jnp.einsum("bhid,bhjd->bhij", q, k) * self.config.dim_head**-0.5
-        attn = masked_softmax(dots, valid[None, None, None, :]).astype(v.dtype)
+        attn = masked_softmax(dots, valid[:, None, None, :]).astype(v.dtype)
         attn = self.reconstruction_attn_dropout(attn, rngs=rngs)
         return jnp.einsum("bhij,bhjd->bhid", attn, v)

@@ -188,8 +188,9 @@ def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_m
     if net.to_model_dim is not None:
         x = net.to_model_dim(x)
     mask = window_mask
-    memory_valid = jnp.concatenate([valid_slots(config.cmem_len, memory.compressed_mem_valid),
-                                    valid_slots(config.mem_len, memory.mem_valid)])
+    # Every row of a generation is advanced by the same windows, so all rows hold equal memory: row 0's counts.
+    memory_valid = jnp.concatenate([valid_slots(config.cmem_len, memory.compressed_mem_valid[0]),
+                                    valid_slots(config.mem_len, memory.mem_valid[0])])
     pos_emb = net.pos_emb[...]
     caches = []
     for index, (attn, ff) in enumerate(zip(net.attn_layers, net.ff_layers)):
@@ -198,7 +199,7 @@ def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_m
             x = jnp.concatenate([x] * n_variants)  # (V*b, n, d), variant-major
             mask = jnp.concatenate([window_mask] * n_variants)
         layer_kv = memory_kv[config.memory_layers.index(layer)] if layer in config.memory_layers else None
-        y, cache = _attend_cached(attn.fn, attn.normed(x), pos_emb, memory.total_valid, start, end, mask,
+        y, cache = _attend_cached(attn.fn, attn.normed(x), pos_emb, memory.total_valid[0], start, end, mask,
                                   layer_kv, memory_valid, cache_kv[index])
         caches.append(cache)
         x = attn.join(y, x)

@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ct_jax.sharding import FSDP_RULES, tree_shardings
+from ct_jax.sharding import DATA_RULES, FSDP_RULES, batch_axis, tree_shardings
 
 AXIS = "data"  # the batch axis of the mesh, and pmap's axis name
 
@@ -143,7 +143,7 @@ class DataParallel:
             self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
             self.replicated = NamedSharding(self.mesh, PartitionSpec())
             self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
-            self.rules = FSDP_RULES if self.mode is Parallel.FSDP else ()
+            self.rules = FSDP_RULES if self.mode is Parallel.FSDP else DATA_RULES
 
     @property
     def device_count(self) -> int:
@@ -155,10 +155,10 @@ class DataParallel:
         return AXIS if self.mode is Parallel.PMAP else None
 
     def memory_sharding(self) -> tuple[NamedSharding, NamedSharding] | None:
-        """(buffers, counts) shardings of the memory carry: buffers `(l, b, m, d)` split along b."""
+        """(buffers, counts) shardings of the memory carry: buffers `(l, b, m, d)` and counts `(b,)` split along b."""
         if self.mode not in (Parallel.JIT, Parallel.FSDP):
             return None
-        return NamedSharding(self.mesh, PartitionSpec(None, AXIS)), self.replicated
+        return NamedSharding(self.mesh, PartitionSpec(None, AXIS)), self.batch_sharding
 
     def state_shardings(self, state: Any) -> Any:
         """Mesh modes: the sharding of every leaf of a state (or step output) pytree, by its logical axes."""
@@ -177,9 +177,29 @@ class DataParallel:
         if self.mode is Parallel.NONE:
             return jax.device_put(state, self.devices[0])
         if self.mode is Parallel.PMAP:
-            n = jax.local_device_count()
-            return jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state), self.stacked)
+            return jax.device_put(jax.tree_util.tree_map_with_path(self._pmap_stack, state), self.stacked)
         return jax.tree.map(_place_global, state, self.state_shardings(state))
+
+    def _pmap_stack(self, path, x) -> np.ndarray:
+        # (local devices, ...): a copy per device, or (arrays with a batch axis) this process's rows split
+        x, n = np.asarray(x), jax.local_device_count()
+        axis = batch_axis(path, x.ndim)
+        if axis is None:
+            return np.stack([x] * n)
+        rows = x.shape[axis] // self.process_count
+        x = np.take(x, np.arange(self.process_index * rows, (self.process_index + 1) * rows), axis=axis)
+        return np.stack(np.split(x, n, axis=axis))
+
+    def _pmap_unstack(self, path, x) -> np.ndarray:
+        # the inverse of _pmap_stack: one copy, or every device's (and process's) rows joined
+        axis = batch_axis(path, x.ndim - 1)
+        if axis is None:
+            return np.asarray(x[0])
+        local = np.concatenate(list(np.asarray(x)), axis=axis)
+        if self.process_count == 1:
+            return local
+        gathered = multihost_utils.process_allgather(np.moveaxis(local, axis, 0), tiled=True)
+        return np.moveaxis(np.asarray(gathered), 0, axis)
 
     def get_state(self, state: Any) -> Any:
         """One whole host copy (numpy) of a placed pytree: for checkpoints and export.
@@ -188,13 +208,16 @@ class DataParallel:
         step, and an asynchronous checkpoint must not see the buffer change under it.
         """
         if self.mode is Parallel.PMAP:
-            state = jax.tree.map(lambda x: x[0], state)
+            state = jax.tree_util.tree_map_with_path(self._pmap_unstack, state)
         elif self.mode in (Parallel.JIT, Parallel.FSDP):
             state = jax.tree.map(_host_copy, state)
         return jax.tree.map(lambda x: np.array(x, copy=True), state)
 
-    def put_batch(self, local_batch: np.ndarray) -> jax.Array:
-        """This process's rows of the global batch (b_local, ...), placed for the step."""
+    def put_batch(self, local_batch: Any) -> Any:
+        """This process's rows of the global batch (an array or a pytree of arrays, (b_local, ...)), placed for the step."""
+        return jax.tree.map(self._put_rows, local_batch)
+
+    def _put_rows(self, local_batch: np.ndarray) -> jax.Array:
         if self.mode is Parallel.NONE:
             return jax.device_put(local_batch, self.devices[0])
         if self.mode is Parallel.PMAP:

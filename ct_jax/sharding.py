@@ -5,7 +5,8 @@ and a rule table, in priority order, says which mesh axis each name may be split
 array is split along the first of its axes (in rule order) whose rule names a mesh axis the
 array does not use yet and whose size that mesh axis divides; every other axis is whole.
 Optimizer states (Adam's `mu`, `nu`) mirror the parameters' paths, so they get the same
-layout; scalars (step counts, RNG keys) are replicated.
+layout; the memory carried between training steps has a `batch` axis, split like the
+tokens; scalars (step counts, RNG keys) are replicated.
 """
 
 from __future__ import annotations
@@ -33,11 +34,19 @@ PARAM_AXES: dict[str | tuple[str, str], tuple[str, ...]] = {
     ("up", "kernel"): ("mlp", "embed"),  # Mogrifier's low-rank up-projection
     ("to_logits", "kernel"): ("embed", "vocab"),
     ("to_logits", "bias"): ("vocab",),
+    # the memory carried in the train state (ct_jax.Memory's fields)
+    "mem": ("layers", "batch", "slots", "embed"),
+    "compressed_mem": ("layers", "batch", "slots", "embed"),
+    "mem_valid": ("batch",),
+    "compressed_mem_valid": ("batch",),
 }
+
+# Data parallelism: only batch axes are split; parameters and optimizer state are replicated.
+DATA_RULES: tuple[tuple[str, str], ...] = (("batch", "data"),)
 
 # Fully sharded data parallelism: every parameter split over the batch axis `data` (by its
 # embedding axis where it divides, else the next name here); XLA gathers what a layer needs.
-FSDP_RULES: tuple[tuple[str, str], ...] = (
+FSDP_RULES: tuple[tuple[str, str], ...] = DATA_RULES + (
     ("embed", "data"), ("mlp", "data"), ("vocab", "data"), ("relative_position", "data"), ("heads", "data"),
     ("head_dim", "data"), ("window", "data"),
 )
@@ -57,6 +66,12 @@ def logical_axes(path: Sequence[Any], ndim: int) -> tuple[str | None, ...]:
         if axes is not None and len(axes) == ndim:
             return axes
     return (None,) * ndim
+
+
+def batch_axis(path: Sequence[Any], ndim: int) -> int | None:
+    """The index of the `batch` axis of the array at `path`, or None (a parameter, a scalar)."""
+    axes = logical_axes(path, ndim)
+    return axes.index("batch") if "batch" in axes else None
 
 
 def partition_spec(axes: Sequence[str | None], shape: Sequence[int], rules: Sequence[tuple[str, str]],

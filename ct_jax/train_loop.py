@@ -59,8 +59,17 @@ def fit(
     progress: bool = True,
     log: Callable[[str], Any] = print,
     compiler_options: dict[str, Any] | None = None,
+    documents: dict[str, np.ndarray] | None = None,
 ) -> FitResult:
     """Trains on `splits['train']`, validating on `splits['validation']`, writing into `out_dir`.
+
+    `config.data_order` streams: `batch_size` streams through the training documents
+    (`documents`: split name -> document start offsets, as `ct_jax.streams.document_starts`
+    gives; absent: one document per split) with the memory carried across steps, and
+    validation with `ct_jax.evaluation.evaluate_stream` (periodically over `eval_segments`
+    segments per stream, or the whole split; at the end the whole split, and `splits['test']`
+    if there is one, as `test_bpb`). Windows: random windows from empty memory, validated on
+    `eval_batches` sequential windows.
 
     Files: `checkpoints/` (orbax, every `checkpoint_every` steps and at the end, the last
     `keep_checkpoints` kept), `metrics.csv` (rewritten atomically at every checkpoint),
@@ -79,11 +88,15 @@ def fit(
     checkpoints = Checkpoints(out_dir / "checkpoints", config.keep_checkpoints)
     try:
         start, record = _resume_point(checkpoints, model_config, config, resume, say)
-        run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead)
+        run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead, documents or {})
         if record is not None:
             run.resume(start, record)
             say(f"resumed from step {start} of {config.steps} ({checkpoints.directory})")
         run.loop(start, progress and lead)
+        if "test" in splits and run.trainer.streaming and start < config.steps:
+            test_bpb = run.evaluate("test", progress and lead)
+            run.history.add(config.steps, test_bpb=test_bpb)
+            say(f"test: {test_bpb:.4f} bits/byte (whole split, streamed)")
         checkpoints.wait()
         host_state = run.trainer.host(run.state)
         model = run.trainer.load_params(host_state.params)
@@ -102,24 +115,43 @@ class _Run:
     """The state of one `fit`: trainer, placed state, data sampler, metrics and checkpoints."""
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, splits: dict[str, np.ndarray], out_dir: Path,
-                 checkpoints: Checkpoints, compiler_options: dict[str, Any] | None, lead: bool):
-        from ct_jax.data import WindowSampler
+                 checkpoints: Checkpoints, compiler_options: dict[str, Any] | None, lead: bool,
+                 documents: dict[str, np.ndarray]):
+        from ct_jax.streams import check_starts
 
         self.model_config, self.config, self.checkpoints, self.lead = model_config, config, checkpoints, lead
         self.trainer = Trainer(create_model(model_config, config), config, compiler_options=compiler_options)
-        parallel = self.trainer.parallel
-        self.validation = splits["validation"]
+        self.splits, self.validation = splits, splits["validation"]
+        self.documents = {name: check_starts(split, documents.get(name), name) for name, split in splits.items()}
+        self.sampler = self._stream_sampler() if self.trainer.streaming else self._window_sampler()
+        self.history = MetricsLog(out_dir / "metrics.csv")
+        self.history.truncate(-1)
+        self.state = self.trainer.place(self.trainer.init_state())
+
+    def _stream_sampler(self):
+        from ct_jax.streams import StreamSampler
+
+        config, parallel = self.config, self.trainer.parallel
+        for name, split in self.splits.items():
+            if name != "train" and len(split) // config.batch_size < 2:
+                raise ValueError(f"the {name} split ({len(split)} bytes) is too short for batch_size="
+                                 f"{config.batch_size} streams of 2 bytes or more")
+        return StreamSampler(self.splits["train"], self.documents["train"], self.model_config.seq_len,
+                             config.n_segments, config.batch_size, config.seed,
+                             process_index=parallel.process_index, process_count=parallel.process_count)
+
+    def _window_sampler(self):
+        from ct_jax.data import WindowSampler
+
+        config, parallel = self.config, self.trainer.parallel
         n_windows = (len(self.validation) - 1) // (self.trainer.window - 1)
         if n_windows < config.batch_size:
             raise ValueError(
                 f"the validation split ({len(self.validation)} bytes) holds {n_windows} windows of "
                 f"{self.trainer.window} bytes, fewer than one batch (batch_size={config.batch_size})"
             )
-        self.sampler = WindowSampler(splits["train"], self.trainer.window, config.batch_size, config.seed,
-                                     process_index=parallel.process_index, process_count=parallel.process_count)
-        self.history = MetricsLog(out_dir / "metrics.csv")
-        self.history.truncate(-1)
-        self.state = self.trainer.place(self.trainer.init_state())
+        return WindowSampler(self.splits["train"], self.trainer.window, config.batch_size, config.seed,
+                             process_index=parallel.process_index, process_count=parallel.process_count)
 
     def resume(self, step: int, record: dict[str, Any]) -> None:
         """Adopts checkpoint `step`: state, data position and the metrics up to it."""
@@ -129,10 +161,18 @@ class _Run:
         self.history = MetricsLog(self.history.path)
         self.history.truncate(step)
 
-    def evaluate(self) -> float:
+    def evaluate(self, split: str = "validation", progress: bool = False, whole: bool = False) -> float:
+        """Bits per byte of a split: streamed (memory carried; `eval_segments` per stream unless
+        `whole`), or on `eval_batches` sequential windows from empty memory."""
         from ct_jax.data import eval_batches
+        from ct_jax.evaluation import evaluate_stream
 
         config = self.config
+        if self.trainer.streaming:
+            model = self.trainer.load_params(self.trainer.host(self.state).params)
+            return evaluate_stream(model, self.splits[split], config.batch_size, document_starts=self.documents[split],
+                                   max_segments=None if whole else config.eval_segments or None, progress=progress,
+                                   name=split)
         batches = eval_batches(self.validation, self.trainer.window, config.batch_size, config.eval_batches,
                                drop_remainder=True)
         return self.trainer.evaluate(self.state, batches)
@@ -183,7 +223,7 @@ class _Run:
                     record(pending)
                     pending = None
                     if evaluate_now:
-                        val_bpb = self.evaluate()
+                        val_bpb = self.evaluate(whole=step == config.steps, progress=progress)
                         self.history.add(step, val_bpb=val_bpb)
                         if progress:
                             bar.write(f"step {step}: validation {val_bpb:.4f} bits/byte")

@@ -28,7 +28,7 @@ from ct_jax.config import ModelConfig  # noqa: E402  (no JAX import yet: flags c
 # train in a few minutes on 2 CPU cores; the learning rate is a small model's, not upstream's 1e-4.
 MODEL_DEFAULTS = dict(num_tokens=256, dim=64, depth=2, seq_len=32, mem_len=32, cmem_len=8, cmem_ratio=4, heads=4)
 TRAIN_DEFAULTS = dict(batch_size=16, n_segments=4, steps=400, learning_rate=3e-3, schedule="cosine", warmup_steps=50,
-                      eval_every=50, eval_batches=4, checkpoint_every=100)
+                      data_order="streams", eval_every=50, eval_batches=4, checkpoint_every=100)
 DEFAULT_OUT = "runs/train"
 HELP = dict(
     memory_layers="layers (1-based) that keep memory; default: all",
@@ -42,7 +42,11 @@ HELP = dict(
     remat="keep only weight-matmul outputs, recompute attention scores and elementwise ops in the backward (less memory, more compute)",
     parallel="auto: jit over a device mesh when JAX sees several devices, else none",
     eval_every="validate every N steps (and at the start and end)",
-    eval_batches="validation batches per evaluation",
+    eval_batches="validation batches per evaluation (data order windows)",
+    data_order="streams: batch_size streams through the documents, memory carried across steps, validation over "
+               "the whole split with memory carried; windows: random windows from empty memory (upstream's example)",
+    eval_segments="data order streams: periodic validation over this many segments per stream (0: the whole "
+                  "split); the last validation always covers the whole split",
     checkpoint_every="checkpoint every N steps (and at the end)",
 )
 
@@ -75,12 +79,12 @@ def _add_dataclass_flags(group, cls, defaults: dict, choices: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from ct_jax.training import DTYPES, Parallel, Schedule, TrainConfig  # imports JAX, configures nothing
+    from ct_jax.training import DTYPES, DataOrder, Parallel, Schedule, TrainConfig  # imports JAX, configures nothing
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_dataclass_flags(parser.add_argument_group("model"), ModelConfig, MODEL_DEFAULTS, {})
     choices = dict(schedule=[s.value for s in Schedule], dtype=sorted(DTYPES),
-                   parallel=["auto"] + [p.value for p in Parallel])
+                   parallel=["auto"] + [p.value for p in Parallel], data_order=[d.value for d in DataOrder])
     train_defaults = dict(TRAIN_DEFAULTS, parallel="auto")
     _add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, train_defaults, choices)
     run = parser.add_argument_group("run")
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-    from ct_jax import data, parallel, train_loop, training
+    from ct_jax import data, parallel, streams, train_loop, training
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     model_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)}
@@ -157,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
         f"parallel={config.parallel.value}; out: {out}")
     started = time.perf_counter()
+    documents = streams.document_starts(args.data, max_bytes=args.max_bytes)
     result = train_loop.fit(model_config, config, splits, out, resume=args.resume, progress=args.progress and lead,
-                          log=say)
+                          log=say, documents=documents)
     steps, val = result.history.column("val_bpb")
     if val:
         say(f"validation bits/byte: {val[0]:.3f} (step {steps[0]}) -> {val[-1]:.3f} (step {steps[-1]}); "
