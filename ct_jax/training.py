@@ -42,6 +42,13 @@ class Schedule(enum.Enum):
     COSINE = "cosine"  # cosine decay to `learning_rate * final_lr_ratio` at `steps`
 
 
+class Optimizer(str, enum.Enum):
+    """The update rule after clipping."""
+
+    ADAM = "adam"  # upstream's example
+    SGD = "sgd"  # plain gradient descent: the update is linear in the gradient (exact-equivalence tests)
+
+
 class DataOrder(enum.Enum):
     """How training rows are drawn."""
 
@@ -62,6 +69,7 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the batch runs in this many chunks
     steps: int = 1000
     learning_rate: float = 1e-4
+    optimizer: Optimizer = Optimizer.ADAM
     schedule: Schedule = Schedule.CONSTANT
     warmup_steps: int = 0
     final_lr_ratio: float = 0.1
@@ -90,6 +98,7 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size % self.micro_batches:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
+        object.__setattr__(self, "optimizer", Optimizer(self.optimizer))
         object.__setattr__(self, "schedule", Schedule(self.schedule))
         object.__setattr__(self, "parallel", Parallel(self.parallel))
         object.__setattr__(self, "data_order", DataOrder(self.data_order))
@@ -101,7 +110,7 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (enums by value), as stored in checkpoints."""
         out = dataclasses.asdict(self)
-        out["schedule"], out["parallel"] = self.schedule.value, self.parallel.value
+        out["optimizer"], out["schedule"], out["parallel"] = self.optimizer.value, self.schedule.value, self.parallel.value
         out["data_order"] = self.data_order.value
         return out
 
@@ -134,11 +143,12 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping then Adam (upstream's example: lr 1e-4, clip 0.5)."""
-    adam = optax.adam(learning_rate_schedule(config))
+    """Global-norm clipping then Adam (upstream's example: lr 1e-4, clip 0.5) or SGD."""
+    rule = optax.adam if config.optimizer is Optimizer.ADAM else optax.sgd
+    update = rule(learning_rate_schedule(config))
     if config.grad_clip_norm == 0:
-        return adam
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
+        return update
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), update)
 
 
 def create_model(model_config: ModelConfig | dict[str, Any], config: TrainConfig) -> CompressiveTransformer:

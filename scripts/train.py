@@ -35,6 +35,7 @@ HELP = dict(
     batch_size="global rows per step (split over devices and processes)",
     n_segments="segments of seq_len bytes per row, scanned with the memory as carry",
     micro_batches="gradient accumulation: each step runs the batch in this many chunks",
+    optimizer="update rule after clipping (sgd: linear in the gradient)",
     warmup_steps="linear warmup from 0 (both schedules)",
     final_lr_ratio="cosine schedule: the final learning rate as a fraction of --learning-rate",
     grad_clip_norm="global-norm gradient clipping (0: off)",
@@ -79,11 +80,11 @@ def _add_dataclass_flags(group, cls, defaults: dict, choices: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from ct_jax.training import DTYPES, DataOrder, Parallel, Schedule, TrainConfig  # imports JAX, configures nothing
+    from ct_jax.training import DTYPES, DataOrder, Optimizer, Parallel, Schedule, TrainConfig  # imports JAX only
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_dataclass_flags(parser.add_argument_group("model"), ModelConfig, MODEL_DEFAULTS, {})
-    choices = dict(schedule=[s.value for s in Schedule], dtype=sorted(DTYPES),
+    choices = dict(optimizer=[o.value for o in Optimizer], schedule=[s.value for s in Schedule], dtype=sorted(DTYPES),
                    parallel=["auto"] + [p.value for p in Parallel], data_order=[d.value for d in DataOrder])
     train_defaults = dict(TRAIN_DEFAULTS, parallel="auto")
     _add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, train_defaults, choices)
