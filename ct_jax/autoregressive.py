@@ -51,7 +51,7 @@ def _split_segments(x: jax.Array, seq_len: int) -> tuple[jax.Array | None, jax.A
 class _Segments(NamedTuple):
     """A sequence cut for the segment loop: stacked full segments (scan inputs) and a short tail."""
 
-    full: tuple | None  # (inputs, targets, masks, keys, resets), each (n_full, b, seq_len, ...) / (n_full, ...)
+    full: tuple | None  # (inputs, targets, masks, keys, resets[, LM denominators]), (n_full, b, seq_len, ...) / (n_full, ...)
     tail: tuple | None  # (inputs, targets, mask, key, None) of the last, shorter segment
 
 
@@ -90,17 +90,21 @@ def _cut(inputs: jax.Array, targets: jax.Array, mask: jax.Array | None, resets: 
 
 
 def _segment_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ignore_index: int):
-    """`loss(params, memories, inputs, targets, mask, key, reset) -> (lm + aux, (memories, lm, aux))` of one segment.
+    """`loss(params, memories, inputs, targets, mask, key, reset, denominator) -> (lm + aux, (memories, lm, aux))`.
 
-    `reset` (b,) bool or None: those rows' memory is emptied first (a new document)."""
+    `reset` (b,) bool or None: those rows' memory is emptied first (a new document).
+    `denominator`: divides the summed token NLL (None: the mean over this segment's targets)."""
 
-    def loss(params, memories, inputs, targets, mask, key, reset):
+    def loss(params, memories, inputs, targets, mask, key, reset, denominator=None):
         if reset is not None:
             memories = memories.reset(reset)
         net = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=key) if key is not None else None
         logits, memories, aux = net(inputs, memories, mask, rngs=rngs)
-        lm = cross_entropy(logits, targets, ignore_index)
+        if denominator is None:
+            lm = cross_entropy(logits, targets, ignore_index)
+        else:
+            lm = token_nll(logits, targets, ignore_index)[0] / denominator
         return lm + aux, (memories, lm, aux)
 
     return loss
@@ -296,18 +300,30 @@ def stream_grads(
     micro_batches: int = 1,
     ignore_index: int = IGNORE_INDEX,
     remat: bool = False,
+    axis_name: str | None = None,
 ) -> tuple[Float[Array, ""], Float[Array, " n"], Float[Array, " n"], nnx.State, Memory]:
     """`accumulated_grads` for a streamed batch (`ct_jax.streams.StreamBatch`, n * seq_len per row).
 
     Each row continues from its row of `memories` (the whole batch's, carried from the last
     step), emptied before the segments `batch.resets` marks; padded positions have ignored
-    targets. Returns `(objective, lm_losses[n], aux_losses[n], grads, final memories)`.
+    targets. Padding makes rows count different numbers of targets, so each segment's LM
+    loss is the token mean over the whole batch (every micro-batch, and under `pmap` every
+    device on `axis_name`, divides its NLL sum by the whole batch's count): the mean over
+    micro-batches (and the `pmean` over devices) is the whole batch's loss and gradient.
+    Returns `(objective, lm_losses[n], aux_losses[n], grads, final memories)`.
     """
-    _check_micro_batches(batch.inputs.shape[0], micro_batches)
+    b = batch.inputs.shape[0]
+    _check_micro_batches(b, micro_batches)
     seq_len = model.config.seq_len
+    counted = jnp.sum((batch.targets != ignore_index).reshape(b, -1, seq_len), axis=(0, 2))  # (n,)
+    shares = micro_batches
+    if axis_name is not None:
+        counted, shares = jax.lax.psum(counted, axis_name), shares * jax.lax.psum(1, axis_name)
+    denominators = jnp.maximum(counted, 1).astype(jnp.float32) / shares
 
     def run(net, rows, memories, key):
         segments = _cut(rows.inputs, rows.targets, rows.mask, rows.resets, key, seq_len)
+        segments = segments._replace(full=(*segments.full, denominators))
         return _grads(net, segments, memories, ignore_index, remat)
 
     if micro_batches == 1:

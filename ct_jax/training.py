@@ -211,7 +211,8 @@ def make_train_step(
         memory = state.memory
         if config.data_order is DataOrder.STREAMS:
             loss, lm, aux, grads, memory = stream_grads(
-                net, tokens, state.memory, key, micro_batches=config.micro_batches, remat=config.remat
+                net, tokens, state.memory, key, micro_batches=config.micro_batches, remat=config.remat,
+                axis_name=axis_name,
             )
             memory = constrained(memory)
         else:

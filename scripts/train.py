@@ -166,9 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     result = train_loop.fit(model_config, config, splits, out, resume=args.resume, progress=args.progress and lead,
                           log=say, documents=documents)
     steps, val = result.history.column("val_bpb")
+    how = ("whole split, memory streamed" if config.data_order is training.DataOrder.STREAMS
+           else f"{config.eval_batches} batches of windows from empty memory")
     if val:
-        say(f"validation bits/byte: {val[0]:.3f} (step {steps[0]}) -> {val[-1]:.3f} (step {steps[-1]}); "
+        say(f"validation bits/byte: {val[0]:.3f} (step {steps[0]}) -> {val[-1]:.3f} (step {steps[-1]}, {how}); "
             f"{time.perf_counter() - started:.0f}s")
+    _, test = result.history.column("test_bpb")
+    if test:
+        say(f"test bits/byte: {test[-1]:.3f} ({how})")
     say(f"wrote {out / 'metrics.csv'}, {out / 'loss.png'}, {out / 'model'} (model.safetensors + config.json)")
     if lead and args.sample_length > 0:
         prompt = args.prompt if args.prompt is not None else data.decode_bytes(splits["validation"][:64])

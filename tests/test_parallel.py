@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from ct_jax import parallel
+from ct_jax import parallel, streams
 from tests.test_training import CONFIG as TRAIN_CONFIG
 from tests.test_training import MODEL, batch, make_trainer
 
@@ -37,7 +37,7 @@ WORKER_COMMON = """
 import json, re, sys
 import numpy as np
 import jax
-from ct_jax import training
+from ct_jax import streams, training
 
 MODEL, CONFIG = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 
@@ -56,6 +56,23 @@ def run(mode, devices=None):
     return trainer, {"losses": losses, "params": params}, state
 
 
+def run_streams(mode, devices=None):
+    # three steps of streamed training: this process's streams, the memory carried in the state
+    config = training.TrainConfig(**dict(CONFIG, parallel=mode, data_order="streams"))
+    trainer = training.Trainer(training.create_model(MODEL, config), config, devices=devices)
+    state = trainer.place(trainer.init_state())
+    sampler = streams.StreamSampler(STREAM_SPLIT, STREAM_STARTS, MODEL["seq_len"], config.n_segments,
+                                    config.batch_size, 0, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    losses = []
+    for _ in range(3):
+        state, metrics = trainer.train_step(state, next(sampler))
+        losses.append(trainer.metrics(metrics))
+    host = trainer.host(state)
+    return {"losses": losses, "params": [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(host.params)],
+            "memory": [np.asarray(leaf).tolist() for leaf in host.memory]}
+
+
 def device_bytes(tree):
     # (total bytes of the arrays, bytes each device holds, paths of the replicated arrays)
     total, per_device, replicated = 0, {}, []
@@ -66,7 +83,8 @@ def device_bytes(tree):
         for shard in leaf.addressable_shards:
             per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
     return total, sorted(per_device.values()), replicated
-""".replace("SEEDS", repr(SEEDS))
+""".replace("SEEDS", repr(SEEDS)).replace("STREAM_SPLIT", "np.random.default_rng(7).integers(0, 256, 3000).astype(np.uint8)").replace(
+    "STREAM_STARTS", "np.arange(0, 3000, 13)")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -124,8 +142,14 @@ EIGHT_DEVICES = WORKER_COMMON + textwrap.dedent("""
     _, out["pmap"], _ = run("pmap")
     _, out["jit on 4 devices"], _ = run("jit", jax.devices()[:4])  # the two-process test's reference
     _, out["fsdp"], state = run("fsdp")
-    out["fsdp_params"] = device_bytes(state.params)
-    out["fsdp_params_and_optimizer"] = device_bytes((state.params, state.opt_state))
+    out["fsdp_params"] = device_bytes(state.params)  # after the steps: the update keeps them sharded
+    adam = training.Trainer(training.create_model(MODEL, training.TrainConfig(**dict(CONFIG, parallel="fsdp"))),
+                            training.TrainConfig(**dict(CONFIG, parallel="fsdp", optimizer="adam")))
+    placed = adam.place(adam.init_state())
+    out["fsdp_params_and_adam"] = device_bytes((placed.params, placed.opt_state))
+    out["streams pmap"] = run_streams("pmap")
+    out["streams jit"] = run_streams("jit")
+    out["streams jit on 4 devices"] = run_streams("jit", jax.devices()[:4])  # the two-process test's reference
     trainer, out["jit"], _ = run("jit")
     # The memory carry is constrained to the batch sharding: (layers, b, slots, dim) split on b.
     tokens = np.zeros((CONFIG["batch_size"], CONFIG["n_segments"] * MODEL["seq_len"] + 1), np.int32)
@@ -139,6 +163,7 @@ TWO_PROCESSES = WORKER_COMMON + textwrap.dedent("""
     initialize_distributed()  # from CT_COORDINATOR_ADDRESS / CT_NUM_PROCESSES / CT_PROCESS_ID
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     _, out, _ = run("jit")
+    out["streams"] = run_streams("jit")
     print(json.dumps(out))
 """)
 @pytest.fixture(scope="module")
@@ -174,6 +199,39 @@ def one_device(workers) -> dict:
     return {"losses": losses, "params": jax.tree.leaves(trainer.host(state).params)}
 
 
+@pytest.fixture(scope="module")
+def one_device_streams(workers) -> dict:
+    """The worker's `run_streams` in this process, on one device."""
+    config = dataclasses.replace(CONFIG, data_order="streams")
+    trainer = make_trainer(config)
+    state = trainer.place(trainer.init_state())
+    split = np.random.default_rng(7).integers(0, 256, 3000).astype(np.uint8)
+    sampler = streams.StreamSampler(split, np.arange(0, 3000, 13), MODEL["seq_len"], config.n_segments,
+                                    config.batch_size, 0)
+    losses = []
+    for _ in range(3):
+        state, metrics = trainer.train_step(state, next(sampler))
+        losses.append(trainer.metrics(metrics))
+    host = trainer.host(state)
+    return {"losses": losses, "params": jax.tree.leaves(host.params), "memory": list(host.memory)}
+
+
+def _assert_same_streams(label: str, got: dict, expected: dict) -> None:
+    _assert_same_run(label, got, expected)
+    for field, g, e in zip(("mem", "compressed_mem", "mem_valid", "compressed_mem_valid"), got["memory"],
+                           expected["memory"]):
+        diff = float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(e, np.float64))))
+        assert diff <= 1e-5, f"{label}: carried memory.{field} differs from one device's by {diff:.3e}"
+
+
+def test_streams_on_8_devices_carry_the_same_memory_as_one_device(workers, one_device_streams):
+    out = _result(*workers["8 devices"], "8-device worker")
+    compressed_counts = np.asarray(one_device_streams["memory"][3])
+    assert compressed_counts.min() < compressed_counts.max(), f"rows should hold different memory: {compressed_counts}"
+    _assert_same_streams("streams, pmap on 8 devices", out["streams pmap"], one_device_streams)
+    _assert_same_streams("streams, jit + Mesh on 8 devices", out["streams jit"], one_device_streams)
+
+
 def test_pmap_and_mesh_jit_on_8_devices_match_one_device(workers, one_device):
     out = _result(*workers["8 devices"], "8-device worker")
     assert one_device["losses"][0]["aux"] > 0, "the aux path must be exercised"
@@ -185,7 +243,7 @@ def test_pmap_and_mesh_jit_on_8_devices_match_one_device(workers, one_device):
 def test_fsdp_on_8_devices_matches_one_device_with_an_eighth_of_the_state_each(workers, one_device):
     out = _result(*workers["8 devices"], "8-device worker")
     _assert_same_run("fsdp on 8 devices", out["fsdp"], one_device)
-    for name in ("fsdp_params", "fsdp_params_and_optimizer"):
+    for name in ("fsdp_params", "fsdp_params_and_adam"):
         total, per_device, replicated = out[name]
         assert len(per_device) == 8, f"{name}: held by {len(per_device)} devices"
         # every parameter of the tiny model has an axis 8 divides: only scalars (Adam's count) stay whole
@@ -200,6 +258,8 @@ def test_two_processes_match_one_process_with_four_devices(workers):
     for process_id in range(2):
         got = _result(*workers[f"process {process_id} of 2"], f"process {process_id} of 2")
         _assert_same_run(f"process {process_id} of 2 (2 devices each)", got, expected)
+        _assert_same_streams(f"streams, process {process_id} of 2", got["streams"],
+                             _result(*workers["8 devices"], "8-device worker")["streams jit on 4 devices"])
 
 
 def test_initialize_distributed_reads_arguments_then_environment():
