@@ -119,4 +119,5 @@ class ConvCompress(nnx.Module):
 
     def __call__(self, windows: Float[Array, "b n r d"]) -> Float[Array, "b n d"]:
         kernel = self.kernel[...].astype(self.dtype)
-        return jnp.einsum("bnri,rio->bno", windows.astype(self.dtype), kernel) + self.bias[...].astype(self.dtype)
+        out = jnp.einsum("bnri,rio->bno", windows.astype(self.dtype), kernel)  # [b, n, d]
+        return out + self.bias[...].astype(self.dtype)

@@ -46,7 +46,16 @@ class Memory(NamedTuple):
 
     @property
     def total_valid(self) -> Int[Array, " b"]:
+        """Valid slots of one memory layer's `cmem|mem`, per row: the count that sets the position rows."""
         return self.mem_valid + self.compressed_mem_valid
+
+    def layer(self, slot: int) -> LayerMemory:
+        """The buffers and counts of memory layer `slot` (its index among the memory layers)."""
+        return LayerMemory(self.mem[slot], self.compressed_mem[slot], self.mem_valid, self.compressed_mem_valid)
+
+    def slot_valid(self) -> Bool[Array, "b k"]:
+        """Which slots of a memory layer's `cmem|mem` hold entries, per row (k = cmem_len + mem_len)."""
+        return buffer_valid(self.compressed_mem.shape[2], self.compressed_mem_valid, self.mem.shape[2], self.mem_valid)
 
     def reset(self, rows: Bool[Array, " b"]) -> Memory:
         """The memory with `rows` emptied (buffers zeroed, counts 0), e.g. where a row's document ends."""
@@ -62,9 +71,28 @@ class Memory(NamedTuple):
         )
 
 
+class LayerMemory(NamedTuple):
+    """One memory layer's part of `Memory`: what its attention reads and returns updated."""
+
+    mem: Float[Array, "b m d"]
+    compressed_mem: Float[Array, "b c d"]
+    mem_valid: Int[Array, " b"]
+    compressed_mem_valid: Int[Array, " b"]
+
+    def slot_valid(self) -> Bool[Array, "b k"]:
+        """Which slots of `cmem|mem` hold entries, per row (k = c + m)."""
+        return buffer_valid(self.compressed_mem.shape[1], self.compressed_mem_valid, self.mem.shape[1], self.mem_valid)
+
+
 def valid_slots(length: int, valid: Int[Array, "*b"]) -> Bool[Array, "*b n"]:
     """Boolean mask of the right-aligned valid slots of a buffer: (length,) per count, (b, length) per row."""
     return jnp.arange(length) >= length - jnp.asarray(valid)[..., None]
+
+
+def buffer_valid(n_cmem: int, cmem_valid: Int[Array, " b"], n_mem: int, mem_valid: Int[Array, " b"]) -> Bool[Array, "b k"]:
+    """The valid slots of `cmem|mem` per row (k = n_cmem + n_mem): the one mask of memory keys that
+    attention, the segment forward's and the cached decoder's, applies."""
+    return jnp.concatenate([valid_slots(n_cmem, cmem_valid), valid_slots(n_mem, mem_valid)], axis=-1)
 
 
 def right_aligned_concat(
@@ -112,7 +140,8 @@ def evicted_windows(
     span = n_out * ratio
     padded = jnp.pad(evicted, ((0, 0), (span, 0), (0, 0)))
     used_end = t - padded_len % ratio  # windows end where the dropped tail begins
-    # per row: padded[used_end : used_end + span] (= the evicted region's last `span` slots before the tail)
+    # per row, padded[i] = evicted[i - span], so this is evicted[used_end - span : used_end]: the
+    # n_out windows ending where the dropped tail begins, zeros left of the evicted region.
     window = jax.vmap(lambda row, end: jax.lax.dynamic_slice_in_dim(row, end, span, axis=0))(padded, used_end)
     windows = window.reshape(window.shape[0], n_out, ratio, window.shape[-1])
     windows = jnp.where(valid_slots(n_out, n_windows)[:, :, None, None], windows, 0)

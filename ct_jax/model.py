@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, no_type_check
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ct_jax.attention import SelfAttention
 from ct_jax.config import ModelConfig
@@ -69,11 +69,23 @@ class CompressiveTransformer(nnx.Module):
             for _ in range(depth)
         ])
 
+    def embed(self, tokens: Int[Array, "*lead"]) -> Float[Array, "*lead d"]:
+        """Token ids to the model's stream (embedding, then the projection to `dim` if any)."""
+        x = self.token_emb(tokens)
+        return x if self.to_model_dim is None else self.to_model_dim(x)
+
+    def logits(self, x: Float[Array, "*lead d"]) -> Float[Array, "*lead v"]:
+        """The stream to next-token logits, in (at least) float32."""
+        if self.to_emb_dim is not None:
+            x = self.to_emb_dim(x)
+        return self.to_logits(x).astype(wide(self.dtype))
+
+    @no_type_check  # checks its own inputs (`ct_jax.validation`), with errors that name the argument
     def __call__(
         self,
-        tokens: Int[Array, "b t"],
+        tokens: Int[ArrayLike, "b t"],
         memories: Memory | None = None,
-        mask: Bool[Array, "b t"] | None = None,
+        mask: Bool[ArrayLike, "b t"] | None = None,
         *,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[Float[Array, "b t v"], Memory, Float[Array, ""]]:
@@ -88,36 +100,30 @@ class CompressiveTransformer(nnx.Module):
         check_memory(memories, config, b)
         if memories is None:
             memories = Memory.empty(self, b, self.dtype)
-        x = self.token_emb(tokens)
-        if self.to_model_dim is not None:
-            x = self.to_model_dim(x)
+        x = self.embed(tokens)
 
-        mem, cmem = memories.mem, memories.compressed_mem
         if config.enhanced_recurrence:  # each memory layer reads the memory of the one above it
-            mem, cmem = jnp.roll(mem, -1, axis=0), jnp.roll(cmem, -1, axis=0)
-        total_valid = memories.mem_valid + memories.compressed_mem_valid
+            memories = memories._replace(mem=jnp.roll(memories.mem, -1, axis=0),
+                                         compressed_mem=jnp.roll(memories.compressed_mem, -1, axis=0))
+        total_valid = memories.total_valid
         pos_emb = self.pos_emb[...]
 
         next_mem, next_cmem = [], []
         mem_valid, cmem_valid = memories.mem_valid, memories.compressed_mem_valid
         aux_loss = jnp.zeros((), wide(self.dtype))
         for index, (attn, ff) in enumerate(zip(self.attn_layers, self.ff_layers)):
-            layer_memory = None
-            if index + 1 in config.memory_layers:
-                slot = len(next_mem)
-                layer_memory = (mem[slot], cmem[slot], memories.mem_valid, memories.compressed_mem_valid)
-            y, layer_memory, layer_aux = attn.fn(attn.normed(x), pos_emb, total_valid, mask, layer_memory, rngs)
+            layer_memory = memories.layer(len(next_mem)) if index + 1 in config.memory_layers else None
+            y, layer_memory, layer_aux = attn.fn(attn.normed(x), pos_emb=pos_emb, total_mem_valid=total_valid,
+                                                 mask=mask, layer_memory=layer_memory, rngs=rngs)
             x = attn.join(y, x)
             x = ff.join(ff.fn(ff.normed(x), rngs), x)
             aux_loss = aux_loss + layer_aux
             if layer_memory is not None:
-                next_mem.append(layer_memory[0])
-                next_cmem.append(layer_memory[1])
-                mem_valid, cmem_valid = layer_memory[2], layer_memory[3]
+                next_mem.append(layer_memory.mem)
+                next_cmem.append(layer_memory.compressed_mem)
+                mem_valid, cmem_valid = layer_memory.mem_valid, layer_memory.compressed_mem_valid
 
-        if self.to_emb_dim is not None:
-            x = self.to_emb_dim(x)
-        logits = self.to_logits(x).astype(wide(self.dtype))
+        logits = self.logits(x)
         next_memories = Memory(
             jax.lax.stop_gradient(jnp.stack(next_mem)), jax.lax.stop_gradient(jnp.stack(next_cmem)),
             mem_valid, cmem_valid,
