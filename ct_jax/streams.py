@@ -53,8 +53,9 @@ def document_starts(spec: str | os.PathLike | None = None, *, max_bytes: int | N
 
 
 def _starts(sizes: list[int]) -> np.ndarray:
-    # Empty files start where the next one does; keep one start per distinct offset.
-    return np.unique(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+    # Empty files start where the next one does (or at the end): one start per distinct offset inside.
+    starts = np.unique(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+    return starts[starts < max(sum(sizes), 1)]
 
 
 def check_starts(split: np.ndarray, starts: np.ndarray | None, name: str = "split") -> np.ndarray:

@@ -24,11 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 
 from ct_jax.config import ModelConfig  # noqa: E402  (no JAX import yet: flags come first)
 
-# The small default model (0.27M parameters; rows of 4 segments of 32 bytes), sized to
-# train in a few minutes on 2 CPU cores; the learning rate is a small model's, not upstream's 1e-4.
-MODEL_DEFAULTS = dict(num_tokens=256, dim=64, depth=2, seq_len=32, mem_len=32, cmem_len=8, cmem_ratio=4, heads=4)
-TRAIN_DEFAULTS = dict(batch_size=16, n_segments=4, steps=400, learning_rate=3e-3, schedule="cosine", warmup_steps=50,
-                      data_order="streams", eval_every=50, eval_batches=4, checkpoint_every=100)
+# The main job: a small model (0.28M parameters; segments of 64 bytes, memory 64 + 16
+# compressed) streamed through the documents, memory carried across steps, 2000 steps of
+# 16 x 2 segments (4.1M bytes) with a small model's learning rate (not upstream's 1e-4).
+# Sized for under 4 minutes on 2 idle CPU cores, whole-split validation included: measured
+# 2.44 bits/byte after 1600 steps (265 s of CPU time, ~170 s on an idle 2-core machine).
+MODEL_DEFAULTS = dict(num_tokens=256, dim=64, depth=2, seq_len=64, mem_len=64, cmem_len=16, cmem_ratio=4, heads=4)
+TRAIN_DEFAULTS = dict(batch_size=16, n_segments=2, steps=2000, learning_rate=3e-3, schedule="cosine", warmup_steps=50,
+                      data_order="streams", eval_every=250, eval_segments=16, eval_batches=4, checkpoint_every=250)
+# The default corpus is cut to its first 6 MB of files (whole files: 5.5 MB train, 0.5 MB
+# validation): the main job sees 4 MB, and its final validation runs over the whole split.
+DEFAULT_CORPUS_BYTES = 6_000_000
 DEFAULT_OUT = "runs/train"
 HELP = dict(
     memory_layers="layers (1-based) that keep memory; default: all",
@@ -91,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = parser.add_argument_group("run")
     run.add_argument("--data", default=None, help="corpus: a text file or folder, enwik8[.gz|.zip], 'enwik8:PATH' or "
                      "'text:PATH'; default: this Python's standard-library sources")
-    run.add_argument("--max-bytes", type=int, default=None, help="use at most this many bytes of a text corpus")
+    run.add_argument("--max-bytes", type=int, default=None, help="use at most this many bytes of a text corpus "
+                     f"(default: all, or {DEFAULT_CORPUS_BYTES:,} of the default corpus)")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                      help="continue from the newest checkpoint in --out (default); --no-resume refuses an --out "
@@ -156,13 +163,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     window = config.n_segments * model_config.seq_len + 1
-    splits = data.load_corpus(args.data, window=window, max_bytes=args.max_bytes)
+    max_bytes = DEFAULT_CORPUS_BYTES if args.data is None and args.max_bytes is None else args.max_bytes
+    splits = data.load_corpus(args.data, window=window, max_bytes=max_bytes)
     say(f"data: {args.data or 'Python standard library sources'}: "
         + ", ".join(f"{name} {len(split):,} bytes" for name, split in splits.items()))
     say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
         f"parallel={config.parallel.value}; out: {out}")
     started = time.perf_counter()
-    documents = streams.document_starts(args.data, max_bytes=args.max_bytes)
+    documents = streams.document_starts(args.data, max_bytes=max_bytes)
     result = train_loop.fit(model_config, config, splits, out, resume=args.resume, progress=args.progress and lead,
                           log=say, documents=documents)
     steps, val = result.history.column("val_bpb")

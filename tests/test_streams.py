@@ -133,7 +133,7 @@ def test_evaluation_streams_cover_each_target_once(corpus):
 
 
 def test_document_starts_of_a_folder(tmp_path):
-    sizes = [30, 0, 25, 41, 12] * 3
+    sizes = [30, 0, 25, 41, 12] * 3 + [0]  # empty files, one of them last
     for i, size in enumerate(sizes):
         (tmp_path / f"f{i:02d}.txt").write_bytes(bytes([65 + i]) * size)
     splits = data.load_corpus(tmp_path, cache_dir=tmp_path / ".cache")

@@ -129,8 +129,9 @@ def uninterrupted(runs, workdir) -> tuple[Path, str, str]:
 def test_defaults_are_a_small_model_on_the_default_corpus():
     args = _load_script().parse_args([])
     assert args.data is None and args.parallel == "auto" and args.resume
-    assert (args.dim, args.depth, args.seq_len, args.num_tokens) == (64, 2, 32, 256)
-    assert args.steps * args.batch_size * args.n_segments * args.seq_len <= 2_000_000, "the default run must stay short"
+    assert (args.dim, args.depth, args.seq_len, args.num_tokens) == (64, 2, 64, 256)
+    assert args.data_order == "streams", "the main job streams, memory carried across steps"
+    assert args.steps * args.batch_size * args.n_segments * args.seq_len <= 5_000_000, "the default run must stay short"
 
 
 def test_run_writes_metrics_plot_export_and_prints_a_sample(uninterrupted):
