@@ -86,7 +86,7 @@ def test_reset_empties_only_the_given_rows():
     assert not np.asarray(reset.mem[:, 1]).any() and not np.asarray(reset.compressed_mem[:, 1]).any(), "row 1 not zeroed"
     np.testing.assert_array_equal(reset.mem[:, [0, 2]], memory.mem[:, [0, 2]])
     with pytest.raises(ValueError, match=r"rows must be a bool array of shape \(3,\)"):
-        memory.reset(jnp.array([1, 0, 0]))
+        memory.reset(jnp.array([True, False]))
 
 
 def test_memory_to_torch_refuses_rows_of_different_lengths():

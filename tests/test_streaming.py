@@ -88,7 +88,8 @@ def test_train_step_carries_the_memory_in_the_state():
         assert np.isfinite(trainer.metrics(metrics)["loss"])
         # mem_len 4, cmem_len 2, ratio 2: one segment since the reset holds 4 slots, two or more 4 + 2
         expected = np.where(batch.resets[:, -1], 4, 6)
-        np.testing.assert_array_equal(trainer.host(state).memory.total_valid, expected,
+        memory = trainer.host(state).memory  # numpy on the host
+        np.testing.assert_array_equal(memory.mem_valid + memory.compressed_mem_valid, expected,
                                       err_msg=f"memory per row after resets {batch.resets.tolist()}")
         late_resets += int(batch.resets[:, -1].sum())
     assert late_resets, "no row reset at a step's last segment: the test does not exercise carried resets"
