@@ -44,7 +44,9 @@ def relative_shift(pos_logits: Float[Array, "b h t w"], keys: int) -> Float[Arra
     return skewed[..., :keys]
 
 
-def position_window(pos_emb: Float[Array, "h r d"], first_row: Int[Array, ""] | int, width: int) -> Float[Array, "h w d"]:
+def position_window(
+    pos_emb: Float[Array, "h r d"], first_row: Int[Array, ""] | int, width: int
+) -> Float[Array, "h w d"]:
     """`width` rows of the position table starting at a traced row (zeros outside it)."""
     pad = width
     padded = jnp.pad(pos_emb, ((0, 0), (pad, pad), (0, 0)))

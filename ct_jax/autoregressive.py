@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from ct_jax._checks import check_int
 from ct_jax.generation import generate  # noqa: F401  (public here: ct_jax.autoregressive.generate)
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
@@ -51,7 +52,8 @@ def _split_segments(x: jax.Array, seq_len: int) -> tuple[jax.Array | None, jax.A
 class _Segments(NamedTuple):
     """A sequence cut for the segment loop: stacked full segments (scan inputs) and a short tail."""
 
-    full: tuple | None  # (inputs, targets, masks, keys, resets[, LM denominators]), (n_full, b, seq_len, ...) / (n_full, ...)
+    # (inputs, targets, masks, keys, resets[, LM denominators]), (n_full, b, seq_len, ...) / (n_full, ...)
+    full: tuple | None
     tail: tuple | None  # (inputs, targets, mask, key, None) of the last, shorter segment
 
 
@@ -215,7 +217,8 @@ def _split_memory(memories: Memory, micro_batches: int) -> Memory:
     """A full batch's memory as micro-batches (the leading axis), rows split as `_micro_split` does."""
     buffers = lambda x: jnp.moveaxis(_micro_split(jnp.moveaxis(x, 1, 0), micro_batches), 1, 2)  # noqa: E731
     return Memory(buffers(memories.mem), buffers(memories.compressed_mem),
-                  _micro_split(memories.mem_valid, micro_batches), _micro_split(memories.compressed_mem_valid, micro_batches))
+                  _micro_split(memories.mem_valid, micro_batches),
+                  _micro_split(memories.compressed_mem_valid, micro_batches))
 
 
 def _join_memory(memories: Memory) -> Memory:
@@ -226,8 +229,7 @@ def _join_memory(memories: Memory) -> Memory:
 
 
 def _check_micro_batches(batch: int, micro_batches: Any) -> None:
-    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-        raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+    check_int("micro_batches", micro_batches)
     if batch % micro_batches:
         raise ValueError(f"batch size ({batch}) must be divisible by micro_batches ({micro_batches})")
 

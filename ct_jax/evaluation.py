@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ct_jax._checks import check_int
 from ct_jax.autoregressive import stream_nll
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
@@ -53,10 +54,9 @@ def evaluate_stream(
     document). `max_segments` evaluates only the first that many segments of every stream
     (a cheaper estimate, e.g. for periodic validation). The model runs in eval mode.
     """
-    if isinstance(segments_per_call, bool) or not isinstance(segments_per_call, int) or segments_per_call < 1:
-        raise ValueError(f"segments_per_call must be a positive int, got {segments_per_call!r}")
-    if max_segments is not None and (isinstance(max_segments, bool) or not isinstance(max_segments, int) or max_segments < 1):
-        raise ValueError(f"max_segments must be a positive int or None, got {max_segments!r}")
+    check_int("segments_per_call", segments_per_call)
+    if max_segments is not None:
+        check_int("max_segments", max_segments)
     seq_len = model.config.seq_len
     batch = evaluation_streams(np.asarray(data), document_starts, seq_len, batch_size, name)
     n_segments = batch.resets.shape[1] if max_segments is None else min(max_segments, batch.resets.shape[1])

@@ -317,7 +317,9 @@ def decode(
     if prime.shape[1] < 1:
         raise ValueError(f"prime must hold at least one token, got shape {prime.shape}")
     if _is_concrete(prime) and prime.size and not (0 <= int(prime.min()) and int(prime.max()) < config.num_tokens):
-        raise ValueError(f"prime token ids must be in [0, {config.num_tokens}), got [{int(prime.min())}, {int(prime.max())}]")
+        raise ValueError(
+            f"prime token ids must be in [0, {config.num_tokens}), got [{int(prime.min())}, {int(prime.max())}]"
+        )
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
         raise ValueError(f"length (tokens to generate) must be an int >= 0, got {length!r}")
     if _is_concrete(temperature) and float(temperature) < 0:

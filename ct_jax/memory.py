@@ -61,7 +61,9 @@ class Memory(NamedTuple):
         """The memory with `rows` emptied (buffers zeroed, counts 0), e.g. where a row's document ends."""
         rows = jnp.asarray(rows)
         if rows.shape != self.mem_valid.shape or rows.dtype != jnp.bool_:
-            raise ValueError(f"rows must be a bool array of shape {self.mem_valid.shape}, got {rows.dtype} {rows.shape}")
+            raise ValueError(
+                f"rows must be a bool array of shape {self.mem_valid.shape}, got {rows.dtype} {rows.shape}"
+            )
         keep = ~rows
         return Memory(
             jnp.where(keep[None, :, None, None], self.mem, 0).astype(self.mem.dtype),
@@ -89,7 +91,9 @@ def valid_slots(length: int, valid: Int[Array, "*b"]) -> Bool[Array, "*b n"]:
     return jnp.arange(length) >= length - jnp.asarray(valid)[..., None]
 
 
-def buffer_valid(n_cmem: int, cmem_valid: Int[Array, " b"], n_mem: int, mem_valid: Int[Array, " b"]) -> Bool[Array, "b k"]:
+def buffer_valid(
+    n_cmem: int, cmem_valid: Int[Array, " b"], n_mem: int, mem_valid: Int[Array, " b"]
+) -> Bool[Array, "b k"]:
     """The valid slots of `cmem|mem` per row (k = n_cmem + n_mem): the one mask of memory keys that
     attention, the segment forward's and the cached decoder's, applies."""
     return jnp.concatenate([valid_slots(n_cmem, cmem_valid), valid_slots(n_mem, mem_valid)], axis=-1)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ct_jax import data as datalib
+from ct_jax._checks import check_int
 
 IGNORE_INDEX = -100  # the target of a padded position (= ct_jax.autoregressive.IGNORE_INDEX)
 
@@ -33,7 +34,9 @@ class StreamBatch(NamedTuple):
     resets: np.ndarray  # (b, n) bool
 
 
-def document_starts(spec: str | os.PathLike | None = None, *, max_bytes: int | None = None) -> dict[str, np.ndarray] | None:
+def document_starts(
+    spec: str | os.PathLike | None = None, *, max_bytes: int | None = None
+) -> dict[str, np.ndarray] | None:
     """Start offsets of the documents in each split of `data.load_corpus(spec, max_bytes=...)`.
 
     A folder corpus (the default stdlib corpus included) has one document per file; None
@@ -63,7 +66,8 @@ def check_starts(split: np.ndarray, starts: np.ndarray | None, name: str = "spli
     if starts is None:
         starts = np.zeros(1, np.int64)
     starts = np.asarray(starts, np.int64)
-    if starts.ndim != 1 or not len(starts) or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= len(split):
+    increasing = starts.ndim == 1 and len(starts) and starts[0] == 0 and np.all(np.diff(starts) > 0)
+    if not increasing or starts[-1] >= len(split):
         raise ValueError(
             f"document starts of {name} must be increasing offsets from 0 below its length {len(split)}, got {starts}"
         )
@@ -73,7 +77,8 @@ def check_starts(split: np.ndarray, starts: np.ndarray | None, name: str = "spli
 
 
 class _Walker:
-    """Cuts a split into segments: `segment(pos, limit, reset, wrap)` -> (start, inputs, reset, next pos, next reset)."""
+    """Cuts a split into segments: `segment(pos, limit, reset, wrap)` -> (start, inputs, reset, next pos,
+    next reset)."""
 
     def __init__(self, split: np.ndarray, starts: np.ndarray, seq_len: int):
         self.length, self.seq_len = len(split), seq_len
@@ -128,11 +133,10 @@ class StreamSampler:
 
     def __init__(self, split: np.ndarray, starts: np.ndarray | None, seq_len: int, n_segments: int, batch_size: int,
                  seed: int, *, process_index: int = 0, process_count: int = 1, name: str = "train"):
-        for arg, value, minimum in (("seq_len", seq_len, 1), ("n_segments", n_segments, 1), ("batch_size", batch_size, 1),
-                                    ("seed", seed, 0), ("process_count", process_count, 1)):
+        for arg, value, minimum in (("seq_len", seq_len, 1), ("n_segments", n_segments, 1), ("seed", seed, 0),
+                                    ("batch_size", batch_size, 1), ("process_count", process_count, 1)):
             _check_int(arg, value, minimum)
-        if isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index must be an integer in [0, {process_count}), got {process_index!r}")
+        check_int("process_index", process_index, 0, below=process_count)
         if batch_size % process_count:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count ({process_count})")
         if np.ndim(split) != 1 or len(split) < 2:

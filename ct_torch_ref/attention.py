@@ -4,7 +4,7 @@ the auxiliary reconstruction loss of upstream 0.4.0."""
 from __future__ import annotations
 
 from collections import namedtuple
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

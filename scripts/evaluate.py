@@ -44,7 +44,9 @@ def model_folder(checkpoint: Path) -> Path:
     for folder in (checkpoint, checkpoint / "model"):
         if (folder / convert.CONFIG_FILE).is_file():
             return folder
-    raise FileNotFoundError(f"--checkpoint {checkpoint} holds no {convert.CONFIG_FILE} (nor does {checkpoint / 'model'})")
+    raise FileNotFoundError(
+        f"--checkpoint {checkpoint} holds no {convert.CONFIG_FILE} (nor does {checkpoint / 'model'})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,7 @@ from flax import nnx
 import ct_jax
 from ct_jax import streams, training
 from ct_jax.autoregressive import stream_grads
-from tests.configs import CONFIGS
-from tests.test_training import MODEL
+from tests.configs import CONFIGS, TRAIN_MODEL
 
 CONFIG = CONFIGS["heads1_subset_mem2x"]  # seq_len 4, mem 8, cmem 4: compression from the third segment
 SEQ_LEN = CONFIG["seq_len"]
@@ -66,7 +65,7 @@ def test_micro_batches_split_the_carried_memory_by_row(model, grads_fn):
     for field, got, expected in zip(ct_jax.Memory._fields, split[4], whole[4]):
         np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"memory.{field} with 2 micro-batches")
     # every micro-batch divides by the whole batch's target count: the same loss and gradient
-    for name, got, expected in (("objective", split[0], whole[0]), ("lm", split[1], whole[1]), ("aux", split[2], whole[2])):
+    for name, got, expected in zip(("objective", "lm", "aux"), split[:3], whole[:3]):
         np.testing.assert_allclose(got, expected, rtol=1e-5, err_msg=f"{name} with 2 micro-batches")
     for got, expected in zip(jax.tree.leaves(split[3]), jax.tree.leaves(whole[3])):
         np.testing.assert_allclose(got, expected, atol=1e-6, err_msg="gradient with 2 micro-batches")
@@ -75,12 +74,13 @@ def test_micro_batches_split_the_carried_memory_by_row(model, grads_fn):
 
 def test_train_step_carries_the_memory_in_the_state():
     config = training.TrainConfig(batch_size=4, n_segments=2, learning_rate=1e-2, data_order="streams")
-    trainer = training.Trainer(training.create_model(MODEL, config), config, compiler_options=training.FAST_CPU_COMPILE)
+    trainer = training.Trainer(training.create_model(TRAIN_MODEL, config), config,
+                               compiler_options=training.FAST_CPU_COMPILE)
     state = trainer.place(trainer.init_state())
     assert state.memory is not None and state.memory.mem_valid.shape == (4,)
     split = np.random.default_rng(0).integers(0, 256, 390).astype(np.uint8)
     # documents of 13 bytes: 3 segments of 4 targets, so rows reset at either segment of a step
-    sampler = streams.StreamSampler(split, np.arange(0, 390, 13), MODEL["seq_len"], 2, 4, seed=0)
+    sampler = streams.StreamSampler(split, np.arange(0, 390, 13), TRAIN_MODEL["seq_len"], 2, 4, seed=0)
     late_resets = 0
     for _ in range(3):
         batch = next(sampler)

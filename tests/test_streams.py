@@ -119,7 +119,7 @@ def test_evaluation_streams_cover_each_target_once(corpus):
     batch = streams.evaluation_streams(split, starts, SEQ_LEN, batch_size)
     length = len(split) // batch_size
     counted = np.zeros(len(split), int)
-    for row, s, inputs, targets, mask, reset in segments(batch):
+    for row, _, inputs, targets, mask, reset in segments(batch):
         if not mask.any():  # padding segments at the end of shorter rows
             assert not reset and (targets == IGNORE_INDEX).all()
             continue
