@@ -128,7 +128,7 @@ class SelfAttention(nnx.Module):
         q: Float[Array, "b h n dh"],
         pos_emb: Float[Array, "h r dh"] | None,
         *,
-        total_mem_valid: Int[Array, ""],
+        total_mem_valid: Int[Array, "*rows"],
         n_buffer: int,
         first_query: Int[Array, ""] | int,
         keys: int,
@@ -149,14 +149,17 @@ class SelfAttention(nnx.Module):
         n, seq_len = q.shape[2], self.config.seq_len
         if self.config.relative_positions == "sinusoidal":
             # Static table of distances n_buffer + seq_len - 1 .. 0; rows past it (future keys
-            # of the decoder's window, masked) read zeros.
+            # of the decoder's window, masked) read zeros. The same rows for every batch row.
             table = jnp.asarray(sinusoid_table(n_buffer + seq_len, self.config.dim), self.dtype)
             rows = position_window(table[None], seq_len - first_query - n, keys)[0]  # [keys, dim]
-            window = self._heads(self.to_pos(rows)[None])[0]  # [h, keys, dh]
+            window = self._heads(self.to_pos(rows)[None])  # [1, h, keys, dh]
         else:
-            first_row = total_mem_valid + seq_len - 1 - n_buffer - first_query - (n - 1)
-            window = position_window(pos_emb.astype(q.dtype), first_row, keys)  # [h, keys, dh]
-        pos_dots = _scores(q, window[None]) * self.config.dim_head**-0.5  # [b, h, n, keys]
+            first_row = total_mem_valid + seq_len - 1 - n_buffer - first_query - (n - 1)  # [] or [b]
+            if jnp.ndim(first_row) == 0:  # one count for the batch (the decoder)
+                window = position_window(pos_emb.astype(q.dtype), first_row, keys)[None]  # [1, h, keys, dh]
+            else:  # rows holding different amounts of memory read different rows
+                window = jax.vmap(position_window, in_axes=(None, 0, None))(pos_emb.astype(q.dtype), first_row, keys)
+        pos_dots = _scores(q, window) * self.config.dim_head**-0.5  # [b, h, n, keys]
         return relative_shift(pos_dots, keys)
 
     @staticmethod
@@ -184,8 +187,8 @@ class SelfAttention(nnx.Module):
         values: Sequence[Float[Array, "b h _ dh"]],
         *,
         pos_emb: Float[Array, "h r dh"] | None,
-        total_mem_valid: Int[Array, ""],
-        buffer_valid: Bool[Array, " c"],
+        total_mem_valid: Int[Array, "*rows"],
+        buffer_valid: Bool[Array, "*rows c"],
         first_query: Int[Array, ""] | int = 0,
         window_valid: Bool[Array, " s"] | None = None,
         mask: Bool[Array, "b s"] | None = None,
@@ -196,13 +199,15 @@ class SelfAttention(nnx.Module):
         keys/values `cmem|mem|window`, given as consecutive blocks along the key axis (the
         forward passes one block, the decoder memory and window apart), then `to_out`.
 
-        `buffer_valid`: which of the leading memory slots hold entries (`memory.buffer_valid`);
+        `buffer_valid`: which of the leading memory slots hold entries (`memory.buffer_valid`),
+        with `total_mem_valid` either per row ((b, c) and (b,): rows holding different amounts
+        of memory) or shared by the batch ((c,) and ());
         `window_valid`: which window slots hold tokens (None = all); `mask`: padding over the
         window, True = real token. Invalid slots get exactly zero weight. `with_probs`: also
         return the attention probabilities (before dropout).
         """
         n_keys = sum(k.shape[2] for k in keys)
-        n_buffer = buffer_valid.shape[0]
+        n_buffer = buffer_valid.shape[-1]
         n_window = n_keys - n_buffer
         content_q = position_q = q
         if self.config.relative_positions == "sinusoidal":  # Transformer-XL: (q + u) . k + (q + v) . R
@@ -218,8 +223,10 @@ class SelfAttention(nnx.Module):
         dots = jnp.where(visible, dots, -jnp.finfo(dots.dtype).max)
         if window_valid is None:
             window_valid = jnp.ones((n_window,), bool)
-        slot_valid = jnp.concatenate([buffer_valid, window_valid])
-        probs = masked_softmax(dots, slot_valid[None, None, None, :]).astype(values[0].dtype)
+        window_valid = jnp.broadcast_to(window_valid, (*buffer_valid.shape[:-1], n_window))
+        slot_valid = jnp.concatenate([buffer_valid, window_valid], axis=-1)  # [c + s] or [b, c + s]
+        slot_valid = slot_valid[None, None, None, :] if slot_valid.ndim == 1 else slot_valid[:, None, None, :]
+        probs = masked_softmax(dots, slot_valid).astype(values[0].dtype)
         attn = self.attn_dropout(probs, rngs=rngs)
         offsets = np.cumsum([0] + [v.shape[2] for v in values])
         out = sum(_weighted(attn[..., lo:hi], v) for v, lo, hi in zip(values, offsets[:-1], offsets[1:]))
@@ -230,7 +237,7 @@ class SelfAttention(nnx.Module):
         self,
         x: Float[Array, "b t d"],
         pos_emb: Float[Array, "h r dh"] | None,
-        total_mem_valid: Int[Array, ""],
+        total_mem_valid: Int[Array, " b"],
         mask: Bool[Array, "b t"] | None = None,
         layer_memory: memlib.LayerMemory | None = None,
         rngs: nnx.Rngs | None = None,
@@ -240,17 +247,18 @@ class SelfAttention(nnx.Module):
         """Returns (output, updated layer memory or None, aux loss).
 
         `x` is the layer-normed input; `layer_memory` is this layer's buffers and counts
-        (None for a layer without memory); `total_mem_valid` is the valid length of the
-        memory layers' `cmem|mem`, which sets the learned positional rows for every layer
-        (`pos_emb` is None under sinusoidal positions). `memory_gradients`: the updated
-        memory keeps its gradient (compression included).
+        (None for a layer without memory); `total_mem_valid` is each row's valid length of
+        the memory layers' `cmem|mem`, which sets that row's learned positional rows in every
+        layer (`pos_emb` is None under sinusoidal positions). Counts are per row: each row
+        computes what it would alone. `memory_gradients`: the updated memory keeps its
+        gradient (compression included).
         """
         config = self.config
         b, t, _ = x.shape
         x = x.astype(self.dtype)
         if layer_memory is None:
             mem = cmem = jnp.zeros((b, 0, x.shape[-1]), x.dtype)
-            buffer_valid = jnp.zeros((0,), bool)
+            buffer_valid = jnp.zeros((b, 0), bool)
         else:
             mem, cmem = layer_memory.mem.astype(x.dtype), layer_memory.compressed_mem.astype(x.dtype)
             buffer_valid = layer_memory.slot_valid()
@@ -297,7 +305,7 @@ class SelfAttention(nnx.Module):
 
         new_mem_valid = jnp.minimum(mem_valid + t, config.mem_len)
         new_mem = jnp.concatenate([mem, x], axis=1)[:, t:]
-        new_mem = jnp.where(memlib.valid_slots(n_mem, new_mem_valid)[None, :, None], new_mem, 0)
+        new_mem = jnp.where(memlib.valid_slots(n_mem, new_mem_valid)[:, :, None], new_mem, 0)
         usage = new_usage = None
         if read is not None:
             usage = layer_memory.mem_usage + read  # (b, m); invalid slots read 0
@@ -313,7 +321,7 @@ class SelfAttention(nnx.Module):
             # The evicted region is the first t slots of mem|x = of mem (t <= mem_len).
             reads = compression.reads_per_slot(config.mem_len, config.seq_len)[:t]
             scores = usage[:, :t] / jnp.asarray(reads, usage.dtype)
-            region_valid = memlib.valid_slots(t, evicted_count)[None, :]
+            region_valid = memlib.valid_slots(t, evicted_count)  # (b, t)
             n_out = windows.shape[1]
             compress = lambda region: compression.select_most_used(  # noqa: E731
                 region[:, :t], scores, region_valid, n_compressed, n_out
@@ -338,9 +346,10 @@ class SelfAttention(nnx.Module):
             # Decode the compressed slots back to the windows they were made from.
             decoded = self.decompress_mem_fn(aux_compressed).astype(aux_loss.dtype)  # (b, n, r, d)
             error = jnp.square(decoded - sg(windows).astype(aux_loss.dtype))
-            error = jnp.where(window_valid[None, :, None, None], error, 0.0)
-            count = jnp.maximum(n_compressed, 1) * x.shape[0] * config.cmem_ratio * x.shape[-1]
-            return new_memory, jnp.where(n_compressed > 0, jnp.sum(error) / count, 0.0)
+            error = jnp.where(window_valid[:, :, None, None], error, 0.0)
+            # per row (a row alone gives its own), 0 for rows that compressed nothing; the batch's is their mean
+            per_row = jnp.sum(error, axis=(1, 2, 3)) / (jnp.maximum(n_compressed, 1) * config.cmem_ratio * x.shape[-1])
+            return new_memory, jnp.mean(jnp.where(n_compressed > 0, per_row, 0.0))
 
         # Attention reconstruction: the (frozen) queries over the target memories vs over the
         # new compressed slots, whose K/V use a stop-gradient copy of to_kv (upstream's
@@ -348,25 +357,26 @@ class SelfAttention(nnx.Module):
         # the evicted slots only (reconstruction_target="evicted", the paper's).
         target_valid = memlib.valid_slots(n_mem, mem_valid)
         if config.reconstruction_target == "evicted":
-            target_valid = target_valid & (jnp.arange(n_mem) < n_mem - mem_valid + evicted_count)
+            target_valid = target_valid & (jnp.arange(n_mem)[None, :] < (n_mem - mem_valid + evicted_count)[:, None])
         comp_kv = aux_compressed @ sg(self.to_kv.kernel[...]).astype(aux_compressed.dtype)  # (b, n, 2 dim)
         comp_k, comp_v = map(self._heads, jnp.split(comp_kv, 2, axis=-1))
         q_sg = sg(q)
         target = self._full_attention(q_sg, sg(mem_k), sg(mem_v), target_valid, rngs)
         recon = self._full_attention(q_sg, comp_k, comp_v, window_valid, rngs)
-        mse = jnp.mean(jnp.square(target.astype(aux_loss.dtype) - recon.astype(aux_loss.dtype)))
-        return new_memory, jnp.where(n_compressed > 0, mse, 0.0)
+        # per row (a row alone gives its own), 0 for rows that compressed nothing; the batch's is their mean
+        mse = jnp.mean(jnp.square(target.astype(aux_loss.dtype) - recon.astype(aux_loss.dtype)), axis=(1, 2, 3))
+        return new_memory, jnp.mean(jnp.where(n_compressed > 0, mse, 0.0))
 
     def _full_attention(
         self,
         q: Float[Array, "b h t dh"],
         k: Float[Array, "b h j dh"],
         v: Float[Array, "b h j dh"],
-        valid: Bool[Array, " j"],
+        valid: Bool[Array, "b j"],
         rngs: nnx.Rngs | None,
     ) -> Float[Array, "b h t dh"]:
         """Unmasked attention over the valid slots, as upstream's `full_attn`."""
         dots = jnp.einsum("bhid,bhjd->bhij", q, k) * self.config.dim_head**-0.5  # [b, h, t, j]
-        attn = masked_softmax(dots, valid[None, None, None, :]).astype(v.dtype)
+        attn = masked_softmax(dots, valid[:, None, None, :]).astype(v.dtype)
         attn = self.reconstruction_attn_dropout(attn, rngs=rngs)
         return jnp.einsum("bhij,bhjd->bhid", attn, v)  # [b, h, t, dh]

@@ -14,8 +14,18 @@ from ct_jax._checks import check_int
 from ct_jax.generation import generate  # noqa: F401  (public here: ct_jax.autoregressive.generate)
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
+from ct_jax.streams import StreamBatch
 
 IGNORE_INDEX = -100  # as upstream's AutoregressiveWrapper
+
+
+def token_nll(logits: Float[Array, "b t v"], targets: Int[Array, "b t"], ignore_index: int = IGNORE_INDEX):
+    """(summed negative log-likelihood, number) of the targets != ignore_index."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    counted = targets != ignore_index
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, jnp.where(counted, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(counted, -picked, 0.0)), jnp.sum(counted)
 
 
 def cross_entropy(logits: Float[Array, "b t v"], targets: Int[Array, "b t"], ignore_index: int = IGNORE_INDEX):
@@ -23,12 +33,7 @@ def cross_entropy(logits: Float[Array, "b t v"], targets: Int[Array, "b t"], ign
 
     A segment whose targets are all ignored gives 0 (torch gives NaN there).
     """
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    counted = targets != ignore_index
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, jnp.where(counted, targets, 0)[..., None], axis=-1)[..., 0]
-    total = jnp.sum(jnp.where(counted, -picked, 0.0))
-    count = jnp.sum(counted)
+    total, count = token_nll(logits, targets, ignore_index)
     return total / jnp.maximum(count, 1)
 
 
@@ -47,8 +52,9 @@ def _split_segments(x: jax.Array, seq_len: int) -> tuple[jax.Array | None, jax.A
 class _Segments(NamedTuple):
     """A sequence cut for the segment loop: stacked full segments (scan inputs) and a short tail."""
 
-    full: tuple | None  # (inputs, targets, masks, keys), each (n_full, b, seq_len, ...) / (n_full,)
-    tail: tuple | None  # (inputs, targets, mask, key) of the last, shorter segment
+    # (inputs, targets, masks, keys, resets[, LM denominators]), (n_full, b, seq_len, ...) / (n_full, ...)
+    full: tuple | None
+    tail: tuple | None  # (inputs, targets, mask, key, None) of the last, shorter segment
 
 
 def _segments(tokens: jax.Array, mask: jax.Array | None, rng: jax.Array | None, seq_len: int) -> _Segments:
@@ -61,29 +67,47 @@ def _segments(tokens: jax.Array, mask: jax.Array | None, rng: jax.Array | None, 
             mask = mask[:, :-1]
         if mask.shape != inputs.shape:
             raise ValueError(f"mask must have shape {tokens.shape} or {inputs.shape}, got {mask.shape}")
+    return _cut(inputs, targets, mask, None, rng, seq_len)
+
+
+def _cut(inputs: jax.Array, targets: jax.Array, mask: jax.Array | None, resets: jax.Array | None,
+         rng: jax.Array | None, seq_len: int) -> _Segments:
+    """Cuts inputs / targets / mask (b, l) and per-segment resets (b, n) into segments."""
     n_segments = -(-inputs.shape[1] // seq_len)
     keys = jax.random.split(rng, n_segments) if rng is not None else None
     full_inputs, tail_inputs = _split_segments(inputs, seq_len)
     full_targets, tail_targets = _split_segments(targets, seq_len)
     full_masks, tail_mask = _split_segments(mask, seq_len) if mask is not None else (None, None)
     n_full = 0 if full_inputs is None else full_inputs.shape[0]
+    if resets is not None and (tail_inputs is not None or resets.shape != (inputs.shape[0], n_full)):
+        raise ValueError(f"resets must have shape (batch, n_segments) = {(inputs.shape[0], n_full)} for "
+                         f"{inputs.shape[1]} = n_segments * seq_len inputs, got {resets.shape}")
     full = tail = None
     if n_full:
-        full = (full_inputs, full_targets, full_masks, keys[:n_full] if keys is not None else None)
+        full = (full_inputs, full_targets, full_masks, keys[:n_full] if keys is not None else None,
+                resets.T if resets is not None else None)
     if tail_inputs is not None:
-        tail = (tail_inputs, tail_targets, tail_mask, keys[-1] if keys is not None else None)
+        tail = (tail_inputs, tail_targets, tail_mask, keys[-1] if keys is not None else None, None)
     return _Segments(full, tail)
 
 
 def _segment_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ignore_index: int,
                   memory_gradients: bool = False):
-    """`loss(params, memories, inputs, targets, mask, key) -> (lm + aux, (memories, lm, aux))` of one segment."""
+    """`loss(params, memories, inputs, targets, mask, key, reset, denominator) -> (lm + aux, (memories, lm, aux))`.
 
-    def loss(params, memories, inputs, targets, mask, key):
+    `reset` (b,) bool or None: those rows' memory is emptied first (a new document).
+    `denominator`: divides the summed token NLL (None: the mean over this segment's targets)."""
+
+    def loss(params, memories, inputs, targets, mask, key, reset, denominator=None):
+        if reset is not None:
+            memories = memories.reset(reset)
         net = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=key) if key is not None else None
         logits, memories, aux = net(inputs, memories, mask, rngs=rngs, memory_gradients=memory_gradients)
-        lm = cross_entropy(logits, targets, ignore_index)
+        if denominator is None:
+            lm = cross_entropy(logits, targets, ignore_index)
+        else:
+            lm = token_nll(logits, targets, ignore_index)[0] / denominator
         return lm + aux, (memories, lm, aux)
 
     return loss
@@ -138,6 +162,43 @@ def segment_losses(
     return lm, aux, memories
 
 
+def _grads(model: CompressiveTransformer, segments: _Segments, memories: Memory, ignore_index: int, remat: bool,
+           memory_gradients: bool = False):
+    """(objective, lm_losses[n], aux_losses[n], grads, final memories) of cut segments from `memories`."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = _segment_loss(graphdef, params, rest, ignore_index, memory_gradients)
+    if memory_gradients:
+        return _through_memory_grads(loss, params, memories, segments, remat)
+    if remat:
+        loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    value_and_grad = jax.value_and_grad(loss, has_aux=True)
+
+    def body(carry, xs):
+        memories, grad_sum = carry
+        (_, (memories, lm, aux)), grads = value_and_grad(params, memories, *xs)
+        return (memories, jax.tree.map(jnp.add, grad_sum, grads)), (lm, aux)
+
+    (memories, grads), lm, aux = _run_segments(body, (memories, jax.tree.map(jnp.zeros_like, params)), segments)
+    return jnp.sum(lm + aux), lm, aux, grads, memories
+
+
+def _through_memory_grads(loss: Callable, params: nnx.State, memories: Memory, segments: _Segments, remat: bool):
+    """`_grads` with memory gradients: one value_and_grad over the whole segment scan."""
+    if remat:
+        loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable)
+
+    def objective(params):
+        def body(memories, xs):
+            _, (memories, lm, aux) = loss(params, memories, *xs)
+            return memories, (lm, aux)
+
+        final, lm, aux = _run_segments(body, memories, segments)
+        return jnp.sum(lm + aux), (lm, aux, final)
+
+    (total, (lm, aux, final)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return total, lm, aux, grads, jax.lax.stop_gradient(final)
+
+
 def sequence_grads(
     model: CompressiveTransformer,
     tokens: Int[Array, "b l"],
@@ -167,44 +228,64 @@ def sequence_grads(
     segments = _segments(tokens, mask, rng, model.config.seq_len)
     if memories is None:
         memories = Memory.empty(model, tokens.shape[0], model.dtype)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss = _segment_loss(graphdef, params, rest, ignore_index, memory_gradients)
-    if memory_gradients:
-        return _through_memory_grads(loss, params, memories, segments, remat)
-    if remat:
-        loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    value_and_grad = jax.value_and_grad(loss, has_aux=True)
-
-    def body(carry, xs):
-        memories, grad_sum = carry
-        (_, (memories, lm, aux)), grads = value_and_grad(params, memories, *xs)
-        return (memories, jax.tree.map(jnp.add, grad_sum, grads)), (lm, aux)
-
-    (_, grads), lm, aux = _run_segments(body, (memories, jax.tree.map(jnp.zeros_like, params)), segments)
-    return jnp.sum(lm + aux), lm, aux, grads
-
-
-def _through_memory_grads(loss: Callable, params: nnx.State, memories: Memory, segments: _Segments, remat: bool):
-    """`sequence_grads` with memory gradients: one value_and_grad over the whole segment scan."""
-    if remat:
-        loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable)
-
-    def objective(params):
-        def body(memories, xs):
-            _, (memories, lm, aux) = loss(params, memories, *xs)
-            return memories, (lm, aux)
-
-        _, lm, aux = _run_segments(body, memories, segments)
-        return jnp.sum(lm + aux), (lm, aux)
-
-    (total, (lm, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    return total, lm, aux, grads
+    return _grads(model, segments, memories, ignore_index, remat, memory_gradients)[:4]
 
 
 def _micro_split(x: jax.Array, micro_batches: int) -> jax.Array:
     # (b, ...) -> (m, b // m, ...), micro-batch j = rows j, j + m, j + 2m, ...: a strided
     # split keeps every micro-batch spread over the devices of a batch-sharded array.
     return jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+
+
+def _micro_join(x: jax.Array) -> jax.Array:
+    # (m, b // m, ...) -> (b, ...): the inverse of _micro_split
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _split_memory(memories: Memory, micro_batches: int) -> Memory:
+    """A full batch's memory as micro-batches (the leading axis), rows split as `_micro_split` does."""
+    per_layer = lambda x: jnp.moveaxis(_micro_split(jnp.moveaxis(x, 1, 0), micro_batches), 1, 2)  # noqa: E731
+    return Memory(per_layer(memories.mem), per_layer(memories.compressed_mem),
+                  _micro_split(memories.mem_valid, micro_batches),
+                  _micro_split(memories.compressed_mem_valid, micro_batches),
+                  None if memories.mem_usage is None else per_layer(memories.mem_usage))
+
+
+def _join_memory(memories: Memory) -> Memory:
+    """The inverse of `_split_memory`."""
+    per_layer = lambda x: jnp.moveaxis(_micro_join(jnp.moveaxis(x, 2, 1)), 0, 1)  # noqa: E731
+    return Memory(per_layer(memories.mem), per_layer(memories.compressed_mem), _micro_join(memories.mem_valid),
+                  _micro_join(memories.compressed_mem_valid),
+                  None if memories.mem_usage is None else per_layer(memories.mem_usage))
+
+
+def _check_micro_batches(batch: int, micro_batches: Any) -> None:
+    check_int("micro_batches", micro_batches)
+    if batch % micro_batches:
+        raise ValueError(f"batch size ({batch}) must be divisible by micro_batches ({micro_batches})")
+
+
+def _accumulate(model: CompressiveTransformer, run: Callable, rows: Any, memories: Memory | None,
+                rng: jax.Array | None, micro_batches: int, split_memory: bool):
+    """`run(net, rows, memories, key) -> (total, lm, aux, grads, memories)` over strided micro-batches
+    of `rows` (a pytree of (b, ...) arrays), one `lax.scan` summing the gradients; returns the
+    micro-batch means, the mean gradient and (with `split_memory`: `memories` are the full
+    batch's, split like the rows) the final memories of the whole batch."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    keys = jax.random.split(rng, micro_batches) if rng is not None else None
+    micro_rows = jax.tree.map(lambda x: _micro_split(x, micro_batches), rows)
+    micro_memories = _split_memory(memories, micro_batches) if split_memory else None
+
+    def accumulate(grad_sum, xs):
+        rows, memory, key = xs
+        total, lm, aux, grads, memory = run(nnx.merge(graphdef, params, rest), rows,
+                                            memory if split_memory else memories, key)
+        return jax.tree.map(jnp.add, grad_sum, grads), (total, lm, aux, memory)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grad_sum, (total, lm, aux, final) = jax.lax.scan(accumulate, zeros, (micro_rows, micro_memories, keys))
+    grads = jax.tree.map(lambda g: g / micro_batches, grad_sum)
+    return jnp.mean(total), jnp.mean(lm, axis=0), jnp.mean(aux, axis=0), grads, _join_memory(final)
 
 
 def accumulated_grads(
@@ -230,31 +311,79 @@ def accumulated_grads(
     rounding; with them, each micro-batch's mean counts its own targets. Returns
     `(objective, lm_losses[n], aux_losses[n], grads)`, losses averaged over micro-batches.
     """
-    batch = tokens.shape[0]
-    check_int("micro_batches", micro_batches)
-    if batch % micro_batches:
-        raise ValueError(f"batch size ({batch}) must be divisible by micro_batches ({micro_batches})")
+    _check_micro_batches(tokens.shape[0], micro_batches)
     if micro_batches == 1:
         return sequence_grads(model, tokens, mask, memories, rng, ignore_index=ignore_index, remat=remat,
                               memory_gradients=memory_gradients)
+
+    def run(net, rows, memories, key):
+        tokens, mask = rows
+        segments = _segments(tokens, mask, key, net.config.seq_len)
+        if memories is None:
+            memories = Memory.empty(net, tokens.shape[0], net.dtype)
+        return _grads(net, segments, memories, ignore_index, remat, memory_gradients)
+
+    return _accumulate(model, run, (tokens, mask), memories, rng, micro_batches, split_memory=False)[:4]
+
+
+def stream_grads(
+    model: CompressiveTransformer,
+    batch: StreamBatch,
+    memories: Memory,
+    rng: jax.Array | None = None,
+    *,
+    micro_batches: int = 1,
+    ignore_index: int = IGNORE_INDEX,
+    remat: bool = False,
+    memory_gradients: bool = False,
+    axis_name: str | None = None,
+) -> tuple[Float[Array, ""], Float[Array, " n"], Float[Array, " n"], nnx.State, Memory]:
+    """`accumulated_grads` for a streamed batch (`ct_jax.streams.StreamBatch`, n * seq_len per row).
+
+    Each row continues from its row of `memories` (the whole batch's, carried from the last
+    step), emptied before the segments `batch.resets` marks; padded positions have ignored
+    targets. Padding makes rows count different numbers of targets, so each segment's LM
+    loss is the token mean over the whole batch (every micro-batch, and under `pmap` every
+    device on `axis_name`, divides its NLL sum by the whole batch's count): the mean over
+    micro-batches (and the `pmean` over devices) is the whole batch's loss and gradient.
+    Returns `(objective, lm_losses[n], aux_losses[n], grads, final memories)`.
+    """
+    b = batch.inputs.shape[0]
+    _check_micro_batches(b, micro_batches)
+    seq_len = model.config.seq_len
+    counted = jnp.sum((batch.targets != ignore_index).reshape(b, -1, seq_len), axis=(0, 2))  # (n,)
+    shares = micro_batches
+    if axis_name is not None:
+        counted, shares = jax.lax.psum(counted, axis_name), shares * jax.lax.psum(1, axis_name)
+    denominators = jnp.maximum(counted, 1).astype(jnp.float32) / shares
+
+    def run(net, rows, memories, key):
+        segments = _cut(rows.inputs, rows.targets, rows.mask, rows.resets, key, seq_len)
+        segments = segments._replace(full=(*segments.full, denominators))
+        return _grads(net, segments, memories, ignore_index, remat, memory_gradients)
+
+    if micro_batches == 1:
+        return run(model, batch, memories, rng)
+    return _accumulate(model, run, batch, memories, rng, micro_batches, split_memory=True)
+
+
+def stream_nll(
+    model: CompressiveTransformer, batch: StreamBatch, memories: Memory, *, ignore_index: int = IGNORE_INDEX
+) -> tuple[Float[Array, ""], Int[Array, ""], Memory]:
+    """(summed NLL in nats, number of predicted tokens, final memories) of a streamed batch, no aux loss.
+
+    As `stream_grads`' forward: rows continue from `memories`, reset where `batch.resets` says.
+    """
+    segments = _cut(batch.inputs, batch.targets, batch.mask, batch.resets, None, model.config.seq_len)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def micro_grads(params, tokens, mask, key):
-        net = nnx.merge(graphdef, params, rest)
-        return sequence_grads(net, tokens, mask, memories, key, ignore_index=ignore_index, remat=remat,
-                              memory_gradients=memory_gradients)
+    def body(carry, xs):
+        memories, total, count = carry
+        inputs, targets, mask, _, reset = xs
+        logits, memories, _ = nnx.merge(graphdef, params, rest)(inputs, memories.reset(reset), mask)
+        nll, n = token_nll(logits, targets, ignore_index)
+        return (memories, total + nll, count + n), None
 
-    keys = jax.random.split(rng, micro_batches) if rng is not None else None
-    micro_masks = _micro_split(mask, micro_batches) if mask is not None else None
-
-    def accumulate(grad_sum, xs):
-        micro_tokens, micro_mask, key = xs
-        total, lm, aux, grads = micro_grads(params, micro_tokens, micro_mask, key)
-        return jax.tree.map(jnp.add, grad_sum, grads), (total, lm, aux)
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grad_sum, (total, lm, aux) = jax.lax.scan(
-        accumulate, zeros, (_micro_split(tokens, micro_batches), micro_masks, keys)
-    )
-    grads = jax.tree.map(lambda g: g / micro_batches, grad_sum)
-    return jnp.mean(total), jnp.mean(lm, axis=0), jnp.mean(aux, axis=0), grads
+    zero = jnp.zeros((), jnp.float32)
+    (memories, total, count), _ = jax.lax.scan(body, (memories, zero, jnp.zeros((), jnp.int32)), segments.full)
+    return total, count, memories

@@ -173,7 +173,7 @@ class MetricsLog:
     One row per train step; `val_bpb` is filled on validation steps (step 0 = before training).
     """
 
-    FIELDS = ("step", "loss", "lm", "aux", "bpb", "grad_norm", "learning_rate", "tokens_per_s", "val_bpb")
+    FIELDS = ("step", "loss", "lm", "aux", "bpb", "grad_norm", "learning_rate", "tokens_per_s", "val_bpb", "test_bpb")
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

@@ -164,16 +164,24 @@ def from_torch(state_dict: Mapping[str, Any], model: CompressiveTransformer, *,
 def memory_to_torch(memories: Memory):
     """The valid part of a `ct_jax.Memory` as upstream `Memory(mem, compressed_mem)` tensors.
 
-    Shapes are exactly upstream's: `(n_memory_layers, b, valid_len, dim)`. A memory with
-    `mem_usage` (compression="most_used") becomes `ct_torch_ref.UsageMemory`, usage
-    `(n_memory_layers, b, valid_len)`.
+    Shapes are exactly upstream's: `(n_memory_layers, b, valid_len, dim)`. Upstream's memory
+    has one length for the whole batch, so every row must hold the same number of slots. A
+    memory with `mem_usage` (compression="most_used") becomes `ct_torch_ref.UsageMemory`,
+    usage `(n_memory_layers, b, valid_len)`.
     """
     import torch
 
     from ct_torch_ref import Memory as TorchMemory
     from ct_torch_ref import UsageMemory
 
-    mem_valid, cmem_valid = int(memories.mem_valid), int(memories.compressed_mem_valid)
+    counts = {name: np.unique(np.asarray(getattr(memories, name))) for name in ("mem_valid", "compressed_mem_valid")}
+    for name, values in counts.items():
+        if len(values) > 1:
+            raise ValueError(
+                f"memories.{name} differs between rows ({np.asarray(getattr(memories, name)).tolist()}); upstream's "
+                f"Memory holds one length for the whole batch, so only memories whose rows hold equal amounts convert"
+            )
+    mem_valid, cmem_valid = int(counts["mem_valid"][0]), int(counts["compressed_mem_valid"][0])
     mem = np.asarray(memories.mem)
     cmem = np.asarray(memories.compressed_mem)
     mem = mem[:, :, mem.shape[2] - mem_valid :]
@@ -221,8 +229,8 @@ def memory_from_torch(memory, model_or_config) -> Memory:
     return Memory(
         jnp.asarray(pad(mem, config.mem_len)),
         jnp.asarray(pad(cmem, config.cmem_len)),
-        jnp.asarray(mem.shape[2], jnp.int32),
-        jnp.asarray(cmem.shape[2], jnp.int32),
+        jnp.full((mem.shape[1],), mem.shape[2], jnp.int32),
+        jnp.full((mem.shape[1],), cmem.shape[2], jnp.int32),
         usage,
     )
 

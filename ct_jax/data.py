@@ -156,11 +156,8 @@ def _walk(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str]
     return sorted(found, key=lambda file: file.relative_to(root).as_posix())
 
 
-def _files_corpus(
-    tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int,
-    max_bytes: int | None,
-) -> Splits:
-    """Split sorted files into train / validation (file i goes to validation iff i % k == k - 1)."""
+def split_files(files: list[Path], validation_every: int, max_bytes: int | None) -> tuple[list[Path], list[Path]]:
+    """(train, validation) files of a folder corpus: file i of the kept ones goes to validation iff i % k == k - 1."""
     check_int("validation_every", validation_every, 2)
     if max_bytes is not None:
         check_int("max_bytes", max_bytes, 1)
@@ -173,13 +170,23 @@ def _files_corpus(
                 total += file.stat().st_size
         files = kept
     validation = files[validation_every - 1 :: validation_every]
+    train = [file for i, file in enumerate(files) if i % validation_every != validation_every - 1]
+    return train, validation
+
+
+def _files_corpus(
+    tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int,
+    max_bytes: int | None,
+) -> Splits:
+    """Split sorted files into train / validation (file i goes to validation iff i % k == k - 1)."""
+    train, validation = split_files(files, validation_every, max_bytes)
     if not validation:
+        kept = len(train) + len(validation)
         raise ValueError(
-            f"{tag} corpus at {root} has {len(files)} files (max_bytes={max_bytes}); validation_every="
+            f"{tag} corpus at {root} has {kept} files (max_bytes={max_bytes}); validation_every="
             f"{validation_every} sends every {validation_every}-th file to validation, so it needs at least "
             f"{validation_every} files"
         )
-    train = [file for i, file in enumerate(files) if i % validation_every != validation_every - 1]
     return {"train": _concatenated(tag, "train", train, cache_dir),
             "validation": _concatenated(tag, "validation", validation, cache_dir)}
 
@@ -234,8 +241,13 @@ def load_folder(
     root = _existing(path)
     if not root.is_dir():
         raise ValueError(f"path must be a folder, got file {str(root)!r}")
-    visible = lambda name: not name.startswith(".")  # noqa: E731 - skips .git and friends
-    return _files_corpus("folder", root, _walk(root, visible, visible), cache_dir, validation_every, max_bytes)
+    return _files_corpus("folder", root, folder_files(root), cache_dir, validation_every, max_bytes)
+
+
+def folder_files(root: Path) -> list[Path]:
+    """A folder corpus's files: recursive, sorted by relative path, hidden names (.git ...) skipped."""
+    visible = lambda name: not name.startswith(".")  # noqa: E731
+    return _walk(root, visible, visible)
 
 
 def stdlib_source_files() -> list[Path]:

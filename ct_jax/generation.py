@@ -142,7 +142,9 @@ def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_m
     n_variants = _n_variants(config)
     x = net.embed(tokens)
     mask = window_mask
-    buffer_valid = memory.slot_valid()
+    # Every row of a generation is advanced by the same windows, so all rows hold equal memory: row 0's
+    # counts serve every row (and every variant stacked on the batch axis).
+    buffer_valid, total_valid = memory.slot_valid()[0], memory.total_valid[0]
     pos_emb = net.pos_emb[...] if net.pos_emb is not None else None
     caches = []
     for index, (attn, ff) in enumerate(zip(net.attn_layers, net.ff_layers)):
@@ -151,7 +153,7 @@ def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_m
             x = jnp.concatenate([x] * n_variants)  # (V*b, n, d), variant-major
             mask = jnp.concatenate([window_mask] * n_variants)
         layer_kv = memory_kv[config.memory_layers.index(layer)] if layer in config.memory_layers else None
-        y, cache = _attend_cached(attn.fn, attn.normed(x), pos_emb=pos_emb, total_valid=memory.total_valid,
+        y, cache = _attend_cached(attn.fn, attn.normed(x), pos_emb=pos_emb, total_valid=total_valid,
                                   start=start, end=end, mask=mask, memory_kv=layer_kv, buffer_valid=buffer_valid,
                                   cache=cache_kv[index])
         caches.append(cache)

@@ -1,7 +1,8 @@
-"""Data parallelism (`pmap`, or `jit` over a device `Mesh`) and multi-host start-up.
+"""Data parallelism (`pmap`, or `jit` over a device `Mesh`), sharded parameters (`fsdp`) and multi-host start-up.
 
-Parameters and optimizer state are replicated; the batch, and with it the memory carry,
-is split along the batch axis `data`. A `DataParallel` places states and batches for its
+The batch, and with it the memory carry, is split along the batch axis `data`. Parameters
+and optimizer state are replicated, except in `fsdp` mode, where `ct_jax.sharding`'s rule
+table splits them over the same axis. A `DataParallel` places states and batches for its
 mode and compiles step functions for it, so the training loop is the same for all modes.
 """
 
@@ -14,7 +15,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ct_jax.sharding import DATA_RULES, FSDP_RULES, batch_axis, tree_shardings
 
 AXIS = "data"  # the batch axis of the mesh, and pmap's axis name
 
@@ -30,6 +34,7 @@ class Parallel(enum.Enum):
     NONE = "none"  # one device, plain jit
     PMAP = "pmap"  # jax.pmap over the local devices, gradients averaged with pmean
     JIT = "jit"  # jax.jit over a 1-D Mesh, batch NamedSharding(P('data')); XLA inserts the all-reduce
+    FSDP = "fsdp"  # as jit, and parameters + optimizer state split over 'data' too; XLA gathers them per layer
 
 
 def _env(names: tuple[str, ...], environ: Mapping[str, str]) -> str | None:
@@ -79,10 +84,42 @@ def initialize_distributed(
     return True
 
 
-def _replicate_global(x: Any, sharding: NamedSharding) -> jax.Array:
+def _place_global(x: Any, sharding: NamedSharding) -> jax.Array:
     # Works in multi-process runs too, where `device_put` cannot target remote devices.
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _host_copy(x: jax.Array) -> np.ndarray:
+    # A whole array on this host: one replica, or the shards gathered from every process.
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class _MeshStep:
+    """`fn(state, batch)` jitted on first call, with the shardings of that state's (and output's) structure."""
+
+    def __init__(self, fn: Callable, parallel: DataParallel, donate: tuple[int, ...], compiler_options: dict | None):
+        self.fn, self.parallel, self.donate, self.compiler_options = fn, parallel, donate, compiler_options
+        self._jitted: Callable | None = None
+
+    def _compiled(self, state: Any, batch: Any) -> Any:
+        if self._jitted is None:
+            shardings = self.parallel.state_shardings
+            outputs = jax.eval_shape(self.fn, state, batch)
+            self._jitted = jax.jit(self.fn, in_shardings=(shardings(state), self.parallel.batch_sharding),
+                                   out_shardings=shardings(outputs), donate_argnums=self.donate,
+                                   compiler_options=self.compiler_options)
+        return self._jitted
+
+    def __call__(self, state: Any, batch: Any) -> Any:
+        return self._compiled(state, batch)(state, batch)
+
+    def lower(self, state: Any, batch: Any) -> Any:
+        return self._compiled(state, batch).lower(state, batch)
 
 
 class DataParallel:
@@ -93,7 +130,7 @@ class DataParallel:
         self.mode = Parallel(mode)
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         if devices is not None and (self.mode is Parallel.PMAP or not devices):
-            raise ValueError(f"devices must be None (pmap) or a non-empty list (none, jit), got {devices!r}")
+            raise ValueError(f"devices must be None (pmap) or a non-empty list (none, jit, fsdp), got {devices!r}")
         if self.mode is Parallel.NONE:
             if self.process_count > 1:
                 raise ValueError(f"parallel='none' runs on one device, but this is a {self.process_count}-process run")
@@ -107,6 +144,7 @@ class DataParallel:
             self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
             self.replicated = NamedSharding(self.mesh, PartitionSpec())
             self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+            self.rules = FSDP_RULES if self.mode is Parallel.FSDP else DATA_RULES
 
     @property
     def device_count(self) -> int:
@@ -118,10 +156,14 @@ class DataParallel:
         return AXIS if self.mode is Parallel.PMAP else None
 
     def memory_sharding(self) -> tuple[NamedSharding, NamedSharding] | None:
-        """(buffers, counts) shardings of the memory carry: buffers `(l, b, m, d)` split along b."""
-        if self.mode is not Parallel.JIT:
+        """(buffers, counts) shardings of the memory carry: buffers `(l, b, m, d)` and counts `(b,)` split along b."""
+        if self.mode not in (Parallel.JIT, Parallel.FSDP):
             return None
-        return NamedSharding(self.mesh, PartitionSpec(None, AXIS)), self.replicated
+        return NamedSharding(self.mesh, PartitionSpec(None, AXIS)), self.batch_sharding
+
+    def state_shardings(self, state: Any) -> Any:
+        """Mesh modes: the sharding of every leaf of a state (or step output) pytree, by its logical axes."""
+        return tree_shardings(state, self.mesh, self.rules)
 
     def check_batch_size(self, batch_size: int, name: str = "batch_size") -> None:
         """Raises ValueError unless the global batch splits evenly over processes and devices."""
@@ -136,24 +178,47 @@ class DataParallel:
         if self.mode is Parallel.NONE:
             return jax.device_put(state, self.devices[0])
         if self.mode is Parallel.PMAP:
-            n = jax.local_device_count()
-            return jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state), self.stacked)
-        return jax.tree.map(lambda x: _replicate_global(x, self.replicated), state)
+            return jax.device_put(jax.tree_util.tree_map_with_path(self._pmap_stack, state), self.stacked)
+        return jax.tree.map(_place_global, state, self.state_shardings(state))
+
+    def _pmap_stack(self, path, x) -> np.ndarray:
+        # (local devices, ...): a copy per device, or (arrays with a batch axis) this process's rows split
+        x, n = np.asarray(x), jax.local_device_count()
+        axis = batch_axis(path, x.ndim)
+        if axis is None:
+            return np.stack([x] * n)
+        rows = x.shape[axis] // self.process_count
+        x = np.take(x, np.arange(self.process_index * rows, (self.process_index + 1) * rows), axis=axis)
+        return np.stack(np.split(x, n, axis=axis))
+
+    def _pmap_unstack(self, path, x) -> np.ndarray:
+        # the inverse of _pmap_stack: one copy, or every device's (and process's) rows joined
+        axis = batch_axis(path, x.ndim - 1)
+        if axis is None:
+            return np.asarray(x[0])
+        local = np.concatenate(list(np.asarray(x)), axis=axis)
+        if self.process_count == 1:
+            return local
+        gathered = multihost_utils.process_allgather(np.moveaxis(local, axis, 0), tiled=True)
+        return np.moveaxis(np.asarray(gathered), 0, axis)
 
     def get_state(self, state: Any) -> Any:
-        """One host copy (numpy) of a placed, replicated pytree: for checkpoints and export.
+        """One whole host copy (numpy) of a placed pytree: for checkpoints and export.
 
         A real copy: a zero-copy view of a CPU buffer would block donating it to the next
         step, and an asynchronous checkpoint must not see the buffer change under it.
         """
         if self.mode is Parallel.PMAP:
-            state = jax.tree.map(lambda x: x[0], state)
-        elif self.mode is Parallel.JIT:
-            state = jax.tree.map(lambda x: x.addressable_data(0), state)
+            state = jax.tree_util.tree_map_with_path(self._pmap_unstack, state)
+        elif self.mode in (Parallel.JIT, Parallel.FSDP):
+            state = jax.tree.map(_host_copy, state)
         return jax.tree.map(lambda x: np.array(x, copy=True), state)
 
-    def put_batch(self, local_batch: np.ndarray) -> jax.Array:
-        """This process's rows of the global batch (b_local, ...), placed for the step."""
+    def put_batch(self, local_batch: Any) -> Any:
+        """This process's rows of the global batch (an array or a pytree of arrays, (b_local, ...)), placed."""
+        return jax.tree.map(self._put_rows, local_batch)
+
+    def _put_rows(self, local_batch: np.ndarray) -> jax.Array:
         if self.mode is Parallel.NONE:
             return jax.device_put(local_batch, self.devices[0])
         if self.mode is Parallel.PMAP:
@@ -168,16 +233,16 @@ class DataParallel:
                 compiler_options: dict[str, Any] | None = None) -> Callable:
         """`fn(state, batch) -> (state', outputs)` (or `-> outputs`) compiled for this mode.
 
-        State is argument 0 and replicated; the batch is split along its first axis;
-        outputs are replicated (pmap: on every local device, read them with `get_state`).
+        State is argument 0, replicated (fsdp: parameters and optimizer state sharded by
+        `state_shardings`); the batch is split along its first axis; outputs that are not
+        state are replicated (pmap: on every local device, read them with `get_state`).
         `compiler_options` (XLA debug options) apply to the jit modes; pmap takes XLA_FLAGS only.
         """
         donate = (0,) if donate_state else ()
         if self.mode is Parallel.PMAP:
             return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate)
-        if self.mode is Parallel.JIT:
-            return jax.jit(fn, in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated,
-                           donate_argnums=donate, compiler_options=compiler_options)
+        if self.mode in (Parallel.JIT, Parallel.FSDP):
+            return _MeshStep(fn, self, donate, compiler_options)
         return jax.jit(fn, donate_argnums=donate, compiler_options=compiler_options)
 
     def get_outputs(self, outputs: Any) -> Any:

@@ -51,8 +51,17 @@ def fit(
     progress: bool = True,
     log: Callable[[str], Any] = print,
     compiler_options: dict[str, Any] | None = None,
+    documents: dict[str, np.ndarray] | None = None,
 ) -> FitResult:
     """Trains on `splits['train']`, validating on `splits['validation']`, writing into `out_dir`.
+
+    `config.data_order` streams: `batch_size` streams through the training documents
+    (`documents`: split name -> document start offsets, as `ct_jax.streams.document_starts`
+    gives; absent: one document per split) with the memory carried across steps, and
+    validation with `ct_jax.evaluation.evaluate_stream` (periodically over `eval_segments`
+    segments per stream, or the whole split; at the end the whole split, and `splits['test']`
+    if there is one, as `test_bpb`). Windows: random windows from empty memory, validated on
+    `eval_batches` sequential windows.
 
     Files: `checkpoints/` (orbax, every `checkpoint_every` steps and at the end, the last
     `keep_checkpoints` kept), `metrics.csv` (rewritten atomically at every checkpoint),
@@ -86,9 +95,13 @@ def fit(
             if resume_from is not None and resume_from not in steps:
                 raise ValueError(f"resume_from={resume_from}: no checkpoint of that step in {checkpoints.directory} "
                                  f"(steps there: {steps})")
-            run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead, say)
+            run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead, say, documents or {})
             start = run.resume(resume_from) if steps else 0
             run.loop(start, progress and lead)
+            if "test" in splits and run.trainer.streaming and start < config.steps:
+                test_bpb = run.evaluate("test", progress and lead)
+                run.history.add(config.steps, test_bpb=test_bpb)
+                say(f"test: {test_bpb:.4f} bits/byte (whole split, streamed)")
             checkpoints.wait()
             host_state = run.trainer.host(run.state)
             model = run.trainer.load_params(host_state.params)
@@ -133,28 +146,47 @@ class _Run:
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, splits: dict[str, np.ndarray], out_dir: Path,
                  checkpoints: Checkpoints, compiler_options: dict[str, Any] | None, lead: bool,
-                 say: Callable[[str], Any]):
-        from ct_jax.data import WindowSampler, fingerprint
+                 say: Callable[[str], Any], documents: dict[str, np.ndarray]):
+        from ct_jax.data import fingerprint
+        from ct_jax.streams import check_starts
 
         self.model_config, self.config, self.checkpoints = model_config, config, checkpoints
         self.lead, self.say = lead, say
         self.trainer = Trainer(create_model(model_config, config), config, compiler_options=compiler_options)
-        parallel = self.trainer.parallel
-        self.validation = splits["validation"]
-        n_windows = (len(self.validation) - 1) // (self.trainer.window - 1)
-        if n_windows < config.batch_size:
-            raise ValueError(
-                f"the validation split ({len(self.validation)} bytes) holds {n_windows} windows of "
-                f"{self.trainer.window} bytes, fewer than one batch (batch_size={config.batch_size})"
-            )
-        self.sampler = WindowSampler(splits["train"], self.trainer.window, config.batch_size, config.seed,
-                                     process_index=parallel.process_index, process_count=parallel.process_count)
+        self.splits, self.validation = splits, splits["validation"]
+        self.documents = {name: check_starts(split, documents.get(name), name) for name, split in splits.items()}
+        self.sampler = self._stream_sampler() if self.trainer.streaming else self._window_sampler()
         self.data_fingerprint = fingerprint(splits)
         self.history = MetricsLog(out_dir / "metrics.csv")
         self.history.truncate(-1)
         self.state = self.trainer.place(self.trainer.init_state())
         self.guard = _Guard(config.divergence_factor, [])
         self.unverified: tuple[int, TrainState, dict[str, Any]] | None = None  # a save awaiting its check
+
+    def _stream_sampler(self):
+        from ct_jax.streams import StreamSampler
+
+        config, parallel = self.config, self.trainer.parallel
+        for name, split in self.splits.items():
+            if name != "train" and len(split) // config.batch_size < 2:
+                raise ValueError(f"the {name} split ({len(split)} bytes) is too short for batch_size="
+                                 f"{config.batch_size} streams of 2 bytes or more")
+        return StreamSampler(self.splits["train"], self.documents["train"], self.model_config.seq_len,
+                             config.n_segments, config.batch_size, config.seed,
+                             process_index=parallel.process_index, process_count=parallel.process_count)
+
+    def _window_sampler(self):
+        from ct_jax.data import WindowSampler
+
+        config, parallel = self.config, self.trainer.parallel
+        n_windows = (len(self.validation) - 1) // (self.trainer.window - 1)
+        if n_windows < config.batch_size:
+            raise ValueError(
+                f"the validation split ({len(self.validation)} bytes) holds {n_windows} windows of "
+                f"{self.trainer.window} bytes, fewer than one batch (batch_size={config.batch_size})"
+            )
+        return WindowSampler(self.splits["train"], self.trainer.window, config.batch_size, config.seed,
+                             process_index=parallel.process_index, process_count=parallel.process_count)
 
     def resume(self, resume_from: int | None) -> int:
         """Adopts the newest checkpoint that verifies (at most `resume_from`): state, data position and
@@ -215,10 +247,18 @@ class _Run:
             self.say(f"warning: resuming on other data than the checkpoint was trained on (data fingerprint "
                      f"{self.data_fingerprint}, checkpoint's {record['data_fingerprint']})")
 
-    def evaluate(self) -> float:
+    def evaluate(self, split: str = "validation", progress: bool = False, whole: bool = False) -> float:
+        """Bits per byte of a split: streamed (memory carried; `eval_segments` per stream unless
+        `whole`), or on `eval_batches` sequential windows from empty memory."""
         from ct_jax.data import eval_batches
+        from ct_jax.evaluation import evaluate_stream
 
         config = self.config
+        if self.trainer.streaming:
+            model = self.trainer.load_params(self.trainer.host(self.state).params)
+            return evaluate_stream(model, self.splits[split], config.batch_size, document_starts=self.documents[split],
+                                   max_segments=None if whole else config.eval_segments or None, progress=progress,
+                                   name=split)
         batches = eval_batches(self.validation, self.trainer.window, config.batch_size, config.eval_batches,
                                drop_remainder=True)
         return self.trainer.evaluate(self.state, batches)
@@ -290,7 +330,7 @@ class _Run:
                     record(pending)
                     pending = None
                     if evaluate_now:
-                        val_bpb = self.evaluate()
+                        val_bpb = self.evaluate(whole=step == config.steps, progress=progress)
                         problem = self.guard.check(f"(validation after step {step})", val_bpb * LN2)
                         if save_now and problem is not None:  # it is the checkpoint's check
                             self.stop(problem, TrainingDivergedError if math.isfinite(val_bpb)

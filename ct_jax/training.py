@@ -22,11 +22,12 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from ct_jax._checks import check_float, check_int
-from ct_jax.autoregressive import accumulated_grads, segment_losses
+from ct_jax.autoregressive import accumulated_grads, segment_losses, stream_grads
 from ct_jax.config import ModelConfig
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 from ct_jax.parallel import DataParallel, Parallel
+from ct_jax.streams import StreamBatch
 
 LN2 = math.log(2.0)
 # XLA:CPU options that cut compile time 2-3x (no LLVM optimisation, classic fusion
@@ -53,6 +54,13 @@ class Optimizer(enum.Enum):
 
     ADAM = "adam"  # upstream's example
     SGD = "sgd"  # plain gradient descent: the update is linear in the gradient (exact-equivalence tests)
+
+
+class DataOrder(enum.Enum):
+    """How training rows are drawn."""
+
+    WINDOWS = "windows"  # random windows, every row from empty memory (upstream's example)
+    STREAMS = "streams"  # batch_size parallel streams through the documents, memory carried across steps
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -82,8 +90,10 @@ class TrainConfig:
     memory_gradients: bool = False  # backpropagate through the memory carried between a row's segments (paper's BPTT)
     seed: int = 0  # parameters, dropout and data order
     parallel: Parallel | str = Parallel.NONE
+    data_order: DataOrder | str = DataOrder.WINDOWS
     eval_every: int = 100  # 0: only at the start and the end
-    eval_batches: int = 8
+    eval_batches: int = 8  # windows: validation batches per evaluation
+    eval_segments: int = 0  # streams: periodic validation over this many segments per stream (0: whole split)
     checkpoint_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 3
     divergence_factor: float = 4.0  # a loss above this multiple of its running median stops the run (0: off)
@@ -91,7 +101,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "n_segments", "micro_batches", "steps", "eval_batches", "keep_checkpoints"):
             check_int(name, getattr(self, name))
-        for name in ("warmup_steps", "seed", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "seed", "eval_every", "checkpoint_every", "eval_segments"):
             check_int(name, getattr(self, name), 0)
         for name in ("learning_rate", "final_lr_ratio", "grad_clip_norm", "divergence_factor"):
             check_float(name, getattr(self, name), 0.0)
@@ -104,6 +114,7 @@ class TrainConfig:
         object.__setattr__(self, "optimizer", Optimizer(self.optimizer))
         object.__setattr__(self, "schedule", Schedule(self.schedule))
         object.__setattr__(self, "parallel", Parallel(self.parallel))
+        object.__setattr__(self, "data_order", DataOrder(self.data_order))
 
     @property
     def compute_dtype(self) -> Any:
@@ -112,7 +123,7 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (enums by value), as stored in checkpoints."""
         out = dataclasses.asdict(self)
-        for name in ("optimizer", "schedule", "parallel"):
+        for name in ("optimizer", "schedule", "parallel", "data_order"):
             out[name] = getattr(self, name).value
         return out
 
@@ -124,6 +135,7 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
     step: Int[Array, ""]  # completed updates
     rng: jax.Array  # raw uint32 key, split once per step (dropout)
+    memory: Memory | None = None  # streams: every stream's memory, carried to the next step (global batch)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -156,11 +168,13 @@ def create_model(model_config: ModelConfig | dict[str, Any], config: TrainConfig
     )
 
 
-def init_state(model: CompressiveTransformer, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """The train state at step 0 for the model's current parameters."""
+def init_state(model: CompressiveTransformer, optimizer: optax.GradientTransformation, seed: int,
+               stream_batch: int | None = None) -> TrainState:
+    """The train state at step 0 for the model's current parameters (`stream_batch`: rows of empty memory)."""
     params = nnx.state(model, nnx.Param)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # not the parameters' stream
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), rng)
+    memory = Memory.empty(model, stream_batch, model.dtype) if stream_batch is not None else None
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), rng, memory)
 
 
 def _split(model: CompressiveTransformer, train: bool) -> tuple[nnx.GraphDef, nnx.State]:
@@ -181,7 +195,10 @@ def make_train_step(
 ) -> Callable[[TrainState, Int[Array, "b l"]], tuple[TrainState, dict[str, Float[Array, ""]]]]:
     """A pure, uncompiled `step(state, tokens) -> (state, metrics)` (compile with `DataParallel.compile`).
 
-    metrics: loss (the objective), lm and aux (means over segments, nats), bpb (lm / ln 2),
+    `tokens`: windows (b, n * seq_len + 1) from empty memory, or (`config.data_order`
+    streams) a `ct_jax.streams.StreamBatch` continuing from `state.memory`, which the step
+    replaces with the memory its rows end with. metrics: loss (the objective), lm and aux (means over
+    segments, nats), bpb (lm / ln 2),
     grad_norm (before clipping), learning_rate. A step whose loss or gradient is not finite
     returns the state unchanged, so no NaN reaches the parameters.
     """
@@ -190,26 +207,38 @@ def make_train_step(
     memory_sharding = parallel.memory_sharding() if parallel is not None else None
     schedule = learning_rate_schedule(config)
 
-    def step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def constrained(memories: Memory) -> Memory:
+        if memory_sharding is None:
+            return memories
+        buffers, counts = memory_sharding  # the carry is split along the batch like the tokens
+        usage = None if memories.mem_usage is None else buffers  # (l, b, m): split along b too
+        return jax.lax.with_sharding_constraint(memories, Memory(buffers, buffers, counts, counts, usage))
+
+    def step(state: TrainState, tokens: jax.Array | StreamBatch) -> tuple[TrainState, dict[str, jax.Array]]:
         key, next_rng = jax.random.split(state.rng)
         if axis_name is not None:  # each device's rows get their own dropout masks
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         net = nnx.merge(graphdef, state.params, rest)
-        memories = None
-        if memory_sharding is not None:  # the carry is split along the batch like the tokens
-            buffers, counts = memory_sharding
-            empty = Memory.empty(net, tokens.shape[0] // config.micro_batches, net.dtype)
-            usage = None if empty.mem_usage is None else buffers  # (l, b, m): split along b too
-            memories = jax.lax.with_sharding_constraint(empty, Memory(buffers, buffers, counts, counts, usage))
-        loss, lm, aux, grads = accumulated_grads(
-            net, tokens, rng=key, micro_batches=config.micro_batches, memories=memories, remat=config.remat,
-            memory_gradients=config.memory_gradients,
-        )
+        memory = state.memory
+        if config.data_order is DataOrder.STREAMS:
+            loss, lm, aux, grads, memory = stream_grads(
+                net, tokens, state.memory, key, micro_batches=config.micro_batches, remat=config.remat,
+                memory_gradients=config.memory_gradients, axis_name=axis_name,
+            )
+            memory = constrained(memory)
+        else:
+            memories = None
+            if memory_sharding is not None:
+                memories = constrained(Memory.empty(net, tokens.shape[0] // config.micro_batches, net.dtype))
+            loss, lm, aux, grads = accumulated_grads(
+                net, tokens, rng=key, micro_batches=config.micro_batches, memories=memories, remat=config.remat,
+                memory_gradients=config.memory_gradients,
+            )
         if axis_name is not None:
             loss, lm, aux, grads = jax.lax.pmean((loss, lm, aux, grads), axis_name)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        updated = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, next_rng)
+        updated = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, next_rng, memory)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         lm_mean = jnp.mean(lm)
@@ -238,7 +267,8 @@ def make_eval_step(
 
 
 # Fields of TrainConfig that only the host loop reads; they do not change a compiled step.
-_LOOP_ONLY = dict(seed=0, eval_every=0, eval_batches=1, checkpoint_every=0, keep_checkpoints=1, divergence_factor=0.0)
+_LOOP_ONLY = dict(seed=0, eval_every=0, eval_batches=1, eval_segments=0, checkpoint_every=0, keep_checkpoints=1,
+                  divergence_factor=0.0)
 
 
 _STEP_CACHE: collections.OrderedDict[tuple, tuple[DataParallel, Callable, Callable]] = collections.OrderedDict()
@@ -314,8 +344,14 @@ class Trainer:
         """Tokens per row: `n_segments * seq_len + 1`."""
         return self.config.n_segments * self.model.config.seq_len + 1
 
+    @property
+    def streaming(self) -> bool:
+        return self.config.data_order is DataOrder.STREAMS
+
     def init_state(self) -> TrainState:
-        return jax.device_get(init_state(self.model, self.optimizer, self.config.seed))
+        """Step 0 on the host: fresh parameters and optimizer state (streams: empty memory for every row)."""
+        stream_batch = self.config.batch_size if self.streaming else None
+        return jax.device_get(init_state(self.model, self.optimizer, self.config.seed, stream_batch))
 
     def place(self, state: TrainState) -> TrainState:
         return self.parallel.put_state(state)
@@ -323,7 +359,9 @@ class Trainer:
     def host(self, placed: TrainState) -> TrainState:
         return self.parallel.get_state(placed)
 
-    def train_step(self, placed: TrainState, local_batch: np.ndarray) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(
+        self, placed: TrainState, local_batch: np.ndarray | StreamBatch
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One update on this process's rows; metrics stay on device (read with `metrics`)."""
         return self._train(placed, self.parallel.put_batch(local_batch))
 

@@ -62,8 +62,8 @@ def check_memory(memories, config: ModelConfig, batch: int) -> None:
     expected = {
         "mem": (layers, batch, config.mem_len, config.dim),
         "compressed_mem": (layers, batch, config.cmem_len, config.dim),
-        "mem_valid": (),
-        "compressed_mem_valid": (),
+        "mem_valid": (batch,),
+        "compressed_mem_valid": (batch,),
     }
     for name, shape in expected.items():
         got = jnp.shape(getattr(memories, name))

@@ -102,6 +102,27 @@ def test_resume_continues_the_uninterrupted_run_exactly(finished, tmp_path):
         assert_close("final state after resume", got_leaf, expected_leaf, atol=1e-6)
 
 
+def test_streamed_run_resumes_exactly_with_stream_positions_and_memory(tmp_path):
+    config = training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "data_order": "streams", "eval_segments": 4})
+    splits = _splits()
+    documents = {"train": np.arange(0, len(splits["train"]), 700), "validation": np.array([0, 300])}
+    run = lambda out, config: train_loop.fit(TRAIN_MODEL, config, splits, out, progress=False, log=lambda m: None,  # noqa: E731
+                                             compiler_options=training.FAST_CPU_COMPILE, documents=documents)
+    uninterrupted = run(tmp_path / "uninterrupted", config)
+    run(tmp_path / "resumed", training.TrainConfig(**{**config.to_json(), "steps": 2}))
+    _, record = Checkpoints(tmp_path / "resumed" / "checkpoints").restore(uninterrupted.state, 2)
+    assert len(record["sampler"]["positions"]) == config.batch_size, record["sampler"]
+    resumed = run(tmp_path / "resumed", config)
+    expected, got = _rows(tmp_path / "uninterrupted" / "metrics.csv"), _rows(tmp_path / "resumed" / "metrics.csv")
+    for step in range(3, config.steps + 1):
+        for name in COMPARED:
+            if expected[step][name]:
+                assert float(got[step][name]) == float(expected[step][name]), f"{name} at step {step} after resume"
+    assert resumed.state.memory is not None, "the carried memory is part of the state"
+    for got_leaf, expected_leaf in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(uninterrupted.state)):
+        np.testing.assert_array_equal(got_leaf, expected_leaf, err_msg="final state (memory included) after resume")
+
+
 def test_resume_refuses_another_model(finished):
     out, _ = finished
     other = dict(TRAIN_MODEL, dim=8)

@@ -90,7 +90,9 @@ def test_memory_fills_then_compresses_with_the_invariant(model, forward):
     for step in range(6):
         tokens = jax.random.randint(jax.random.key(step), (2, 4), 0, 24)
         _, memories, _ = forward(model, tokens, memories, None)
-        counts.append((int(memories.mem_valid), int(memories.compressed_mem_valid)))
+        assert memories.mem_valid.shape == memories.compressed_mem_valid.shape == (2,), "counts are per row"
+        assert len(set(np.asarray(memories.total_valid).tolist())) == 1, "equal rows must hold equal memory"
+        counts.append((int(memories.mem_valid[0]), int(memories.compressed_mem_valid[0])))
         mem_slots = np.asarray(memories.mem)
         invalid = mem_slots[:, :, : 8 - counts[-1][0]]
         assert not invalid.any(), "invalid memory slots must stay zero"

@@ -5,6 +5,7 @@ Each case runs in fresh Python processes: the device count is fixed when JAX sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from ct_jax import parallel, training
+from ct_jax import parallel, streams, training
 from tests.configs import make_trainer, train_batch
-from tests.workers.parallel_train import CONFIG, SEEDS
+from tests.workers.parallel_train import CONFIG, SEEDS, STREAM_SPLIT, STREAM_STARTS
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_XLA_FLAGS = training.xla_flags()  # fast XLA:CPU compiles; pmap takes options only as flags
@@ -106,6 +107,49 @@ def one_device(workers) -> dict:
     return {"losses": losses, "params": jax.tree.leaves(trainer.host(state).params)}
 
 
+@pytest.fixture(scope="module")
+def one_device_streams(workers) -> dict:
+    """The worker's `run_streams` in this process, on one device."""
+    config = dataclasses.replace(CONFIG, data_order="streams")
+    trainer = make_trainer(config)
+    state = trainer.place(trainer.init_state())
+    sampler = streams.StreamSampler(STREAM_SPLIT, STREAM_STARTS, trainer.model.config.seq_len, config.n_segments,
+                                    config.batch_size, 0)
+    losses = []
+    for _ in range(3):
+        state, metrics = trainer.train_step(state, next(sampler))
+        losses.append(trainer.metrics(metrics))
+    host = trainer.host(state)
+    return {"losses": losses, "params": jax.tree.leaves(host.params), "memory": list(host.memory)}
+
+
+def _assert_same_streams(label: str, got: dict, expected: dict) -> None:
+    _assert_same_run(label, got, expected)
+    for field, g, e in zip(("mem", "compressed_mem", "mem_valid", "compressed_mem_valid"), got["memory"],
+                           expected["memory"]):
+        diff = float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(e, np.float64))))
+        assert diff <= 1e-5, f"{label}: carried memory.{field} differs from one device's by {diff:.3e}"
+
+
+def test_streams_on_8_devices_carry_the_same_memory_as_one_device(workers, one_device_streams):
+    out = _result(*workers["8 devices"], "8-device worker")
+    compressed_counts = np.asarray(one_device_streams["memory"][3])
+    assert compressed_counts.min() < compressed_counts.max(), f"rows should hold different memory: {compressed_counts}"
+    _assert_same_streams("streams, pmap on 8 devices", out["streams pmap"], one_device_streams)
+    _assert_same_streams("streams, jit + Mesh on 8 devices", out["streams jit"], one_device_streams)
+
+
+def test_fsdp_on_8_devices_matches_one_device_with_an_eighth_of_the_state_each(workers, one_device):
+    out = _result(*workers["8 devices"], "8-device worker")
+    _assert_same_run("fsdp on 8 devices", out["fsdp"], one_device)
+    for name in ("fsdp_params", "fsdp_params_and_adam"):
+        total, per_device, replicated = out[name]
+        assert len(per_device) == 8, f"{name}: held by {len(per_device)} devices"
+        # every parameter of the tiny model has an axis 8 divides: only scalars (Adam's count) stay whole
+        assert max(per_device) <= total / 8 + 64, f"{name}: a device holds {max(per_device)} of {total} bytes"
+        assert all("count" in path for path in replicated), f"{name}: replicated arrays {replicated}"
+
+
 def test_pmap_and_mesh_jit_on_8_devices_match_one_device(workers, one_device):
     out = _result(*workers["8 devices"], "8-device worker")
     assert one_device["losses"][0]["aux"] > 0, "the aux path must be exercised"
@@ -121,6 +165,8 @@ def test_two_processes_match_one_process_with_four_devices(workers):
     for process_id in range(2):
         got = _result(*workers[f"process {process_id} of 2"], f"process {process_id} of 2")
         _assert_same_run(f"process {process_id} of 2 (2 devices each)", got, expected)
+        _assert_same_streams(f"streams, process {process_id} of 2", got["streams"],
+                             _result(*workers["8 devices"], "8-device worker")["streams jit on 4 devices"])
 
 
 def test_initialize_distributed_reads_arguments_then_environment():

@@ -130,8 +130,9 @@ def uninterrupted(runs, workdir) -> tuple[Path, str, str]:
 def test_defaults_are_a_small_model_on_the_default_corpus():
     args = _load_script().parse_args([])
     assert args.data is None and args.parallel == "auto" and args.resume
-    assert (args.dim, args.depth, args.seq_len, args.num_tokens) == (64, 2, 32, 256)
-    assert args.steps * args.batch_size * args.n_segments * args.seq_len <= 2_000_000, "the default run must stay short"
+    assert (args.dim, args.depth, args.seq_len, args.num_tokens) == (64, 2, 64, 256)
+    assert args.data_order == "streams", "the main job streams, memory carried across steps"
+    assert args.steps * args.batch_size * args.n_segments * args.seq_len <= 5_000_000, "the default run must stay short"
 
 
 def test_a_preset_sets_the_papers_settings_and_flags_override_it():
@@ -164,8 +165,19 @@ def test_run_writes_metrics_plot_export_and_prints_a_sample(uninterrupted):
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["dim"] == 32 and sum(p.numel() for p in torch_model.parameters()) > 0
     assert "sample (40 bytes after the prompt):\ndef " in stdout, stdout[-1000:]
-    assert "validation bits/byte:" in stdout
+    assert "validation bits/byte:" in stdout and "whole split, memory streamed" in stdout
     assert "bpb=" in stderr and "tok_s=" in stderr, "the progress bar shows loss, bits/byte, tokens/s"
+
+
+def test_evaluate_script_reproduces_the_final_streamed_validation(workdir, uninterrupted):
+    out, _, _ = uninterrupted
+    done = _run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--checkpoint", str(out), "--data",
+                 str(workdir / "corpus.txt"), "--batch-size", "16", "--no-progress"])
+    line = next(line for line in done.stdout.splitlines() if line.startswith("validation: "))
+    printed = float(line.split()[1])
+    final = float(_rows(out)[STEPS]["val_bpb"])
+    assert abs(printed - final) <= 1e-4, f"evaluate.py prints {printed}, training's final validation was {final}"
+    assert "whole split" in line, line
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint_on_the_same_curve(workdir, runs, uninterrupted):

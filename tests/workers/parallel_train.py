@@ -1,11 +1,12 @@
 """Worker of tests/test_parallel.py: two training steps of tests.configs' tiny model in a fresh
 process, whose device count XLA_FLAGS fixes when JAX starts.
 
-    python -m tests.workers.parallel_train eight_devices   # pmap, jit on 4 and on 8 devices
+    python -m tests.workers.parallel_train eight_devices   # pmap, jit, fsdp; streams with pmap and jit
     python -m tests.workers.parallel_train two_processes   # jit over jax.distributed (CT_* variables)
 
 Prints one JSON line: per run, the metrics of each step and the parameters after the last
-(the second segment compresses, so the aux loss is exercised).
+(the second segment compresses, so the aux loss is exercised); for streamed runs also the
+memory carried in the state; for fsdp the bytes each device holds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ct_jax import streams
 from ct_jax.parallel import initialize_distributed
 from tests.configs import TRAIN_CONFIG, make_trainer, train_batch
 
@@ -26,6 +28,9 @@ SEEDS = (100, 101)  # one batch per step
 # Parameters after steps are compared, so the update must be linear in the gradient: under Adam a
 # near-zero gradient coordinate flipping sign with the reduction order moves by 2 * lr (tests/tolerances.py).
 CONFIG = dataclasses.replace(TRAIN_CONFIG, optimizer="sgd")
+# Streamed runs: documents of 13 bytes (3 segments of 4 targets), so rows reset at either segment of a step.
+STREAM_SPLIT = np.random.default_rng(7).integers(0, 256, 3000).astype(np.uint8)
+STREAM_STARTS = np.arange(0, 3000, 13)
 
 
 def run(mode: str, devices: list[jax.Device] | None = None):
@@ -40,7 +45,36 @@ def run(mode: str, devices: list[jax.Device] | None = None):
         state, metrics = trainer.train_step(state, train_batch(seed, config)[rows])
         losses.append(trainer.metrics(metrics))
     params = [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(trainer.host(state).params)]
-    return trainer, {"losses": losses, "params": params}
+    return trainer, {"losses": losses, "params": params}, state
+
+
+def run_streams(mode: str, devices: list[jax.Device] | None = None) -> dict[str, Any]:
+    """{losses, params, memory} after three streamed steps: this process's streams, the memory in the state."""
+    config = dataclasses.replace(CONFIG, parallel=mode, data_order="streams")
+    trainer = make_trainer(config, devices=devices, compiler_options=None)
+    state = trainer.place(trainer.init_state())
+    sampler = streams.StreamSampler(STREAM_SPLIT, STREAM_STARTS, trainer.model.config.seq_len, config.n_segments,
+                                    config.batch_size, 0, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    losses = []
+    for _ in range(3):
+        state, metrics = trainer.train_step(state, next(sampler))
+        losses.append(trainer.metrics(metrics))
+    host = trainer.host(state)
+    return {"losses": losses, "params": [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(host.params)],
+            "memory": [np.asarray(leaf).tolist() for leaf in host.memory]}
+
+
+def device_bytes(tree: Any) -> tuple[int, list[int], list[str]]:
+    """(total bytes of the arrays, bytes each device holds, paths of the replicated arrays)."""
+    total, per_device, replicated = 0, {}, []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        total += leaf.nbytes
+        if leaf.sharding.is_fully_replicated:
+            replicated.append(jax.tree_util.keystr(path))
+        for shard in leaf.addressable_shards:
+            per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
+    return total, sorted(per_device.values()), replicated
 
 
 def eight_devices() -> dict[str, Any]:
@@ -48,9 +82,17 @@ def eight_devices() -> dict[str, Any]:
     jit step constrains the memory carry (layers, b, slots, dim) to split b on the data axis."""
     assert jax.device_count() == 8, jax.devices()
     out: dict[str, Any] = {}
-    _, out["pmap"] = run("pmap")
-    _, out["jit on 4 devices"] = run("jit", jax.devices()[:4])
-    trainer, out["jit"] = run("jit")
+    _, out["pmap"], _ = run("pmap")
+    _, out["jit on 4 devices"], _ = run("jit", jax.devices()[:4])
+    _, out["fsdp"], state = run("fsdp")
+    out["fsdp_params"] = device_bytes(state.params)  # after the steps: the update keeps them sharded
+    adam = make_trainer(dataclasses.replace(CONFIG, parallel="fsdp", optimizer="adam"), compiler_options=None)
+    placed = adam.place(adam.init_state())
+    out["fsdp_params_and_adam"] = device_bytes((placed.params, placed.opt_state))
+    out["streams pmap"] = run_streams("pmap")
+    out["streams jit"] = run_streams("jit")
+    out["streams jit on 4 devices"] = run_streams("jit", jax.devices()[:4])  # the two-process test's reference
+    trainer, out["jit"], _ = run("jit")
     tokens = np.zeros_like(train_batch(0))
     hlo = trainer._train.lower(trainer.place(trainer.init_state()), trainer.parallel.put_batch(tokens)).as_text()
     out["memory_sharded"] = bool(re.search(r'sharding_constraint .*\[\{\}, \{"data"\}, \{\}, \{\}\]', hlo)
@@ -62,7 +104,7 @@ def two_processes() -> dict[str, Any]:
     """jit over 2 processes x 2 devices joined by jax.distributed."""
     initialize_distributed()  # from CT_COORDINATOR_ADDRESS / CT_NUM_PROCESSES / CT_PROCESS_ID
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
-    return run("jit")[1]
+    return dict(run("jit")[1], streams=run_streams("jit"))
 
 
 if __name__ == "__main__":
