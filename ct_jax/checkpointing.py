@@ -104,7 +104,7 @@ class Checkpoints:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         return step
 
-    def _read(self, step: int, items: dict[str, Any]) -> dict[str, Any]:
+    def _read(self, step: int, items: dict[str, Any]) -> Any:  # orbax Composite: item name -> value
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax / tensorstore raise many types for missing or damaged files

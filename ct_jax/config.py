@@ -100,7 +100,7 @@ class ModelConfig:
         return kwargs
 
     @classmethod
-    def from_kwargs(cls, kwargs: dict[str, Any]) -> ModelConfig:
+    def from_kwargs(cls, kwargs: Any) -> ModelConfig:  # checks its own argument (a JSON object)
         """Builds a config from constructor kwargs, naming any keyword upstream does not have."""
         if not isinstance(kwargs, dict):
             raise TypeError(f"model arguments must be a mapping of constructor keywords (a JSON object), "

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from ct_jax import training
+from ct_jax.memory import Memory
 from ct_jax.options import OPTIONS
 
 if TYPE_CHECKING:
@@ -184,3 +185,9 @@ def random_options(seed: int) -> dict[str, str]:
     if options["compression"] == "most_used" and options["aux_loss"] == "autoencoder":
         options["aux_loss"] = "attention"
     return options
+
+
+def present_fields(got: Memory, expected: Memory) -> list[tuple[str, jax.Array, jax.Array]]:
+    """(field, got, expected) for the fields both memories hold (mem_usage exists only under most_used)."""
+    assert (got.mem_usage is None) == (expected.mem_usage is None), "mem_usage present on one side only"
+    return [(field, a, b) for field, a, b in zip(Memory._fields, got, expected) if b is not None]

@@ -194,7 +194,7 @@ def test_convert_and_parity_scripts(tmp_path):
     assert "| eval | 3 | logits |" in done.stdout and "MISS" not in done.stdout
 
 
-def test_from_torch_refuses_what_is_not_a_state_dict_and_non_finite_weights():
+def test_from_torch_refuses_what_is_not_a_state_dict_and_non_finite_weights(unchecked_types):
     model = _jax_model("defaults")
     with pytest.raises(TypeError, match="state_dict must be a mapping of parameter names .*got NoneType"):
         convert.from_torch(None, model)

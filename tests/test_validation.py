@@ -15,8 +15,8 @@ CONFIG = dict(num_tokens=16, dim=8, seq_len=4, depth=1, heads=2, mem_len=4, cmem
 
 def _memory(model, mem_valid, cmem_valid) -> ct_jax.Memory:
     empty = ct_jax.Memory.empty(model, 2)
-    return empty._replace(mem_valid=jnp.asarray(mem_valid, jnp.int32),
-                          compressed_mem_valid=jnp.asarray(cmem_valid, jnp.int32))
+    per_row = lambda count: jnp.broadcast_to(jnp.asarray(count, jnp.int32), (2,))  # noqa: E731  (one count: every row)
+    return empty._replace(mem_valid=per_row(mem_valid), compressed_mem_valid=per_row(cmem_valid))
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,8 @@ def model():
 
 
 @pytest.mark.parametrize("mem_valid, cmem_valid, message", [
-    (999, 0, r"memories.mem_valid must lie in \[0, 4\] \(its buffer's slots\), got 999"),
-    (4, -5, r"memories.compressed_mem_valid must lie in \[0, 2\] \(its buffer's slots\), got -5"),
+    (999, 0, r"memories.mem_valid must lie in \[0, 4\] \(its buffer's slots\), got \[999, 999\]"),
+    (4, -5, r"memories.compressed_mem_valid must lie in \[0, 2\] \(its buffer's slots\), got \[-5, -5\]"),
     (2, 1, "non-zero .* while the memory is not full"),
 ])
 def test_an_eager_call_refuses_impossible_memory_counts(model, mem_valid, cmem_valid, message):
@@ -47,4 +47,4 @@ def test_per_row_counts_are_checked_too(model):
 
 def test_traced_counts_are_not_checked_on_the_hot_path(model):
     checked = jax.jit(lambda memory: (check_valid_counts(memory, model.config), memory.mem_valid)[1])
-    assert int(checked(_memory(model, 999, 0))) == 999
+    assert checked(_memory(model, 999, 0)).tolist() == [999, 999]
