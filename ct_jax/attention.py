@@ -78,6 +78,8 @@ class SelfAttention(nnx.Module):
         mask: Bool[Array, "b t"] | None = None,
         layer_memory: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
         rngs: nnx.Rngs | None = None,
+        *,
+        memory_gradients: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None, jax.Array]:
         """Returns (output, updated (mem, cmem, mem_valid, cmem_valid) or None, aux loss).
 
@@ -145,10 +147,12 @@ class SelfAttention(nnx.Module):
             return out, (new_mem, cmem, new_mem_valid, cmem_valid), aux_loss
 
         windows, _, n_compressed = memlib.evicted_windows(mem, mem_valid, x, config.mem_len, config.cmem_ratio)
-        compressed = self.compress_mem_fn(jax.lax.stop_gradient(windows))
+        # The compressor reads stop-gradient memories unless memory gradients are on.
+        compressed = self.compress_mem_fn(windows if memory_gradients else jax.lax.stop_gradient(windows))
         new_cmem = memlib.right_aligned_concat(cmem, cmem_valid, compressed, n_compressed, n_cmem)
         new_cmem_valid = jnp.minimum(cmem_valid + n_compressed, config.cmem_len)
-        new_memory = (new_mem, jax.lax.stop_gradient(new_cmem), new_mem_valid, new_cmem_valid)
+        new_cmem = new_cmem if memory_gradients else jax.lax.stop_gradient(new_cmem)
+        new_memory = (new_mem, new_cmem, new_mem_valid, new_cmem_valid)
         if self.deterministic:
             return out, new_memory, aux_loss
 
@@ -158,6 +162,8 @@ class SelfAttention(nnx.Module):
         sg = jax.lax.stop_gradient
         q_sg = sg(q)
         mem_k, mem_v = sg(k[:, :, n_cmem:n_buffer]), sg(v[:, :, n_cmem:n_buffer])
+        if memory_gradients:  # the aux loss still trains the compressor only
+            compressed = self.compress_mem_fn(sg(windows))
         comp_kv = compressed @ sg(self.to_kv.kernel[...]).astype(compressed.dtype)
         comp_k, comp_v = map(self._heads, jnp.split(comp_kv, 2, axis=-1))
         target = self._full_attention(q_sg, mem_k, mem_v, memlib.valid_slots(n_mem, mem_valid), rngs)

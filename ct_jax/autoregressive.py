@@ -74,13 +74,14 @@ def _segments(tokens: jax.Array, mask: jax.Array | None, rng: jax.Array | None, 
     return _Segments(full, tail)
 
 
-def _segment_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ignore_index: int):
+def _segment_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ignore_index: int,
+                  memory_gradients: bool = False):
     """`loss(params, memories, inputs, targets, mask, key) -> (lm + aux, (memories, lm, aux))` of one segment."""
 
     def loss(params, memories, inputs, targets, mask, key):
         net = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=key) if key is not None else None
-        logits, memories, aux = net(inputs, memories, mask, rngs=rngs)
+        logits, memories, aux = net(inputs, memories, mask, rngs=rngs, memory_gradients=memory_gradients)
         lm = cross_entropy(logits, targets, ignore_index)
         return lm + aux, (memories, lm, aux)
 
@@ -110,6 +111,7 @@ def segment_losses(
     rng: jax.Array | None = None,
     *,
     ignore_index: int = IGNORE_INDEX,
+    memory_gradients: bool = False,
 ) -> tuple[Float[Array, " n"], Float[Array, " n"], Memory]:
     """Per-segment LM and aux losses of `tokens` (b, n*seq_len + 1), as upstream's wrapper yields.
 
@@ -117,14 +119,15 @@ def segment_losses(
     is allowed); a `lax.scan` runs the full segments with the memory as carry (returned
     memories are stop-gradient, as the reference detaches), so compile time does not grow
     with n. `mask` may cover the inputs (l - 1) or the whole sequence (l; its last entry is
-    dropped, as upstream). `rng` seeds dropout, one key per segment. Returns
-    `(lm_losses[n], aux_losses[n], final_memories)`.
+    dropped, as upstream). `rng` seeds dropout, one key per segment. `memory_gradients`:
+    the carried memory keeps its gradient (for differentiating the result; the values are
+    the same). Returns `(lm_losses[n], aux_losses[n], final_memories)`.
     """
     segments = _segments(tokens, mask, rng, model.config.seq_len)
     if memories is None:
         memories = Memory.empty(model, tokens.shape[0], model.dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss = _segment_loss(graphdef, params, rest, ignore_index)
+    loss = _segment_loss(graphdef, params, rest, ignore_index, memory_gradients)
 
     def body(memories, xs):
         _, (memories, lm, aux) = loss(params, memories, *xs)
@@ -143,6 +146,7 @@ def sequence_grads(
     *,
     ignore_index: int = IGNORE_INDEX,
     remat: bool = False,
+    memory_gradients: bool = False,
 ) -> tuple[Float[Array, ""], Float[Array, " n"], Float[Array, " n"], nnx.State]:
     """The objective `sum_segments(lm + aux)`, per-segment `(lm, aux)` and its gradient w.r.t. `nnx.Param`s.
 
@@ -152,13 +156,20 @@ def sequence_grads(
     activations are ever live, and the backward runs right after its forward (no residuals
     stacked over segments). `remat` keeps only the weight matmuls' outputs and recomputes the
     rest (attention scores, elementwise ops) in the backward: less memory for long segments.
+
+    `memory_gradients` (the paper's BPTT row): the carried memory is not detached, so the
+    loss of later segments reaches what earlier segments stored and compressed; one backward
+    runs through the whole scan and every segment's residuals stay live until it. With
+    `remat` each segment then keeps only its input memory and is recomputed in the backward.
     Returns `(objective, lm_losses[n], aux_losses[n], grads)`.
     """
     segments = _segments(tokens, mask, rng, model.config.seq_len)
     if memories is None:
         memories = Memory.empty(model, tokens.shape[0], model.dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss = _segment_loss(graphdef, params, rest, ignore_index)
+    loss = _segment_loss(graphdef, params, rest, ignore_index, memory_gradients)
+    if memory_gradients:
+        return _through_memory_grads(loss, params, memories, segments, remat)
     if remat:
         loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     value_and_grad = jax.value_and_grad(loss, has_aux=True)
@@ -170,6 +181,23 @@ def sequence_grads(
 
     (_, grads), lm, aux = _run_segments(body, (memories, jax.tree.map(jnp.zeros_like, params)), segments)
     return jnp.sum(lm + aux), lm, aux, grads
+
+
+def _through_memory_grads(loss: Callable, params: nnx.State, memories: Memory, segments: _Segments, remat: bool):
+    """`sequence_grads` with memory gradients: one value_and_grad over the whole segment scan."""
+    if remat:
+        loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable)
+
+    def objective(params):
+        def body(memories, xs):
+            _, (memories, lm, aux) = loss(params, memories, *xs)
+            return memories, (lm, aux)
+
+        _, lm, aux = _run_segments(body, memories, segments)
+        return jnp.sum(lm + aux), (lm, aux)
+
+    (total, (lm, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return total, lm, aux, grads
 
 
 def _micro_split(x: jax.Array, micro_batches: int) -> jax.Array:
@@ -188,6 +216,7 @@ def accumulated_grads(
     memories: Memory | None = None,
     ignore_index: int = IGNORE_INDEX,
     remat: bool = False,
+    memory_gradients: bool = False,
 ) -> tuple[Float[Array, ""], Float[Array, " n"], Float[Array, " n"], nnx.State]:
     """`sequence_grads` (objective, per-segment losses, gradient), averaged over micro-batches.
 
@@ -206,12 +235,14 @@ def accumulated_grads(
     if batch % micro_batches:
         raise ValueError(f"batch size ({batch}) must be divisible by micro_batches ({micro_batches})")
     if micro_batches == 1:
-        return sequence_grads(model, tokens, mask, memories, rng, ignore_index=ignore_index, remat=remat)
+        return sequence_grads(model, tokens, mask, memories, rng, ignore_index=ignore_index, remat=remat,
+                              memory_gradients=memory_gradients)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def micro_grads(params, tokens, mask, key):
         net = nnx.merge(graphdef, params, rest)
-        return sequence_grads(net, tokens, mask, memories, key, ignore_index=ignore_index, remat=remat)
+        return sequence_grads(net, tokens, mask, memories, key, ignore_index=ignore_index, remat=remat,
+                              memory_gradients=memory_gradients)
 
     keys = jax.random.split(rng, micro_batches) if rng is not None else None
     micro_masks = _micro_split(mask, micro_batches) if mask is not None else None

@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+from ct_jax.options import OPTIONS, check_option
+
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -47,6 +49,12 @@ class ModelConfig:
     attn_layer_dropout: float = 0.0
     reconstruction_attn_dropout: float = 0.0
     reconstruction_loss_weight: float = 1.0
+    # Paper-faithful options (docs/paper-options.md); the defaults are upstream's behaviour.
+    compression: str = "conv"
+    reconstruction_target: str = "memory"
+    aux_loss: str = "attention"
+    eviction_padding: str = "upstream"
+    relative_positions: str = "learned"
 
     def __post_init__(self) -> None:
         for name in ("num_tokens", "dim", "seq_len", "depth", "heads", "cmem_ratio"):
@@ -77,6 +85,13 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         set_("reconstruction_loss_weight", float(self.reconstruction_loss_weight))
+        for name in OPTIONS:
+            check_option(name, getattr(self, name))
+        if self.compression == "most_used" and self.aux_loss == "autoencoder":
+            raise ValueError(
+                "aux_loss='autoencoder' decodes windows of evicted slots, but compression="
+                "'most_used' keeps single slots; use aux_loss 'attention' or 'none' with it"
+            )
 
     @property
     def dim_head(self) -> int:

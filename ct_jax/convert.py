@@ -37,7 +37,8 @@ _PREFIX_RENAMES = [
     (r"^(attn|ff)_layers\.(\d+)\.fn\.", r"\1_layers.\2.fn.fn."),
 ]
 _SUFFIX_RENAMES = [
-    (r"compress_mem_fn\.", "compress_mem_fn.conv."),
+    (r"\.compress_mem_fn\.(kernel|bias)$", r".compress_mem_fn.conv.\1"),  # dilated_conv: .conv. already
+    (r"\.decompress_mem_fn\.(kernel|bias)$", r".decompress_mem_fn.conv.\1"),
     (r"gru\.input_kernel$", "gru.weight_ih"),
     (r"gru\.hidden_kernel$", "gru.weight_hh"),
     (r"gru\.input_bias$", "gru.bias_ih"),

@@ -70,25 +70,31 @@ def right_aligned_concat(
     return jnp.where((position >= 0)[None, :, None], gathered, 0).astype(first.dtype)
 
 
-def max_compressed_per_segment(seq_len: int, ratio: int) -> int:
-    """Most slots one segment can add to the compressed memory (upstream's padding rule)."""
-    return max((e + e % ratio) // ratio for e in range(seq_len + 1))
+def eviction_padding(evicted_count, ratio: int, mode: str = "upstream"):
+    """Zeros put left of `evicted_count` evicted slots: upstream's `e % ratio` or the exact `-e % ratio`."""
+    return evicted_count % ratio if mode == "upstream" else -evicted_count % ratio
+
+
+def max_compressed_per_segment(seq_len: int, ratio: int, padding: str = "upstream") -> int:
+    """Most slots one segment can add to the compressed memory under a padding rule."""
+    return max((e + eviction_padding(e, ratio, padding)) // ratio for e in range(seq_len + 1))
 
 
 def evicted_windows(
-    mem: Float[Array, "b m d"], mem_valid, x: Float[Array, "b t d"], mem_len: int, ratio: int
+    mem: Float[Array, "b m d"], mem_valid, x: Float[Array, "b t d"], mem_len: int, ratio: int,
+    padding: str = "upstream",
 ) -> tuple[Float[Array, "b n r d"], Int[Array, ""], Int[Array, ""]]:
     """Groups of `ratio` evicted slots, right-aligned, as upstream's Conv1d would see them.
 
     Upstream evicts `e = mem_valid + t - mem_len` slots, left-pads them with `e % ratio`
-    zeros (its amount, kept for parity; the paper's would be `-e % ratio`) and convolves
+    zeros (its amount, kept for parity; `padding="exact"`: `-e % ratio`) and convolves
     with kernel = stride = ratio, dropping the incomplete tail. Returns (windows,
     number of evicted slots, number of valid windows); invalid windows are zero.
     """
     t = x.shape[1]
-    n_out = max_compressed_per_segment(t, ratio)
+    n_out = max_compressed_per_segment(t, ratio, padding)
     evicted_count = jnp.maximum(mem_valid + t - mem_len, 0)
-    padded_len = evicted_count + evicted_count % ratio
+    padded_len = evicted_count + eviction_padding(evicted_count, ratio, padding)
     n_windows = padded_len // ratio
     # mem|x holds the valid sequence right-aligned; its first t slots are the evicted region.
     evicted = jnp.concatenate([mem, x], axis=1)[:, :t]

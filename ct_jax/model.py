@@ -76,10 +76,13 @@ class CompressiveTransformer(nnx.Module):
         mask: Bool[Array, "b t"] | None = None,
         *,
         rngs: nnx.Rngs | None = None,
+        memory_gradients: bool = False,
     ) -> tuple[Float[Array, "b t v"], Memory, Float[Array, ""]]:
         """One segment: (logits, next memories, aux loss). `mask` True = real token.
 
         `rngs` (a `dropout` stream) overrides the model's own for dropout in training.
+        `memory_gradients`: the next memories keep their gradient (compression included)
+        instead of being stop-gradient (the paper's BPTT through memory).
         """
         config = self.config
         check_tokens(tokens, config)
@@ -106,7 +109,8 @@ class CompressiveTransformer(nnx.Module):
             if index + 1 in config.memory_layers:
                 slot = len(next_mem)
                 layer_memory = (mem[slot], cmem[slot], memories.mem_valid, memories.compressed_mem_valid)
-            y, layer_memory, layer_aux = attn.fn(attn.normed(x), pos_emb, total_valid, mask, layer_memory, rngs)
+            y, layer_memory, layer_aux = attn.fn(attn.normed(x), pos_emb, total_valid, mask, layer_memory, rngs,
+                                                 memory_gradients=memory_gradients)
             x = attn.join(y, x)
             x = ff.join(ff.fn(ff.normed(x), rngs), x)
             aux_loss = aux_loss + layer_aux
@@ -118,9 +122,7 @@ class CompressiveTransformer(nnx.Module):
         if self.to_emb_dim is not None:
             x = self.to_emb_dim(x)
         logits = self.to_logits(x).astype(wide(self.dtype))
-        next_memories = Memory(
-            jax.lax.stop_gradient(jnp.stack(next_mem)), jax.lax.stop_gradient(jnp.stack(next_cmem)),
-            mem_valid, cmem_valid,
-        )
+        keep = (lambda x: x) if memory_gradients else jax.lax.stop_gradient  # noqa: E731
+        next_memories = Memory(keep(jnp.stack(next_mem)), keep(jnp.stack(next_cmem)), mem_valid, cmem_valid)
         aux_loss = aux_loss * config.reconstruction_loss_weight / len(config.memory_layers)
         return logits, next_memories, aux_loss

@@ -68,6 +68,7 @@ class TrainConfig:
     grad_clip_norm: float = 0.5  # 0 disables clipping
     dtype: str = "float32"  # compute dtype; parameters, optimizer state and losses stay float32
     remat: bool = False  # keep only weight-matmul outputs; recompute scores and elementwise ops in the backward
+    memory_gradients: bool = False  # backpropagate through the memory carried between a row's segments (paper's BPTT)
     seed: int = 0  # parameters, dropout and data order
     parallel: Parallel = Parallel.NONE
     eval_every: int = 100  # 0: only at the start and the end
@@ -191,7 +192,8 @@ def make_train_step(
             empty = Memory.empty(net, tokens.shape[0] // config.micro_batches, net.dtype)
             memories = jax.lax.with_sharding_constraint(empty, Memory(buffers, buffers, counts, counts))
         loss, lm, aux, grads = accumulated_grads(
-            net, tokens, rng=key, micro_batches=config.micro_batches, memories=memories, remat=config.remat
+            net, tokens, rng=key, micro_batches=config.micro_batches, memories=memories, remat=config.remat,
+            memory_gradients=config.memory_gradients,
         )
         if axis_name is not None:
             loss, lm, aux, grads = jax.lax.pmean((loss, lm, aux, grads), axis_name)

@@ -71,8 +71,21 @@ def _lengths_mask(lengths: Tensor, width: int) -> Tensor:
 class AutoregressiveWrapper(nn.Module):
     """Language-model loss over segments of `net.seq_len`, memory carried, and sampling."""
 
-    def __init__(self, net: CompressiveTransformer, ignore_index: int = -100, pad_value: int = 0):
+    def __init__(
+        self,
+        net: CompressiveTransformer,
+        ignore_index: int = -100,
+        pad_value: int = 0,
+        memory_gradients: bool = False,
+    ):
+        """memory_gradients: within one call, the memory carried between segments keeps its
+        graph (the paper's BPTT row), so a later segment's loss trains what earlier ones
+        stored and how it was compressed. Sum the yielded losses and call backward once
+        (a backward per segment would free the graph the next segment still needs)."""
         super().__init__()
+        if not isinstance(memory_gradients, bool):
+            raise TypeError(f"memory_gradients must be a bool, got {memory_gradients!r}")
+        self.memory_gradients = memory_gradients
         self.pad_value = pad_value
         self.ignore_index = ignore_index
         self.net = net
@@ -257,7 +270,9 @@ class AutoregressiveWrapper(nn.Module):
             for ind, (xi, xo, mi, mem) in enumerate(
                 zip(split_batch(seg_inputs), split_batch(seg_targets), micro_masks, memories)
             ):
-                logits, new_mem, aux_loss = self.net(xi, mask=mi, memories=mem, **kwargs)
+                logits, new_mem, aux_loss = self.net(
+                    xi, mask=mi, memories=mem, memory_gradients=self.memory_gradients, **kwargs
+                )
                 next_memories.append(new_mem)
                 if (xo != self.ignore_index).any():
                     loss = F.cross_entropy(

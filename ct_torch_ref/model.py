@@ -13,8 +13,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .attention import Memory, SelfAttention
+from .attention import Memory, SelfAttention, UsageMemory
 from .layers import FeedForward, GRUGating, PreNorm, Residual
+from .options import check_option
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -76,6 +77,11 @@ def normalize_config(
     attn_layer_dropout: float = 0.0,
     reconstruction_attn_dropout: float = 0.0,
     reconstruction_loss_weight: float = 1.0,
+    compression: str = "conv",
+    reconstruction_target: str = "memory",
+    aux_loss: str = "attention",
+    eviction_padding: str = "upstream",
+    relative_positions: str = "learned",
 ) -> dict[str, Any]:
     """Validates upstream's constructor kwargs and returns them with defaults resolved.
 
@@ -100,6 +106,18 @@ def normalize_config(
             f"cmem_len must be an int >= mem_len // cmem_ratio = {mem_len} // {cmem_ratio} "
             f"= {min_cmem_len}, got {cmem_len!r}"
         )
+    options = dict(
+        compression=check_option("compression", compression),
+        reconstruction_target=check_option("reconstruction_target", reconstruction_target),
+        aux_loss=check_option("aux_loss", aux_loss),
+        eviction_padding=check_option("eviction_padding", eviction_padding),
+        relative_positions=check_option("relative_positions", relative_positions),
+    )
+    if compression == "most_used" and aux_loss == "autoencoder":
+        raise ValueError(
+            "aux_loss='autoencoder' decodes windows of evicted slots, but compression="
+            "'most_used' keeps single slots; use aux_loss 'attention' or 'none' with it"
+        )
 
     return dict(
         num_tokens=num_tokens,
@@ -123,13 +141,16 @@ def normalize_config(
             "reconstruction_attn_dropout", reconstruction_attn_dropout
         ),
         reconstruction_loss_weight=float(reconstruction_loss_weight),
+        **options,
     )
 
 
 class CompressiveTransformer(nn.Module):
     """Compressive Transformer over one segment: tokens (b, t) -> (logits, Memory, aux loss).
 
-    Keywords and defaults are those of upstream 0.4.0; `self.config` holds them normalised.
+    Keywords and defaults are those of upstream 0.4.0, plus the paper-faithful options
+    (compression, reconstruction_target, aux_loss, eviction_padding, relative_positions;
+    docs/paper-options.md) whose defaults are upstream's; `self.config` holds them normalised.
     """
 
     def __init__(
@@ -153,6 +174,11 @@ class CompressiveTransformer(nn.Module):
         attn_layer_dropout: float = 0.0,
         reconstruction_attn_dropout: float = 0.0,
         reconstruction_loss_weight: float = 1.0,
+        compression: str = "conv",
+        reconstruction_target: str = "memory",
+        aux_loss: str = "attention",
+        eviction_padding: str = "upstream",
+        relative_positions: str = "learned",
     ):
         super().__init__()
         self.config = c = normalize_config(
@@ -164,6 +190,9 @@ class CompressiveTransformer(nn.Module):
             attn_layer_dropout=attn_layer_dropout,
             reconstruction_attn_dropout=reconstruction_attn_dropout,
             reconstruction_loss_weight=reconstruction_loss_weight,
+            compression=compression, reconstruction_target=reconstruction_target,
+            aux_loss=aux_loss, eviction_padding=eviction_padding,
+            relative_positions=relative_positions,
         )
         self.num_tokens = c["num_tokens"]
         self.dim = c["dim"]
@@ -174,14 +203,19 @@ class CompressiveTransformer(nn.Module):
         self.memory_layers = list(c["memory_layers"])
         self.enhanced_recurrence = c["enhanced_recurrence"]
         self.reconstruction_loss_weight = c["reconstruction_loss_weight"]
+        self.compression = c["compression"]
+        self.relative_positions = c["relative_positions"]
 
         # Modules are created in upstream's order, so a seeded init draws the same numbers
         # and state_dict() lists the same keys in the same order.
         emb_dim = c["emb_dim"]
         self.token_emb = nn.Embedding(num_tokens, emb_dim)
         self.to_model_dim = nn.Identity() if emb_dim == dim else nn.Linear(emb_dim, dim)
-        total_positions = seq_len + c["mem_len"] + c["cmem_len"]
-        self.pos_emb = nn.Parameter(torch.zeros(heads, total_positions, dim // heads))
+        if c["relative_positions"] == "learned":
+            total_positions = seq_len + c["mem_len"] + c["cmem_len"]
+            self.pos_emb = nn.Parameter(torch.zeros(heads, total_positions, dim // heads))
+        else:  # sinusoidal: each attention layer holds its own projection and biases
+            self.pos_emb = None
         self.to_logits = nn.Sequential(
             nn.Identity() if emb_dim == dim else nn.Linear(dim, emb_dim),
             nn.Linear(emb_dim, num_tokens),
@@ -197,6 +231,9 @@ class CompressiveTransformer(nn.Module):
                 dim, seq_len, c["mem_len"], c["cmem_len"], cmem_ratio, heads,
                 attn_dropout=c["attn_dropout"], dropout=c["attn_layer_dropout"],
                 reconstruction_attn_dropout=c["reconstruction_attn_dropout"],
+                compression=c["compression"], reconstruction_target=c["reconstruction_target"],
+                aux_loss=c["aux_loss"], eviction_padding=c["eviction_padding"],
+                relative_positions=c["relative_positions"],
             )))
             for _ in range(depth)
         ])
@@ -210,28 +247,37 @@ class CompressiveTransformer(nn.Module):
         x: Tensor,
         memories: Sequence[Tensor | None] | None = None,
         mask: Tensor | None = None,
-    ) -> tuple[Tensor, Memory, Tensor]:
+        memory_gradients: bool = False,
+    ) -> tuple[Tensor, Memory | UsageMemory, Tensor]:
         """One segment.
 
         x: (b, t) integer tokens in [0, num_tokens), 1 <= t <= seq_len.
         memories: Memory(mem (L, b, m, dim), compressed_mem (L, b, c, dim)) from the
-            previous segment, L = len(memory_layers), or None (either part may be None).
+            previous segment, L = len(memory_layers), or None (either part may be None);
+            under compression="most_used" a UsageMemory, which adds mem_usage (L, b, m).
         mask: (b, t) bool, True = real token.
-        Returns logits (b, t, num_tokens), the next Memory (stop-gradient) and the aux
-        reconstruction loss as a 0-d tensor (non-zero only in training mode, when
-        something was compressed).
+        memory_gradients: return the next memories with their graph (the paper's BPTT
+            through memory) instead of detached.
+        Returns logits (b, t, num_tokens), the next memories (stop-gradient unless
+        memory_gradients) and the aux loss as a 0-d tensor (non-zero only in training
+        mode, when something was compressed).
         """
         self._check_inputs(x, memories, mask)
         x = self.to_model_dim(self.token_emb(x))
         b, t, d = x.shape
 
-        mem, cmem = memories if memories is not None else (None, None)
+        mem, cmem, usage = (tuple(memories) + (None,))[:3] if memories is not None else (None,) * 3
         n_memory_layers = len(self.memory_layers)
         mem = x.new_empty(n_memory_layers, b, 0, d) if mem is None else mem
         cmem = x.new_empty(n_memory_layers, b, 0, d) if cmem is None else cmem
+        most_used = self.compression == "most_used"
+        if most_used and usage is None:
+            usage = x.new_zeros(n_memory_layers, b, mem.shape[2])
 
-        total_len = mem.shape[2] + cmem.shape[2] + self.seq_len
-        pos_emb = self.pos_emb[:, (self.seq_len - t) : total_len]
+        pos_emb = None
+        if self.pos_emb is not None:
+            total_len = mem.shape[2] + cmem.shape[2] + self.seq_len
+            pos_emb = self.pos_emb[:, (self.seq_len - t) : total_len]
 
         aux_loss = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
 
@@ -241,31 +287,32 @@ class CompressiveTransformer(nn.Module):
             # therefore this rolled one. Kept for parity with upstream 0.4.0.
             mem = torch.roll(mem, -1, 0)
             cmem = torch.roll(cmem, -1, 0)
+            usage = torch.roll(usage, -1, 0) if most_used else None
 
-        next_mem, next_cmem = [], []
+        next_memories = []
         memory_index = 0
         for layer_num, (attn, ff) in enumerate(zip(self.attn_layers, self.ff_layers), start=1):
             use_memory = layer_num in self.memory_layers
             layer_memories = None
             if use_memory:
                 layer_memories = (mem[memory_index], cmem[memory_index])
+                if most_used:
+                    layer_memories += (usage[memory_index],)
                 memory_index += 1
 
-            x, (mem_out, cmem_out), layer_aux_loss = attn(
+            x, layer_memory_out, layer_aux_loss = attn(
                 x, memories=layer_memories, calc_memory=use_memory, input_mask=mask,
-                pos_emb=pos_emb,
+                pos_emb=pos_emb, memory_gradients=memory_gradients,
             )
             (x,) = ff(x)
             aux_loss = aux_loss + layer_aux_loss
-
             if use_memory:
-                next_mem.append(mem_out)
-                next_cmem.append(cmem_out)
+                next_memories.append(layer_memory_out)
 
         logits = self.to_logits(x)
-        next_memory = Memory(
-            mem=torch.stack(next_mem).detach(), compressed_mem=torch.stack(next_cmem).detach()
-        )
+        keep = (lambda t: t) if memory_gradients else (lambda t: t.detach())  # noqa: E731
+        stacked = [keep(torch.stack(parts)) for parts in zip(*next_memories)]
+        next_memory = UsageMemory(*stacked) if most_used else Memory(*stacked)
         aux_loss = aux_loss * self.reconstruction_loss_weight / n_memory_layers
         return logits, next_memory, aux_loss
 
@@ -301,10 +348,10 @@ class CompressiveTransformer(nn.Module):
 
         if memories is None:
             return
-        if isinstance(memories, Tensor) or len(memories) != 2:
+        if isinstance(memories, Tensor) or len(memories) not in (2, 3):
             raise TypeError(
-                "memories must be Memory(mem, compressed_mem) (or a pair), got "
-                f"{type(memories).__name__}"
+                "memories must be Memory(mem, compressed_mem) (or a pair), or UsageMemory("
+                f"mem, compressed_mem, mem_usage), got {type(memories).__name__}"
             )
         n_layers = len(self.memory_layers)
         for name, tensor, max_len in (
@@ -327,3 +374,10 @@ class CompressiveTransformer(nn.Module):
                     f"{name} must have shape (n_memory_layers={n_layers}, batch={b}, "
                     f"length <= {max_len}, dim={self.dim}), got {shape}"
                 )
+        usage = memories[2] if len(memories) == 3 else None
+        if usage is not None:
+            mem_slots = memories[0].shape[2] if memories[0] is not None else 0
+            expected = (n_layers, b, mem_slots)
+            if not isinstance(usage, Tensor) or tuple(usage.shape) != expected:
+                got = tuple(usage.shape) if isinstance(usage, Tensor) else type(usage).__name__
+                raise ValueError(f"memories.mem_usage must have shape {expected} like mem, got {got}")

@@ -7,6 +7,7 @@ continues from the newest checkpoint in --out. Every model and training setting 
     python scripts/train.py
     python scripts/train.py --data enwik8.gz --dim 512 --depth 8 --seq-len 512 --steps 100000
     python scripts/train.py --parallel jit --cpu-devices 8     # data parallel on fake CPU devices
+    python scripts/train.py --preset enwik8 --data enwik8.gz --batch-size 8   # the paper's settings, flags override
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 
+from ct_jax import presets  # noqa: E402
 from ct_jax.config import ModelConfig  # noqa: E402  (no JAX import yet: flags come first)
+from ct_jax.options import OPTIONS  # noqa: E402
 
 # The small default model (0.27M parameters; rows of 4 segments of 32 bytes), sized to
 # train in a few minutes on 2 CPU cores; the learning rate is a small model's, not upstream's 1e-4.
@@ -40,6 +43,8 @@ HELP = dict(
     final_lr_ratio="cosine schedule: the final learning rate as a fraction of --learning-rate",
     grad_clip_norm="global-norm gradient clipping (0: off)",
     dtype="compute dtype; parameters, optimizer state and losses stay float32",
+    memory_gradients="backpropagate through the memory carried between a row's segments (the paper's BPTT; "
+    "memory grows with --n-segments, --remat helps)",
     remat="keep only weight-matmul outputs, recompute attention scores and elementwise ops in the backward (less memory, more compute)",
     parallel="auto: jit over a device mesh when JAX sees several devices, else none",
     eval_every="validate every N steps (and at the start and end)",
@@ -78,11 +83,22 @@ def _add_dataclass_flags(group, cls, defaults: dict, choices: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from ct_jax.training import DTYPES, Optimizer, Parallel, Schedule, TrainConfig  # imports JAX, configures nothing
 
+    preset_flag = dict(choices=sorted(presets.PRESETS), default=None,
+                       help="start from the paper's settings for this data set (ct_jax.presets); "
+                       "any other flag overrides them")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", **preset_flag)
+    preset = pre.parse_known_args(argv)[0].preset
+    model_defaults, train_defaults = MODEL_DEFAULTS, dict(TRAIN_DEFAULTS, parallel="auto")
+    if preset is not None:
+        chosen = presets.get(preset)
+        model_defaults, train_defaults = chosen["model"], dict(train_defaults, **chosen["train"])
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_dataclass_flags(parser.add_argument_group("model"), ModelConfig, MODEL_DEFAULTS, {})
+    parser.add_argument("--preset", **preset_flag)
+    _add_dataclass_flags(parser.add_argument_group("model"), ModelConfig, model_defaults, OPTIONS)
     choices = dict(optimizer=[o.value for o in Optimizer], schedule=[s.value for s in Schedule], dtype=sorted(DTYPES),
                    parallel=["auto"] + [p.value for p in Parallel])
-    train_defaults = dict(TRAIN_DEFAULTS, parallel="auto")
     _add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, train_defaults, choices)
     run = parser.add_argument_group("run")
     run.add_argument("--data", default=None, help="corpus: a text file or folder, enwik8[.gz|.zip], 'enwik8:PATH' or "
