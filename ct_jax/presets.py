@@ -68,3 +68,10 @@ def get(name: str) -> dict[str, dict[str, Any]]:
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(repr(p) for p in PRESETS)}; got {name!r}")
     return copy.deepcopy(PRESETS[name])
+
+# Long-range recall (docs/long-range.md): options only, no sizes; combine with any model size.
+# Tentative, being measured.
+LONG_RANGE: dict[str, dict[str, Any]] = dict(
+    model=dict(compression="mean_pool", aux_loss="none"),
+    train=dict(optimizer="adam", learning_rate=1e-3, warmup_steps=50, grad_clip_norm=0.5),
+)

@@ -1,0 +1,127 @@
+"""Train one variant on a recall task with the library's `Trainer` and measure its loss per distance."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from ct_jax.long_range.tasks import RecallTask, recall_mask, span_of
+from ct_jax.long_range.variants import Variant
+from ct_jax.memory import Memory
+from ct_jax.model import CompressiveTransformer
+from ct_jax.training import Trainer, TrainConfig, create_model
+
+# The small model of the observations (docs/long-range.md): 2 layers, dim 64, 4 heads.
+SIZES = dict(dim=64, depth=2, heads=4)
+# Adam 1e-3, 50 warmup steps, clip 0.5, batch 16 (the observations' setting).
+BASE_TRAIN = dict(batch_size=16, learning_rate=1e-3, warmup_steps=50, grad_clip_norm=0.5, eval_every=0,
+                  checkpoint_every=0)
+
+
+@dataclasses.dataclass
+class RecallResult:
+    """One trained variant and seed: recall loss (nats) per distance and the training curve."""
+
+    variant: str
+    seed: int
+    steps: int
+    loss_by_distance: dict[int, float]
+    knockout_by_distance: dict[int, float]  # the same with the compressed slots zeroed at the query
+    span_by_distance: dict[int, str]
+    curve: list[tuple[int, float]]  # (step, recall loss on the training distances' eval rows)
+    seconds: float
+
+
+def token_losses_fn(model: CompressiveTransformer, knockout: bool = False,
+                    compiler_options: dict[str, Any] | None = None) -> Callable[[nnx.State, Int[Array, "b l"]], Float[Array, "b n"]]:
+    """A jitted `(params, tokens) -> per-token NLL (b, l - 1)` in eval mode, the memory carried over segments.
+
+    `knockout`: the last segment reads compressed slots of zeros (same valid counts, so the
+    same positions): what the recall loses without the compressed memory's content.
+    """
+    model.eval()
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    model.train()
+    seq_len = model.config.seq_len
+
+    @functools.partial(jax.jit, compiler_options=compiler_options)
+    def losses(params: nnx.State, tokens: jax.Array) -> jax.Array:
+        net = nnx.merge(graphdef, params, rest)
+        b = tokens.shape[0]
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        n = inputs.shape[1] // seq_len
+        segments = (jnp.moveaxis(inputs.reshape(b, n, seq_len), 1, 0), jnp.moveaxis(targets.reshape(b, n, seq_len), 1, 0),
+                    jnp.arange(n) == n - 1)
+
+        def body(memories, xs):
+            x, y, last = xs
+            if knockout:
+                memories = memories._replace(compressed_mem=jnp.where(last, 0, memories.compressed_mem))
+            logits, memories, _ = net(x, memories)
+            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            return memories, -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0]
+
+        _, nll = jax.lax.scan(body, Memory.empty(net, b, net.dtype), segments)  # (n, b, seq_len)
+        return jnp.moveaxis(nll, 0, 1).reshape(b, n * seq_len)
+
+    return losses
+
+
+def eval_rows(task: RecallTask, rows_per_distance: int, seed: int = 12345) -> dict[int, np.ndarray]:
+    """Fixed evaluation rows per distance (the same for every variant and seed)."""
+    rng = np.random.default_rng(seed)
+    return {d: task.sample(rng, rows_per_distance, distance=d)[0] for d in task.distances}
+
+
+def recall_loss(losses: Callable, params: nnx.State, task: RecallTask, rows: dict[int, np.ndarray]) -> dict[int, float]:
+    """Mean NLL over the recalled symbols, per distance."""
+    out = {}
+    for distance, tokens in rows.items():
+        nll = np.asarray(losses(params, jnp.asarray(tokens)))
+        mask = recall_mask(task, np.full(len(tokens), distance))
+        out[distance] = float(nll[mask].mean())
+    return out
+
+
+def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *, eval_rows_per_distance: int = 128,
+                 curve_every: int = 0, train_overrides: dict[str, Any] | None = None,
+                 compiler_options: dict[str, Any] | None = None, log: Callable[[str], Any] | None = None
+                 ) -> RecallResult:
+    """Trains `variant` from scratch for `steps` updates on rows of `task` (each from empty memory).
+
+    `compiler_options`: XLA options for every compiled function (e.g. `training.FAST_CPU_COMPILE`).
+    """
+    start = time.perf_counter()
+    model_kwargs = dict(num_tokens=task.vocab, seq_len=task.seq_len, **SIZES, **variant.model_kwargs())
+    fields = {**BASE_TRAIN, **variant.train, **(train_overrides or {})}
+    config = TrainConfig(n_segments=task.n_segments, steps=steps, seed=seed, **fields)
+    model = create_model(model_kwargs, config)
+    trainer = Trainer(model, config, compiler_options=compiler_options)
+    state = trainer.place(trainer.init_state())
+    losses = token_losses_fn(model, compiler_options=compiler_options)
+    rows = eval_rows(task, eval_rows_per_distance)
+    data_rng = np.random.default_rng([seed, 7])
+    curve = []
+    for step in range(steps):
+        batch, _ = task.sample(data_rng, config.batch_size)
+        state, _ = trainer.train_step(state, batch)
+        if curve_every and (step + 1) % curve_every == 0 and step + 1 < steps:
+            by_distance = recall_loss(losses, trainer.host(state).params, task, rows)
+            curve.append((step + 1, float(np.mean(list(by_distance.values())))))
+            if log:
+                log(f"  {variant.name} seed {seed} step {step + 1}: {by_distance}")
+    params = trainer.host(state).params
+    by_distance = recall_loss(losses, params, task, rows)
+    knocked = recall_loss(token_losses_fn(model, True, compiler_options), params, task, rows) if variant.cmem_len else by_distance
+    curve.append((steps, float(np.mean(list(by_distance.values())))))
+    spans = {d: span_of(task, d, variant.mem_len, variant.covered).value for d in task.distances}
+    return RecallResult(variant.name, seed, steps, by_distance, knocked, spans, curve, time.perf_counter() - start)
