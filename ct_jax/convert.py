@@ -153,24 +153,35 @@ def from_torch(state_dict: Mapping[str, Any], model: CompressiveTransformer) -> 
 def memory_to_torch(memories: Memory):
     """The valid part of a `ct_jax.Memory` as upstream `Memory(mem, compressed_mem)` tensors.
 
-    Shapes are exactly upstream's: `(n_memory_layers, b, valid_len, dim)`.
+    Shapes are exactly upstream's: `(n_memory_layers, b, valid_len, dim)`. A memory with
+    `mem_usage` (compression="most_used") becomes `ct_torch_ref.UsageMemory`, usage
+    `(n_memory_layers, b, valid_len)`.
     """
     import torch
 
     from ct_torch_ref import Memory as TorchMemory
+    from ct_torch_ref import UsageMemory
 
     mem_valid, cmem_valid = int(memories.mem_valid), int(memories.compressed_mem_valid)
     mem = np.asarray(memories.mem)
     cmem = np.asarray(memories.compressed_mem)
     mem = mem[:, :, mem.shape[2] - mem_valid :]
     cmem = cmem[:, :, cmem.shape[2] - cmem_valid :]
-    return TorchMemory(torch.from_numpy(np.array(mem)), torch.from_numpy(np.array(cmem)))
+    mem_t, cmem_t = torch.from_numpy(np.array(mem)), torch.from_numpy(np.array(cmem))
+    if memories.mem_usage is None:
+        return TorchMemory(mem_t, cmem_t)
+    usage = np.asarray(memories.mem_usage)
+    return UsageMemory(mem_t, cmem_t, torch.from_numpy(np.array(usage[:, :, usage.shape[2] - mem_valid :])))
 
 
 def memory_from_torch(memory, model_or_config) -> Memory:
-    """Upstream `Memory(mem, compressed_mem)` (or a `(mem, cmem)` pair) as fixed-shape `ct_jax.Memory`."""
+    """Upstream `Memory(mem, compressed_mem)` (or a `(mem, cmem)` pair) as fixed-shape `ct_jax.Memory`.
+
+    Under compression="most_used" a `UsageMemory` (mem, compressed_mem, mem_usage) keeps its
+    usage; a plain Memory starts with zero usage.
+    """
     config = getattr(model_or_config, "config", model_or_config)
-    mem, cmem = (_as_numpy(t) for t in memory)
+    mem, cmem = (_as_numpy(t) for t in tuple(memory)[:2])
     layers = len(config.memory_layers)
     for name, value, capacity in (("mem", mem, config.mem_len), ("compressed_mem", cmem, config.cmem_len)):
         if value.ndim != 4 or value.shape[0] != layers or value.shape[3] != config.dim:
@@ -186,12 +197,22 @@ def memory_from_torch(memory, model_or_config) -> Memory:
             f"compressed memory is non-empty ({cmem.shape[2]} slots) while memory is not full "
             f"({mem.shape[2]} of {config.mem_len}); a model never produces that state"
         )
-    pad = lambda value, capacity: np.pad(value, ((0, 0), (0, 0), (capacity - value.shape[2], 0), (0, 0)))  # noqa: E731
+    pad = lambda value, capacity: np.pad(  # noqa: E731
+        value, ((0, 0), (0, 0), (capacity - value.shape[2], 0)) + ((0, 0),) * (value.ndim - 3)
+    )
+    usage = None
+    if config.compression == "most_used":
+        given = tuple(memory)[2] if len(tuple(memory)) > 2 else None
+        usage = np.zeros(mem.shape[:3], np.float32) if given is None else _as_numpy(given).astype(np.float32)
+        if usage.shape != mem.shape[:3]:
+            raise ValueError(f"memory.mem_usage must have shape {mem.shape[:3]} like mem, got {usage.shape}")
+        usage = jnp.asarray(pad(usage, config.mem_len))
     return Memory(
         jnp.asarray(pad(mem, config.mem_len)),
         jnp.asarray(pad(cmem, config.cmem_len)),
         jnp.asarray(mem.shape[2], jnp.int32),
         jnp.asarray(cmem.shape[2], jnp.int32),
+        usage,
     )
 
 

@@ -21,13 +21,18 @@ class Memory(NamedTuple):
     """Per-memory-layer buffers; `mem_valid`/`compressed_mem_valid` count the valid slots.
 
     All memory layers always hold the same number of valid slots, so the counts are
-    scalars (int32), shared by the layers and the batch.
+    scalars (int32), shared by the layers and the batch. `mem_usage` exists only under
+    compression="most_used": per memory slot, the attention it has received, summed over
+    the full segments that read it (each averaged over heads and real queries); aligned
+    with `mem`, zero on invalid slots. None otherwise (the pytree keeps a fixed structure
+    per config).
     """
 
     mem: Float[Array, "l b m d"]
     compressed_mem: Float[Array, "l b c d"]
     mem_valid: Int[Array, ""]
     compressed_mem_valid: Int[Array, ""]
+    mem_usage: Float[Array, "l b m"] | None = None
 
     @classmethod
     def empty(cls, model_or_config, batch: int, dtype=jnp.float32) -> Memory:
@@ -40,11 +45,27 @@ class Memory(NamedTuple):
         layers = len(config.memory_layers)
         zeros = jnp.zeros((layers, batch, config.mem_len, config.dim), dtype)
         czeros = jnp.zeros((layers, batch, config.cmem_len, config.dim), dtype)
-        return cls(zeros, czeros, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+        usage = jnp.zeros((layers, batch, config.mem_len), jnp.float32) if config.compression == "most_used" else None
+        return cls(zeros, czeros, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), usage)
 
     @property
     def total_valid(self) -> Int[Array, ""]:
         return self.mem_valid + self.compressed_mem_valid
+
+    def layer(self, slot: int) -> LayerMemory:
+        """The buffers and counts of memory layer `slot` (its index among the memory layers)."""
+        usage = None if self.mem_usage is None else self.mem_usage[slot]
+        return LayerMemory(self.mem[slot], self.compressed_mem[slot], self.mem_valid, self.compressed_mem_valid, usage)
+
+
+class LayerMemory(NamedTuple):
+    """One memory layer's part of `Memory`: what its attention reads and returns updated."""
+
+    mem: Float[Array, "b m d"]
+    compressed_mem: Float[Array, "b c d"]
+    mem_valid: Int[Array, ""]
+    compressed_mem_valid: Int[Array, ""]
+    mem_usage: Float[Array, "b m"] | None = None
 
 
 def valid_slots(length: int, valid: Int[Array, ""]) -> jax.Array:

@@ -57,8 +57,11 @@ class CompressiveTransformer(nnx.Module):
         self.token_emb = nnx.Embed(num_tokens, emb_dim, embedding_init=jax.nn.initializers.normal(1.0),
                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.to_model_dim = linear(emb_dim, dim, **opts) if emb_dim != dim else None
-        # zero-initialised as upstream
-        self.pos_emb = nnx.Param(jnp.zeros((config.heads, config.pos_len, config.dim_head), param_dtype))
+        # zero-initialised as upstream; sinusoidal positions live in each attention layer instead
+        self.pos_emb = (
+            nnx.Param(jnp.zeros((config.heads, config.pos_len, config.dim_head), param_dtype))
+            if config.relative_positions == "learned" else None
+        )
         self.to_emb_dim = linear(dim, emb_dim, **opts) if emb_dim != dim else None  # upstream to_logits.0
         self.to_logits = linear(emb_dim, num_tokens, **opts)  # upstream to_logits.1
         self.attn_layers = nnx.List([
@@ -95,34 +98,38 @@ class CompressiveTransformer(nnx.Module):
         if self.to_model_dim is not None:
             x = self.to_model_dim(x)
 
-        mem, cmem = memories.mem, memories.compressed_mem
         if config.enhanced_recurrence:  # each memory layer reads the memory of the one above it
-            mem, cmem = jnp.roll(mem, -1, axis=0), jnp.roll(cmem, -1, axis=0)
+            memories = memories._replace(**{
+                name: jnp.roll(getattr(memories, name), -1, axis=0)
+                for name in ("mem", "compressed_mem", "mem_usage") if getattr(memories, name) is not None
+            })
         total_valid = memories.mem_valid + memories.compressed_mem_valid
-        pos_emb = self.pos_emb[...]
+        pos_emb = self.pos_emb[...] if self.pos_emb is not None else None
 
-        next_mem, next_cmem = [], []
-        mem_valid, cmem_valid = memories.mem_valid, memories.compressed_mem_valid
+        next_layers = []
         aux_loss = jnp.zeros((), wide(self.dtype))
         for index, (attn, ff) in enumerate(zip(self.attn_layers, self.ff_layers)):
             layer_memory = None
             if index + 1 in config.memory_layers:
-                slot = len(next_mem)
-                layer_memory = (mem[slot], cmem[slot], memories.mem_valid, memories.compressed_mem_valid)
+                layer_memory = memories.layer(len(next_layers))
             y, layer_memory, layer_aux = attn.fn(attn.normed(x), pos_emb, total_valid, mask, layer_memory, rngs,
                                                  memory_gradients=memory_gradients)
             x = attn.join(y, x)
             x = ff.join(ff.fn(ff.normed(x), rngs), x)
             aux_loss = aux_loss + layer_aux
             if layer_memory is not None:
-                next_mem.append(layer_memory[0])
-                next_cmem.append(layer_memory[1])
-                mem_valid, cmem_valid = layer_memory[2], layer_memory[3]
+                next_layers.append(layer_memory)
 
         if self.to_emb_dim is not None:
             x = self.to_emb_dim(x)
         logits = self.to_logits(x).astype(wide(self.dtype))
         keep = (lambda x: x) if memory_gradients else jax.lax.stop_gradient  # noqa: E731
-        next_memories = Memory(keep(jnp.stack(next_mem)), keep(jnp.stack(next_cmem)), mem_valid, cmem_valid)
+        last = next_layers[-1]
+        usage = None if last.mem_usage is None else jnp.stack([layer.mem_usage for layer in next_layers])
+        next_memories = Memory(
+            keep(jnp.stack([layer.mem for layer in next_layers])),
+            keep(jnp.stack([layer.compressed_mem for layer in next_layers])),
+            last.mem_valid, last.compressed_mem_valid, usage,
+        )
         aux_loss = aux_loss * config.reconstruction_loss_weight / len(config.memory_layers)
         return logits, next_memories, aux_loss

@@ -72,3 +72,14 @@ def check_memory(memories, config: ModelConfig, batch: int) -> None:
                 f"memories.{name} has shape {got}, expected {shape} (memory from another configuration "
                 f"or batch size?)"
             )
+    most_used = config.compression == "most_used"
+    if (memories.mem_usage is not None) != most_used:
+        raise ValueError(
+            f"memories.mem_usage must be {'an array' if most_used else 'None'} for compression="
+            f"{config.compression!r}, got {'None' if memories.mem_usage is None else 'an array'} "
+            "(use ct_jax.Memory.empty(model, batch))"
+        )
+    if most_used and jnp.shape(memories.mem_usage) != (layers, batch, config.mem_len):
+        raise ValueError(
+            f"memories.mem_usage has shape {jnp.shape(memories.mem_usage)}, expected {(layers, batch, config.mem_len)}"
+        )
