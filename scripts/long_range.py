@@ -33,8 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ratios", type=int, nargs="+", help="compression ratios (default: the mode's)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the main comparison and the text runs")
     parser.add_argument("--ablation-seeds", type=int, nargs="*", help="seeds of the ablations (none: skip them)")
+    parser.add_argument("--variants", nargs="+", help="only these main variants, by name (default: all)")
     parser.add_argument("--steps", type=int, help="training steps per recall run")
     parser.add_argument("--text-steps", type=int, help="training steps per text run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--corpus", help="text corpus spec as scripts/train.py --data (default: stdlib sources)")
     return parser.parse_args(argv)
 
@@ -43,12 +45,13 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
     changes = dict(ratios=args.ratios, seeds=args.seeds, ablation_seeds=args.ablation_seeds, steps=args.steps,
-                   text_steps=args.text_steps)
+                   text_steps=args.text_steps, main_names=args.variants)
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None}
     if args.seeds is not None:
         changes["text_seeds"] = tuple(args.seeds)
     plan = dataclasses.replace(plan, **changes)
-    tables = run_plan(plan, args.out, recall=args.only != "text", text=args.only != "recall", corpus=args.corpus)
+    tables = run_plan(plan, args.out, recall=args.only != "text", text=args.only != "recall", corpus=args.corpus,
+                      jobs=args.jobs)
     print(tables)
     return tables
 

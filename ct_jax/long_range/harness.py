@@ -22,8 +22,8 @@ from ct_jax.training import Trainer, TrainConfig, create_model
 
 # The small model of the observations (docs/long-range.md): 2 layers, dim 64, 4 heads.
 SIZES = dict(dim=64, depth=2, heads=4)
-# Adam 1e-3, 50 warmup steps, clip 0.5, batch 16 (the observations' setting).
-BASE_TRAIN = dict(batch_size=16, learning_rate=1e-3, warmup_steps=50, grad_clip_norm=0.5, eval_every=0,
+# Every variant's optimiser (a variant may override it): Adam 3e-3, 50 warmup steps, clip 0.5, batch 16.
+BASE_TRAIN = dict(batch_size=16, learning_rate=3e-3, warmup_steps=50, grad_clip_norm=0.5, eval_every=0,
                   checkpoint_every=0)
 
 
@@ -35,18 +35,25 @@ class RecallResult:
     seed: int
     steps: int
     loss_by_distance: dict[int, float]
-    knockout_by_distance: dict[int, float]  # the same with the compressed slots zeroed at the query
+    knockout_by_distance: dict[int, float]  # the same with another row's compressed slots at the query
     span_by_distance: dict[int, str]
+    slot_spread: list[float]  # per memory layer: compressed slots' spread / plain memory's (see token_losses_fn)
     curve: list[tuple[int, float]]  # (step, recall loss on the training distances' eval rows)
     seconds: float
 
 
 def token_losses_fn(model: CompressiveTransformer, knockout: bool = False,
                     compiler_options: dict[str, Any] | None = None) -> Callable[[nnx.State, Int[Array, "b l"]], Float[Array, "b n"]]:
-    """A jitted `(params, tokens) -> per-token NLL (b, l - 1)` in eval mode, the memory carried over segments.
+    """A jitted `(params, tokens) -> (per-token NLL (b, l - 1), slot spread (layers,))` in eval mode,
+    the memory carried over segments.
 
-    `knockout`: the last segment reads compressed slots of zeros (same valid counts, so the
-    same positions): what the recall loses without the compressed memory's content.
+    Slot spread: per memory layer, the spread (std over slots, mean over features and rows) of
+    the final compressed slots over that of the plain memory's; near 0 when every compressed
+    slot holds about the same vector (nothing slot-specific kept).
+
+    `knockout`: the last segment reads the compressed slots of another row (the next one in the
+    batch; same counts and positions, same distribution, none of this row's facts): what the
+    recall loses without its own compressed memory.
     """
     model.eval()
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
@@ -65,15 +72,30 @@ def token_losses_fn(model: CompressiveTransformer, knockout: bool = False,
         def body(memories, xs):
             x, y, last = xs
             if knockout:
-                memories = memories._replace(compressed_mem=jnp.where(last, 0, memories.compressed_mem))
+                other = jnp.roll(memories.compressed_mem, 1, axis=1)  # (l, b, c, d): row i gets row i - 1's
+                memories = memories._replace(compressed_mem=jnp.where(last, other, memories.compressed_mem))
             logits, memories, _ = net(x, memories)
             log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
             return memories, -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0]
 
-        _, nll = jax.lax.scan(body, Memory.empty(net, b, net.dtype), segments)  # (n, b, seq_len)
-        return jnp.moveaxis(nll, 0, 1).reshape(b, n * seq_len)
+        memories, nll = jax.lax.scan(body, Memory.empty(net, b, net.dtype), segments)  # (n, b, seq_len)
+        return jnp.moveaxis(nll, 0, 1).reshape(b, n * seq_len), _spread(memories)
 
     return losses
+
+
+def _spread(memories: Memory) -> Float[Array, " l"]:
+    """(layers,) std over the valid compressed slots / std over the valid memory slots."""
+
+    def std(x: jax.Array, valid: jax.Array) -> jax.Array:  # x (l, b, n, d) right-aligned valid
+        keep = (jnp.arange(x.shape[2]) >= x.shape[2] - valid)[None, None, :, None]
+        count = jnp.maximum(valid, 1)
+        mean = jnp.sum(jnp.where(keep, x, 0), axis=2, keepdims=True) / count
+        var = jnp.sum(jnp.where(keep, jnp.square(x - mean), 0), axis=2) / count
+        return jnp.mean(jnp.sqrt(var), axis=(1, 2))
+
+    compressed = std(memories.compressed_mem.astype(jnp.float32), memories.compressed_mem_valid)
+    return compressed / std(memories.mem.astype(jnp.float32), memories.mem_valid)
 
 
 def eval_rows(task: RecallTask, rows_per_distance: int, seed: int = 12345) -> dict[int, np.ndarray]:
@@ -82,14 +104,15 @@ def eval_rows(task: RecallTask, rows_per_distance: int, seed: int = 12345) -> di
     return {d: task.sample(rng, rows_per_distance, distance=d)[0] for d in task.distances}
 
 
-def recall_loss(losses: Callable, params: nnx.State, task: RecallTask, rows: dict[int, np.ndarray]) -> dict[int, float]:
-    """Mean NLL over the recalled symbols, per distance."""
-    out = {}
+def recall_loss(losses: Callable, params: nnx.State, task: RecallTask, rows: dict[int, np.ndarray]
+                ) -> tuple[dict[int, float], list[float]]:
+    """(mean NLL over the recalled symbols per distance, slot spread per layer on the last distance's rows)."""
+    out, spread = {}, None
     for distance, tokens in rows.items():
-        nll = np.asarray(losses(params, jnp.asarray(tokens)))
+        nll, spread = losses(params, jnp.asarray(tokens))
         mask = recall_mask(task, np.full(len(tokens), distance))
-        out[distance] = float(nll[mask].mean())
-    return out
+        out[distance] = float(np.asarray(nll)[mask].mean())
+    return out, [float(v) for v in np.asarray(spread)]
 
 
 def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *, eval_rows_per_distance: int = 128,
@@ -115,13 +138,14 @@ def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *, e
         batch, _ = task.sample(data_rng, config.batch_size)
         state, _ = trainer.train_step(state, batch)
         if curve_every and (step + 1) % curve_every == 0 and step + 1 < steps:
-            by_distance = recall_loss(losses, trainer.host(state).params, task, rows)
+            by_distance, _ = recall_loss(losses, trainer.host(state).params, task, rows)
             curve.append((step + 1, float(np.mean(list(by_distance.values())))))
             if log:
                 log(f"  {variant.name} seed {seed} step {step + 1}: {by_distance}")
     params = trainer.host(state).params
-    by_distance = recall_loss(losses, params, task, rows)
-    knocked = recall_loss(token_losses_fn(model, True, compiler_options), params, task, rows) if variant.cmem_len else by_distance
+    by_distance, spread = recall_loss(losses, params, task, rows)
+    knocked = recall_loss(token_losses_fn(model, True, compiler_options), params, task, rows)[0] if variant.cmem_len else by_distance
     curve.append((steps, float(np.mean(list(by_distance.values())))))
     spans = {d: span_of(task, d, variant.mem_len, variant.covered).value for d in task.distances}
-    return RecallResult(variant.name, seed, steps, by_distance, knocked, spans, curve, time.perf_counter() - start)
+    spread = spread if variant.cmem_len else []
+    return RecallResult(variant.name, seed, steps, by_distance, knocked, spans, spread, curve, time.perf_counter() - start)

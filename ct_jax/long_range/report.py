@@ -50,3 +50,21 @@ def text_table(results: Iterable[dict], reference: str) -> str:
         any_run = next(iter(runs.values()))
         lines.append(f"| {name} | {len(runs)} | {any_run['steps']} | {any_run['tokens']} | {summarize(values)} | {gap} |")
     return "\n".join(lines)
+
+
+def spread_table(results: Iterable[dict]) -> str:
+    """Rows = compressive variants, cells = slot spread per memory layer, median [min, max] over seeds."""
+    by_variant: dict[str, list[list[float]]] = defaultdict(list)
+    for result in results:
+        if result.get("slot_spread"):
+            by_variant[result["variant"]].append(result["slot_spread"])
+    if not by_variant:
+        return ""
+    layers = max(len(v[0]) for v in by_variant.values())
+    lines = ["| variant | " + " | ".join(f"layer {i + 1}" for i in range(layers)) + " |", "|" + "---|" * (1 + layers)]
+    for name, spreads in by_variant.items():
+        cells = [summarize([s[i] for s in spreads]) for i in range(layers)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("\nSlot spread: std over the compressed slots / std over the plain memory's slots, end of a row "
+                 "(mean pooling of independent slots at ratio r gives about 1/sqrt(r); near 0: the slots are alike).")
+    return "\n".join(lines)

@@ -28,12 +28,12 @@ def long_range(name: str, ratio: int, **changes: Any) -> Variant:
 
 
 def main_variants(ratio: int) -> list[Variant]:
-    """The headline comparison at `ratio`: LONG_RANGE, upstream's defaults and both Transformer-XLs."""
-    return [
-        long_range("CT LONG_RANGE", ratio),
-        ct("CT upstream defaults", MEM_LEN, CMEM_LEN, ratio),
-        *baselines(MEM_LEN, CMEM_LEN, ratio),
-    ]
+    """The headline comparison at `ratio`: LONG_RANGE, upstream's defaults and both Transformer-XLs
+    (the same network and training as LONG_RANGE, without compressed memory)."""
+    model = {k: v for k, v in LONG_RANGE["model"].items() if k not in ("compression", "aux_loss")}
+    txl = [dataclasses.replace(v, options=model, train=dict(LONG_RANGE["train"]))
+           for v in baselines(MEM_LEN, CMEM_LEN, ratio)]
+    return [long_range("CT LONG_RANGE", ratio), ct("CT upstream defaults", MEM_LEN, CMEM_LEN, ratio), *txl]
 
 
 def ablations(ratio: int) -> list[Variant]:
@@ -46,7 +46,11 @@ def ablations(ratio: int) -> list[Variant]:
     ]
     for compression in ("mean_pool", "max_pool", "dilated_conv", "most_used"):
         out.append(ct(f"CT {compression}", MEM_LEN, CMEM_LEN, ratio, compression=compression))
-    out.append(long_range("LONG_RANGE + memory gradients", ratio, train=dict(memory_gradients=True)))
+    out.append(long_range("LONG_RANGE without memory gradients", ratio, train=dict(memory_gradients=False)))
+    out.append(long_range("LONG_RANGE with conv + attention aux (evicted)", ratio, compression="conv",
+                          aux_loss="attention", reconstruction_target="evicted"))
+    out.append(long_range("LONG_RANGE with learned positions, GRU, enhanced recurrence", ratio,
+                          relative_positions="learned", gru_gated_residual=True, enhanced_recurrence=True))
     return out
 
 
@@ -66,31 +70,31 @@ class Plan:
     fast_compile: bool = False  # XLA options that compile 2-3x faster for a slower step (smoke runs)
     main_names: tuple[str, ...] | None = None  # only these of `main_variants` (None: all)
 
-    def recall_runs(self) -> list[tuple[int, Variant, int]]:
-        """(ratio, variant, seed) of every recall run; a baseline shared by both ratios runs once."""
+    def recall_runs(self, ablation: bool = False) -> list[tuple[int, Variant, int]]:
+        """(ratio, variant, seed) of the main recall runs, seeds outermost (or of the ablations, at
+        the first ratio); a baseline shared by two ratios runs once, recorded under the first."""
+        if ablation:
+            return [(self.ratios[0], v, seed) for seed in self.ablation_seeds for v in ablations(self.ratios[0])]
         runs, seen = [], set()
-        for ratio in self.ratios:
-            for variant in main_variants(ratio):
-                if self.main_names is not None and variant.name not in self.main_names:
-                    continue
-                for seed in self.seeds:
-                    key = (variant.model_kwargs().__repr__(), repr(variant.train), seed)
-                    if variant.cmem_len == 0 and key in seen:
+        for seed in self.seeds:
+            for ratio in self.ratios:
+                for variant in main_variants(ratio):
+                    if self.main_names is not None and variant.name not in self.main_names:
                         continue
-                    seen.add(key)
-                    runs.append((ratio, variant, seed))
-            for variant in ablations(ratio) if ratio == self.ratios[0] else []:
-                runs.extend((ratio, variant, seed) for seed in self.ablation_seeds)
+                    key = (repr(variant.model_kwargs()), repr(variant.train), seed)
+                    if key not in seen:
+                        seen.add(key)
+                        runs.append((ratio, variant, seed))
         return runs
 
     def text_variants(self) -> list[Variant]:
-        """LONG_RANGE at the first ratio and Transformer-XL with its attended slots."""
+        """LONG_RANGE at the first ratio and Transformer-XL with its attended slots (same network)."""
         ratio = self.ratios[0]
-        return [long_range("CT LONG_RANGE", ratio), baselines(MEM_LEN, CMEM_LEN, ratio)[0]]
+        return [long_range("CT LONG_RANGE", ratio), main_variants(ratio)[2]]
 
 
 QUICK = Plan(recall_task(quick=True), ratios=(2,), seeds=(0,), steps=30, ablation_seeds=(), text_seeds=(0,),
              text_steps=10, text_eval_bytes=4_096, text_max_bytes=1 << 20,
              fast_compile=True, main_names=("CT LONG_RANGE", f"TXL mem {MEM_LEN + CMEM_LEN} (same slots)"))
-FULL = Plan(recall_task(), ratios=(2, 4), seeds=(0, 1, 2), steps=800, ablation_seeds=(0,), text_seeds=(0, 1, 2),
+FULL = Plan(recall_task(), ratios=(2, 4), seeds=(0, 1, 2), steps=1000, ablation_seeds=(0,), text_seeds=(0, 1, 2),
             text_steps=400)
