@@ -57,3 +57,15 @@ def test_quick_mode_runs_and_writes_tables(tmp_path):
     assert ("recall", "CT LONG_RANGE") in kinds and ("text", "CT LONG_RANGE") in kinds
     assert all(np.isfinite(v) for r in records if r["kind"] == "recall" for v in r["loss_by_distance"].values())
     assert "TXL mem 32 (same slots)" in tables and (tmp_path / "tables.md").read_text() == tables
+
+
+def test_long_range_preset_holds_options_only_and_is_valid():
+    from ct_jax.config import ModelConfig
+    from ct_jax.presets import LONG_RANGE
+    from ct_jax.training import TrainConfig
+
+    sizes = {"num_tokens", "dim", "depth", "heads", "seq_len", "mem_len", "cmem_len", "cmem_ratio"}
+    assert set(LONG_RANGE) == {"model", "train"} and not sizes & set(LONG_RANGE["model"])
+    config = ModelConfig(num_tokens=32, dim=64, seq_len=16, depth=2, heads=4, mem_len=16, cmem_len=16, cmem_ratio=4,
+                         **LONG_RANGE["model"])
+    assert config.compression == "mean_pool" and TrainConfig(**LONG_RANGE["train"]).memory_gradients

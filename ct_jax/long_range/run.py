@@ -96,7 +96,7 @@ def _tables(plan: Plan, records: list[dict[str, Any]]) -> str:
                 and (r["ratio"] == ratio or r["variant"] in shared)]
         if rows:
             parts.append(f"### Recall, ratio {ratio}\n\n" + recall_table(rows, plan.task.distances, plan.task.chance))
-            knocked = [dict(r, loss_by_distance=r["knockout_by_distance"]) for r in rows]
+            knocked = [dict(r, loss_by_distance=r["knockout_by_distance"]) for r in rows if r["slot_spread"]]
             parts.append(f"### Recall with another row's compressed slots at the query, ratio {ratio}\n\n"
                          + recall_table(knocked, plan.task.distances, plan.task.chance))
             spread = spread_table(rows)
