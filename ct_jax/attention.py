@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
@@ -13,11 +16,10 @@ from ct_jax import compression
 from ct_jax import memory as memlib
 from ct_jax.config import ModelConfig
 from ct_jax.layers import linear, wide
-from ct_jax.memory import LayerMemory
 from ct_jax.positions import sinusoid_table
 
 
-def masked_softmax(logits: jax.Array, valid: jax.Array) -> jax.Array:
+def masked_softmax(logits: Float[Array, "*lead k"], valid: Bool[Array, "*#lead k"]) -> Float[Array, "*lead k"]:
     """Softmax in (at least) float32 where `valid == False` entries get exactly zero weight.
 
     A row with no valid entry gives all zeros (torch's softmax over an empty axis
@@ -45,15 +47,40 @@ def relative_shift(pos_logits: Float[Array, "b h t w"], keys: int) -> Float[Arra
     return skewed[..., :keys]
 
 
-def position_window(pos_emb: Float[Array, "h r d"], first_row, width: int) -> Float[Array, "h w d"]:
+def position_window(
+    pos_emb: Float[Array, "h r d"], first_row: Int[Array, ""] | int, width: int
+) -> Float[Array, "h w d"]:
     """`width` rows of the position table starting at a traced row (zeros outside it)."""
     pad = width
     padded = jnp.pad(pos_emb, ((0, 0), (pad, pad), (0, 0)))
     return jax.lax.dynamic_slice_in_dim(padded, first_row + pad, width, axis=1)
 
 
+def _scores(q: Float[Array, "b h n d"], k: Float[Array, "#b h j d"]) -> Float[Array, "b h n j"]:
+    """q . k over d (`k` may be shared over the batch). One query row (the decoder's per-token
+    case) as a multiply-reduce: it reads each cached key once, where a matmul would first copy
+    the cache into its preferred layout."""
+    if q.shape[2] == 1:
+        return jnp.sum(q * k, axis=-1)[:, :, None, :]  # [b, h, 1, j]
+    if k.shape[0] == 1 and q.shape[0] != 1:
+        return jnp.einsum("bhid,hjd->bhij", q, k[0])  # [b, h, n, j]
+    return jnp.einsum("bhid,bhjd->bhij", q, k)  # [b, h, n, j]
+
+
+def _weighted(attn: Float[Array, "b h n j"], v: Float[Array, "b h j d"]) -> Float[Array, "b h n d"]:
+    """Attention-weighted sum of values; one query row as a multiply-reduce (see `_scores`)."""
+    if attn.shape[2] == 1:
+        return jnp.sum(attn[:, :, 0, :, None] * v, axis=2)[:, :, None, :]  # [b, h, 1, d]
+    return jnp.einsum("bhij,bhjd->bhid", attn, v)  # [b, h, n, d]
+
+
 class SelfAttention(nnx.Module):
-    """Upstream's `SelfAttention`, on fixed-shape memory buffers, with the paper's options."""
+    """Upstream's `SelfAttention`, on fixed-shape memory buffers, with the paper's options.
+
+    The attention core (`queries`, `keys_values`, `attend` and, inside it, `content_logits`,
+    `position_logits`, `visible`) serves both the segment forward (`__call__`) and the cached
+    decoder (`ct_jax.generation`), which differ only in where keys and values come from.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         dim = config.dim
@@ -80,36 +107,124 @@ class SelfAttention(nnx.Module):
         self.pos_bias_u, self.pos_bias_v = bias(), bias()
         self.deterministic = False  # torch modules start in training mode
 
-    def _heads(self, x: jax.Array) -> jax.Array:
+    def _heads(self, x: Float[Array, "b n hd"]) -> Float[Array, "b h n d"]:
         return rearrange(x, "b n (h d) -> b h n d", h=self.config.heads)
 
-    def _logits(
-        self, q: Float[Array, "b h t dh"], k: Float[Array, "b h k dh"], pos_emb, total_mem_valid, n_buffer: int
-    ) -> Float[Array, "b h t k"]:
-        """Scaled content + relative-position logits of the t queries against `cmem|mem|x`."""
-        config = self.config
-        scale = config.dim_head**-0.5
-        t, keys = q.shape[2], k.shape[2]
-        if config.relative_positions == "sinusoidal":
-            # Window row j encodes distance n_buffer + t - 1 - j, the layout relative_shift
-            # reads: rows seq_len - t .. of the table of distances n_buffer + seq_len - 1 .. 0.
-            table = sinusoid_table(n_buffer + config.seq_len, config.dim)[config.seq_len - t:]
-            pos_keys = self._heads(self.to_pos(jnp.asarray(table, self.dtype))[None])[0]  # (h, keys, dh)
+    def queries(self, x: Float[Array, "b n dim"]) -> Float[Array, "b h n dh"]:
+        """The queries of `x` (layer-normed input), split into heads."""
+        return self._heads(self.to_q(x.astype(self.dtype)))
+
+    def keys_values(self, x: Float[Array, "b n dim"]) -> tuple[Float[Array, "b h n dh"], Float[Array, "b h n dh"]]:
+        """Keys and values of `x` (layer-normed input or memory slots), split into heads."""
+        k, v = jnp.split(self.to_kv(x.astype(self.dtype)), 2, axis=-1)
+        return self._heads(k), self._heads(v)
+
+    def content_logits(self, q: Float[Array, "b h n dh"], k: Float[Array, "b h j dh"]) -> Float[Array, "b h n j"]:
+        """Scaled q . k of one block of keys."""
+        return _scores(q, k) * self.config.dim_head**-0.5
+
+    def position_logits(
+        self,
+        q: Float[Array, "b h n dh"],
+        pos_emb: Float[Array, "h r dh"] | None,
+        *,
+        total_mem_valid: Int[Array, ""],
+        n_buffer: int,
+        first_query: Int[Array, ""] | int,
+        keys: int,
+    ) -> Float[Array, "b h n k"]:
+        """Scaled q . P of queries at window positions [first_query, first_query + n) against
+        the `keys` keys `cmem|mem|window` (n_buffer memory slots, then the window), shifted so
+        that entry [a, p] is the logit of query a and key p.
+
+        Key p, query first_query + a are d = n_buffer + first_query + a - p apart; upstream
+        reads position row total_mem_valid + seq_len - 1 - d, so the rows drift while memory
+        fills (kept). Visible pairs (p <= n_buffer + first_query + a) read window rows
+        p + n - 1 - a <= n_buffer + first_query + n - 1 <= keys - 1, so `keys` rows suffice
+        (not keys + n - 1): future pairs read wrapped values, which `visible` masks.
+
+        relative_positions="sinusoidal": window row j holds the projected sinusoid of the
+        distance n_buffer + first_query + n - 1 - j (no drift; `q` carries the bias v).
+        """
+        n, seq_len = q.shape[2], self.config.seq_len
+        if self.config.relative_positions == "sinusoidal":
+            # Static table of distances n_buffer + seq_len - 1 .. 0; rows past it (future keys
+            # of the decoder's window, masked) read zeros.
+            table = jnp.asarray(sinusoid_table(n_buffer + seq_len, self.config.dim), self.dtype)
+            rows = position_window(table[None], seq_len - first_query - n, keys)[0]  # [keys, dim]
+            window = self._heads(self.to_pos(rows)[None])[0]  # [h, keys, dh]
+        else:
+            first_row = total_mem_valid + seq_len - 1 - n_buffer - first_query - (n - 1)
+            window = position_window(pos_emb.astype(q.dtype), first_row, keys)  # [h, keys, dh]
+        pos_dots = _scores(q, window[None]) * self.config.dim_head**-0.5  # [b, h, n, keys]
+        return relative_shift(pos_dots, keys)
+
+    @staticmethod
+    def visible(
+        n_buffer: int, first_query: Int[Array, ""] | int, n: int, window: int, mask: Bool[Array, "b s"] | None
+    ) -> Bool[Array, "#b 1 n k"]:
+        """Which keys of `cmem|mem|window` each of the n queries at window positions
+        [first_query, first_query + n) sees: causal over the keys and, with a padding mask
+        (True = real token, over the window), the outer product of the mask on the window
+        keys; memory columns are visible to every query."""
+        query_pos = n_buffer + first_query + jnp.arange(n)[:, None]
+        key_pos = jnp.arange(n_buffer + window)[None, :]
+        visible = (key_pos <= query_pos)[None, None]  # [1, 1, n, k]
+        if mask is None:
+            return visible
+        query_mask = jax.lax.dynamic_slice_in_dim(mask, first_query, n, axis=1)
+        pair_mask = query_mask[:, None, :, None] & mask[:, None, None, :]  # [b, 1, n, window]
+        memory_columns = jnp.ones((mask.shape[0], 1, n, n_buffer), bool)
+        return visible & jnp.concatenate([memory_columns, pair_mask], axis=-1)
+
+    def attend(
+        self,
+        q: Float[Array, "b h n dh"],
+        keys: Sequence[Float[Array, "b h _ dh"]],
+        values: Sequence[Float[Array, "b h _ dh"]],
+        *,
+        pos_emb: Float[Array, "h r dh"] | None,
+        total_mem_valid: Int[Array, ""],
+        buffer_valid: Bool[Array, " c"],
+        first_query: Int[Array, ""] | int = 0,
+        window_valid: Bool[Array, " s"] | None = None,
+        mask: Bool[Array, "b s"] | None = None,
+        rngs: nnx.Rngs | None = None,
+        with_probs: bool = False,
+    ) -> Float[Array, "b n dim"] | tuple[Float[Array, "b n dim"], Float[Array, "b h n k"]]:
+        """Attention of queries at window positions [first_query, first_query + n) over the
+        keys/values `cmem|mem|window`, given as consecutive blocks along the key axis (the
+        forward passes one block, the decoder memory and window apart), then `to_out`.
+
+        `buffer_valid`: which of the leading memory slots hold entries (`memory.buffer_valid`);
+        `window_valid`: which window slots hold tokens (None = all); `mask`: padding over the
+        window, True = real token. Invalid slots get exactly zero weight. `with_probs`: also
+        return the attention probabilities (before dropout).
+        """
+        n_keys = sum(k.shape[2] for k in keys)
+        n_buffer = buffer_valid.shape[0]
+        n_window = n_keys - n_buffer
+        content_q = position_q = q
+        if self.config.relative_positions == "sinusoidal":  # Transformer-XL: (q + u) . k + (q + v) . R
             content_q = q + self.pos_bias_u[...].astype(q.dtype)[None, :, None, :]
             position_q = q + self.pos_bias_v[...].astype(q.dtype)[None, :, None, :]
-            dots = jnp.einsum("bhid,bhjd->bhij", content_q, k) * scale  # (b, h, t, keys)
-            pos_dots = jnp.einsum("bhid,hjd->bhij", position_q, pos_keys) * scale  # (b, h, t, keys)
-            return (dots + relative_shift(pos_dots, keys)).astype(wide(self.dtype))
-        dots = jnp.einsum("bhid,bhjd->bhij", q, k) * scale  # (b, h, t, keys)
-        # Key p, query a are d = n_buffer + a - p apart; upstream reads position row
-        # total_mem_valid + seq_len - 1 - d, so the rows drift while memory fills (kept).
-        # Visible pairs (p <= n_buffer + a) read window rows p + t - 1 - a <= keys - 1, so
-        # `keys` rows suffice (not keys + t - 1): future pairs read wrapped values, which the
-        # causal mask overwrites. A third less q.P work and a smaller skew.
-        first_row = total_mem_valid + config.seq_len - 1 - n_buffer - (t - 1)
-        window = position_window(pos_emb.astype(q.dtype), first_row, keys)
-        pos_dots = jnp.einsum("bhid,hjd->bhij", q, window) * scale  # (b, h, t, keys)
-        return (dots + relative_shift(pos_dots, keys)).astype(wide(self.dtype))
+        dots = jnp.concatenate([self.content_logits(content_q, k) for k in keys], axis=-1)  # [b, h, n, keys]
+        pos = self.position_logits(position_q, pos_emb, total_mem_valid=total_mem_valid, n_buffer=n_buffer,
+                                   first_query=first_query, keys=n_keys)
+        dots = (dots + pos).astype(wide(self.dtype))
+        visible = self.visible(n_buffer, first_query, q.shape[2], n_window, mask)
+        # Masked logits get -finfo.max as upstream (a fully masked row is uniform, not NaN);
+        # slots not valid get exactly zero weight.
+        dots = jnp.where(visible, dots, -jnp.finfo(dots.dtype).max)
+        if window_valid is None:
+            window_valid = jnp.ones((n_window,), bool)
+        slot_valid = jnp.concatenate([buffer_valid, window_valid])
+        probs = masked_softmax(dots, slot_valid[None, None, None, :]).astype(values[0].dtype)
+        attn = self.attn_dropout(probs, rngs=rngs)
+        offsets = np.cumsum([0] + [v.shape[2] for v in values])
+        out = sum(_weighted(attn[..., lo:hi], v) for v, lo, hi in zip(values, offsets[:-1], offsets[1:]))
+        out = self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")), rngs=rngs)
+        return (out, probs) if with_probs else out
 
     def __call__(
         self,
@@ -117,55 +232,35 @@ class SelfAttention(nnx.Module):
         pos_emb: Float[Array, "h r dh"] | None,
         total_mem_valid: Int[Array, ""],
         mask: Bool[Array, "b t"] | None = None,
-        layer_memory: LayerMemory | None = None,
+        layer_memory: memlib.LayerMemory | None = None,
         rngs: nnx.Rngs | None = None,
         *,
         memory_gradients: bool = False,
-    ) -> tuple[jax.Array, LayerMemory | None, jax.Array]:
+    ) -> tuple[Float[Array, "b t d"], memlib.LayerMemory | None, Float[Array, ""]]:
         """Returns (output, updated layer memory or None, aux loss).
 
         `x` is the layer-normed input; `layer_memory` is this layer's buffers and counts
         (None for a layer without memory); `total_mem_valid` is the valid length of the
-        memory layers' `cmem|mem`, which sets the learned positional rows for every layer.
-        `memory_gradients`: the updated memory keeps its gradient (compression included).
+        memory layers' `cmem|mem`, which sets the learned positional rows for every layer
+        (`pos_emb` is None under sinusoidal positions). `memory_gradients`: the updated
+        memory keeps its gradient (compression included).
         """
         config = self.config
         b, t, _ = x.shape
         x = x.astype(self.dtype)
         if layer_memory is None:
             mem = cmem = jnp.zeros((b, 0, x.shape[-1]), x.dtype)
-            mem_valid = cmem_valid = jnp.zeros((), jnp.int32)
+            buffer_valid = jnp.zeros((0,), bool)
         else:
             mem, cmem = layer_memory.mem.astype(x.dtype), layer_memory.compressed_mem.astype(x.dtype)
-            mem_valid, cmem_valid = layer_memory.mem_valid, layer_memory.compressed_mem_valid
+            buffer_valid = layer_memory.slot_valid()
         n_cmem, n_mem = cmem.shape[1], mem.shape[1]
         n_buffer = n_cmem + n_mem
-        keys = n_buffer + t
 
-        q = self._heads(self.to_q(x))
-        kv_input = jnp.concatenate([cmem, mem, x], axis=1)
-        k, v = jnp.split(self.to_kv(kv_input), 2, axis=-1)
-        k, v = self._heads(k), self._heads(v)
-        dots = self._logits(q, k, pos_emb, total_mem_valid, n_buffer)
-
-        query_pos = n_buffer + jnp.arange(t)[:, None]
-        key_pos = jnp.arange(keys)[None, :]
-        visible = (key_pos <= query_pos)[None, None]  # causal over cmem|mem|x
-        if mask is not None:
-            # padding: outer product of the segment mask; memory columns visible to every query
-            pair_mask = mask[:, None, :, None] & mask[:, None, None, :]
-            pad_mask = jnp.concatenate([jnp.ones((b, 1, t, n_buffer), bool), pair_mask], axis=-1)
-            visible = visible & pad_mask
-        # Masked logits get -finfo.max as upstream (a fully masked row is uniform, not NaN);
-        # buffer slots not yet valid get exactly zero weight.
-        dots = jnp.where(visible, dots, -jnp.finfo(dots.dtype).max)
-        slot_valid = jnp.concatenate(
-            [memlib.valid_slots(n_cmem, cmem_valid), memlib.valid_slots(n_mem, mem_valid), jnp.ones((t,), bool)]
-        )
-        probs = masked_softmax(dots, slot_valid[None, None, None, :]).astype(v.dtype)
-        attn = self.attn_dropout(probs, rngs=rngs)
-        out = rearrange(jnp.einsum("bhij,bhjd->bhid", attn, v), "b h t d -> b t (h d)")
-        out = self.dropout(self.to_out(out), rngs=rngs)
+        q = self.queries(x)
+        k, v = self.keys_values(jnp.concatenate([cmem, mem, x], axis=1))  # [b, h, c+m+t, dh] each
+        out, probs = self.attend(q, [k], [v], pos_emb=pos_emb, total_mem_valid=total_mem_valid,
+                                 buffer_valid=buffer_valid, mask=mask, rngs=rngs, with_probs=True)
 
         if layer_memory is None or t != config.seq_len:
             return out, layer_memory, jnp.zeros((), wide(self.dtype))
@@ -180,7 +275,7 @@ class SelfAttention(nnx.Module):
 
     def update_memory(
         self,
-        layer_memory: LayerMemory,
+        layer_memory: memlib.LayerMemory,
         x: Float[Array, "b t d"],
         q: Float[Array, "b h t dh"],
         mem_k: Float[Array, "b h m dh"],
@@ -189,7 +284,7 @@ class SelfAttention(nnx.Module):
         rngs: nnx.Rngs | None,
         *,
         memory_gradients: bool = False,
-    ) -> tuple[LayerMemory, Float[Array, ""]]:
+    ) -> tuple[memlib.LayerMemory, Float[Array, ""]]:
         """The memory after a full segment `x` (FIFO of mem_len, evicted slots compressed into
         cmem) and the aux loss. `q`, `mem_k`, `mem_v`: the segment's queries and the memory's
         keys/values; `read`: the attention each memory slot received now (most_used only)."""
@@ -207,7 +302,7 @@ class SelfAttention(nnx.Module):
         if read is not None:
             usage = layer_memory.mem_usage + read  # (b, m); invalid slots read 0
             new_usage = jnp.concatenate([usage, jnp.zeros_like(usage[:, :t])], axis=1)[:, t:]
-        new_memory = LayerMemory(new_mem, cmem, new_mem_valid, cmem_valid, new_usage)
+        new_memory = memlib.LayerMemory(new_mem, cmem, new_mem_valid, cmem_valid, new_usage)
         if config.cmem_len == 0:
             return new_memory, aux_loss
 
@@ -262,9 +357,16 @@ class SelfAttention(nnx.Module):
         mse = jnp.mean(jnp.square(target.astype(aux_loss.dtype) - recon.astype(aux_loss.dtype)))
         return new_memory, jnp.where(n_compressed > 0, mse, 0.0)
 
-    def _full_attention(self, q, k, v, valid, rngs) -> jax.Array:
+    def _full_attention(
+        self,
+        q: Float[Array, "b h t dh"],
+        k: Float[Array, "b h j dh"],
+        v: Float[Array, "b h j dh"],
+        valid: Bool[Array, " j"],
+        rngs: nnx.Rngs | None,
+    ) -> Float[Array, "b h t dh"]:
         """Unmasked attention over the valid slots, as upstream's `full_attn`."""
-        dots = jnp.einsum("bhid,bhjd->bhij", q, k) * self.config.dim_head**-0.5  # (b, h, t, j)
+        dots = jnp.einsum("bhid,bhjd->bhij", q, k) * self.config.dim_head**-0.5  # [b, h, t, j]
         attn = masked_softmax(dots, valid[None, None, None, :]).astype(v.dtype)
         attn = self.reconstruction_attn_dropout(attn, rngs=rngs)
-        return jnp.einsum("bhij,bhjd->bhid", attn, v)  # (b, h, t, dh)
+        return jnp.einsum("bhij,bhjd->bhid", attn, v)  # [b, h, t, dh]

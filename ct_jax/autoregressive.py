@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from ct_jax._checks import check_int
 from ct_jax.generation import generate  # noqa: F401  (public here: ct_jax.autoregressive.generate)
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
@@ -106,7 +107,7 @@ def _run_segments(body: Callable, carry: Any, segments: _Segments) -> tuple[Any,
 def segment_losses(
     model: CompressiveTransformer,
     tokens: Int[Array, "b l"],
-    mask: Bool[Array, "b l"] | None = None,
+    mask: Bool[Array, "b _"] | None = None,
     memories: Memory | None = None,
     rng: jax.Array | None = None,
     *,
@@ -140,7 +141,7 @@ def segment_losses(
 def sequence_grads(
     model: CompressiveTransformer,
     tokens: Int[Array, "b l"],
-    mask: Bool[Array, "b l"] | None = None,
+    mask: Bool[Array, "b _"] | None = None,
     memories: Memory | None = None,
     rng: jax.Array | None = None,
     *,
@@ -209,7 +210,7 @@ def _micro_split(x: jax.Array, micro_batches: int) -> jax.Array:
 def accumulated_grads(
     model: CompressiveTransformer,
     tokens: Int[Array, "b l"],
-    mask: Bool[Array, "b l"] | None = None,
+    mask: Bool[Array, "b _"] | None = None,
     rng: jax.Array | None = None,
     *,
     micro_batches: int = 1,
@@ -230,8 +231,7 @@ def accumulated_grads(
     `(objective, lm_losses[n], aux_losses[n], grads)`, losses averaged over micro-batches.
     """
     batch = tokens.shape[0]
-    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-        raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+    check_int("micro_batches", micro_batches)
     if batch % micro_batches:
         raise ValueError(f"batch size ({batch}) must be divisible by micro_batches ({micro_batches})")
     if micro_batches == 1:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import sys
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ct_jax.convert import atomic_write
+from ct_jax._checks import check_int
+from ct_jax.io import atomic_write
 
 STATE_ITEM, RECORD_ITEM = "state", "record"
+CHECKSUMS = "checksums"  # record key: {tree path: "dtype shape crc32"} of the saved state
 
 
 def all_finite(tree: Any) -> bool:
@@ -30,16 +34,45 @@ def all_finite(tree: Any) -> bool:
     return all(np.isfinite(leaf).all() for leaf in leaves if np.issubdtype(leaf.dtype, np.inexact))
 
 
+def checksums(tree: Any) -> dict[str, str]:
+    """{tree path: "dtype shape crc32"} of every leaf: what a restored checkpoint is checked against."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        out[jax.tree_util.keystr(path)] = f"{array.dtype} {list(array.shape)} {zlib.crc32(array.view(np.uint8)):08x}"
+    return out
+
+
+def _silence_closed_loop_callbacks() -> None:
+    """After a failed read, tensorstore completes the other pending reads into orbax's closed
+    asyncio loop, each printing an "Event loop is closed" traceback: drop exactly those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ct_jax_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._ct_jax_filter = True
+    sys.unraisablehook = hook
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint step cannot be read, or its arrays differ from the checksums saved with it."""
+
+
 class Checkpoints:
     """`ocp.CheckpointManager` over `directory`: numbered steps, the last `keep` kept.
 
     Saving is asynchronous (call `wait` before reading the files); a step appears only once
-    complete, so a run killed mid-save resumes from the previous one.
+    complete, so a run killed mid-save resumes from the previous one. Each step's record
+    holds a checksum of every saved array, and `restore` verifies them.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, *, async_save: bool = True):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive int, got {keep!r}")
+        check_int("keep", keep)
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
@@ -53,11 +86,16 @@ class Checkpoints:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
-        """Saves a host pytree `state` and a JSON-able `record` as `step`; refuses non-finite values."""
+        """Saves a host pytree `state` and a JSON-able `record` (plus the state's checksums) as `step`;
+        refuses non-finite values."""
         if not all_finite(state):
             raise FloatingPointError(f"refusing to checkpoint step {step}: the train state holds NaN or Inf")
+        record = {**record, CHECKSUMS: checksums(state)}
         self._manager.save(
-            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state), RECORD_ITEM: ocp.args.JsonSave(record)})
+            step,
+            args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardSave(state), RECORD_ITEM: ocp.args.JsonSave(record)}
+            ),
         )
 
     def _step(self, step: int | None) -> int:
@@ -66,19 +104,60 @@ class Checkpoints:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         return step
 
+    def _read(self, step: int, items: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # orbax / tensorstore raise many types for missing or damaged files
+            _silence_closed_loop_callbacks()
+            message = " ".join(str(error).split())[:300]
+            raise DamagedCheckpointError(f"step {step} cannot be read ({type(error).__name__}: {message})") from error
+
     def read_record(self, step: int | None = None) -> dict[str, Any]:
         """The JSON record of `step` (default: the latest), without reading the state."""
         step = self._step(step)
-        return self._manager.restore(step, args=ocp.args.Composite(**{RECORD_ITEM: ocp.args.JsonRestore()}))[RECORD_ITEM]
+        record = self._read(step, {RECORD_ITEM: ocp.args.JsonRestore()})[RECORD_ITEM]
+        if not isinstance(record, dict):
+            raise DamagedCheckpointError(f"step {step}'s record is not a JSON object: {record!r:.100}")
+        return record
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """(state, record) of `step` (default: the latest); `template` gives the state's structure."""
+        """(state, record) of `step` (default: the latest), its arrays verified against the checksums
+        saved with them (DamagedCheckpointError otherwise); `template` gives the state's structure."""
         step = self._step(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract), RECORD_ITEM: ocp.args.JsonRestore()})
-        )
-        return restored[STATE_ITEM], restored[RECORD_ITEM]
+        items = {STATE_ITEM: ocp.args.StandardRestore(abstract), RECORD_ITEM: ocp.args.JsonRestore()}
+        restored = self._read(step, items)
+        state, record = jax.device_get(restored[STATE_ITEM]), restored[RECORD_ITEM]
+        expected = record.get(CHECKSUMS) if isinstance(record, dict) else None
+        if expected is None:  # saved before checksums were recorded: at least no NaN
+            if not all_finite(state):
+                raise DamagedCheckpointError(f"step {step} holds NaN or Inf (and no checksums to say where)")
+            return state, record
+        got = checksums(state)
+        differ = sorted(name for name in set(got) | set(expected) if got.get(name) != expected.get(name))
+        if differ:
+            raise DamagedCheckpointError(
+                f"step {step} fails its checksums: {len(differ)} of {len(expected)} arrays differ from what was "
+                f"saved ({', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''})"
+            )
+        return state, record
+
+    def set_aside(self, step: int, reason: str) -> Path:
+        """Moves step `step` out of the managed folder, into `<directory>-set-aside/` (nothing is deleted)."""
+        aside = self.directory.parent / f"{self.directory.name}-set-aside"
+        aside.mkdir(parents=True, exist_ok=True)
+        target = aside / f"{step}-{reason}"
+        for copy in range(1, 1000):
+            if not target.exists():
+                break
+            target = aside / f"{step}-{reason}-{copy}"
+        os.replace(self.directory / str(step), target)
+        self._manager.reload()
+        return target
+
+    def reload(self) -> None:
+        """Rereads the step folders (after another process moved some)."""
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
@@ -99,11 +178,20 @@ class MetricsLog:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.rows: dict[int, dict[str, float]] = {}
+        self.skipped: list[int] = []  # line numbers of unreadable rows (junk, a cut line), left out
         if self.path.is_file():
-            with open(self.path, newline="") as file:
-                for row in csv.DictReader(file):
-                    values = {key: float(value) for key, value in row.items() if key in self.FIELDS and value != ""}
-                    self.rows[int(values.pop("step"))] = values
+            text = self.path.read_text(errors="replace").replace("\0", "")  # csv refuses NUL bytes
+            reader = csv.DictReader(text.splitlines())
+            for row in reader:
+                try:
+                    values = {key: float(value) for key, value in row.items() if key in self.FIELDS and value}
+                    step = values.pop("step")
+                    if step != int(step) or step < 0:
+                        raise ValueError(f"bad step {step}")
+                except (TypeError, ValueError, KeyError, OverflowError):
+                    self.skipped.append(reader.line_num)
+                    continue
+                self.rows[int(step)] = values
 
     def add(self, step: int, **values: float) -> None:
         """Merges `values` into the row of `step`."""

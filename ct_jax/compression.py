@@ -48,7 +48,7 @@ class DilatedConvCompress(nnx.Module):
     upstream's strided convolution (`kernel`, `bias` as `ConvCompress`)."""
 
     def __init__(self, dim: int, ratio: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.rates = dilation_rates(ratio)
+        self.rates = tuple(dilation_rates(ratio))
         self.dilated = nnx.List([DilatedKernel(dim, rngs=rngs, param_dtype=param_dtype) for _ in self.rates])
         self.conv = ConvCompress(dim, ratio, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.dtype = dtype
@@ -111,7 +111,7 @@ def select_most_used(
     region: Float[Array, "b t d"],
     scores: Float[Array, "b t"],
     valid: Bool[Array, "#b t"],
-    n_keep: Int[Array, "*#b"],
+    n_keep: Int[Array, "*#batch"],
     n_out: int,
 ) -> Float[Array, "b o d"]:
     """The n_keep valid slots of `region` with the highest scores, in their original order,

@@ -6,19 +6,8 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+from ct_jax._checks import check_bool, check_float, check_int
 from ct_jax.options import OPTIONS, check_option
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _rate(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +24,7 @@ class ModelConfig:
     seq_len: int
     depth: int
     emb_dim: int | None = None
-    memory_layers: tuple[int, ...] | None = None
+    memory_layers: Iterable[int] | None = None  # stored as a sorted tuple
     enhanced_recurrence: bool = True
     mem_len: int | None = None
     cmem_len: int | None = None
@@ -57,21 +46,17 @@ class ModelConfig:
     relative_positions: str = "learned"
 
     def __post_init__(self) -> None:
-        for name in ("num_tokens", "dim", "seq_len", "depth", "heads", "cmem_ratio"):
-            _positive_int(name, getattr(self, name))
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("emb_dim", _positive_int("emb_dim", self.emb_dim) if self.emb_dim is not None else self.dim)
-        set_("mem_len", self.seq_len if self.mem_len is None else self.mem_len)
-        if isinstance(self.mem_len, bool) or not isinstance(self.mem_len, int):
-            raise ValueError(f"mem_len must be an int, got {self.mem_len!r}")
+        for name in ("num_tokens", "dim", "seq_len", "depth", "heads", "cmem_ratio"):
+            set_(name, check_int(name, getattr(self, name)))
+        set_("emb_dim", check_int("emb_dim", self.emb_dim) if self.emb_dim is not None else self.dim)
+        set_("mem_len", check_int("mem_len", self.seq_len if self.mem_len is None else self.mem_len, None))
         if self.mem_len < self.seq_len:
             raise ValueError(
                 f"mem_len must be at least seq_len ({self.seq_len}), got {self.mem_len}"
             )
         min_cmem = self.mem_len // self.cmem_ratio
-        set_("cmem_len", min_cmem if self.cmem_len is None else self.cmem_len)
-        if isinstance(self.cmem_len, bool) or not isinstance(self.cmem_len, int):
-            raise ValueError(f"cmem_len must be an int, got {self.cmem_len!r}")
+        set_("cmem_len", check_int("cmem_len", min_cmem if self.cmem_len is None else self.cmem_len, None))
         if self.cmem_len < min_cmem:
             raise ValueError(
                 f"cmem_len must be at least mem_len // cmem_ratio ({min_cmem}), got {self.cmem_len}"
@@ -80,11 +65,10 @@ class ModelConfig:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads, got heads={self.heads}")
         set_("memory_layers", _memory_layers(self.memory_layers, self.depth))
         for name in ("attn_dropout", "ff_dropout", "attn_layer_dropout", "reconstruction_attn_dropout"):
-            set_(name, _rate(name, getattr(self, name)))
+            set_(name, check_float(name, getattr(self, name), 0.0, maximum=1.0))  # [0, 1] as torch's nn.Dropout
         for name in ("enhanced_recurrence", "gru_gated_residual", "mogrify_gru", "ff_glu"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        set_("reconstruction_loss_weight", float(self.reconstruction_loss_weight))
+            check_bool(name, getattr(self, name))
+        set_("reconstruction_loss_weight", check_float("reconstruction_loss_weight", self.reconstruction_loss_weight))
         for name in OPTIONS:
             check_option(name, getattr(self, name))
         if self.compression == "most_used" and self.aux_loss == "autoencoder":
@@ -118,6 +102,9 @@ class ModelConfig:
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ModelConfig:
         """Builds a config from constructor kwargs, naming any keyword upstream does not have."""
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"model arguments must be a mapping of constructor keywords (a JSON object), "
+                            f"got {type(kwargs).__name__}: {kwargs!r:.80}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -132,7 +119,9 @@ def _memory_layers(memory_layers: Iterable[int] | None, depth: int) -> tuple[int
     if not layers:
         raise ValueError("memory_layers must name at least one layer in 1..depth, got []")
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"memory_layers entries must be ints in 1..{depth} (depth), got {layer!r}")
+        if not 1 <= layer <= depth:
             raise ValueError(f"memory_layers entries must be ints in 1..{depth} (depth), got {layer!r}")
     if len(set(layers)) != len(layers):
         raise ValueError(f"memory_layers must not repeat a layer, got {layers}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from ct_jax.config import ModelConfig
+from ct_jax.io import atomic_write
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 
@@ -110,12 +110,18 @@ def _upgrade_old_mogrifier(state: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return out
 
 
-def from_torch(state_dict: Mapping[str, Any], model: CompressiveTransformer) -> CompressiveTransformer:
+def from_torch(state_dict: Mapping[str, Any], model: CompressiveTransformer, *,
+               allow_non_finite: bool = False) -> CompressiveTransformer:
     """Loads an upstream / `ct_torch_ref` `state_dict` into `model` in place (strict) and returns it.
 
-    Raises ValueError listing every missing or unexpected key and every shape mismatch,
-    before any parameter is changed.
+    Raises ValueError listing every missing or unexpected key, every shape mismatch and
+    (unless `allow_non_finite`) every weight holding NaN or Inf, before any parameter is changed.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of parameter names to tensors or arrays, "
+                        f"got {type(state_dict).__name__}")
+    if not isinstance(model, CompressiveTransformer):
+        raise TypeError(f"model must be a ct_jax.CompressiveTransformer, got {type(model).__name__}")
     state = _upgrade_old_mogrifier({key: _as_numpy(value) for key, value in state_dict.items()})
     params = _param_paths(model)
     expected = {torch_key(path): path for path in params}
@@ -130,13 +136,16 @@ def from_torch(state_dict: Mapping[str, Any], model: CompressiveTransformer) -> 
         target = params[path].get_value()
         if value.shape != target.shape:
             shape = value.transpose().shape if _TRANSPOSED.search(path) else value.shape
-            mismatched.append(f"{key}: expected {tuple(reversed(target.shape)) if _TRANSPOSED.search(path) else target.shape}, got {shape}")
+            wanted = tuple(reversed(target.shape)) if _TRANSPOSED.search(path) else target.shape
+            mismatched.append(f"{key}: expected {wanted}, got {shape}")
             continue
         if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
             mismatched.append(f"{key}: expected a floating dtype, got {value.dtype}")
             continue
         converted[path] = jnp.asarray(value, dtype=target.dtype)
-    if missing or unexpected or mismatched:
+    non_finite = [] if allow_non_finite else sorted(
+        torch_key(path) for path, value in converted.items() if not bool(jnp.isfinite(value).all()))
+    if missing or unexpected or mismatched or non_finite:
         problems = []
         if missing:
             problems.append(f"missing keys {missing}")
@@ -144,6 +153,8 @@ def from_torch(state_dict: Mapping[str, Any], model: CompressiveTransformer) -> 
             problems.append(f"unexpected keys {unexpected}")
         if mismatched:
             problems.append(f"shape/dtype mismatches {mismatched}")
+        if non_finite:
+            problems.append(f"weights holding NaN or Inf {non_finite} (allow_non_finite=True loads them anyway)")
         raise ValueError("state_dict does not match the model: " + "; ".join(problems))
     for path, value in converted.items():
         params[path].set_value(value)
@@ -216,23 +227,6 @@ def memory_from_torch(memory, model_or_config) -> Memory:
     )
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Calls `write(tmp)` on a temporary file beside `path`, then renames it over `path`:
-    a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def save_pretrained(model: CompressiveTransformer, directory: str | os.PathLike) -> Path:
     """Writes `model.safetensors` (upstream keys) and `config.json`, each atomically."""
     from safetensors.numpy import save_file
@@ -247,9 +241,10 @@ def save_pretrained(model: CompressiveTransformer, directory: str | os.PathLike)
 
 def read_config(directory: str | os.PathLike) -> ModelConfig:
     """The `ModelConfig` of a checkpoint directory's `config.json`."""
-    path = Path(directory) / CONFIG_FILE
+    path = model_directory(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in checkpoint directory {directory}")
+        raise FileNotFoundError(f"no {CONFIG_FILE} in checkpoint directory {directory} (nor in its model/ folder, "
+                                f"where a training run exports)")
     try:
         kwargs = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -257,6 +252,29 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     if not isinstance(kwargs, dict):
         raise ValueError(f"{path} must hold a JSON object of constructor kwargs, got {type(kwargs).__name__}")
     return ModelConfig.from_kwargs(kwargs)
+
+
+def config_from_json(text_or_path: str) -> ModelConfig:
+    """A `ModelConfig` from constructor kwargs given as JSON text, or as the path of a JSON file."""
+    text = text_or_path
+    if not text.lstrip().startswith(("{", "[")):
+        path = Path(text_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {text_or_path!r} is neither JSON text nor a file")
+        text = path.read_text()
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"model config {text_or_path!r:.80} is not valid JSON: {error}") from error
+    return ModelConfig.from_kwargs(kwargs)
+
+
+def model_directory(directory: str | os.PathLike) -> Path:
+    """`directory`, or its `model/` when it is a training folder (the export lies there)."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() and (directory / "model" / CONFIG_FILE).is_file():
+        return directory / "model"
+    return directory
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -283,7 +301,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(directory: str | os.PathLike, *, dtype: Any = jnp.float32, seed: int = 0) -> CompressiveTransformer:
-    """A `ct_jax` model from a checkpoint directory written by either framework."""
+    """A `ct_jax` model from a checkpoint directory written by either framework (or a training folder)."""
+    directory = model_directory(directory)
     config = read_config(directory)
     model = CompressiveTransformer(**config.to_kwargs(), rngs=nnx.Rngs(seed), dtype=dtype)
     return from_torch(read_state_dict(Path(directory) / WEIGHTS_FILE), model)

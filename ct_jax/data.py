@@ -7,20 +7,22 @@ multi-file corpora are first written once to a cache file (atomically) and that 
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import os
 import re
 import shutil
 import sysconfig
-import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from ct_jax._checks import check_int
+from ct_jax.io import atomic_write, remove_orphan_temps
 
 # Standard enwik8 split (Hutter prize / Transformer-XL): train [0, 90M), validation
 # [90M, 95M), test [95M, 100M). Read at call time, so tests may monkeypatch it.
@@ -36,6 +38,7 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 _ENWIK8_NAME = re.compile(r"enwik8(\.gz|\.zip)?")
 _COMPRESSED_SUFFIXES = (".gz", ".zip")
 _CACHE_FORMAT = "ct_jax-data-v1"
+_ARCHIVE_ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile)  # gzip.BadGzipFile is an OSError
 
 Splits = dict[str, np.ndarray]  # split name -> uint8 byte array (b,)
 
@@ -65,29 +68,26 @@ def _memmap(path: Path) -> np.ndarray:
 
 
 def _cached(cache_dir: str | os.PathLike | None, name: str, write: Callable[[BinaryIO], None]) -> np.ndarray:
-    # Temp file in the same directory + os.replace: readers (and concurrent writers, e.g.
-    # several hosts on a shared disk) see either no cache file or a complete one.
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / name
+    # atomic_write: readers (and concurrent writers, e.g. several hosts on a shared disk)
+    # see either no cache file or a complete one.
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / name
+    remove_orphan_temps(path)  # of a writer killed mid-write
     if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
+
+        def write_file(tmp: str) -> None:
+            with open(tmp, "wb") as out:
                 write(out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+
+        atomic_write(path, write_file)
     return _memmap(path)
 
 
 def _zip_member(path: Path, preferred: str | None) -> str:
-    with zipfile.ZipFile(path) as archive:
-        names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    except _ARCHIVE_ERRORS as error:
+        raise ValueError(f"{path} is not a readable zip file (corrupt or truncated?): {error}") from error
     matches = [name for name in names if preferred and name.rsplit("/", 1)[-1] == preferred]
     if len(matches) == 1:
         return matches[0]
@@ -104,12 +104,16 @@ def _open_source(path: Path, cache_dir: str | os.PathLike | None, zip_member: st
     member = _zip_member(path, zip_member) if path.suffix == ".zip" else None
 
     def write(out: BinaryIO) -> None:
-        if member is None:
-            with gzip.open(path, "rb") as source:
-                shutil.copyfileobj(source, out, 1 << 20)
-        else:
-            with zipfile.ZipFile(path) as archive, archive.open(member) as source:
-                shutil.copyfileobj(source, out, 1 << 20)
+        try:
+            if member is None:
+                with gzip.open(path, "rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 20)
+            else:
+                with zipfile.ZipFile(path) as archive, archive.open(member) as source:
+                    shutil.copyfileobj(source, out, 1 << 20)
+        except _ARCHIVE_ERRORS as error:
+            raise ValueError(f"{path} is not a readable {path.suffix[1:]} file (corrupt or truncated?): "
+                             f"{type(error).__name__}: {error}") from error
 
     name = f"{path.name}-{_fingerprint('decompressed', [path], member or '')}.bin"
     return _cached(cache_dir, name, write)
@@ -123,7 +127,9 @@ def _concatenated(tag: str, split: str, files: Sequence[Path], cache_dir: str | 
             with open(file, "rb") as source:
                 shutil.copyfileobj(source, out, 1 << 20)
         if out.tell() != expected:
-            raise RuntimeError(f"{tag} corpus files changed while being cached ({out.tell()} bytes, expected {expected})")
+            raise RuntimeError(
+                f"{tag} corpus files changed while being cached ({out.tell()} bytes, expected {expected})"
+            )
 
     return _cached(cache_dir, f"{tag}-{split}-{_fingerprint(tag, files, split)}.bin", write)
 
@@ -132,16 +138,14 @@ def _concatenated(tag: str, split: str, files: Sequence[Path], cache_dir: str | 
 # Corpora.
 
 
-def _existing(path: str | os.PathLike) -> Path:
+def _existing(path: str | os.PathLike, spec: str | None = None) -> Path:
+    if not os.fspath(path).strip():  # Path("") is the current directory
+        given = f"the data spec {spec!r} names no path" if spec is not None else "the corpus path is empty"
+        raise ValueError(f"{given}; give a file or folder (or no data spec for the default corpus)")
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"corpus path {str(path)!r} does not exist")
     return path
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _walk(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str], bool]) -> list[Path]:
@@ -153,12 +157,13 @@ def _walk(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str]
 
 
 def _files_corpus(
-    tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int, max_bytes: int | None
+    tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int,
+    max_bytes: int | None,
 ) -> Splits:
     """Split sorted files into train / validation (file i goes to validation iff i % k == k - 1)."""
-    _check_int("validation_every", validation_every, 2)
+    check_int("validation_every", validation_every, 2)
     if max_bytes is not None:
-        _check_int("max_bytes", max_bytes, 1)
+        check_int("max_bytes", max_bytes, 1)
         # Whole files only, in sorted order, skipping any that would overflow the budget
         # (a prefix would stop at the first large file, e.g. _pydecimal.py).
         kept, total = [], 0
@@ -175,15 +180,23 @@ def _files_corpus(
             f"{validation_every} files"
         )
     train = [file for i, file in enumerate(files) if i % validation_every != validation_every - 1]
-    return {"train": _concatenated(tag, "train", train, cache_dir), "validation": _concatenated(tag, "validation", validation, cache_dir)}
+    return {"train": _concatenated(tag, "train", train, cache_dir),
+            "validation": _concatenated(tag, "validation", validation, cache_dir)}
 
 
-def load_enwik8(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, split_offsets: tuple[int, int, int] | None = None) -> Splits:
+def load_enwik8(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
+    split_offsets: tuple[int, int, int] | None = None,
+) -> Splits:
     """enwik8 (raw, .gz, or .zip holding `enwik8`) with the standard 90M / 5M / 5M train / validation / test split."""
     path = _existing(path)
+    if path.is_dir():
+        raise ValueError(f"enwik8 path {str(path)!r} is a folder; expected the enwik8 file (raw, .gz or .zip)")
     train_end, validation_end, test_end = ENWIK8_SPLIT_OFFSETS if split_offsets is None else split_offsets
     if not 0 < train_end < validation_end < test_end:
-        raise ValueError(f"split_offsets must be increasing positive byte offsets, got {(train_end, validation_end, test_end)}")
+        raise ValueError(
+            f"split_offsets must be increasing positive byte offsets, got {(train_end, validation_end, test_end)}"
+        )
     data = _open_source(path, cache_dir, zip_member="enwik8")
     if len(data) < test_end:
         raise ValueError(
@@ -191,11 +204,13 @@ def load_enwik8(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
             f"(train {train_end}, validation {validation_end - train_end}, test {test_end - validation_end}). "
             f"For a truncated or other file use the generic loader: load_corpus('text:{path}')"
         )
-    return {"train": data[:train_end], "validation": data[train_end:validation_end], "test": data[validation_end:test_end]}
+    return {"train": data[:train_end], "validation": data[train_end:validation_end],
+            "test": data[validation_end:test_end]}
 
 
 def load_text_file(
-    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_fraction: float = 0.05, max_bytes: int | None = None
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_fraction: float = 0.05,
+    max_bytes: int | None = None,
 ) -> Splits:
     """One file (raw, .gz or single-member .zip), optionally its first max_bytes; the tail fraction is validation."""
     path = _existing(path)
@@ -203,7 +218,7 @@ def load_text_file(
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
     data = _open_source(path, cache_dir)
     if max_bytes is not None:
-        _check_int("max_bytes", max_bytes, 1)
+        check_int("max_bytes", max_bytes, 1)
         data = data[:max_bytes]
     if len(data) == 0:
         raise ValueError(f"text corpus {path} is empty")
@@ -212,7 +227,8 @@ def load_text_file(
 
 
 def load_folder(
-    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_every: int = 10, max_bytes: int | None = None
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_every: int = 10,
+    max_bytes: int | None = None,
 ) -> Splits:
     """Every file under a folder (recursive, sorted by relative path, hidden names skipped), concatenated per split."""
     root = _existing(path)
@@ -242,8 +258,23 @@ def check_window(splits: Splits, window: int) -> None:
         _require_window(data, window, name)
 
 
+def fingerprint(splits: Splits, samples: int = 64, chunk: int = 4096) -> str:
+    """A cheap identity of the data: each split's name, length and `samples` spread chunks, hashed.
+
+    Recorded in checkpoints, so a resume on other data is noticed without reading a corpus whole.
+    """
+    digest = hashlib.sha256(_CACHE_FORMAT.encode())
+    for name in sorted(splits):
+        split = splits[name]
+        digest.update(f"|{name}|{len(split)}|".encode())
+        starts = np.unique(np.linspace(0, max(len(split) - chunk, 0), samples).astype(np.int64))
+        for start in starts:
+            digest.update(np.asarray(split[start : start + chunk], np.uint8).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _require_window(data: np.ndarray, window: int, name: str) -> None:
-    _check_int("window", window, 2)
+    check_int("window", window, 2)
     if np.ndim(data) != 1:
         raise ValueError(f"split {name!r} must be a 1-D byte array, got shape {np.shape(data)}")
     if len(data) < window:
@@ -253,25 +284,38 @@ def _require_window(data: np.ndarray, window: int, name: str) -> None:
         )
 
 
+def _parse_spec(spec: str | os.PathLike) -> tuple[str, Path]:
+    """("enwik8" | "text", existing path) of a data spec; ValueError / FileNotFoundError otherwise."""
+    spec = os.fspath(spec)
+    if spec.startswith("enwik8:"):
+        return "enwik8", _existing(spec.removeprefix("enwik8:"), spec)
+    if spec.startswith("text:"):
+        return "text", _existing(spec.removeprefix("text:"), spec)
+    path = _existing(spec, spec)
+    return ("enwik8" if _ENWIK8_NAME.fullmatch(path.name) else "text"), path
+
+
+def check_spec(spec: str | os.PathLike | None) -> None:
+    """Raises as `load_corpus` would for an empty spec or a missing path, without reading any data."""
+    if spec is not None:
+        _parse_spec(spec)
+
+
 def load_corpus(
-    spec: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *, window: int | None = None, max_bytes: int | None = None
+    spec: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *, window: int | None = None,
+    max_bytes: int | None = None,
 ) -> Splits:
     """Load splits by spec: None = stdlib sources; 'enwik8:PATH' or a file named enwik8[.gz|.zip] = enwik8;
     'text:PATH' or any other path = a text file or folder. With `window`, every split must hold one window."""
     if spec is None:
         splits = load_stdlib_corpus(cache_dir, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     else:
-        spec = os.fspath(spec)
-        if spec.startswith("enwik8:"):
-            kind, path = "enwik8", _existing(spec.removeprefix("enwik8:"))
-        elif spec.startswith("text:"):
-            kind, path = "text", _existing(spec.removeprefix("text:"))
-        else:
-            path = _existing(spec)
-            kind = "enwik8" if _ENWIK8_NAME.fullmatch(path.name) else "text"
+        kind, path = _parse_spec(spec)
         if kind == "enwik8":
             if max_bytes is not None:
-                raise ValueError(f"max_bytes={max_bytes} does not apply to enwik8's fixed splits; use 'text:{path}' for a prefix")
+                raise ValueError(
+                    f"max_bytes={max_bytes} does not apply to enwik8's fixed splits; use 'text:{path}' for a prefix"
+                )
             splits = load_enwik8(path, cache_dir)
         elif path.is_dir():
             splits = load_folder(path, cache_dir, max_bytes=max_bytes)
@@ -300,14 +344,14 @@ class WindowSampler:
     """
 
     def __init__(
-        self, data: np.ndarray, window: int, batch_size: int, seed: int, *, process_index: int = 0, process_count: int = 1, name: str = "train"
+        self, data: np.ndarray, window: int, batch_size: int, seed: int, *, process_index: int = 0,
+        process_count: int = 1, name: str = "train",
     ):
         _require_window(data, window, name)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("process_count", process_count, 1)
-        if isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index must be an integer in [0, {process_count}), got {process_index!r}")
+        check_int("batch_size", batch_size, 1)
+        check_int("seed", seed, 0)
+        check_int("process_count", process_count, 1)
+        check_int("process_index", process_index, 0, below=process_count)
         if batch_size % process_count:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count ({process_count})")
         self.data, self.window, self.batch_size = data, window, batch_size
@@ -338,13 +382,14 @@ class WindowSampler:
         if set(state) != {"seed", "step"}:
             raise ValueError(f"state must have keys {{'seed', 'step'}}, got {sorted(state)}")
         seed, step = int(state["seed"]), int(state["step"])
-        _check_int("state['seed']", seed, 0)
-        _check_int("state['step']", step, 0)
+        check_int("state['seed']", seed, 0)
+        check_int("state['step']", step, 0)
         self.seed, self.step = seed, step
 
 
 def eval_batches(
-    data: np.ndarray, window: int, batch_size: int, max_batches: int | None = None, *, drop_remainder: bool = False, name: str = "validation"
+    data: np.ndarray, window: int, batch_size: int, max_batches: int | None = None, *, drop_remainder: bool = False,
+    name: str = "validation",
 ) -> Iterator[np.ndarray]:
     """Deterministic sequential int32 (batch_size, window) batches for evaluation.
 
@@ -352,9 +397,9 @@ def eval_batches(
     after the first is a target exactly once. The last batch may be short unless drop_remainder.
     """
     _require_window(data, window, name)
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     if max_batches is not None:
-        _check_int("max_batches", max_batches, 1)
+        check_int("max_batches", max_batches, 1)
     starts = np.arange((len(data) - 1) // (window - 1)) * (window - 1)
     batch_firsts = range(0, len(starts), batch_size)[:max_batches]
 

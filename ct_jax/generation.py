@@ -34,18 +34,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, no_type_check
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from einops import rearrange
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ct_jax.attention import SelfAttention, masked_softmax, position_window, relative_shift
+from ct_jax.attention import SelfAttention
 from ct_jax.layers import wide
-from ct_jax.memory import Memory, valid_slots
+from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 from ct_jax.sampling import FILTERS, FilterFn, draw, top_k, top_p  # noqa: F401  (top_k, top_p: public here too)
 
@@ -53,9 +52,9 @@ from ct_jax.sampling import FILTERS, FilterFn, draw, top_k, top_p  # noqa: F401 
 class Decoded(NamedTuple):
     """What `decode` returns. Rows are padded with `eos_token` after their first eos."""
 
-    tokens: Int[Array, "b n"]  # n = the requested length
-    lengths: Int[Array, " b"]  # tokens up to and including each row's first eos (else n)
-    logits: Float[Array, "b n v"] | None  # the logits each token was drawn from, if asked
+    tokens: Int[Array, "*b n"]  # n = the requested length (no b for a 1-D prime)
+    lengths: Int[Array, "*b"]  # tokens up to and including each row's first eos (else n)
+    logits: Float[Array, "*b n v"] | None  # the logits each token was drawn from, if asked
 
 
 class _State(NamedTuple):
@@ -82,8 +81,9 @@ def _rolled(memory: Memory, shift) -> Memory:
     """The memory as the reference passes it after `shift` rolls by -1 over the layer axis."""
     layers = memory.mem.shape[0]
     order = (jnp.arange(layers) + shift) % layers
+    usage = None if memory.mem_usage is None else jnp.take(memory.mem_usage, order, axis=0)
     return memory._replace(mem=jnp.take(memory.mem, order, axis=0),
-                           compressed_mem=jnp.take(memory.compressed_mem, order, axis=0))
+                           compressed_mem=jnp.take(memory.compressed_mem, order, axis=0), mem_usage=usage)
 
 
 def _memory_kv(net: CompressiveTransformer, memory: Memory) -> tuple[tuple[jax.Array, jax.Array], ...]:
@@ -92,91 +92,47 @@ def _memory_kv(net: CompressiveTransformer, memory: Memory) -> tuple[tuple[jax.A
     layers, n_variants = len(config.memory_layers), _n_variants(config)
     out = []
     for slot, layer in enumerate(config.memory_layers):
-        fn = net.attn_layers[layer - 1].fn
         sources = [(slot + v) % layers for v in range(n_variants)]  # variant-major on the batch axis
         mem = jnp.concatenate([memory.mem[source] for source in sources])
         cmem = jnp.concatenate([memory.compressed_mem[source] for source in sources])
-        kv_input = jnp.concatenate([cmem, mem], axis=1).astype(fn.dtype)
-        k, v = jnp.split(fn.to_kv(kv_input), 2, axis=-1)
-        out.append((fn._heads(k), fn._heads(v)))
+        out.append(net.attn_layers[layer - 1].fn.keys_values(jnp.concatenate([cmem, mem], axis=1)))
     return tuple(out)
-
-
-def _scores(q: Float[Array, "B h n d"], k: Float[Array, "B|1 h j d"]) -> Float[Array, "B h n j"]:
-    """q . k over d (`k` may be shared over the batch). One query row (the per-token case) as
-    a multiply-reduce: it reads each cached key once, where a matmul would first copy the
-    cache into its preferred layout."""
-    if q.shape[2] == 1:
-        return jnp.sum(q * k, axis=-1)[:, :, None, :]
-    if k.shape[0] == 1:
-        return jnp.einsum("bhid,hjd->bhij", q, k[0])
-    return jnp.einsum("bhid,bhjd->bhij", q, k)
-
-
-def _weighted(attn: Float[Array, "B h n j"], v: Float[Array, "B h j d"]) -> Float[Array, "B h n d"]:
-    """Attention-weighted sum of values; one query row as a multiply-reduce (see `_scores`)."""
-    if attn.shape[2] == 1:
-        return jnp.sum(attn[:, :, 0, :, None] * v, axis=2)[:, :, None, :]
-    return jnp.einsum("bhij,bhjd->bhid", attn, v)
 
 
 def _attend_cached(
     fn: SelfAttention,
-    x: Float[Array, "B n d"],
-    pos_emb: jax.Array,
+    x: Float[Array, "b n d"],
+    *,
+    pos_emb: Float[Array, "h r dh"] | None,
     total_valid: Int[Array, ""],
-    start,
-    end,
-    mask: Bool[Array, "B s"],
-    memory_kv: tuple[jax.Array, jax.Array] | None,
-    memory_valid: Bool[Array, " k"],
-    cache: tuple[jax.Array, jax.Array],
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    start: Int[Array, ""] | int,
+    end: Int[Array, ""],
+    mask: Bool[Array, "b s"],
+    memory_kv: tuple[Float[Array, "b h k dh"], Float[Array, "b h k dh"]] | None,
+    buffer_valid: Bool[Array, " k"],
+    cache: tuple[Float[Array, "b h s dh"], Float[Array, "b h s dh"]],
+) -> tuple[Float[Array, "b n d"], tuple[Float[Array, "b h s dh"], Float[Array, "b h s dh"]]]:
     """`SelfAttention.__call__`'s values for window positions [start, start + n), from the cache.
 
     `x` is the layer-normed input of those positions; their K/V are written into the
-    cache. The window holds `end` tokens: later slots get zero weight.
+    cache. The window holds `end` tokens: later slots get zero weight. Memory and window
+    keys stay apart (no per-token concatenation of the caches).
     """
-    config = fn.config
-    n, seq_len = x.shape[1], config.seq_len
-    scale = config.dim_head**-0.5
-    x = x.astype(fn.dtype)
-    q = fn._heads(fn.to_q(x))
-    k_new, v_new = map(fn._heads, jnp.split(fn.to_kv(x), 2, axis=-1))
+    q = fn.queries(x)
+    k_new, v_new = fn.keys_values(x)
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k_new.astype(cache[0].dtype), start, axis=2)
     v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v_new.astype(cache[1].dtype), start, axis=2)
-    # Memory and window keys stay apart (no per-token concatenation of the caches).
-    if memory_kv is None:
-        parts, n_buffer = [(k_cache, v_cache)], 0
-        memory_valid = jnp.zeros((0,), bool)
-    else:
-        parts, n_buffer = [memory_kv, (k_cache, v_cache)], memory_kv[0].shape[2]
-    keys = n_buffer + seq_len
-    dots = jnp.concatenate([_scores(q, k) for k, _ in parts], axis=-1) * scale
-
-    # Query start + a and key p are n_buffer + start + a - p apart; rows as in SelfAttention.
-    first_row = total_valid + seq_len - 1 - n_buffer - start - (n - 1)
-    window = position_window(pos_emb.astype(q.dtype), first_row, keys + n - 1)
-    pos_dots = _scores(q, window[None]) * scale
-    dots = (dots + relative_shift(pos_dots, keys)).astype(wide(fn.dtype))
-
-    query_pos = n_buffer + start + jnp.arange(n)[:, None]
-    visible = (jnp.arange(keys)[None, :] <= query_pos)[None, None]
-    query_mask = jax.lax.dynamic_slice_in_dim(mask, start, n, axis=1)
-    pair_mask = query_mask[:, None, :, None] & mask[:, None, None, :]
-    memory_columns = jnp.ones((mask.shape[0], 1, n, n_buffer), bool)
-    visible = visible & jnp.concatenate([memory_columns, pair_mask], axis=-1)
-    dots = jnp.where(visible, dots, -jnp.finfo(dots.dtype).max)
-    slot_valid = jnp.concatenate([memory_valid, jnp.arange(seq_len) < end])
-    attn = masked_softmax(dots, slot_valid[None, None, None, :]).astype(v_cache.dtype)
-    offsets = np.cumsum([0] + [k.shape[2] for k, _ in parts])
-    out = sum(_weighted(attn[..., lo:hi], v) for (_, v), lo, hi in zip(parts, offsets[:-1], offsets[1:]))
-    out = rearrange(out, "b h t d -> b t (h d)")
-    return fn.to_out(out), (k_cache, v_cache)
+    blocks = [(k_cache, v_cache)] if memory_kv is None else [memory_kv, (k_cache, v_cache)]
+    out = fn.attend(
+        q, [k for k, _ in blocks], [v for _, v in blocks], pos_emb=pos_emb, total_mem_valid=total_valid,
+        buffer_valid=buffer_valid if memory_kv is not None else jnp.zeros((0,), bool), first_query=start,
+        window_valid=jnp.arange(fn.config.seq_len) < end, mask=mask,
+    )
+    return out, (k_cache, v_cache)
 
 
-def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_mask, memory: Memory,
-                memory_kv, cache_kv, start, end):
+def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_mask: Bool[Array, "b s"],
+                memory: Memory, memory_kv, cache_kv, start: Int[Array, ""] | int, end: Int[Array, ""]):
     """Runs `tokens`, window positions [start, start + n), through every layer for every variant,
     in a window of `end` tokens.
 
@@ -184,13 +140,10 @@ def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_m
     """
     config = net.config
     n_variants = _n_variants(config)
-    x = net.token_emb(tokens)
-    if net.to_model_dim is not None:
-        x = net.to_model_dim(x)
+    x = net.embed(tokens)
     mask = window_mask
-    memory_valid = jnp.concatenate([valid_slots(config.cmem_len, memory.compressed_mem_valid),
-                                    valid_slots(config.mem_len, memory.mem_valid)])
-    pos_emb = net.pos_emb[...]
+    buffer_valid = memory.slot_valid()
+    pos_emb = net.pos_emb[...] if net.pos_emb is not None else None
     caches = []
     for index, (attn, ff) in enumerate(zip(net.attn_layers, net.ff_layers)):
         layer = index + 1
@@ -198,19 +151,14 @@ def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_m
             x = jnp.concatenate([x] * n_variants)  # (V*b, n, d), variant-major
             mask = jnp.concatenate([window_mask] * n_variants)
         layer_kv = memory_kv[config.memory_layers.index(layer)] if layer in config.memory_layers else None
-        y, cache = _attend_cached(attn.fn, attn.normed(x), pos_emb, memory.total_valid, start, end, mask,
-                                  layer_kv, memory_valid, cache_kv[index])
+        y, cache = _attend_cached(attn.fn, attn.normed(x), pos_emb=pos_emb, total_valid=memory.total_valid,
+                                  start=start, end=end, mask=mask, memory_kv=layer_kv, buffer_valid=buffer_valid,
+                                  cache=cache_kv[index])
         caches.append(cache)
         x = attn.join(y, x)
         x = ff.join(ff.fn(ff.normed(x)), x)
     last = jax.lax.dynamic_index_in_dim(x, end - 1 - start, axis=1, keepdims=False)
     return last.reshape(n_variants, -1, x.shape[-1]), tuple(caches)
-
-
-def _to_logits(net: CompressiveTransformer, x: jax.Array) -> jax.Array:
-    if net.to_emb_dim is not None:
-        x = net.to_emb_dim(x)
-    return net.to_logits(x).astype(wide(net.dtype))
 
 
 def _decode(graphdef, state, prime, prime_len, mask, rng, temperature, eos_token, *, length: int,
@@ -267,7 +215,7 @@ def _decode(graphdef, state, prime, prime_len, mask, rng, temperature, eos_token
 
         def cached(tokens, start):
             last, cache_kv = _run_cached(net, tokens, window_mask, s.memory, s.memory_kv, s.cache_kv, start, filled)
-            return s.memory, s.memory_kv, cache_kv, _to_logits(net, last[s.call % n_variants])
+            return s.memory, s.memory_kv, cache_kv, net.logits(last[s.call % n_variants])
 
         def first(s: _State):
             # All of the first call's window at once: a padded prime token attends to the
@@ -339,16 +287,17 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+@no_type_check  # checks its own arguments, with errors that name them
 def decode(
     model: CompressiveTransformer,
-    prime: Int[Array, "b p"] | Int[Array, " p"],
+    prime: Int[ArrayLike, "*b p"],
     length: int,
     rng: jax.Array,
     temperature: float | jax.Array = 1.0,
     filter_logits_fn: str | FilterFn | None = "top_k",
     filter_thres: float = 0.9,
     eos_token: int | None = None,
-    mask: Bool[Array, "b p"] | Bool[Array, " p"] | None = None,
+    mask: Bool[ArrayLike, "*b p"] | None = None,
     *,
     return_logits: bool = False,
     on_token: Callable[[np.ndarray, np.ndarray], Any] | None = None,
@@ -367,7 +316,9 @@ def decode(
     if prime.shape[1] < 1:
         raise ValueError(f"prime must hold at least one token, got shape {prime.shape}")
     if _is_concrete(prime) and prime.size and not (0 <= int(prime.min()) and int(prime.max()) < config.num_tokens):
-        raise ValueError(f"prime token ids must be in [0, {config.num_tokens}), got [{int(prime.min())}, {int(prime.max())}]")
+        raise ValueError(
+            f"prime token ids must be in [0, {config.num_tokens}), got [{int(prime.min())}, {int(prime.max())}]"
+        )
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
         raise ValueError(f"length (tokens to generate) must be an int >= 0, got {length!r}")
     if _is_concrete(temperature) and float(temperature) < 0:
@@ -410,17 +361,18 @@ def decode(
     return out
 
 
+@no_type_check  # checks its own arguments, with errors that name them
 def generate(
     model: CompressiveTransformer,
-    prime: Int[Array, "b p"] | Int[Array, " p"],
+    prime: Int[ArrayLike, "*b p"],
     length: int,
     rng: jax.Array,
     temperature: float | jax.Array = 1.0,
     filter_logits_fn: str | FilterFn | None = "top_k",
     filter_thres: float = 0.9,
     eos_token: int | None = None,
-    mask: Bool[Array, "b p"] | Bool[Array, " p"] | None = None,
-) -> Int[Array, "b n"] | tuple[Int[Array, "b n"], Int[Array, " b"]]:
+    mask: Bool[ArrayLike, "*b p"] | None = None,
+) -> Int[Array, "*b n"] | tuple[Int[Array, "*b n"], Int[Array, "*b"]]:
     """Samples `length` tokens after `prime` in one compiled call; same windows and memory as
     `ct_torch_ref`'s generate.
 

@@ -31,7 +31,8 @@ def wide(dtype) -> jnp.dtype:
 
 def layer_norm(dim: int, *, rngs: nnx.Rngs, dtype, param_dtype) -> nnx.LayerNorm:
     """LayerNorm with torch's eps (1e-5, not Flax's 1e-6), computed in at least float32."""
-    return nnx.LayerNorm(dim, epsilon=1e-5, use_fast_variance=False, dtype=wide(dtype), param_dtype=param_dtype, rngs=rngs)
+    return nnx.LayerNorm(dim, epsilon=1e-5, use_fast_variance=False, dtype=wide(dtype), param_dtype=param_dtype,
+                         rngs=rngs)
 
 
 class FeedForward(nnx.Module):
@@ -119,4 +120,5 @@ class ConvCompress(nnx.Module):
 
     def __call__(self, windows: Float[Array, "b n r d"]) -> Float[Array, "b n d"]:
         kernel = self.kernel[...].astype(self.dtype)
-        return jnp.einsum("bnri,rio->bno", windows.astype(self.dtype), kernel) + self.bias[...].astype(self.dtype)
+        out = jnp.einsum("bnri,rio->bno", windows.astype(self.dtype), kernel)  # [b, n, d]
+        return out + self.bias[...].astype(self.dtype)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from ct_jax.config import ModelConfig
 
@@ -50,12 +50,17 @@ class Memory(NamedTuple):
 
     @property
     def total_valid(self) -> Int[Array, ""]:
+        """Valid slots of one memory layer's `cmem|mem`: the count that sets the position rows."""
         return self.mem_valid + self.compressed_mem_valid
 
     def layer(self, slot: int) -> LayerMemory:
         """The buffers and counts of memory layer `slot` (its index among the memory layers)."""
         usage = None if self.mem_usage is None else self.mem_usage[slot]
         return LayerMemory(self.mem[slot], self.compressed_mem[slot], self.mem_valid, self.compressed_mem_valid, usage)
+
+    def slot_valid(self) -> Bool[Array, " k"]:
+        """Which slots of a memory layer's `cmem|mem` hold entries (k = cmem_len + mem_len)."""
+        return buffer_valid(self.compressed_mem.shape[2], self.compressed_mem_valid, self.mem.shape[2], self.mem_valid)
 
 
 class LayerMemory(NamedTuple):
@@ -65,12 +70,22 @@ class LayerMemory(NamedTuple):
     compressed_mem: Float[Array, "b c d"]
     mem_valid: Int[Array, ""]
     compressed_mem_valid: Int[Array, ""]
-    mem_usage: Float[Array, "b m"] | None = None
+    mem_usage: Float[Array, "b m"] | None = None  # compression="most_used" only (see Memory)
+
+    def slot_valid(self) -> Bool[Array, " k"]:
+        """Which slots of `cmem|mem` hold entries (k = c + m)."""
+        return buffer_valid(self.compressed_mem.shape[1], self.compressed_mem_valid, self.mem.shape[1], self.mem_valid)
 
 
-def valid_slots(length: int, valid: Int[Array, ""]) -> jax.Array:
+def valid_slots(length: int, valid: Int[Array, ""]) -> Bool[Array, " n"]:
     """Boolean (length,) mask of the right-aligned valid slots of a buffer."""
     return jnp.arange(length) >= length - valid
+
+
+def buffer_valid(n_cmem: int, cmem_valid: Int[Array, ""], n_mem: int, mem_valid: Int[Array, ""]) -> Bool[Array, " k"]:
+    """The valid slots of `cmem|mem` (k = n_cmem + n_mem): the one mask of memory keys that
+    attention, the segment forward's and the cached decoder's, applies."""
+    return jnp.concatenate([valid_slots(n_cmem, cmem_valid), valid_slots(n_mem, mem_valid)])
 
 
 def right_aligned_concat(
@@ -123,7 +138,9 @@ def evicted_windows(
     span = n_out * ratio
     padded = jnp.pad(evicted, ((0, 0), (span, 0), (0, 0)))
     used_end = t - padded_len % ratio  # windows end where the dropped tail begins
-    window = jax.lax.dynamic_slice_in_dim(padded, used_end, span, axis=1)  # = padded[end-span+span...]
+    # padded[i] = evicted[i - span], so this is evicted[used_end - span : used_end]: the
+    # n_out windows ending where the dropped tail begins, zeros left of the evicted region.
+    window = jax.lax.dynamic_slice_in_dim(padded, used_end, span, axis=1)
     windows = window.reshape(window.shape[0], n_out, ratio, window.shape[-1])
     windows = jnp.where(valid_slots(n_out, n_windows)[None, :, None, None], windows, 0)
     return windows, evicted_count, n_windows

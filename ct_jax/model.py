@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, no_type_check
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ct_jax.attention import SelfAttention
 from ct_jax.config import ModelConfig
@@ -72,11 +72,23 @@ class CompressiveTransformer(nnx.Module):
             for _ in range(depth)
         ])
 
+    def embed(self, tokens: Int[Array, "*lead"]) -> Float[Array, "*lead d"]:
+        """Token ids to the model's stream (embedding, then the projection to `dim` if any)."""
+        x = self.token_emb(tokens)
+        return x if self.to_model_dim is None else self.to_model_dim(x)
+
+    def logits(self, x: Float[Array, "*lead d"]) -> Float[Array, "*lead v"]:
+        """The stream to next-token logits, in (at least) float32."""
+        if self.to_emb_dim is not None:
+            x = self.to_emb_dim(x)
+        return self.to_logits(x).astype(wide(self.dtype))
+
+    @no_type_check  # checks its own inputs (`ct_jax.validation`), with errors that name the argument
     def __call__(
         self,
-        tokens: Int[Array, "b t"],
+        tokens: Int[ArrayLike, "b t"],
         memories: Memory | None = None,
-        mask: Bool[Array, "b t"] | None = None,
+        mask: Bool[ArrayLike, "b t"] | None = None,
         *,
         rngs: nnx.Rngs | None = None,
         memory_gradients: bool = False,
@@ -94,25 +106,22 @@ class CompressiveTransformer(nnx.Module):
         check_memory(memories, config, b)
         if memories is None:
             memories = Memory.empty(self, b, self.dtype)
-        x = self.token_emb(tokens)
-        if self.to_model_dim is not None:
-            x = self.to_model_dim(x)
+        x = self.embed(tokens)
 
         if config.enhanced_recurrence:  # each memory layer reads the memory of the one above it
             memories = memories._replace(**{
                 name: jnp.roll(getattr(memories, name), -1, axis=0)
                 for name in ("mem", "compressed_mem", "mem_usage") if getattr(memories, name) is not None
             })
-        total_valid = memories.mem_valid + memories.compressed_mem_valid
+        total_valid = memories.total_valid
         pos_emb = self.pos_emb[...] if self.pos_emb is not None else None
 
         next_layers = []
         aux_loss = jnp.zeros((), wide(self.dtype))
         for index, (attn, ff) in enumerate(zip(self.attn_layers, self.ff_layers)):
-            layer_memory = None
-            if index + 1 in config.memory_layers:
-                layer_memory = memories.layer(len(next_layers))
-            y, layer_memory, layer_aux = attn.fn(attn.normed(x), pos_emb, total_valid, mask, layer_memory, rngs,
+            layer_memory = memories.layer(len(next_layers)) if index + 1 in config.memory_layers else None
+            y, layer_memory, layer_aux = attn.fn(attn.normed(x), pos_emb=pos_emb, total_mem_valid=total_valid,
+                                                 mask=mask, layer_memory=layer_memory, rngs=rngs,
                                                  memory_gradients=memory_gradients)
             x = attn.join(y, x)
             x = ff.join(ff.fn(ff.normed(x), rngs), x)
@@ -120,9 +129,7 @@ class CompressiveTransformer(nnx.Module):
             if layer_memory is not None:
                 next_layers.append(layer_memory)
 
-        if self.to_emb_dim is not None:
-            x = self.to_emb_dim(x)
-        logits = self.to_logits(x).astype(wide(self.dtype))
+        logits = self.logits(x)
         keep = (lambda x: x) if memory_gradients else jax.lax.stop_gradient  # noqa: E731
         last = next_layers[-1]
         usage = None if last.mem_usage is None else jnp.stack([layer.mem_usage for layer in next_layers])

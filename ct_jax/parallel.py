@@ -60,7 +60,8 @@ def initialize_distributed(
             )
         return False
     resolved = []
-    for name, value, env_names in (("num_processes", num_processes, NUM_PROCESSES_ENV), ("process_id", process_id, PROCESS_ID_ENV)):
+    arguments = (("num_processes", num_processes, NUM_PROCESSES_ENV), ("process_id", process_id, PROCESS_ID_ENV))
+    for name, value, env_names in arguments:
         if value is None:
             text = _env(env_names, environ)
             if text is None:
@@ -163,7 +164,8 @@ class DataParallel:
             return jax.device_put(shards, self.stacked)
         return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
 
-    def compile(self, fn: Callable, *, donate_state: bool = False, compiler_options: dict[str, Any] | None = None) -> Callable:
+    def compile(self, fn: Callable, *, donate_state: bool = False,
+                compiler_options: dict[str, Any] | None = None) -> Callable:
         """`fn(state, batch) -> (state', outputs)` (or `-> outputs`) compiled for this mode.
 
         State is argument 0 and replicated; the batch is split along its first axis;

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from ct_jax._checks import check_float, check_int
 from ct_jax.autoregressive import accumulated_grads, segment_losses
 from ct_jax.config import ModelConfig
 from ct_jax.memory import Memory
@@ -30,8 +31,14 @@ from ct_jax.parallel import DataParallel, Parallel
 LN2 = math.log(2.0)
 # XLA:CPU options that cut compile time 2-3x (no LLVM optimisation, classic fusion
 # emitters) for a step ~3x slower: for tests and smoke runs, where compiling dominates.
+# The one statement of them: `compiler_options` of a jit, or `xla_flags()` for XLA_FLAGS.
 FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def xla_flags(options: dict[str, Any] = FAST_CPU_COMPILE) -> str:
+    """XLA options as XLA_FLAGS text (read when JAX starts its backend, so for every compile)."""
+    return " ".join(f"--{name}={str(value).lower()}" for name, value in options.items())
 
 
 class Schedule(enum.Enum):
@@ -41,14 +48,18 @@ class Schedule(enum.Enum):
     COSINE = "cosine"  # cosine decay to `learning_rate * final_lr_ratio` at `steps`
 
 
-class Optimizer(str, enum.Enum):
+class Optimizer(enum.Enum):
     """The update rule after clipping."""
 
     ADAM = "adam"  # upstream's example
     SGD = "sgd"  # plain gradient descent: the update is linear in the gradient (exact-equivalence tests)
 
 
-class NonFiniteLossError(FloatingPointError):
+class TrainingDivergedError(FloatingPointError):
+    """A loss far above its running level: the run stops without checkpointing the parameters behind it."""
+
+
+class NonFiniteLossError(TrainingDivergedError):
     """A train step produced a NaN/Inf loss or gradient; the run stops without saving it."""
 
 
@@ -61,8 +72,8 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the batch runs in this many chunks
     steps: int = 1000
     learning_rate: float = 1e-4
-    optimizer: Optimizer = Optimizer.ADAM
-    schedule: Schedule = Schedule.CONSTANT
+    optimizer: Optimizer | str = Optimizer.ADAM  # a name is turned into the enum
+    schedule: Schedule | str = Schedule.CONSTANT
     warmup_steps: int = 0
     final_lr_ratio: float = 0.1
     grad_clip_norm: float = 0.5  # 0 disables clipping
@@ -70,25 +81,26 @@ class TrainConfig:
     remat: bool = False  # keep only weight-matmul outputs; recompute scores and elementwise ops in the backward
     memory_gradients: bool = False  # backpropagate through the memory carried between a row's segments (paper's BPTT)
     seed: int = 0  # parameters, dropout and data order
-    parallel: Parallel = Parallel.NONE
+    parallel: Parallel | str = Parallel.NONE
     eval_every: int = 100  # 0: only at the start and the end
     eval_batches: int = 8
     checkpoint_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 3
+    divergence_factor: float = 4.0  # a loss above this multiple of its running median stops the run (0: off)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "n_segments", "micro_batches", "steps", "eval_batches", "keep_checkpoints"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name))
         for name in ("warmup_steps", "seed", "eval_every", "checkpoint_every"):
-            _check_int(name, getattr(self, name), 0)
-        for name in ("learning_rate", "final_lr_ratio", "grad_clip_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_int(name, getattr(self, name), 0)
+        for name in ("learning_rate", "final_lr_ratio", "grad_clip_norm", "divergence_factor"):
+            check_float(name, getattr(self, name), 0.0)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by micro_batches ({self.micro_batches})"
+            )
         object.__setattr__(self, "optimizer", Optimizer(self.optimizer))
         object.__setattr__(self, "schedule", Schedule(self.schedule))
         object.__setattr__(self, "parallel", Parallel(self.parallel))
@@ -100,13 +112,9 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values (enums by value), as stored in checkpoints."""
         out = dataclasses.asdict(self)
-        out["optimizer"], out["schedule"], out["parallel"] = self.optimizer.value, self.schedule.value, self.parallel.value
+        for name in ("optimizer", "schedule", "parallel"):
+            out[name] = getattr(self, name).value
         return out
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 class TrainState(NamedTuple):
@@ -157,6 +165,7 @@ def init_state(model: CompressiveTransformer, optimizer: optax.GradientTransform
 
 def _split(model: CompressiveTransformer, train: bool) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, non-parameter state) of the model in train or eval mode; leaves it in train mode."""
+    model.train()
     if not train:
         model.eval()
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
@@ -190,7 +199,8 @@ def make_train_step(
         if memory_sharding is not None:  # the carry is split along the batch like the tokens
             buffers, counts = memory_sharding
             empty = Memory.empty(net, tokens.shape[0] // config.micro_batches, net.dtype)
-            memories = jax.lax.with_sharding_constraint(empty, Memory(buffers, buffers, counts, counts))
+            usage = None if empty.mem_usage is None else buffers  # (l, b, m): split along b too
+            memories = jax.lax.with_sharding_constraint(empty, Memory(buffers, buffers, counts, counts, usage))
         loss, lm, aux, grads = accumulated_grads(
             net, tokens, rng=key, micro_batches=config.micro_batches, memories=memories, remat=config.remat,
             memory_gradients=config.memory_gradients,
@@ -228,11 +238,23 @@ def make_eval_step(
 
 
 # Fields of TrainConfig that only the host loop reads; they do not change a compiled step.
-_LOOP_ONLY = dict(seed=0, eval_every=0, eval_batches=1, checkpoint_every=0, keep_checkpoints=1)
+_LOOP_ONLY = dict(seed=0, eval_every=0, eval_batches=1, checkpoint_every=0, keep_checkpoints=1, divergence_factor=0.0)
 
 
 _STEP_CACHE: collections.OrderedDict[tuple, tuple[DataParallel, Callable, Callable]] = collections.OrderedDict()
 _STEP_CACHE_SIZE = 8
+
+
+def _structure_key(model: CompressiveTransformer) -> tuple[nnx.GraphDef, tuple]:
+    """The model's graphdef and the values of its non-parameter state, hashable."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    values = []
+    for leaf in jax.tree.leaves(rest):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        array = np.asarray(leaf)
+        values.append((array.dtype.str, array.shape, array.tobytes()))
+    return graphdef, tuple(values)
 
 
 def _compiled_steps(model: CompressiveTransformer, config: TrainConfig, compiler_options: dict[str, Any] | None,
@@ -241,13 +263,15 @@ def _compiled_steps(model: CompressiveTransformer, config: TrainConfig, compiler
 
     Repeated `Trainer`s / `fit` calls in one process (notebooks, tests) reuse the compiled
     executables instead of tracing fresh closures. The key holds everything a step depends
-    on: the model's config and dtype, the step's settings and the devices.
+    on: the model's config and dtype, its structure (graphdef) and non-parameter state (the
+    steps hold these as constants: dropout RNG streams, anything a subclass adds), the
+    step's settings and the devices. Parameters are the steps' arguments, not in the key.
     """
     step_config = dataclasses.replace(config, **_LOOP_ONLY)
     if config.schedule is Schedule.CONSTANT:  # only the cosine schedule reads `steps`
         step_config = dataclasses.replace(step_config, steps=1)
-    key = (model.config, jnp.dtype(model.dtype).name, step_config, tuple(sorted((compiler_options or {}).items())),
-           tuple(device.id for device in devices or jax.devices()))
+    key = (model.config, jnp.dtype(model.dtype).name, *_structure_key(model), step_config,
+           tuple(sorted((compiler_options or {}).items())), tuple(device.id for device in devices or jax.devices()))
     if key not in _STEP_CACHE:
         parallel = DataParallel(config.parallel, devices)
         train_step = make_train_step(model, make_optimizer(config), config, parallel)

@@ -83,3 +83,25 @@ def check_memory(memories, config: ModelConfig, batch: int) -> None:
         raise ValueError(
             f"memories.mem_usage has shape {jnp.shape(memories.mem_usage)}, expected {(layers, batch, config.mem_len)}"
         )
+    check_valid_counts(memories, config)
+
+
+def check_valid_counts(memories: Memory, config: ModelConfig) -> None:
+    """Where the counts are concrete (an eager call): 0 <= mem_valid <= mem_len, 0 <= compressed_mem_valid
+    <= cmem_len, and compressed slots only once the memory is full. Counts may be scalars or per row."""
+    counts = (memories.mem_valid, memories.compressed_mem_valid)
+    if any(isinstance(count, jax.core.Tracer) for count in counts):
+        return  # traced (under jit): no host check on the hot path
+    mem_valid, cmem_valid = (np.asarray(count) for count in counts)
+    for name, values, capacity in (("mem_valid", mem_valid, config.mem_len),
+                                   ("compressed_mem_valid", cmem_valid, config.cmem_len)):
+        if not np.issubdtype(values.dtype, np.integer):
+            raise TypeError(f"memories.{name} must hold integer counts, got dtype {values.dtype}")
+        if values.size and (values.min() < 0 or values.max() > capacity):
+            raise ValueError(f"memories.{name} must lie in [0, {capacity}] (its buffer's slots), got "
+                             f"{values.tolist()}")
+    if np.any((cmem_valid > 0) & (mem_valid < config.mem_len)):
+        raise ValueError(
+            f"memories.compressed_mem_valid is non-zero ({cmem_valid.tolist()}) while the memory is not full "
+            f"(mem_valid {mem_valid.tolist()} of {config.mem_len}); a model never produces that state"
+        )

@@ -4,7 +4,7 @@ the auxiliary loss of upstream 0.4.0, plus the paper-faithful options (docs/pape
 from __future__ import annotations
 
 from collections import namedtuple
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .compression import (
-    ConvDecompress, eviction_padding, make_compressor, reads_per_slot, select_most_used, windows,
+    ConvDecompress,
+    eviction_padding,
+    make_compressor,
+    reads_per_slot,
+    select_most_used,
+    windows,
 )
 from .positions import sinusoid_encoding
 

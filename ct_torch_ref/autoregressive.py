@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 from collections import namedtuple
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -255,8 +256,12 @@ class AutoregressiveWrapper(nn.Module):
         self, inputs: Tensor, targets: Tensor, mask: Tensor | None, max_batch_size: int,
         kwargs: dict[str, Any],
     ) -> Iterator[Return]:
-        split_segments = lambda t: t.split(self.seq_len, dim=1)
-        split_batch = lambda t: t.split(max_batch_size, dim=0)
+        def split_segments(t: Tensor) -> tuple[Tensor, ...]:
+            return t.split(self.seq_len, dim=1)
+
+        def split_batch(t: Tensor) -> tuple[Tensor, ...]:
+            return t.split(max_batch_size, dim=0)
+
         input_segments, target_segments = split_segments(inputs), split_segments(targets)
         n_segments = len(input_segments)
         mask_segments = split_segments(mask) if mask is not None else (None,) * n_segments

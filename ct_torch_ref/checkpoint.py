@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable
 
 import safetensors.torch
 import torch
@@ -21,11 +20,18 @@ CONFIG_NAME = "config.json"
 
 
 def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Runs write(tmp_path) on a temp file beside `path`, then renames it over `path`."""
+    """Runs write(tmp_path) on a temp file beside `path`, flushes it to disk, then renames it
+    over `path`; the file gets the umask's permissions (the reference's own copy of
+    `ct_jax.io.atomic_write`, so that this package needs nothing from ct_jax)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        with open(tmp, "rb") as file:
+            os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -6,9 +6,11 @@ invalid arguments raise ValueError/TypeError instead of asserting.
 
 from __future__ import annotations
 
+import math
 import operator
+from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +28,16 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return value
+
+
 def _probability(name: str, value: Any) -> float:
-    if not 0.0 <= float(value) <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a probability (a float in [0, 1]), got {value!r}")
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
     return float(value)
 
@@ -36,7 +46,10 @@ def _memory_layers(value: Iterable[int] | None, depth: int) -> list[int]:
     if value is None:
         return list(range(1, depth + 1))
     try:
-        layers = [operator.index(layer) for layer in value]
+        items = list(value)
+        if any(isinstance(layer, bool) for layer in items):
+            raise TypeError
+        layers = [operator.index(layer) for layer in items]
     except TypeError:
         raise TypeError(
             f"memory_layers must be an iterable of ints in [1, depth={depth}], got {value!r}"
@@ -96,12 +109,12 @@ def normalize_config(
         raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
     emb_dim = dim if emb_dim is None else _positive_int("emb_dim", emb_dim)
 
-    mem_len = seq_len if mem_len is None else mem_len
-    if isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < seq_len:
+    mem_len = seq_len if mem_len is None else _int("mem_len", mem_len)
+    if mem_len < seq_len:
         raise ValueError(f"mem_len must be an int >= seq_len={seq_len}, got {mem_len!r}")
     min_cmem_len = mem_len // cmem_ratio
-    cmem_len = min_cmem_len if cmem_len is None else cmem_len
-    if isinstance(cmem_len, bool) or not isinstance(cmem_len, int) or cmem_len < min_cmem_len:
+    cmem_len = min_cmem_len if cmem_len is None else _int("cmem_len", cmem_len)
+    if cmem_len < min_cmem_len:
         raise ValueError(
             f"cmem_len must be an int >= mem_len // cmem_ratio = {mem_len} // {cmem_ratio} "
             f"= {min_cmem_len}, got {cmem_len!r}"
@@ -140,9 +153,15 @@ def normalize_config(
         reconstruction_attn_dropout=_probability(
             "reconstruction_attn_dropout", reconstruction_attn_dropout
         ),
-        reconstruction_loss_weight=float(reconstruction_loss_weight),
+        reconstruction_loss_weight=_finite("reconstruction_loss_weight", reconstruction_loss_weight),
         **options,
     )
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 class CompressiveTransformer(nn.Module):
@@ -322,8 +341,8 @@ class CompressiveTransformer(nn.Module):
         """Raises TypeError/ValueError naming the argument when inputs do not fit this model."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
-        if x.dtype == torch.bool or x.dtype.is_floating_point or x.dtype.is_complex:
-            raise TypeError(f"x must have an integer dtype, got {x.dtype}")
+        if x.dtype not in (torch.int32, torch.int64):  # what nn.Embedding takes
+            raise TypeError(f"x must hold token ids as torch.int64 or torch.int32, got {x.dtype}")
         if x.ndim != 2:
             raise ValueError(f"x must have shape (batch, t), got {tuple(x.shape)}")
         b, t = x.shape

@@ -7,7 +7,6 @@ with `factorize_k` the projections are `Q.0.0`, `Q.0.1` (two biased Linears), wi
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 

@@ -19,9 +19,11 @@ DEFAULTS: dict[str, str] = {name: allowed[0] for name, allowed in OPTIONS.items(
 
 
 def check_option(name: str, value: Any) -> str:
-    """Returns value if it is an allowed value of option `name`, else raises ValueError."""
-    allowed = OPTIONS[name]
-    if not isinstance(value, str) or value not in allowed:
-        listed = ", ".join(repr(a) for a in allowed)
+    """Returns value if it is an allowed value of option `name`; else ValueError (TypeError for
+    a non-string), naming the option and listing the allowed values."""
+    listed = ", ".join(repr(a) for a in OPTIONS[name])
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {listed} (a str); got {value!r}")
+    if value not in OPTIONS[name]:
         raise ValueError(f"{name} must be one of {listed}; got {value!r}")
     return value

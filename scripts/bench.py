@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-upstream", action="store_true", help="skip the upstream package even if installed")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.reps < 1 or args.warmup < 0:
         parser.error(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
     try:
@@ -46,11 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ct_jax.bench import harness  # sets nothing up by itself; configure_host runs before JAX starts
+    # The leaf module first: configure_host must run before JAX and torch are imported.
+    from ct_jax.bench import common
 
-    threads = harness.configure_host(args.device, args.threads)
+    threads = common.configure_host(args.device, args.threads)
     specs = args.config or (["L"] if args.device == "gpu" else ["S", "M"])
-    configs = [harness.parse_config(spec) for spec in specs]
+    configs = [common.parse_config(spec) for spec in specs]
+    from ct_jax.bench import harness
     from ct_jax.bench import report as bench_report
 
     start = time.perf_counter()

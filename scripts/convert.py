@@ -12,7 +12,6 @@ mis-shaped keys are errors) and writes atomically. `.pt`/`.bin` files are read w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 
 from ct_jax import convert  # noqa: E402
 from ct_jax.config import ModelConfig  # noqa: E402
+from ct_jax.io import atomic_write  # noqa: E402
 from ct_jax.model import CompressiveTransformer  # noqa: E402
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -37,15 +37,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _bare_config(args: argparse.Namespace) -> ModelConfig:
+    """The model config of a bare state_dict: --config, checked against a config.json beside the file."""
+    beside = args.source.parent / convert.CONFIG_FILE
+    saved = convert.read_config(args.source.parent) if beside.is_file() else None
+    if args.config is None:
+        if saved is None:
+            raise ValueError("--config is required with a bare state_dict (no config.json beside it): the "
+                             "constructor kwargs as JSON")
+        return saved
+    config = convert.config_from_json(args.config)
+    if saved is not None and saved != config:
+        now, before = config.to_kwargs(), saved.to_kwargs()
+        differ = {key: (now[key], before[key]) for key in now if now[key] != before[key]}
+        raise ValueError(f"--config differs from {beside}, which describes these weights (--config, config.json): "
+                         f"{differ}; weights of the same shapes would load into the wrong model")
+    return config
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks the paths before anything is read or written."""
+    if not args.source.exists():
+        raise FileNotFoundError(f"--from {args.source} does not exist")
+    if not args.source.is_dir() and args.source.suffix not in TORCH_SUFFIXES:
+        raise ValueError(f"--from must be a directory or end in {TORCH_SUFFIXES}, got {args.source}")
+    if args.target.suffix in TORCH_SUFFIXES and args.target.is_dir():
+        raise ValueError(f"--to {args.target} is a folder; a {args.target.suffix} target must be a file")
+    if not args.target.suffix and args.target.is_file():
+        raise ValueError(f"--to {args.target} is a file; a checkpoint directory target must be a folder")
+
+
 def _load(args: argparse.Namespace) -> CompressiveTransformer:
     if args.source.is_dir():
         return convert.load_pretrained(args.source)
-    if args.source.suffix not in TORCH_SUFFIXES:
-        raise ValueError(f"--from must be a directory or end in {TORCH_SUFFIXES}, got {args.source}")
-    if args.config is None:
-        raise ValueError("--config is required with a bare state_dict: the constructor kwargs as JSON")
-    text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-    config = ModelConfig.from_kwargs(json.loads(text))
+    config = _bare_config(args)
     model = CompressiveTransformer(**config.to_kwargs(), rngs=nnx.Rngs(0))
     return convert.from_torch(convert.read_state_dict(args.source), model)
 
@@ -55,13 +80,13 @@ def _write(model: CompressiveTransformer, target: Path) -> list[Path]:
         import torch
 
         state = convert.to_torch(model)
-        convert.atomic_write(target, lambda tmp: torch.save(state, tmp))
+        atomic_write(target, lambda tmp: torch.save(state, tmp))
         return [target]
     if target.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
         weights = convert.to_numpy(model)
-        convert.atomic_write(target, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+        atomic_write(target, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
         return [target]
     convert.save_pretrained(model, target)
     return [target / convert.WEIGHTS_FILE, target / convert.CONFIG_FILE]
@@ -70,9 +95,10 @@ def _write(model: CompressiveTransformer, target: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_args(args)
         model = _load(args)
         written = _write(model, args.target)
-    except (ValueError, FileNotFoundError) as error:
+    except (TypeError, ValueError, OSError) as error:  # TypeError: a wrongly typed config.json
         print(f"error: {error}", file=sys.stderr)
         return 2
     n_params = sum(value.size for value in convert.to_numpy(model).values())

@@ -28,12 +28,14 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 
 from ct_jax import convert  # noqa: E402
+from ct_jax._checks import check_float, check_int  # noqa: E402
 from ct_jax.generation import decode  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="directory with model.safetensors + config.json")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="directory with model.safetensors + config.json, or a training --out folder (its model/)")
     prime = parser.add_mutually_exclusive_group(required=True)
     prime.add_argument("--prime", help="prime text (UTF-8)")
     prime.add_argument("--prime-file", type=Path, help="file whose bytes are the prime")
@@ -64,22 +66,35 @@ def token_bytes(token: int) -> bytes:
     return bytes([token]) if token < 256 else f"<{token}>".encode()
 
 
+def check_args(args: argparse.Namespace) -> bytes:
+    """The prime, after checking every argument that needs no model; nothing is loaded yet."""
+    if args.length < 1:
+        raise ValueError(f"--length must be >= 1, got {args.length}")
+    check_float("--temperature", args.temperature, 0.0)
+    check_int("--seed", args.seed, 0)
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.prime_file is not None and not args.prime_file.is_file():
+        raise ValueError(f"--prime-file must be a file, got {str(args.prime_file)!r}"
+                         + (" (a folder)" if args.prime_file.is_dir() else " (not found)"))
+    prime = args.prime.encode("utf-8") if args.prime is not None else args.prime_file.read_bytes()
+    if not prime:
+        raise ValueError("the prime is empty; give at least one byte")
+    return prime
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        prime = check_args(args)
         model = convert.load_pretrained(args.checkpoint)
         vocab = model.config.num_tokens
-        prime = args.prime.encode("utf-8") if args.prime is not None else args.prime_file.read_bytes()
-        if not prime:
-            raise ValueError("the prime is empty; give at least one byte")
         if max(prime) >= vocab:
             raise ValueError(f"the prime holds byte {max(prime)}, outside the model's {vocab} tokens")
-        if args.length < 1:
-            raise ValueError(f"--length must be >= 1, got {args.length}")
-        if args.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
         filter_fn, filter_thres = filter_options(args, vocab)
-    except (ValueError, FileNotFoundError) as error:
+    except (TypeError, ValueError, OSError) as error:  # TypeError: a wrongly typed config.json
         print(f"error: {error}", file=sys.stderr)
         return 2
 

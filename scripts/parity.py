@@ -9,7 +9,6 @@ Exits non-zero if any output misses its tolerance (ct_jax.parity states them).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--segments must be >= 2, got {args.segments}")
     if args.batch < 1:
         parser.error(f"--batch must be >= 1, got {args.batch}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     return args
 
 
@@ -45,10 +46,10 @@ def _torch_model(args: argparse.Namespace):
     import torch
 
     if args.checkpoint is not None:
-        return ct_torch_ref.load_pretrained(args.checkpoint)
-    text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
+        return ct_torch_ref.load_pretrained(convert.model_directory(args.checkpoint))
+    config = convert.config_from_json(args.config)
     torch.manual_seed(args.seed)
-    model = ct_torch_ref.CompressiveTransformer(**json.loads(text))
+    model = ct_torch_ref.CompressiveTransformer(**config.to_kwargs())
     with torch.no_grad():  # pos_emb starts at zero upstream, which would hide positional errors
         model.pos_emb.normal_(0.0, 0.5)
     return model
@@ -56,7 +57,13 @@ def _torch_model(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch_model = _torch_model(args)
+    try:
+        if args.checkpoint is not None:
+            convert.read_config(args.checkpoint)  # a clear error for a folder without a checkpoint
+        torch_model = _torch_model(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     dtype = jnp.float32
     if args.float64:
         jax.config.update("jax_enable_x64", True)

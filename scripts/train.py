@@ -44,12 +44,15 @@ HELP = dict(
     grad_clip_norm="global-norm gradient clipping (0: off)",
     dtype="compute dtype; parameters, optimizer state and losses stay float32",
     memory_gradients="backpropagate through the memory carried between a row's segments (the paper's BPTT; "
-    "memory grows with --n-segments, --remat helps)",
-    remat="keep only weight-matmul outputs, recompute attention scores and elementwise ops in the backward (less memory, more compute)",
+                     "memory grows with --n-segments, --remat helps)",
+    remat="keep only weight-matmul outputs, recompute attention scores and elementwise ops in the backward "
+          "(less memory, more compute)",
     parallel="auto: jit over a device mesh when JAX sees several devices, else none",
     eval_every="validate every N steps (and at the start and end)",
     eval_batches="validation batches per evaluation",
     checkpoint_every="checkpoint every N steps (and at the end)",
+    divergence_factor="stop when a train loss exceeds this multiple of its running median (0: only NaN/Inf stop "
+    "the run); a checkpoint is written once a loss at its parameters passed this check",
 )
 
 
@@ -108,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                      help="continue from the newest checkpoint in --out (default); --no-resume refuses an --out "
                      "that already holds checkpoints")
+    run.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                     help="resume from this checkpoint step instead of the newest (newer ones are moved aside)")
     run.add_argument("--sample-length", type=int, default=300, help="bytes to generate after training (0: none)")
     run.add_argument("--prompt", default=None, help="sample prompt (default: the start of the validation split)")
     run.add_argument("--temperature", type=float, default=0.8)
@@ -121,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="XLA:CPU flags that compile 2-3x faster but step ~3x slower (smoke tests)")
     system.add_argument("--coordinator-address", default=None, help="multi-host: host:port of process 0 "
                         "(or CT_COORDINATOR_ADDRESS / JAX_COORDINATOR_ADDRESS)")
+    system.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     system.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     system.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     return parser.parse_args(argv)
@@ -139,16 +145,49 @@ def sample_text(model, prompt: str, length: int, *, seed: int, temperature: floa
     return data.decode_bytes(tokens)
 
 
+def check_args(args: argparse.Namespace) -> tuple[ModelConfig, dict]:
+    """(model config, TrainConfig kwargs) after checking every argument; nothing is read, written or started."""
+    from ct_jax import data, training
+    from ct_jax._checks import check_float, check_int
+
+    model_config = ModelConfig.from_kwargs({f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)})
+    train_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig)}
+    parallel = train_kwargs["parallel"]
+    training.TrainConfig(**dict(train_kwargs, parallel="none" if parallel == "auto" else parallel))
+    check_float("--temperature", args.temperature, 0.0)
+    check_int("--sample-length", args.sample_length, 0)
+    for name in ("max_bytes", "cpu_devices", "resume_from"):
+        if getattr(args, name) is not None:
+            check_int(_flag(name), getattr(args, name))
+    if args.resume_from is not None and not args.resume:
+        raise ValueError("--resume-from needs --resume (it picks the checkpoint to resume from)")
+    if not args.out.strip() or Path(args.out).is_file():
+        raise ValueError(f"--out must name a folder, got {args.out!r}")
+    data.check_spec(args.data)
+    return model_config, train_kwargs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.fast_compile:  # as XLA_FLAGS, read when JAX starts its backend: every compile of the run gets them
-        from ct_jax.training import FAST_CPU_COMPILE
+    try:
+        return run(args)
+    except (ValueError, TypeError, OSError, RuntimeError, FloatingPointError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, (ValueError, TypeError, FileNotFoundError)) else 1
 
-        flags = [f"--{name}={str(value).lower()}" for name, value in FAST_CPU_COMPILE.items()]
-        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+def run(args: argparse.Namespace) -> int:
+    """The whole run: checks, JAX set-up, data, training, export and the sample."""
+    model_config, train_kwargs = check_args(args)
+    if args.fast_compile:  # as XLA_FLAGS, read when JAX starts its backend: every compile of the run gets them
+        from ct_jax.training import xla_flags
+
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags()]).strip()
     import jax
 
-    if args.cpu_devices:
+    if args.cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
@@ -157,9 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     from ct_jax import data, parallel, train_loop, training
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    model_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)}
-    model_config = ModelConfig.from_kwargs(model_kwargs)
-    train_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig)}
     if train_kwargs["parallel"] == "auto":
         train_kwargs["parallel"] = "jit" if jax.device_count() > 1 else "none"
     config = training.TrainConfig(**train_kwargs)
@@ -169,13 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     window = config.n_segments * model_config.seq_len + 1
     splits = data.load_corpus(args.data, window=window, max_bytes=args.max_bytes)
-    say(f"data: {args.data or 'Python standard library sources'}: "
+    say(f"data: {args.data if args.data is not None else 'Python standard library sources'}: "
         + ", ".join(f"{name} {len(split):,} bytes" for name, split in splits.items()))
     say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
         f"parallel={config.parallel.value}; out: {out}")
     started = time.perf_counter()
-    result = train_loop.fit(model_config, config, splits, out, resume=args.resume, progress=args.progress and lead,
-                          log=say)
+    result = train_loop.fit(model_config, config, splits, out, resume=args.resume, resume_from=args.resume_from,
+                            progress=args.progress and lead, log=say)
     steps, val = result.history.column("val_bpb")
     if val:
         say(f"validation bits/byte: {val[0]:.3f} (step {steps[0]}) -> {val[-1]:.3f} (step {steps[-1]}); "

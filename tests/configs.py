@@ -1,4 +1,4 @@
-"""Tiny named model configurations and input builders shared by every parity test.
+"""Tiny configurations and builders shared by several test modules.
 
 CONFIGS maps a name to upstream constructor kwargs (treat as read-only; copy with
 dict(CONFIGS[name])). Together they cover: heads 1 and > 1; memory_layers a strict subset
@@ -7,14 +7,27 @@ cmem_ratio (so evictions are left-padded); cmem_len above mem_len // cmem_ratio;
 0; GRU gating on and off, with and without the Mogrifier; GLU feed-forward; emb_dim below
 and above dim; enhanced recurrence on and off; reconstruction_loss_weight != 1. Each was
 checked to run on upstream 0.4.0 for 5+ segments (see tests/test_torch_ref.py).
+
+TRAIN_MODEL / TRAIN_CONFIG are the training tests' tiny model and step (test_training,
+test_checkpoint, test_parallel and its workers, test_long_run): one configuration, so the
+compiled steps are cached once per process. Input segments come from `ct_jax.parity.make_inputs`.
+This module imports no torch (the parallel workers import it).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import random
+from typing import TYPE_CHECKING, Any
 
-import torch
+import jax
+import numpy as np
+
+from ct_jax import training
+from ct_jax.options import OPTIONS
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # Upstream defaults: mem_len = seq_len, cmem_len = mem_len // 4, every layer remembers.
@@ -65,57 +78,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
-# None: no mask. "right"/"left": rows padded at the end/start of the whole sequence (so
-# some segments hold fully padded rows). "padded_row": row 1 fully padded everywhere.
 # Weights are WEIGHT_GAIN / sqrt(fan_in) * N(0, 1): gain 1 with five Mogrifier gates (each
 # up to 2x) drives float32 rounding of either framework to ~5e-6 of the float64 result.
 WEIGHT_GAIN = 0.5
-
-MASK_KINDS: tuple[str | None, ...] = (None, "right", "left", "padded_row")
-
-
-def segment_lengths(config: dict[str, Any], n_segments: int) -> list[int]:
-    """n_segments - 1 full segments of seq_len, then a short one (seq_len // 2, >= 1)."""
-    seq_len = config["seq_len"]
-    return [seq_len] * (n_segments - 1) + [max(1, seq_len // 2)]
-
-
-def make_inputs(
-    config: dict[str, Any],
-    batch: int = 3,
-    n_segments: int = 5,
-    seed: int = 0,
-    mask_kind: str | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """Random token segments (int64, (batch, t)) and their masks (bool, True = real token).
-
-    The last segment is short (t < seq_len whenever seq_len > 1). Masks are None for
-    mask_kind None; otherwise one mask per segment, cut from a whole-sequence mask.
-    """
-    if mask_kind not in MASK_KINDS:
-        raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
-    if mask_kind is not None and batch < 2:
-        raise ValueError(f"masks need batch >= 2 (one unpadded row), got batch={batch}")
-    generator = torch.Generator().manual_seed(seed)
-    lengths = segment_lengths(config, n_segments)
-    total = sum(lengths)
-    tokens = torch.randint(0, config["num_tokens"], (batch, total), generator=generator)
-    segments = list(tokens.split(lengths, dim=1))
-    if mask_kind is None:
-        return segments, [None] * n_segments
-
-    positions = torch.arange(total)
-    # Row 0 is never padded; the others keep between one token and all but one.
-    kept = torch.randint(1, total, (batch,), generator=generator)
-    kept[0] = total
-    if mask_kind == "right":
-        mask = positions[None, :] < kept[:, None]
-    elif mask_kind == "left":
-        mask = positions[None, :] >= (total - kept)[:, None]
-    else:  # "padded_row"
-        mask = torch.ones(batch, total, dtype=torch.bool)
-        mask[1] = False
-    return segments, list(mask.split(lengths, dim=1))
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -125,6 +90,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     Draws follow named_parameters() order, so upstream and ct_torch_ref models of one
     config get identical values from one seed.
     """
+    import torch  # here: the parallel workers import this module without torch
+
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -151,8 +118,6 @@ def random_config(seed: int) -> dict[str, Any]:
     Covers what fixed configs might miss: seq_len 1, ratios above seq_len, cmem_len 0,
     mem_len not a multiple of seq_len, arbitrary memory-layer subsets, every flag.
     """
-    import random
-
     rng = random.Random(seed)
     heads = rng.choice([1, 2, 4])
     dim = heads * rng.choice([2, 4, 8])
@@ -170,3 +135,52 @@ def random_config(seed: int) -> dict[str, Any]:
         mogrify_gru=rng.random() < 0.4 and dim >= 4, ff_glu=rng.random() < 0.5,
         reconstruction_loss_weight=rng.choice([1.0, 0.5, 3.0]),
     )
+
+
+# Training: the second of the two segments compresses, so the aux loss is exercised.
+TRAIN_MODEL = dict(num_tokens=256, dim=16, seq_len=4, depth=1, heads=2, mem_len=4, cmem_len=2, cmem_ratio=2)
+TRAIN_CONFIG = training.TrainConfig(batch_size=8, n_segments=2, learning_rate=1e-2, steps=6, eval_every=3,
+                                    eval_batches=2, checkpoint_every=2, keep_checkpoints=2)
+
+
+def make_trainer(config: training.TrainConfig = TRAIN_CONFIG, *, devices: list[jax.Device] | None = None,
+                 compiler_options: dict[str, Any] | None = training.FAST_CPU_COMPILE) -> training.Trainer:
+    """A Trainer of TRAIN_MODEL under `config` (fast CPU compiles unless told otherwise)."""
+    return training.Trainer(training.create_model(TRAIN_MODEL, config), config, compiler_options=compiler_options,
+                            devices=devices)
+
+
+def train_batch(seed: int, config: training.TrainConfig = TRAIN_CONFIG) -> np.ndarray:
+    """A (batch_size, n_segments * seq_len + 1) int32 batch of random TRAIN_MODEL tokens."""
+    window = config.n_segments * TRAIN_MODEL["seq_len"] + 1
+    return np.random.default_rng(seed).integers(0, TRAIN_MODEL["num_tokens"], (config.batch_size, window),
+                                                dtype=np.int32)
+
+
+# Paper options (docs/paper-options.md) are tested on this config: evictions of 2 then 3
+# slots with ratio 4, so "exact" padding (1 zero) and upstream's (3 zeros, dropping two
+# evicted slots) differ; compression from the third segment on.
+OPTIONS_BASE: dict[str, Any] = dict(
+    num_tokens=24, dim=8, seq_len=3, depth=2, heads=2, mem_len=7, cmem_len=3, cmem_ratio=4,
+)
+# Every non-default value of every option, one at a time.
+OPTION_VALUES: list[tuple[str, str]] = [
+    (name, value)
+    for name, values in {
+        "compression": ("mean_pool", "max_pool", "dilated_conv", "most_used"),
+        "reconstruction_target": ("evicted",),
+        "aux_loss": ("autoencoder", "none"),
+        "eviction_padding": ("exact",),
+        "relative_positions": ("sinusoidal",),
+    }.items()
+    for value in values
+]
+
+
+def random_options(seed: int) -> dict[str, str]:
+    """A random combination of the paper options (most_used never with the autoencoder)."""
+    rng = random.Random(1000 + seed)
+    options = {name: rng.choice(values) for name, values in OPTIONS.items()}
+    if options["compression"] == "most_used" and options["aux_loss"] == "autoencoder":
+        options["aux_loss"] = "attention"
+    return options

@@ -21,8 +21,9 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import convert
 from ct_jax.autoregressive import accumulated_grads
+from ct_jax.parity import make_inputs
 from ct_jax.training import FAST_CPU_COMPILE
-from tests.configs import CONFIGS, make_inputs, random_config, randomize_
+from tests.configs import CONFIGS, random_config, randomize_
 from tests.tolerances import GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
 
 BATCH = 4

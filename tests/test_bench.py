@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ct_jax import flops
-from ct_jax.bench import harness
+from ct_jax.bench import common, harness
 from ct_jax.bench import report as bench_report
 from ct_jax.config import ModelConfig
 
@@ -47,33 +47,47 @@ def test_training_flops_count_the_aux_path_only_when_something_is_compressed():
     assert flops.total_flops(TINY, 2, 3, training=True) > 3 * flops.total_flops(TINY, 2, 3, training=False) * 0.9
 
 
+@pytest.mark.usefixtures("unchecked_types")  # the package's own messages
 def test_parse_config_names_json_and_errors(tmp_path):
-    assert harness.parse_config("S").model["dim"] == 256
+    assert common.parse_config("S").model["dim"] == 256
     spec = dict(name="tiny", model=TINY, batch=2, segments=2)
-    assert harness.parse_config(json.dumps(spec)).segments == 2
+    assert common.parse_config(json.dumps(spec)).segments == 2
     (tmp_path / "c.json").write_text(json.dumps(spec))
-    assert harness.parse_config(str(tmp_path / "c.json")).name == "tiny"
+    assert common.parse_config(str(tmp_path / "c.json")).name == "tiny"
     with pytest.raises(ValueError, match="config must be one of"):
-        harness.parse_config("XL")
+        common.parse_config("XL")
     with pytest.raises(ValueError, match="batch must be a positive int"):
-        harness.BenchConfig("x", TINY, batch=0)
+        common.BenchConfig("x", TINY, batch=0)
+    with pytest.raises(TypeError, match="batch must be an int, got 2.0"):
+        common.BenchConfig("x", TINY, batch=2.0)
+    with pytest.raises(ValueError, match=r"targets\['cpu'\] has unknown kinds \['speed'\]"):
+        common.BenchConfig("x", TINY, batch=2, targets=dict(cpu=dict(speed=1.0)))
+
+
+def test_targets_come_from_the_config_not_its_name():
+    assert common.CONFIGS["M"].targets["cpu"]["memory"] == 1.0
+    named_m = common.parse_config(json.dumps(dict(name="M", model=TINY, batch=2)))
+    assert named_m.targets == {}, "a JSON config named M must not inherit M's targets"
+    spec = dict(name="t", model=TINY, batch=2, targets=dict(cpu=dict(train=2.0)))
+    assert common.BenchConfig(**common.parse_config(json.dumps(spec)).to_json()).targets == spec["targets"]
 
 
 def test_run_refuses_a_gpu_run_without_a_gpu_before_measuring(tmp_path):
-    bench = harness.BenchConfig("tiny", TINY, batch=2)
+    bench = common.BenchConfig("tiny", TINY, batch=2)
     with pytest.raises(RuntimeError, match=r"device='gpu' needs a GPU for both frameworks: JAX's backend is 'cpu'"):
         harness.run([bench], harness.RunOptions(device="gpu"), tmp_path / "out")
     assert not (tmp_path / "out").exists(), "nothing is written before the inputs are checked"
     with pytest.raises(ValueError, match="configs must share a dtype"):
-        harness.run([bench, harness.BenchConfig("b", TINY, batch=2, dtype="bfloat16")], harness.RunOptions(), tmp_path)
+        harness.run([bench, common.BenchConfig("b", TINY, batch=2, dtype="bfloat16")], harness.RunOptions(), tmp_path)
 
 
 @pytest.mark.slow
 def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
     """One repetition of everything, peak-memory subprocesses included; checks the outputs, not the speed."""
-    bench = harness.BenchConfig("tiny", TINY, batch=2, segments=2, prime=5, generate=4)
-    options = harness.RunOptions(threads=1, reps=1, warmup=0, compile_segments=(2, 3),
-                                      matmul_sizes=(64,), log=print)
+    bench = common.BenchConfig("tiny", TINY, batch=2, segments=2, prime=5, generate=4,
+                               targets=dict(cpu=dict(train=1e-3, memory=1e3)))
+    options = harness.RunOptions(threads=1, reps=1, warmup=0, compile_segments=(2, 3), matmul_sizes=(64,),
+                                 log=print)
     record = harness.run([bench], options, tmp_path)
     rec = record["configs"]["tiny"]
     for kind in ("train", "eval"):
@@ -85,7 +99,11 @@ def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
     body = [line.split(" | ") for line in table.splitlines() if line.startswith("| tiny")]
     assert len(body) == 6, table  # train, eval, generation, compile, memory, FLOP/s
     for cells in body:  # | config | measurement | ct_jax | ct_torch_ref | upstream? | ratio | target | met |
-        assert "—" not in (cells[2], cells[3], cells[-3]), f"unfilled row: {cells}"
+        torch_cell = () if cells[1].startswith("compile") else (cells[3],)  # torch compiles nothing
+        assert "—" not in (cells[2], *torch_cell, cells[-3]), f"unfilled row: {cells}"
+    targets = {cells[1].split(",")[0]: cells[-2] for cells in body}
+    assert targets["train step"] == "≥ 0.001x" and targets["train step host memory"] == "≤ 1000", targets
+    assert targets["eval forward"] == "—", "only the config's own targets are shown"
     bench_report.write_json(record, tmp_path / "bench.json")
     bench_report.bar_chart(record, tmp_path / "bench.png")
     assert json.loads((tmp_path / "bench.json").read_text())["configs"]["tiny"]["config"]["batch"] == 2

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
+import shutil
+import stat
 
 import jax
 import numpy as np
@@ -13,7 +17,7 @@ import torch
 import ct_torch_ref
 from ct_jax import checkpointing, convert, train_loop, training
 from ct_jax.checkpointing import Checkpoints, MetricsLog
-from tests.test_training import CONFIG, MODEL, batch
+from tests.configs import TRAIN_CONFIG, TRAIN_MODEL, train_batch
 from tests.tolerances import JAX_VS_TORCH_ATOL, assert_close
 
 COMPARED = ("loss", "lm", "aux", "bpb", "grad_norm", "learning_rate", "val_bpb")
@@ -29,8 +33,8 @@ def _splits() -> dict[str, np.ndarray]:
 
 
 def _fit(out_dir, **kwargs):
-    return train_loop.fit(MODEL, CONFIG, _splits(), out_dir, progress=False, log=lambda message: None,
-                        compiler_options=training.FAST_CPU_COMPILE, **kwargs)
+    kwargs = dict(dict(progress=False, log=lambda message: None, compiler_options=training.FAST_CPU_COMPILE), **kwargs)
+    return train_loop.fit(TRAIN_MODEL, TRAIN_CONFIG, _splits(), out_dir, **kwargs)
 
 
 def _rows(path) -> dict[int, dict[str, str]]:
@@ -40,7 +44,7 @@ def _rows(path) -> dict[int, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """An uninterrupted run of CONFIG.steps steps (checkpoints every 2, the last 2 kept)."""
+    """An uninterrupted run of TRAIN_CONFIG.steps steps (checkpoints every 2, the last 2 kept)."""
     out = tmp_path_factory.mktemp("uninterrupted")
     return out, _fit(out)
 
@@ -49,24 +53,28 @@ def test_run_writes_checkpoints_metrics_plot_and_export(finished):
     out, result = finished
     assert Checkpoints(out / "checkpoints").all_steps() == [4, 6], "keep_checkpoints=2 keeps the last two"
     rows = _rows(out / "metrics.csv")
-    assert sorted(rows) == list(range(CONFIG.steps + 1))
+    assert sorted(rows) == list(range(TRAIN_CONFIG.steps + 1))
     assert [step for step, row in rows.items() if row["val_bpb"]] == [0, 3, 6]
     assert float(rows[6]["val_bpb"]) < float(rows[0]["val_bpb"]), "validation bits/byte should fall"
     png = (out / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("metrics.csv", "loss.png", "model/model.safetensors", "model/config.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, f"{name} ignores the umask"
     assert (out / "model" / convert.WEIGHTS_FILE).is_file() and (out / "model" / convert.CONFIG_FILE).is_file()
-    assert int(result.state.step) == CONFIG.steps
+    assert int(result.state.step) == TRAIN_CONFIG.steps
 
 
 def test_checkpoint_holds_state_sampler_position_and_configs(finished):
     out, result = finished
     checkpoints = Checkpoints(out / "checkpoints")
-    template = training.Trainer(result.model, CONFIG).init_state()
+    template = training.Trainer(result.model, TRAIN_CONFIG).init_state()
     state, record = checkpoints.restore(template)
-    assert record["step"] == 6 and record["sampler"] == {"seed": CONFIG.seed, "step": 6}
+    assert record["step"] == 6 and record["sampler"] == {"seed": TRAIN_CONFIG.seed, "step": 6}
     assert record["model_config"] == result.model.config.to_kwargs()
-    assert record["train_config"] == CONFIG.to_json()
+    assert record["train_config"] == TRAIN_CONFIG.to_json()
     for got, expected in zip(jax.tree.leaves(state), jax.tree.leaves(result.state)):
         np.testing.assert_array_equal(got, expected, err_msg="checkpoint differs from the final state")
 
@@ -75,17 +83,17 @@ def test_resume_continues_the_uninterrupted_run_exactly(finished, tmp_path):
     out, result = finished
     # A run that stopped after step 2 (its last checkpoint), then the same command again.
     resumed_dir = tmp_path / "resumed"
-    train_loop.fit(MODEL, training.TrainConfig(**{**CONFIG.to_json(), "steps": 2}), _splits(), resumed_dir,
+    train_loop.fit(TRAIN_MODEL, training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "steps": 2}), _splits(), resumed_dir,
                  progress=False, log=lambda m: None, compiler_options=training.FAST_CPU_COMPILE)
     assert Checkpoints(resumed_dir / "checkpoints").all_steps() == [2]
 
     messages = []
-    resumed = train_loop.fit(MODEL, CONFIG, _splits(), resumed_dir, progress=False, log=messages.append,
+    resumed = train_loop.fit(TRAIN_MODEL, TRAIN_CONFIG, _splits(), resumed_dir, progress=False, log=messages.append,
                            compiler_options=training.FAST_CPU_COMPILE)
     assert any("resumed from step 2" in m for m in messages), messages
     expected, got = _rows(out / "metrics.csv"), _rows(resumed_dir / "metrics.csv")
     assert sorted(got) == sorted(expected)
-    for step in range(3, CONFIG.steps + 1):
+    for step in range(3, TRAIN_CONFIG.steps + 1):
         for name in COMPARED:
             if expected[step][name]:
                 assert_close(f"{name} at step {step} after resuming from step 2", float(got[step][name]),
@@ -96,9 +104,9 @@ def test_resume_continues_the_uninterrupted_run_exactly(finished, tmp_path):
 
 def test_resume_refuses_another_model(finished):
     out, _ = finished
-    other = dict(MODEL, dim=8)
+    other = dict(TRAIN_MODEL, dim=8)
     with pytest.raises(ValueError, match="is of another model"):
-        train_loop.fit(other, CONFIG, _splits(), out, progress=False, log=lambda m: None)
+        train_loop.fit(other, TRAIN_CONFIG, _splits(), out, progress=False, log=lambda m: None)
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(finished):
@@ -111,15 +119,17 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     real_metrics = training.Trainer.metrics
     seen = []
 
-    def metrics_with_nan_at_step_3(self, device_metrics):
+    def metrics_with_nan_at_step_5(self, device_metrics):
         values = real_metrics(self, device_metrics)
         seen.append(values)
-        if len(seen) == 3:
+        if len(seen) == 5:
             values["loss"] = math.nan
         return values
 
-    monkeypatch.setattr(training.Trainer, "metrics", metrics_with_nan_at_step_3)
-    with pytest.raises(training.NonFiniteLossError, match="non-finite loss at step 3 .*the last checkpoint is step 2"):
+    monkeypatch.setattr(training.Trainer, "metrics", metrics_with_nan_at_step_5)
+    # Step 5's loss is computed with step 4's parameters: checkpoint 4 waits for it, and is dropped.
+    with pytest.raises(training.NonFiniteLossError, match=r"non-finite loss at step 5 \(loss=nan, grad_norm=[0-9.]+\); "
+                       r"the run stopped; checkpoint step 4 was not written; the newest checkpoint, step 2, is safe"):
         _fit(tmp_path)
     assert Checkpoints(tmp_path / "checkpoints").all_steps() == [2], "no checkpoint may be written after a NaN"
 
@@ -139,8 +149,8 @@ def test_export_loads_in_the_torch_reference_with_the_same_losses(finished):
     for key, value in torch_model.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), expected[key], err_msg=f"exported {key} differs")
     # The same validation batch through both: torch's mean segment loss in bits = JAX's eval.
-    tokens = batch(9)
-    trainer = training.Trainer(result.model, CONFIG, compiler_options=training.FAST_CPU_COMPILE)
+    tokens = train_batch(9)
+    trainer = training.Trainer(result.model, TRAIN_CONFIG, compiler_options=training.FAST_CPU_COMPILE)
     jax_bpb = trainer.evaluate(trainer.place(result.state), iter([tokens]))
     wrapper = ct_torch_ref.AutoregressiveWrapper(torch_model.eval())
     with torch.no_grad():
@@ -171,3 +181,159 @@ def test_metrics_log_round_trip_truncate_and_atomic_write(tmp_path):
         checkpointing.atomic_write(tmp_path / "metrics.csv", crash)
     assert _rows(tmp_path / "metrics.csv")[3]["loss"], "a crashed write must leave the previous file intact"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _copy_run(finished, tmp_path):
+    out, result = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns(".lock"))
+    return copy, result
+
+
+def _largest_file(folder):
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty folder", "no record", "empty record", "no state"])
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_set_aside(finished, tmp_path, damage):
+    run, result = _copy_run(finished, tmp_path)
+    step_dir = run / "checkpoints" / "6"
+    if damage == "truncate":
+        with open(_largest_file(step_dir / "state"), "r+b") as file:
+            file.truncate(100)
+    elif damage == "flip":
+        data_file = _largest_file(step_dir / "state")
+        raw = bytearray(data_file.read_bytes())
+        raw[len(raw) // 2] ^= 0x40
+        data_file.write_bytes(bytes(raw))
+    elif damage == "empty folder":
+        shutil.rmtree(step_dir)
+        step_dir.mkdir()
+    elif damage == "no record":
+        shutil.rmtree(step_dir / "record")
+    elif damage == "empty record":
+        (step_dir / "record" / "metadata").write_text("")
+    else:
+        shutil.rmtree(step_dir / "state")
+    messages = []
+    resumed = _fit(run, log=messages.append)
+    warning = next(m for m in messages if m.startswith("warning: skipping a damaged checkpoint"))
+    assert "step 6" in warning, warning
+    assert any("resumed from step 4" in m for m in messages), messages
+    assert any(m.startswith("moved checkpoint step 6 to ") and "checkpoints-set-aside/6-damaged" in m for m in messages)
+    assert (run / "checkpoints-set-aside" / "6-damaged").is_dir(), "nothing is deleted"
+    for got, expected in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(result.state)):
+        np.testing.assert_array_equal(got, expected, err_msg="the rerun from step 4 must redo step 6 exactly")
+
+
+def test_flipped_bytes_that_the_storage_misses_are_caught_by_the_checksums(tmp_path):
+    checkpoints = Checkpoints(tmp_path, keep=2, async_save=False)
+    state = {"w": np.arange(100_000, dtype=np.float32)}  # stored raw: a flip is not noticed by decompression
+    checkpoints.save(1, state, {"step": 1})
+    data_file = _largest_file(tmp_path / "1" / "state")
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(checkpointing.DamagedCheckpointError, match=r"step 1 fails its checksums: 1 of 1 arrays"):
+        checkpoints.restore(state, 1)
+    checkpoints.close()
+
+
+def test_restore_verifies_the_checksums_saved_with_the_arrays(tmp_path):
+    checkpoints = Checkpoints(tmp_path, keep=2, async_save=False)
+    state = {"w": np.arange(1000, dtype=np.float32), "b": np.ones(3, np.float32)}
+    checkpoints.save(1, state, {"step": 1})
+    restored, record = checkpoints.restore(state, 1)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert set(record["checksums"]) == {"['b']", "['w']"}
+    # Bytes that change on disk without the storage noticing: simulated by a record that disagrees.
+    metadata = tmp_path / "1" / "record" / "metadata"
+    saved = json.loads(metadata.read_text())
+    saved["checksums"]["['w']"] = saved["checksums"]["['w']"][:-8] + "00000000"
+    metadata.write_text(json.dumps(saved))
+    message = r"step 1 fails its checksums: 1 of 2 arrays differ .*\['w'\]"
+    with pytest.raises(checkpointing.DamagedCheckpointError, match=message):
+        checkpoints.restore(state, 1)
+    checkpoints.close()
+
+
+def test_no_restorable_checkpoint_is_one_clear_error(finished, tmp_path):
+    run, _ = _copy_run(finished, tmp_path)
+    for step in (4, 6):
+        shutil.rmtree(run / "checkpoints" / str(step) / "record")
+    with pytest.raises(checkpointing.DamagedCheckpointError,
+                       match=r"no checkpoint in .* can be restored: step 6 cannot be read .*; step 4 cannot be read"):
+        _fit(run)
+
+
+def test_resume_from_an_older_step_sets_the_newer_ones_aside(finished, tmp_path):
+    run, result = _copy_run(finished, tmp_path)
+    messages = []
+    resumed = _fit(run, resume_from=4, log=messages.append)
+    assert any("resumed from step 4" in m for m in messages), messages
+    assert (run / "checkpoints-set-aside" / "6-after-resume-from-4").is_dir()
+    for got, expected in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(result.state)):
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match=r"resume_from=5: no checkpoint of that step .*steps there: \[4, 6\]"):
+        _fit(run, resume_from=5)
+
+
+def test_junk_in_metrics_csv_does_not_block_a_resume(finished, tmp_path):
+    run, _ = _copy_run(finished, tmp_path)
+    with open(run / "metrics.csv", "a") as file:
+        file.write("7,not-a-number,,\n\x00garbage\n12")
+    messages = []
+    _fit(run, log=messages.append)
+    assert any("metrics.csv has unreadable lines" in m for m in messages), messages
+    assert sorted(_rows(run / "metrics.csv")) == list(range(TRAIN_CONFIG.steps + 1))
+
+
+def test_resuming_on_other_data_warns(finished, tmp_path):
+    run, _ = _copy_run(finished, tmp_path)
+    splits = _splits()
+    splits["train"] = splits["train"][::-1].copy()
+    messages = []
+    train_loop.fit(TRAIN_MODEL, TRAIN_CONFIG, splits, run, progress=False, log=messages.append,
+                   compiler_options=training.FAST_CPU_COMPILE)
+    assert any("warning: resuming on other data" in m for m in messages), messages
+
+
+def test_divergence_leaves_only_sane_checkpoints_and_names_the_safe_one(tmp_path):
+    config = training.TrainConfig(
+        **{**TRAIN_CONFIG.to_json(), "learning_rate": 1e6, "checkpoint_every": 1, "eval_every": 0})
+    with pytest.raises(training.TrainingDivergedError, match="the run stopped; checkpoint step .* was not written; "):
+        train_loop.fit(TRAIN_MODEL, config, _splits(), tmp_path, progress=False, log=lambda m: None,
+                       compiler_options=training.FAST_CPU_COMPILE)
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    template = training.Trainer(training.create_model(TRAIN_MODEL, config), config).init_state()
+    for step in checkpoints.all_steps():
+        state, _ = checkpoints.restore(template, step)
+        largest = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(state.params))
+        assert largest < 50, f"checkpoint {step} holds exploded parameters (max |w| {largest})"
+
+
+def test_a_finite_loss_spike_stops_the_run(tmp_path, monkeypatch):
+    real_metrics = training.Trainer.metrics
+    seen = []
+
+    def metrics_with_spike_at_step_3(self, device_metrics):
+        values = real_metrics(self, device_metrics)
+        seen.append(values)
+        if len(seen) == 3:
+            values["loss"] *= 100
+        return values
+
+    monkeypatch.setattr(training.Trainer, "metrics", metrics_with_spike_at_step_3)
+    with pytest.raises(training.TrainingDivergedError, match=r"loss .* at step 3 is .*x the running median .* "
+                       r"checkpoint step 2 was not written; no checkpoint was written"):
+        _fit(tmp_path)
+    assert Checkpoints(tmp_path / "checkpoints").all_steps() == []
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
+    from ct_jax import io
+
+    with io.folder_lock(tmp_path):
+        with pytest.raises(io.FolderLockedError, match=f"holder: pid {os.getpid()} "):
+            _fit(tmp_path)
+    assert not (tmp_path / "checkpoints").exists(), "the refused run wrote nothing"

@@ -174,8 +174,9 @@ def _run_script(*args: str) -> subprocess.CompletedProcess:
 def test_convert_and_parity_scripts(tmp_path):
     config = {"num_tokens": 40, "dim": 16, "seq_len": 4, "depth": 2, "heads": 2, "mem_len": 6, "cmem_len": 3,
               "cmem_ratio": 2}
-    torch.manual_seed(0)
-    source = ct_torch_ref.CompressiveTransformer(**config)
+    # Random weights everywhere: upstream initialises pos_emb to zeros, which would hide positional errors.
+    source = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=0)
+    assert source.pos_emb.abs().min() > 0
     torch.save(source.state_dict(), tmp_path / "weights.pt")
     (tmp_path / "config.json").write_text(json.dumps(config))
 
@@ -191,3 +192,42 @@ def test_convert_and_parity_scripts(tmp_path):
     done = _run_script("scripts/parity.py", "--checkpoint", str(tmp_path / "ckpt"), "--segments", "4")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| eval | 3 | logits |" in done.stdout and "MISS" not in done.stdout
+
+
+def test_from_torch_refuses_what_is_not_a_state_dict_and_non_finite_weights():
+    model = _jax_model("defaults")
+    with pytest.raises(TypeError, match="state_dict must be a mapping of parameter names .*got NoneType"):
+        convert.from_torch(None, model)
+    with pytest.raises(TypeError, match="model must be a ct_jax.CompressiveTransformer, got dict"):
+        convert.from_torch({}, {})
+    state = convert.to_numpy(model)
+    before = state["token_emb.weight"].copy()
+    poisoned = dict(state, **{"to_logits.1.bias": np.full_like(state["to_logits.1.bias"], np.nan)})
+    poisoned["token_emb.weight"] = before + 1
+    with pytest.raises(ValueError, match=r"weights holding NaN or Inf \['to_logits.1.bias'\]"):
+        convert.from_torch(poisoned, model)
+    np.testing.assert_array_equal(convert.to_numpy(model)["token_emb.weight"], before, err_msg="changed on refusal")
+    convert.from_torch(poisoned, model, allow_non_finite=True)
+    assert np.isnan(convert.to_numpy(model)["to_logits.1.bias"]).all()
+
+
+def test_model_configs_from_json_are_checked(tmp_path):
+    with pytest.raises(TypeError, match=r"must be a mapping of constructor keywords \(a JSON object\), got list"):
+        convert.config_from_json("[1, 2]")
+    with pytest.raises(TypeError, match=r"unknown model arguments \['colour'\]"):
+        convert.config_from_json('{"num_tokens": 8, "dim": 4, "seq_len": 2, "depth": 1, "heads": 1, "colour": 1}')
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        convert.config_from_json("{nope")
+    with pytest.raises(FileNotFoundError, match="neither JSON text nor a file"):
+        convert.config_from_json(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="reconstruction_loss_weight must be a finite number, got nan"):
+        ct_jax.ModelConfig(num_tokens=8, dim=4, seq_len=2, depth=1, heads=1, reconstruction_loss_weight=float("nan"))
+
+
+def test_a_training_folder_loads_through_its_model_folder(tmp_path):
+    model = _jax_model("defaults")
+    convert.save_pretrained(model, tmp_path / "run" / "model")
+    again = convert.load_pretrained(tmp_path / "run")
+    assert again.config == model.config
+    with pytest.raises(FileNotFoundError, match="nor in its model/ folder"):
+        convert.read_config(tmp_path)

@@ -2,6 +2,9 @@
 
 import gzip
 import os
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -111,7 +114,7 @@ def test_failed_decompression_leaves_no_cache(tmp_path, small_enwik8):
     path = tmp_path / "enwik8.gz"
     path.write_bytes(gzip.compress(random_bytes(1000))[:-100])  # truncated stream
     cache = tmp_path / "cache"
-    with pytest.raises(EOFError):
+    with pytest.raises(ValueError, match=rf"{path} is not a readable gz file \(corrupt or truncated\?\): EOFError"):
         data.load_enwik8(path, cache)
     assert cache_files(cache) == [], f"partial cache left behind: {cache_files(cache)}"
 
@@ -228,6 +231,33 @@ def test_missing_path_names_it(tmp_path):
         data.load_corpus(f"enwik8:{missing}")
 
 
+@pytest.mark.parametrize("spec", ["", "  ", "text:", "enwik8:", "text: "])
+def test_an_empty_data_spec_is_refused_never_the_current_folder(spec):
+    with pytest.raises(ValueError, match="names no path"):
+        data.load_corpus(spec)
+
+
+def test_corrupt_archives_name_the_file(tmp_path):
+    gz, bad_zip = tmp_path / "corpus.txt.gz", tmp_path / "corpus.zip"
+    gz.write_bytes(b"\x1f\x8b not gzip at all")
+    bad_zip.write_bytes(b"PK not a zip")
+    with pytest.raises(ValueError, match=f"{gz} is not a readable gz file"):
+        data.load_corpus(str(gz), tmp_path / "cache")
+    with pytest.raises(ValueError, match=f"{bad_zip} is not a readable zip file"):
+        data.load_corpus(str(bad_zip), tmp_path / "cache")
+    with pytest.raises(ValueError, match="is a folder"):
+        data.load_corpus(f"enwik8:{tmp_path}")
+
+
+def test_fingerprint_tells_corpora_apart():
+    a = {"train": np.arange(10_000, dtype=np.uint8), "validation": np.zeros(100, np.uint8)}
+    b = {"train": a["train"].copy(), "validation": a["validation"].copy()}
+    assert data.fingerprint(a) == data.fingerprint(b)
+    b["train"][5000] += 1
+    assert data.fingerprint(a) != data.fingerprint(b)
+    assert data.fingerprint(a) != data.fingerprint({"train": a["train"][:-1], "validation": a["validation"]})
+
+
 def test_split_shorter_than_window(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_bytes(random_bytes(1000))
@@ -294,7 +324,7 @@ def test_sampler_load_state_dict_rejects_bad_state(corpus_bytes):
     sampler = data.WindowSampler(corpus_bytes, 17, 4, seed=7)
     with pytest.raises(ValueError, match=r"keys \{'seed', 'step'\}, got \['step'\]"):
         sampler.load_state_dict({"step": 3})
-    with pytest.raises(ValueError, match=r"state\['step'\] must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"state\['step'\] must be an int >= 0, got -1"):
         sampler.load_state_dict({"seed": 0, "step": -1})
 
 
@@ -308,17 +338,18 @@ def test_sampler_shards_concatenate_to_global_batch(corpus_bytes, process_count)
     for step, global_batch in enumerate(global_batches):
         local = [shard[step] for shard in shards]
         assert all(batch.shape == (8 // process_count, 17) for batch in local)
-        np.testing.assert_array_equal(np.concatenate(local), global_batch, err_msg=f"step {step}: shards != global batch")
+        np.testing.assert_array_equal(np.concatenate(local), global_batch,
+                                      err_msg=f"step {step}: shards != global batch")
 
 
 def test_sampler_argument_errors(corpus_bytes):
     with pytest.raises(ValueError, match=r"batch_size \(6\) must be divisible by process_count \(4\)"):
         data.WindowSampler(corpus_bytes, 17, 6, seed=0, process_count=4)
-    with pytest.raises(ValueError, match=r"process_index must be an integer in \[0, 2\), got 2"):
+    with pytest.raises(ValueError, match=r"process_index must be an int in \[0, 2\), got 2"):
         data.WindowSampler(corpus_bytes, 17, 4, seed=0, process_index=2, process_count=2)
-    with pytest.raises(ValueError, match="window must be an integer >= 2, got 1"):
+    with pytest.raises(ValueError, match="window must be an int >= 2, got 1"):
         data.WindowSampler(corpus_bytes, 1, 4, seed=0)
-    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
         data.WindowSampler(corpus_bytes, 17, 4, seed=-1)
 
 
@@ -380,3 +411,28 @@ def test_folder_max_bytes_keeps_whole_files_in_order(tmp_path):
     splits = data.load_folder(root, tmp_path / "cache", validation_every=2, max_bytes=35)
     # b (50 bytes) would overflow the budget and is skipped; a, c, d fit (30 bytes), e does not.
     assert splits["train"].tobytes() + splits["validation"].tobytes() == b"a" * 10 + b"d" * 10 + b"c" * 10
+
+
+def test_a_cache_write_killed_midway_leaves_no_orphan_after_the_next_load(tmp_path):
+    """A real SIGKILL while the decompressed cache is written, then the same load again."""
+    content = random_bytes(5000)
+    path = tmp_path / "corpus.txt.gz"
+    path.write_bytes(gzip.compress(content))
+    cache = tmp_path / "cache"
+    code = ("import sys, time, shutil\nfrom ct_jax import data\n"
+            "def stuck(source, out, size):\n    out.write(source.read(10)); out.flush(); print('writing', flush=True)"
+            "; time.sleep(60)\n"
+            "data.shutil = type('S', (), {'copyfileobj': staticmethod(stuck)})\n"
+            "data.load_corpus(sys.argv[1], sys.argv[2])")
+    root = Path(__file__).resolve().parent.parent
+    writer = subprocess.Popen([sys.executable, "-c", code, str(path), str(cache)], cwd=root, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(root)))
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert len(list(cache.glob(".*.tmp"))) == 1, "the kill should leave the temporary"
+    splits = data.load_corpus(str(path), cache)
+    assert splits["train"].tobytes() + splits["validation"].tobytes() == content
+    assert not list(cache.glob(".*.tmp")), f"orphan left: {list(cache.iterdir())}"

@@ -21,7 +21,8 @@ def test_rows_hold_fact_and_query_at_the_distance():
         start = task.query_start(int(distance))
         fact, query = row[start - distance : start - distance + task.fact_len], row[start : start + task.fact_len]
         assert np.array_equal(fact, query) and len(set(fact)) == task.fact_len and fact.max() < task.n_keys
-        others = np.delete(row, np.r_[start - distance : start - distance + task.fact_len, start : start + task.fact_len])
+        fact_at, query_at = start - distance, start
+        others = np.delete(row, np.r_[fact_at : fact_at + task.fact_len, query_at : query_at + task.fact_len])
         assert others.min() >= task.n_keys  # filler only outside fact and query
     mask = recall_mask(task, distances)
     assert mask.sum(axis=1).tolist() == [task.fact_len - task.cue_len] * 64

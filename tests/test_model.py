@@ -26,6 +26,7 @@ def forward():
     return nnx.jit(lambda model, tokens, memories, mask: model(tokens, memories, mask))
 
 
+@pytest.mark.usefixtures("unchecked_types")  # the package's own messages
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -37,7 +38,7 @@ def forward():
         (dict(seq_len=-1), ValueError, r"seq_len must be a positive int"),
         (dict(mem_len=3), ValueError, r"mem_len must be at least seq_len \(4\), got 3"),
         (dict(cmem_len=1), ValueError, r"cmem_len must be at least mem_len // cmem_ratio \(4\), got 1"),
-        (dict(attn_dropout=1.5), ValueError, r"attn_dropout must be a float in \[0, 1\)"),
+        (dict(attn_dropout=1.5), ValueError, r"attn_dropout must be a finite number in \[0, 1\]"),
         (dict(bogus=1), TypeError, r"unknown model arguments \['bogus'\]"),
     ],
 )
@@ -46,17 +47,21 @@ def test_invalid_constructor_arguments_name_the_argument(kwargs, error, message)
         ct_jax.CompressiveTransformer(**{**CONFIG, **kwargs}, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.usefixtures("unchecked_types")  # the package's own messages
 def test_invalid_inputs_raise_before_anything_runs(model):
     good = jnp.zeros((2, 4), jnp.int32)
     cases = [
-        (jnp.array([[1, 2, 24, 3]]), {}, ValueError, r"token ids must lie in \[0, num_tokens=24\), got values in \[1, 24\]"),
+        (jnp.array([[1, 2, 24, 3]]), {}, ValueError,
+         r"token ids must lie in \[0, num_tokens=24\), got values in \[1, 24\]"),
         (jnp.array([[-1, 2]]), {}, ValueError, r"got values in \[-1, 2\]"),
         (jnp.zeros((2, 4)), {}, TypeError, r"tokens must be integer token ids, got dtype float32"),
         (jnp.zeros((2, 5), jnp.int32), {}, ValueError, r"segment of length 5; expected 1..seq_len=4"),
         (jnp.zeros((4,), jnp.int32), {}, ValueError, r"tokens must have shape \(batch, t\)"),
-        (good, dict(mask=jnp.ones((2, 3), bool)), ValueError, r"mask must have the tokens' shape \(2, 4\), got \(2, 3\)"),
+        (good, dict(mask=jnp.ones((2, 3), bool)), ValueError,
+         r"mask must have the tokens' shape \(2, 4\), got \(2, 3\)"),
         (good, dict(mask=jnp.ones((2, 4))), TypeError, r"mask must be boolean"),
-        (good, dict(memories=ct_jax.Memory.empty(model, 3)), ValueError, r"memories.mem has shape \(2, 3, 8, 16\), expected \(2, 2, 8, 16\)"),
+        (good, dict(memories=ct_jax.Memory.empty(model, 3)), ValueError,
+         r"memories.mem has shape \(2, 3, 8, 16\), expected \(2, 2, 8, 16\)"),
         (good, dict(memories=(1, 2)), TypeError, r"memories must be a ct_jax.Memory"),
     ]
     for tokens, kwargs, error, message in cases:

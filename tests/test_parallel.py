@@ -5,56 +5,24 @@ Each case runs in fresh Python processes: the device count is fixed when JAX sta
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from ct_jax import parallel
-from tests.test_training import CONFIG as TRAIN_CONFIG
-from tests.test_training import MODEL, batch, make_trainer
+from ct_jax import parallel, training
+from tests.configs import make_trainer, train_batch
+from tests.workers.parallel_train import CONFIG, SEEDS
 
 ROOT = Path(__file__).resolve().parent.parent
-SEEDS = (100, 101)  # one batch per step
-# Parameters after steps are compared, so the update must be linear in the gradient: under Adam a
-# near-zero gradient coordinate flipping sign with the reduction order moves by 2 * lr (tests/tolerances.py).
-CONFIG = dataclasses.replace(TRAIN_CONFIG, optimizer="sgd")
-# Fast XLA:CPU compiles (see ct_jax.training.FAST_CPU_COMPILE); pmap takes options only here.
-FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+FAST_XLA_FLAGS = training.xla_flags()  # fast XLA:CPU compiles; pmap takes options only as flags
 TIMEOUT = 300
-
-# Runs tests/test_training.py's tiny model and step (its second segment compresses, so the
-# aux loss is exercised) for two steps on fixed batches; prints the losses and parameters.
-WORKER_COMMON = """
-import json, re, sys
-import numpy as np
-import jax
-from ct_jax import training
-
-MODEL, CONFIG = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-
-def run(mode, devices=None):
-    config = training.TrainConfig(**dict(CONFIG, parallel=mode))
-    trainer = training.Trainer(training.create_model(MODEL, config), config, devices=devices)
-    state = trainer.place(trainer.init_state())
-    local = config.batch_size // jax.process_count()
-    losses = []
-    for seed in SEEDS:
-        window = config.n_segments * MODEL["seq_len"] + 1
-        tokens = np.random.default_rng(seed).integers(0, MODEL["num_tokens"], (config.batch_size, window), dtype=np.int32)
-        state, metrics = trainer.train_step(state, tokens[jax.process_index() * local : (jax.process_index() + 1) * local])
-        losses.append(trainer.metrics(metrics))
-    params = [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(trainer.host(state).params)]
-    return trainer, {"losses": losses, "params": params}
-""".replace("SEEDS", repr(SEEDS))
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -64,14 +32,13 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _start(code: str, env: dict[str, str], log_dir: Path, name: str) -> tuple[subprocess.Popen, Path, Path]:
-    """Starts `code` in a fresh interpreter, output to files (a full pipe would block the
-    worker, and with it its partner process at the jax.distributed shutdown barrier)."""
+def _start(program: str, env: dict[str, str], log_dir: Path, name: str) -> tuple[subprocess.Popen, Path, Path]:
+    """Starts tests/workers/parallel_train.py's `program` in a fresh interpreter, output to files
+    (a full pipe would block the worker, and with it its partner at the jax.distributed shutdown barrier)."""
     stdout, stderr = log_dir / f"{name}.out", log_dir / f"{name}.err"
     with open(stdout, "w") as out, open(stderr, "w") as err:
-        argv = [json.dumps(MODEL), json.dumps(CONFIG.to_json())]
-        proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env, cwd=ROOT, stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", "tests.workers.parallel_train", program], env=env, cwd=ROOT,
+                                stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     return proc, stdout, stderr
 
 
@@ -106,26 +73,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-EIGHT_DEVICES = WORKER_COMMON + textwrap.dedent("""
-    assert jax.device_count() == 8, jax.devices()
-    out = {}
-    _, out["pmap"] = run("pmap")
-    _, out["jit on 4 devices"] = run("jit", jax.devices()[:4])  # the two-process test's reference
-    trainer, out["jit"] = run("jit")
-    # The memory carry is constrained to the batch sharding: (layers, b, slots, dim) split on b.
-    tokens = np.zeros((CONFIG["batch_size"], CONFIG["n_segments"] * MODEL["seq_len"] + 1), np.int32)
-    hlo = trainer._train.lower(trainer.place(trainer.init_state()), trainer.parallel.put_batch(tokens)).as_text()
-    out["memory_sharded"] = bool(re.search(r'sharding_constraint .*\\[\\{\\}, \\{"data"\\}, \\{\\}, \\{\\}\\]', hlo)
-                                 or "devices=[1,8,1,1]" in hlo)  # Shardy or GSPMD syntax
-    print(json.dumps(out))
-""")
-TWO_PROCESSES = WORKER_COMMON + textwrap.dedent("""
-    from ct_jax.parallel import initialize_distributed
-    initialize_distributed()  # from CT_COORDINATOR_ADDRESS / CT_NUM_PROCESSES / CT_PROCESS_ID
-    assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
-    _, out = run("jit")
-    print(json.dumps(out))
-""")
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     """Every worker of this module, started together (they compile in parallel with this process)."""
@@ -134,11 +81,11 @@ def workers(tmp_path_factory):
     address = f"127.0.0.1:{_free_port()}"
     started = {}
     try:
-        started["8 devices"] = _start(EIGHT_DEVICES, _env(XLA_FLAGS=flags + "8"), logs, "eight")
+        started["8 devices"] = _start("eight_devices", _env(XLA_FLAGS=flags + "8"), logs, "eight")
         for process_id in range(2):
             env = _env(XLA_FLAGS=flags + "2", CT_COORDINATOR_ADDRESS=address, CT_NUM_PROCESSES="2",
                        CT_PROCESS_ID=str(process_id))
-            started[f"process {process_id} of 2"] = _start(TWO_PROCESSES, env, logs, f"process{process_id}")
+            started[f"process {process_id} of 2"] = _start("two_processes", env, logs, f"process{process_id}")
         yield started
     finally:
         for proc, _, _ in started.values():  # never leave a worker behind (or waiting for its partner)
@@ -149,12 +96,12 @@ def workers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_device(workers) -> dict:
-    """The same two steps in this process, on one device (tests/test_training.py's compiled step)."""
+    """The same two steps in this process, on one device (the training tests' model and config)."""
     trainer = make_trainer(CONFIG)
     state = trainer.place(trainer.init_state())
     losses = []
     for seed in SEEDS:
-        state, metrics = trainer.train_step(state, batch(seed))
+        state, metrics = trainer.train_step(state, train_batch(seed))
         losses.append(trainer.metrics(metrics))
     return {"losses": losses, "params": jax.tree.leaves(trainer.host(state).params)}
 

@@ -6,7 +6,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 from flax import nnx
@@ -14,7 +13,8 @@ from flax import nnx
 import ct_jax
 import ct_torch_ref
 from ct_jax import convert
-from tests.configs import CONFIGS, MASK_KINDS, make_inputs, random_config, randomize_
+from ct_jax.parity import MASK_KINDS, make_inputs, run_both
+from tests.configs import CONFIGS, random_config, randomize_
 from tests.tolerances import JAX_VS_TORCH_ATOL, JAX_VS_TORCH_F64_ATOL, assert_close
 
 upstream = pytest.importorskip("compressive_transformer_pytorch")
@@ -37,30 +37,22 @@ def _models(name: str) -> tuple[torch.nn.Module, ct_jax.CompressiveTransformer]:
     return torch_model, jax_model
 
 
-def _valid_memory(memories: ct_jax.Memory) -> tuple[np.ndarray, np.ndarray]:
-    torch_memory = convert.memory_to_torch(memories)
-    return torch_memory.mem.numpy(), torch_memory.compressed_mem.numpy()
-
-
 def compare_segments(torch_model, jax_model, segments, masks, *, call, label="", none_mask_as_ones=True):
     """Runs both models over the segments, threading memory, and checks every output."""
-    torch_memory, jax_memory = None, ct_jax.Memory.empty(jax_model, segments[0].shape[0])
-    for index, (tokens, mask) in enumerate(zip(segments, masks)):
-        with torch.no_grad():
-            logits, torch_memory, aux = torch_model(tokens, memories=torch_memory, mask=mask)
+    def jax_call(tokens, memories, mask):
         # mask=None runs as an all-True mask in JAX: the same function, half the compilations
         # (the None path itself is compared in test_eager_matches_upstream).
-        jax_mask = jnp.asarray(mask.numpy()) if mask is not None else None
-        if jax_mask is None and none_mask_as_ones:
-            jax_mask = jnp.ones(tokens.shape, bool)
-        jax_logits, jax_memory, jax_aux = call(jnp.asarray(tokens.numpy()), jax_memory, jax_mask)
+        if mask is None and none_mask_as_ones:
+            mask = jnp.ones(tokens.shape, bool)
+        return call(tokens, memories, mask)
+
+    empty = ct_jax.Memory.empty(jax_model, segments[0].shape[0])
+    for index, outputs in enumerate(run_both(torch_model, jax_call, segments, masks, memories=empty)):
         where = f"{label} segment {index}"
-        assert_close(f"logits, {where}", jax_logits, logits, JAX_VS_TORCH_ATOL)
-        mem, cmem = _valid_memory(jax_memory)
-        assert_close(f"mem, {where}", mem, torch_memory.mem, JAX_VS_TORCH_ATOL)
-        assert_close(f"compressed_mem, {where}", cmem, torch_memory.compressed_mem, JAX_VS_TORCH_ATOL)
-        assert_close(f"aux_loss, {where}", jax_aux, aux.reshape(()), JAX_VS_TORCH_ATOL)
-        assert jnp.shape(jax_aux) == (), f"aux_loss must be a scalar, got shape {jnp.shape(jax_aux)}"
+        for name in ("logits", "mem", "compressed_mem", "aux_loss"):
+            assert_close(f"{name}, {where}", *outputs[name], JAX_VS_TORCH_ATOL)
+        jax_aux = outputs["aux_loss"][0]
+        assert jax_aux.shape == (), f"aux_loss must be a scalar, got shape {jax_aux.shape}"
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -13,8 +13,9 @@ from compressive_transformer_pytorch import AutoregressiveWrapper as UpstreamWra
 from compressive_transformer_pytorch import CompressiveTransformer as UpstreamTransformer
 
 import ct_torch_ref
+from ct_jax.parity import MASK_KINDS, make_inputs
 from ct_torch_ref import AutoregressiveWrapper, CompressiveTransformer, Memory
-from tests.configs import CONFIGS, MASK_KINDS, make_inputs, randomize_
+from tests.configs import CONFIGS, randomize_
 from tests.tolerances import TORCH_REF_VS_UPSTREAM_ATOL as ATOL
 from tests.tolerances import assert_close
 
@@ -284,6 +285,7 @@ def test_generate_greedy_and_filter_options():
 BASE = dict(num_tokens=16, dim=16, seq_len=4, depth=2, heads=2)
 
 
+@pytest.mark.usefixtures("unchecked_types")  # the package's own messages
 @pytest.mark.parametrize(
     "override, error, names",
     [
@@ -302,6 +304,7 @@ BASE = dict(num_tokens=16, dim=16, seq_len=4, depth=2, heads=2)
         (dict(memory_layers=[3]), ValueError, "memory_layers"),
         (dict(memory_layers=[1.5]), TypeError, "memory_layers"),
         (dict(attn_dropout=1.5), ValueError, "attn_dropout"),
+        (dict(reconstruction_loss_weight=float("nan")), ValueError, "reconstruction_loss_weight must be a finite"),
     ],
 )
 def test_constructor_rejects_invalid_arguments(override, error, names):
@@ -319,10 +322,13 @@ def _valid_memory(batch: int = 2) -> Memory:
     return Memory(torch.zeros(2, batch, 4, 16), torch.zeros(2, batch, 1, 16))
 
 
+@pytest.mark.usefixtures("unchecked_types")  # the package's own messages
 @pytest.mark.parametrize(
     "kwargs, error, pattern",
     [
-        (dict(x=torch.zeros(2, 4)), TypeError, "integer dtype"),
+        (dict(x=torch.zeros(2, 4)), TypeError, "token ids as torch.int64 or torch.int32, got torch.float32"),
+        (dict(x=torch.zeros(2, 4, dtype=torch.uint8)), TypeError,
+         "token ids as torch.int64 or torch.int32, got torch.uint8"),
         (dict(x=torch.zeros(2, 4, dtype=torch.long).tolist()), TypeError, "torch.Tensor"),
         (dict(x=torch.zeros(2, 5, dtype=torch.long)), ValueError, "seq_len=4"),
         (dict(x=torch.full((2, 4), 16)), ValueError, "num_tokens=16"),
@@ -347,6 +353,15 @@ def test_forward_rejects_invalid_inputs(kwargs, error, pattern):
 def test_forward_accepts_full_and_partial_memories():
     model = CompressiveTransformer(**BASE)
     tokens = torch.zeros(2, 4, dtype=torch.long)
-    model(tokens, memories=_valid_memory())
-    model(tokens, memories=(None, None))
-    model(tokens[:, :2], memories=Memory(torch.zeros(2, 2, 3, 16), None))
+    cases = [  # (tokens, memories, compressed slots after the step: 4 evicted slots / ratio 4)
+        (tokens, _valid_memory(), 1),
+        (tokens, (None, None), 0),
+        (tokens[:, :2], Memory(torch.zeros(2, 2, 3, 16), None), 0),
+    ]
+    for x, memories, compressed in cases:
+        logits, memory, aux = model(x, memories=memories)
+        assert logits.shape == (2, x.shape[1], BASE["num_tokens"]), logits.shape
+        assert memory.mem.shape[:2] == (2, 2) and memory.mem.shape[2] <= 4, memory.mem.shape
+        assert memory.compressed_mem.shape == (2, 2, compressed, 16), memory.compressed_mem.shape
+        assert torch.isfinite(logits).all() and torch.isfinite(aux)
+        assert (aux.item() > 0) == (compressed > 0), f"aux loss {aux.item()} with {compressed} compressed slots"

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 import ct_torch_ref
-from tests.configs import CONFIGS, make_inputs, randomize_
+from ct_jax.parity import make_inputs
+from tests.configs import CONFIGS, randomize_
 from tests.tolerances import TORCH_REF_VS_UPSTREAM_ATOL as ATOL
 from tests.tolerances import assert_close
-
 
 OURS = SimpleNamespace(
     CompressiveTransformer=ct_torch_ref.CompressiveTransformer,

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,22 @@ def test_defaults_are_a_small_model_on_the_default_corpus():
     assert args.steps * args.batch_size * args.n_segments * args.seq_len <= 2_000_000, "the default run must stay short"
 
 
+def test_a_preset_sets_the_papers_settings_and_flags_override_it():
+    from ct_jax import presets
+
+    script = _load_script()
+    args = script.parse_args(["--preset", "enwik8", "--depth", "2", "--memory-gradients", "--compression", "mean_pool"])
+    preset = presets.get("enwik8")
+    assert (args.depth, args.compression, args.memory_gradients) == (2, "mean_pool", True)  # flags win
+    assert (args.dim, args.seq_len, args.cmem_len, args.cmem_ratio) == (1024, 768, 1152, 3)
+    assert (args.relative_positions, args.reconstruction_target, args.eviction_padding) == (
+        "sinusoidal", "evicted", "exact")
+    assert (args.learning_rate, args.grad_clip_norm, args.warmup_steps) == (3e-4, 0.1, 4000)
+    assert args.steps == preset["train"]["steps"] and args.schedule == "cosine"
+    with pytest.raises(SystemExit):
+        script.parse_args(["--compression", "nope"])
+
+
 def test_run_writes_metrics_plot_export_and_prints_a_sample(uninterrupted):
     out, stdout, stderr = uninterrupted
     rows = _rows(out)
@@ -173,3 +190,67 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_on_the_same_curve(workdir
                     f"{expected[step][name]} uninterrupted (killed with checkpoints {killed_at})")
     a = (reference / "model" / "model.safetensors").read_bytes()
     assert a == (out / "model" / "model.safetensors").read_bytes(), "final weights differ from the uninterrupted run's"
+
+
+def _refused(workdir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command(workdir, out, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0, f"train.py should have refused {extra}:\n{done.stdout[-1000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--data", ""), "the data spec '' names no path"),
+    (("--data", "text:"), "the data spec 'text:' names no path"),
+    (("--data", "enwik8:"), "the data spec 'enwik8:' names no path"),
+    (("--sample-length", "5", "--temperature", "-1"), "--temperature must be a finite number >= 0, got -1.0"),
+    (("--temperature", "nan"), "--temperature must be a finite number >= 0, got nan"),
+    (("--temperature", "inf"), "--temperature must be a finite number >= 0, got inf"),
+    (("--cpu-devices", "-2"), "--cpu-devices must be a positive int, got -2"),
+    (("--resume-from", "0"), "--resume-from must be a positive int, got 0"),
+    (("--learning-rate", "-1"), "learning_rate must be a finite number >= 0, got -1.0"),
+    (("--memory-layers", "5"), "memory_layers entries must be ints in 1..1"),
+])
+def test_bad_arguments_are_refused_before_any_work_or_write(workdir, tmp_path, extra, message):
+    out = tmp_path / "out"
+    done = _refused(workdir, out, *extra)
+    assert f"error: {message}" in done.stderr, done.stderr[-2000:]
+    assert not out.exists(), "nothing may be written for a refused command"
+
+
+def test_data_errors_print_the_message_alone_and_the_traceback_with_debug(workdir, tmp_path):
+    bad = tmp_path / "corpus.txt.gz"
+    bad.write_bytes(b"\x1f\x8b\x08 truncated")
+    done = _refused(workdir, tmp_path / "out", "--data", str(bad))
+    assert f"error: {bad} is not a readable gz file" in done.stderr, done.stderr[-2000:]
+    debug = subprocess.run(_command(workdir, tmp_path / "out", "--data", str(bad), "--debug"), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_second_run_on_a_held_output_folder_is_refused_naming_the_holder(workdir, tmp_path):
+    from ct_jax import io
+
+    out = tmp_path / "out"
+    with io.folder_lock(out):
+        done = _refused(workdir, out, "--sample-length", "0")
+    assert f"is in use by another run (holder: pid {os.getpid()} on host" in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"], "the refused run wrote nothing"
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(workdir, uninterrupted, tmp_path):
+    reference, _, _ = uninterrupted
+    out = tmp_path / "damaged"
+    shutil.copytree(reference, out, ignore=shutil.ignore_patterns(".lock", "model"))
+    newest = out / "checkpoints" / str(STEPS) / "state"
+    largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as file:
+        file.truncate(100)
+    done = _run(_command(workdir, out, "--sample-length", "0"))
+    warning = f"warning: skipping a damaged checkpoint in {out / 'checkpoints'}: step {STEPS} cannot be read"
+    assert warning in done.stdout
+    assert f"resumed from step {STEPS - CHECKPOINT_EVERY} of {STEPS}" in done.stdout, done.stdout[-2000:]
+    assert "Event loop is closed" not in done.stderr, done.stderr[-3000:]
+    a = (reference / "model" / "model.safetensors").read_bytes()
+    assert a == (out / "model" / "model.safetensors").read_bytes(), "the redone steps differ from the first run's"

@@ -14,22 +14,8 @@ from flax import nnx
 from ct_jax import training
 from ct_jax.autoregressive import accumulated_grads
 from ct_jax.training import FAST_CPU_COMPILE, Schedule, TrainConfig, Trainer
+from tests.configs import TRAIN_CONFIG, TRAIN_MODEL, make_trainer, train_batch
 from tests.tolerances import ACCUMULATED_GRAD_RTOL
-
-# Tiny model and step shared with tests/test_checkpoint.py (same values: the compiled steps
-# are cached per configuration, so both modules reuse one compilation).
-MODEL = dict(num_tokens=256, dim=16, seq_len=4, depth=1, heads=2, mem_len=4, cmem_len=2, cmem_ratio=2)
-CONFIG = TrainConfig(batch_size=8, n_segments=2, learning_rate=1e-2, steps=6, eval_every=3, eval_batches=2,
-                     checkpoint_every=2, keep_checkpoints=2)
-
-
-def make_trainer(config: TrainConfig = CONFIG) -> Trainer:
-    return Trainer(training.create_model(MODEL, config), config, compiler_options=FAST_CPU_COMPILE)
-
-
-def batch(seed: int, config: TrainConfig = CONFIG) -> np.ndarray:
-    window = config.n_segments * MODEL["seq_len"] + 1
-    return np.random.default_rng(seed).integers(0, MODEL["num_tokens"], (config.batch_size, window), dtype=np.int32)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +44,7 @@ def test_schedules_warm_up_then_hold_or_decay():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+    (dict(batch_size=0), "batch_size must be a positive int, got 0"),
     (dict(micro_batches=3, batch_size=16), r"batch_size \(16\) must be divisible by micro_batches \(3\)"),
     (dict(learning_rate=float("nan")), "learning_rate must be a finite number >= 0, got nan"),
     (dict(dtype="int8"), "dtype must be one of .*, got 'int8'"),
@@ -71,14 +57,14 @@ def test_config_rejects_bad_values(kwargs, message):
 
 
 def test_trainer_rejects_a_model_of_another_dtype():
-    model = training.create_model(MODEL, CONFIG)
+    model = training.create_model(TRAIN_MODEL, TRAIN_CONFIG)
     with pytest.raises(ValueError, match="model computes in float32, but config.dtype is 'bfloat16'"):
         Trainer(model, TrainConfig(dtype="bfloat16"))
 
 
 def test_train_step_updates_the_state_and_reports_metrics(trainer):
     state = trainer.place(trainer.init_state())
-    tokens = batch(0)
+    tokens = train_batch(0)
     val_bpb = trainer.evaluate(state, iter([tokens]))
     before = trainer.host(state)
     new_state, device_metrics = trainer.train_step(state, tokens)
@@ -86,11 +72,11 @@ def test_train_step_updates_the_state_and_reports_metrics(trainer):
 
     assert set(metrics) == {"loss", "lm", "aux", "bpb", "grad_norm", "learning_rate"}
     assert metrics["bpb"] == pytest.approx(metrics["lm"] / math.log(2), rel=1e-6)
-    assert metrics["loss"] == pytest.approx(CONFIG.n_segments * (metrics["lm"] + metrics["aux"]), rel=1e-5), \
+    assert metrics["loss"] == pytest.approx(TRAIN_CONFIG.n_segments * (metrics["lm"] + metrics["aux"]), rel=1e-5), \
         "loss must be the sum over segments of lm + aux"
-    assert metrics["lm"] == pytest.approx(math.log(MODEL["num_tokens"]), abs=0.5), "a fresh model is near uniform"
+    assert metrics["lm"] == pytest.approx(math.log(TRAIN_MODEL["num_tokens"]), abs=0.5), "a fresh model is near uniform"
     assert metrics["aux"] > 0, "the second segment compresses, so the aux loss is positive"
-    assert metrics["grad_norm"] > 0 and metrics["learning_rate"] == pytest.approx(CONFIG.learning_rate)
+    assert metrics["grad_norm"] > 0 and metrics["learning_rate"] == pytest.approx(TRAIN_CONFIG.learning_rate)
     # Eval mode (no dropout here, no aux) sees the same LM loss as the train step did.
     assert val_bpb == pytest.approx(metrics["bpb"], abs=1e-5)
     assert jax.tree.leaves(state.params)[0].is_deleted(), "the train step must donate the state's buffers"
@@ -104,7 +90,7 @@ def test_train_step_updates_the_state_and_reports_metrics(trainer):
 
 def test_loss_falls_on_a_repeated_batch(trainer):
     state = trainer.place(trainer.init_state())
-    tokens = batch(1)
+    tokens = train_batch(1)
     losses = []
     for _ in range(25):
         state, device_metrics = trainer.train_step(state, tokens)
@@ -118,7 +104,7 @@ def test_a_non_finite_step_leaves_the_state_unchanged(trainer):
     poisoned = host._replace(params=jax.tree.map(lambda x: x, host.params))  # new Variables, same arrays
     embedding = poisoned.params["token_emb"]["embedding"]
     embedding.set_value(np.full_like(embedding.get_value(), np.inf))
-    state, device_metrics = trainer.train_step(trainer.place(poisoned), batch(2))
+    state, device_metrics = trainer.train_step(trainer.place(poisoned), train_batch(2))
     metrics = trainer.metrics(device_metrics)
     assert not math.isfinite(metrics["loss"])
     after = trainer.host(state)
@@ -128,11 +114,11 @@ def test_a_non_finite_step_leaves_the_state_unchanged(trainer):
 
 
 def test_bfloat16_compute_with_remat_keeps_float32_parameters():
-    config = TrainConfig(**{**CONFIG.to_json(), "dtype": "bfloat16", "remat": True})
+    config = TrainConfig(**{**TRAIN_CONFIG.to_json(), "dtype": "bfloat16", "remat": True})
     bf16 = make_trainer(config)
     assert bf16.model.dtype == jnp.bfloat16
     f32_trainer = make_trainer()
-    tokens = batch(3)
+    tokens = train_batch(3)
     _, f32_metrics = f32_trainer.train_step(f32_trainer.place(f32_trainer.init_state()), tokens)
     state = bf16.place(bf16.init_state())
     losses = []
@@ -162,18 +148,19 @@ def _max_diff_per_tensor(got, expected) -> list[tuple[str, float, float]]:
 @pytest.fixture(scope="module")
 def full_and_micro_gradients():
     """`accumulated_grads` of one batch as 1 and as 2 micro-batches (the function the train step calls)."""
-    graphdef, state = nnx.split(training.create_model(MODEL, CONFIG))
+    graphdef, state = nnx.split(training.create_model(TRAIN_MODEL, TRAIN_CONFIG))
 
     def grads(state, tokens, micro_batches):
         return accumulated_grads(nnx.merge(graphdef, state), tokens, micro_batches=micro_batches)
 
-    tokens = batch(4)
+    tokens = train_batch(4)
     return [jax.jit(grads, static_argnums=2)(state, tokens, m) for m in (1, 2)]
 
 
 def test_micro_batches_accumulate_the_full_batch_gradient(full_and_micro_gradients):
     """Gradient accumulation over 2 micro-batches: the gradient of the whole batch at once."""
-    (full_loss, full_lm, full_aux, full_grads), (micro_loss, micro_lm, micro_aux, micro_grads) = full_and_micro_gradients
+    full, micro = full_and_micro_gradients
+    (full_loss, full_lm, full_aux, full_grads), (micro_loss, micro_lm, micro_aux, micro_grads) = full, micro
     for name, got, expected in (("objective", micro_loss, full_loss), ("lm", micro_lm, full_lm),
                                 ("aux", micro_aux, full_aux)):
         np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=f"2 micro-batches: {name} differs")
@@ -187,11 +174,11 @@ def test_micro_batches_accumulate_the_full_batch_gradient(full_and_micro_gradien
 
 def test_micro_batches_give_the_full_batch_update(full_and_micro_gradients):
     """The train step with micro-batches makes the full batch's update (SGD: linear in the gradient)."""
-    config = dataclasses.replace(CONFIG, optimizer="sgd", grad_clip_norm=0.0)
+    config = dataclasses.replace(TRAIN_CONFIG, optimizer="sgd", grad_clip_norm=0.0)
     results = []
     for micro_batches in (1, 2):
         each = make_trainer(dataclasses.replace(config, micro_batches=micro_batches))
-        state, device_metrics = each.train_step(each.place(each.init_state()), batch(4))
+        state, device_metrics = each.train_step(each.place(each.init_state()), train_batch(4))
         results.append((each.metrics(device_metrics), each.host(state).params))
     (full_metrics, full_params), (micro_metrics, micro_params) = results
     for name in ("loss", "lm", "aux", "grad_norm"):
@@ -204,3 +191,15 @@ def test_micro_batches_give_the_full_batch_update(full_and_micro_gradients):
         allowed = (config.learning_rate * ACCUMULATED_GRAD_RTOL * float(np.max(np.abs(grad)))
                    + 2 * float(np.max(np.spacing(np.abs(np.asarray(param))))))
         assert diff <= allowed, f"2 micro-batches: {path} after one SGD step differs by {diff:.3e} (> {allowed:.3e})"
+
+
+def test_compiled_steps_are_shared_only_by_models_with_the_same_non_parameter_state(trainer):
+    """The cached steps hold the model's non-parameter state as constants: equal state shares them."""
+    assert make_trainer()._train is trainer._train, "an equal model must reuse the compiled steps"
+    dropout = dict(TRAIN_MODEL, attn_dropout=0.1)  # the dropout layer holds an RNG stream (non-parameter state)
+    first = Trainer(training.create_model(dropout, TRAIN_CONFIG), TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE)
+    reseeded = dataclasses.replace(TRAIN_CONFIG, seed=1)
+    second = Trainer(training.create_model(dropout, reseeded), reseeded, compiler_options=FAST_CPU_COMPILE)
+    assert first._train is not second._train, "a model with other non-parameter state got another model's step"
+    again = Trainer(training.create_model(dropout, TRAIN_CONFIG), TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE)
+    assert again._train is first._train and again._eval is first._eval

@@ -11,160 +11,37 @@ Timings are wall-clock medians of interleaved repetitions (the frameworks altern
 a load change on a shared machine hits both), after warm-up, with a synchronisation
 before every clock read. Peak host memory is read from `/proc/self/status` (VmHWM) in a
 fresh subprocess per framework, reset after warm-up, so that compilation is not counted.
-The report lives in `ct_jax.bench.report`, the peak-memory child in `ct_jax.bench.peak_memory`.
+The configs, timing and host setup live in `ct_jax.bench.common`, the report in
+`ct_jax.bench.report`, the peak-memory child in `ct_jax.bench.peak_memory`.
+Import `ct_jax.bench.common` and call `configure_host` before importing this module (it starts
+neither framework, but imports both).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import statistics
+import platform
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import jax
+import torch
 
-
-@dataclasses.dataclass(frozen=True)
-class BenchConfig:
-    """A benchmark case: model kwargs, batch, segments per step and compute dtype."""
-
-    name: str
-    model: Mapping[str, Any]
-    batch: int
-    segments: int = 4
-    dtype: str = "float32"  # compute dtype; parameters stay float32 (torch: autocast)
-    prime: int = 128
-    generate: int = 512
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        for name in ("batch", "segments", "prime", "generate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch * self.segments * self.model["seq_len"]
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["model"] = dict(self.model)
-        return out
-
-
-def _model(dim: int, depth: int, seq_len: int, cmem_len: int, heads: int, memory_layers) -> dict[str, Any]:
-    return dict(num_tokens=256, dim=dim, depth=depth, seq_len=seq_len, mem_len=seq_len, cmem_len=cmem_len,
-                cmem_ratio=4, heads=heads, memory_layers=list(memory_layers))
-
-
-CONFIGS: dict[str, BenchConfig] = {
-    "S": BenchConfig("S", _model(256, 4, 128, 32, 4, [3, 4]), batch=4),
-    "M": BenchConfig("M", _model(512, 8, 256, 64, 8, [6, 7, 8]), batch=2),
-    "L": BenchConfig("L", _model(1024, 16, 512, 128, 16, range(9, 17)), batch=16, dtype="bfloat16"),
-}
-
-
-def parse_config(spec: str) -> BenchConfig:
-    """A named config (S, M, L), a JSON object or the path of a JSON file with BenchConfig's fields."""
-    if spec in CONFIGS:
-        return CONFIGS[spec]
-    text = Path(spec).read_text() if not spec.lstrip().startswith("{") and Path(spec).is_file() else spec
-    try:
-        fields = json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError(
-            f"config must be one of {sorted(CONFIGS)}, a JSON object or a JSON file, got {spec!r}"
-        ) from None
-    if not isinstance(fields, dict) or "model" not in fields or "batch" not in fields:
-        raise ValueError(f"a JSON config needs at least 'model' (kwargs) and 'batch', got {fields!r}")
-    fields.setdefault("name", "custom")
-    return BenchConfig(**fields)
-
-
-def configure_host(device: str, threads: int | None) -> int:
-    """Pins the process to `threads` cores before JAX starts; returns the thread count.
-
-    XLA's CPU thread pool is sized from the process's CPU affinity when the backend
-    starts, and torch gets `torch.set_num_threads(threads)`, so both use the same cores.
-    """
-    if device == "cpu":
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    elif device == "gpu":
-        os.environ.setdefault("JAX_PLATFORMS", "cuda")
-    else:
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    cpus = sorted(os.sched_getaffinity(0))
-    threads = len(cpus) if threads is None else threads
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= len(cpus):
-        raise ValueError(f"threads must be an int in [1, {len(cpus)}] (cores available), got {threads!r}")
-    os.sched_setaffinity(0, cpus[:threads])
-    return threads
-
-
-@dataclasses.dataclass
-class Timing:
-    """Seconds per call over repetitions."""
-
-    samples: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(median=self.median, min=min(self.samples), max=max(self.samples), samples=self.samples)
-
-
-def interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1,
-                sync: Callable[[], None] = lambda: None, settle_s: float = 0.25) -> dict[str, Timing]:
-    """Times each call `reps` times, alternating frameworks (order reversed every repetition).
-
-    Every call must return only after its work is done (each side synchronises inside).
-    `settle_s` of idle before each timed call lets the other framework's worker threads
-    (OpenMP spin-waits, XLA's pool) go to sleep, so they do not steal the cores.
-    """
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            sync()
-            time.sleep(settle_s)
-            start = time.perf_counter()
-            calls[name]()
-            sync()
-            samples[name].append(time.perf_counter() - start)
-    return {name: Timing(values) for name, values in samples.items()}
-
-
-def tokens_for(bench: BenchConfig, segments: int | None = None, seed: int = 0) -> np.ndarray:
-    """The (batch, segments * seq_len + 1) int64 tokens every framework gets."""
-    length = (segments or bench.segments) * bench.model["seq_len"] + 1
-    return np.random.default_rng(seed).integers(0, bench.model["num_tokens"], (bench.batch, length))
-
-
-def upstream_available() -> bool:
-    try:
-        import compressive_transformer_pytorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# --------------------------------------------------------------------------- the run
+from ct_jax import flops as flop_count
+from ct_jax.bench.common import BenchConfig, interleaved
+from ct_jax.bench.jax_side import JaxSide, jax_matmul_seconds
+from ct_jax.bench.peak_memory import measure_peak_memory
+from ct_jax.bench.torch_side import TorchSide, torch_matmul_seconds, upstream_available
 
 
 @dataclasses.dataclass
 class RunOptions:
+    """How to run: device, threads, repetitions, which optional rows, where to log."""
+
     device: str = "cpu"
     threads: int = 1
     reps: int = 3
@@ -179,8 +56,6 @@ class RunOptions:
 def matmul_peaks(device: str, dtype: str, threads: int, reps: int = 5,
                  sizes: tuple[int, ...] | None = None) -> dict[str, dict[str, Any]]:
     """Dense square matmul GFLOP/s per framework, best over a few sizes (the MFU denominator)."""
-    from ct_jax.bench.sides import jax_matmul_seconds, torch_matmul_seconds
-
     sizes = sizes or ((1024, 2048) if device == "cpu" else (4096, 8192))
     out: dict[str, dict[str, Any]] = {}
     for name, timer in (("jax", jax_matmul_seconds), ("torch", torch_matmul_seconds)):
@@ -192,10 +67,6 @@ def matmul_peaks(device: str, dtype: str, threads: int, reps: int = 5,
 def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, generation: bool = True,
                compile_times: bool = True) -> dict[str, Any]:
     """All measurements of one config (generation and compile times optional); a JSON-ready dict."""
-    from ct_jax import flops as flop_count
-    from ct_jax.bench.peak_memory import measure_peak_memory
-    from ct_jax.bench.sides import JaxSide, TorchSide
-
     log = options.log
     record: dict[str, Any] = dict(config=bench.to_json())
     torch_side = TorchSide(bench, options.device, options.threads)
@@ -267,20 +138,17 @@ def run(configs: list[BenchConfig], options: RunOptions, out_dir: Path,
 
     `per_config[i]` may switch off `generation` / `compile` (compile-time rows) for config i.
     """
-    import jax
-    import torch
-
     dtype = configs[0].dtype
     if any(c.dtype != dtype for c in configs):
         raise ValueError(f"configs must share a dtype (the matmul peak is measured once), got "
                          f"{ {c.name: c.dtype for c in configs} }")
     if options.device == "gpu":
         try:
-            platform = jax.default_backend()
+            backend = jax.default_backend()
         except RuntimeError as error:  # JAX_PLATFORMS=cuda without a usable CUDA install
-            platform = f"none ({error})"
-        if platform != "gpu" or not torch.cuda.is_available():
-            raise RuntimeError(f"device='gpu' needs a GPU for both frameworks: JAX's backend is {platform!r}, "
+            backend = f"none ({error})"
+        if backend != "gpu" or not torch.cuda.is_available():
+            raise RuntimeError(f"device='gpu' needs a GPU for both frameworks: JAX's backend is {backend!r}, "
                                f"torch.cuda.is_available() is {torch.cuda.is_available()}")
     out_dir.mkdir(parents=True, exist_ok=True)
     options.log(f"measuring the dense matmul peak ({dtype})")
@@ -302,8 +170,7 @@ def run(configs: list[BenchConfig], options: RunOptions, out_dir: Path,
 
 
 def machine_info(options: RunOptions) -> dict[str, Any]:
-    import platform
-
+    """The CPU, cores, Python, platform and XLA flags of this run (and the GPU's kind on GPU)."""
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as info:
@@ -314,7 +181,5 @@ def machine_info(options: RunOptions) -> dict[str, Any]:
                 python=platform.python_version(), platform=platform.platform(),
                 xla_flags=os.environ.get("XLA_FLAGS", ""))
     if options.device == "gpu":
-        import jax
-
         info["gpu"] = str(jax.devices()[0].device_kind)
     return info

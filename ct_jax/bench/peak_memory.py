@@ -2,11 +2,14 @@
 
 The child reads VmHWM from `/proc/self/status` after resetting it (`clear_refs`), so
 imports, model setup and (for JAX) compilation are not counted: the parent passes its
-compiled step in serialised form.
+compiled step in serialised form. The child imports only its own framework's side
+(`jax_side` or `torch_side`), after `configure_host`, so the other framework's memory is
+not counted and its baseline is measured after the imports.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -14,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ct_jax.bench.harness import BenchConfig, configure_host
+from ct_jax.bench.common import BenchConfig, configure_host
 
 
 def vm_status_mib(field: str) -> float:
@@ -34,8 +37,6 @@ def reset_peak_rss() -> None:
 
 def release_free_heap() -> None:
     """Returns freed heap pages to the OS (glibc `malloc_trim`), so RSS counts live memory only."""
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: RSS may include freed heap
@@ -67,27 +68,24 @@ def _peak_memory_child(spec: dict[str, Any]) -> dict[str, float]:
     """Peak RSS over two training steps (warm-up included), reset after setup; see measure_peak_memory."""
     bench = BenchConfig(**spec["bench"])
     configure_host(spec["device"], spec["threads"])
+    # Imports first (one framework only, after configure_host), then the baseline.
     if spec["framework"] == "jax":
         import jax
 
-        from ct_jax import training  # noqa: F401  (imports first, then the baseline)
-        from ct_jax.bench import sides as bench_sides
+        from ct_jax.bench.jax_side import JaxSide
 
         jax.devices()  # the runtime's own memory counts as baseline
         baseline = vm_status_mib("VmRSS")
-        side = bench_sides.JaxSide(bench, spec["device"], state_dict=None)
+        side = JaxSide(bench, spec["device"], state_dict=None)
         step = side.load_train_step(Path(spec["executable"]))
     else:
-        import torch  # noqa: F401  (imports first, then the baseline)
-
-        import ct_torch_ref  # noqa: F401
-        from ct_jax.bench import sides as bench_sides
+        from ct_jax.bench.torch_side import TorchSide
 
         if spec["framework"] == "upstream":
             import compressive_transformer_pytorch  # noqa: F401
 
         baseline = vm_status_mib("VmRSS")
-        side = bench_sides.TorchSide(bench, spec["device"], spec["threads"], upstream=spec["framework"] == "upstream")
+        side = TorchSide(bench, spec["device"], spec["threads"], upstream=spec["framework"] == "upstream")
         step = side.train_step
     release_free_heap()  # loading an XLA executable leaves ~200 MB of freed loader heap resident
     before = vm_status_mib("VmRSS")

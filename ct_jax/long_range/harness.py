@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from ct_jax.long_range.tasks import RecallTask, recall_mask, span_of
 from ct_jax.long_range.variants import Variant
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
-from ct_jax.training import Trainer, TrainConfig, create_model
+from ct_jax.training import TrainConfig, Trainer, create_model
 
 # The small model of the observations (docs/long-range.md): 2 layers, dim 64, 4 heads.
 SIZES = dict(dim=64, depth=2, heads=4)
@@ -43,7 +43,7 @@ class RecallResult:
 
 
 def token_losses_fn(model: CompressiveTransformer, knockout: bool = False,
-                    compiler_options: dict[str, Any] | None = None) -> Callable[[nnx.State, Int[Array, "b l"]], Float[Array, "b n"]]:
+                    compiler_options: dict[str, Any] | None = None) -> Callable:
     """A jitted `(params, tokens) -> (per-token NLL (b, l - 1), slot spread (layers,))` in eval mode,
     the memory carried over segments.
 
@@ -61,13 +61,13 @@ def token_losses_fn(model: CompressiveTransformer, knockout: bool = False,
     seq_len = model.config.seq_len
 
     @functools.partial(jax.jit, compiler_options=compiler_options)
-    def losses(params: nnx.State, tokens: jax.Array) -> jax.Array:
+    def losses(params: nnx.State, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         net = nnx.merge(graphdef, params, rest)
         b = tokens.shape[0]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         n = inputs.shape[1] // seq_len
-        segments = (jnp.moveaxis(inputs.reshape(b, n, seq_len), 1, 0), jnp.moveaxis(targets.reshape(b, n, seq_len), 1, 0),
-                    jnp.arange(n) == n - 1)
+        by_segment = lambda x: jnp.moveaxis(x.reshape(b, n, seq_len), 1, 0)  # noqa: E731  (n, b, seq_len)
+        segments = (by_segment(inputs), by_segment(targets), jnp.arange(n) == n - 1)
 
         def body(memories, xs):
             x, y, last = xs
@@ -144,8 +144,11 @@ def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *, e
                 log(f"  {variant.name} seed {seed} step {step + 1}: {by_distance}")
     params = trainer.host(state).params
     by_distance, spread = recall_loss(losses, params, task, rows)
-    knocked = recall_loss(token_losses_fn(model, True, compiler_options), params, task, rows)[0] if variant.cmem_len else by_distance
+    knocked = by_distance
+    if variant.cmem_len:
+        knocked = recall_loss(token_losses_fn(model, True, compiler_options), params, task, rows)[0]
     curve.append((steps, float(np.mean(list(by_distance.values())))))
     spans = {d: span_of(task, d, variant.mem_len, variant.covered).value for d in task.distances}
     spread = spread if variant.cmem_len else []
-    return RecallResult(variant.name, seed, steps, by_distance, knocked, spans, spread, curve, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return RecallResult(variant.name, seed, steps, by_distance, knocked, spans, spread, curve, seconds)

@@ -31,7 +31,8 @@ def recall_table(results: Iterable[dict], distances: Sequence[int], chance: floa
             cells.append(f"{summarize(values)} ({'/'.join(sorted(spans))})" if values else "-")
         steps = "/".join(str(s) for s in sorted({r["steps"] for r in runs}))
         lines.append(f"| {name} | {len(runs)} | {steps} | " + " | ".join(cells) + " |")
-    lines.append(f"\nLoss in nats on the recalled symbols, median [min, max] over seeds; chance ln {round(np.exp(chance))} "
+    lines.append(f"\nLoss in nats on the recalled symbols, median [min, max] over seeds; "
+                 f"chance ln {round(np.exp(chance))} "
                  f"= {chance:.2f}; (span) = where the fact sits for that model.")
     return "\n".join(lines)
 
@@ -48,7 +49,8 @@ def text_table(results: Iterable[dict], reference: str) -> str:
         gaps = [r["bpb"] - base[s]["bpb"] for s, r in runs.items() if s in base]
         gap = "reference" if name == reference else (f"{summarize(gaps)}" if gaps else "-")
         any_run = next(iter(runs.values()))
-        lines.append(f"| {name} | {len(runs)} | {any_run['steps']} | {any_run['tokens']} | {summarize(values)} | {gap} |")
+        cells = [name, len(runs), any_run["steps"], any_run["tokens"], summarize(values), gap]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

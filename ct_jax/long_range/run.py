@@ -31,7 +31,8 @@ def _key(kind: str, ratio: int | None, name: str, seed: int, steps: int) -> tupl
     return kind, ratio, name, seed, steps
 
 
-def run_job(plan: Plan, kind: str, ratio: int | None, variant: Variant, seed: int, corpus: str | None) -> dict[str, Any]:
+def run_job(plan: Plan, kind: str, ratio: int | None, variant: Variant, seed: int,
+            corpus: str | None) -> dict[str, Any]:
     """One run of the plan, as the JSON record stored in results.jsonl."""
     options = FAST_CPU_COMPILE if plan.fast_compile else None
     if kind == "recall":

@@ -23,7 +23,7 @@ import numpy as np
 from jaxtyping import Bool, Int
 
 
-class Span(str, enum.Enum):
+class Span(enum.StrEnum):
     """Where the fact sits when its query is read."""
 
     WINDOW = "window"  # in the current segment (plain attention)
@@ -61,7 +61,8 @@ class RecallTask:
         if not self.distances:
             raise ValueError("distances must name at least one distance")
         for distance in self.distances:
-            if isinstance(distance, bool) or not isinstance(distance, int) or not self.fact_len <= distance <= self.last_segment:
+            fits = isinstance(distance, int) and self.fact_len <= distance <= self.last_segment
+            if isinstance(distance, bool) or not fits:
                 raise ValueError(
                     f"each distance must be an int in [fact_len, (n_segments - 1) * seq_len] = "
                     f"[{self.fact_len}, {self.last_segment}] (fact and query must not overlap and the fact "

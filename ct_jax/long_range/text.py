@@ -21,7 +21,7 @@ from ct_jax.long_range.harness import BASE_TRAIN, SIZES
 from ct_jax.long_range.variants import Variant
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
-from ct_jax.training import Trainer, TrainConfig, create_model
+from ct_jax.training import TrainConfig, Trainer, create_model
 
 
 @dataclasses.dataclass

@@ -1,0 +1,175 @@
+"""The paper options (docs/paper-options.md): ct_jax against ct_torch_ref, value for value.
+
+Every non-default option value on its own and random combinations: logits, memories (usage
+included), aux loss over 4 full segments and a short one with padding masks; gradients with
+and without memory gradients (and remat); weights both ways through the converter."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import ct_jax
+import ct_torch_ref
+from ct_jax import autoregressive, convert
+from ct_jax.generation import decode
+from ct_jax.parity import make_inputs
+from tests.configs import OPTION_VALUES, OPTIONS_BASE, random_config, random_options, randomize_
+from tests.tolerances import GENERATION_LOGITS_ATOL, GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
+
+N_SEGMENTS = 5
+
+
+def model_pair(
+    config: dict, seed: int = 1
+) -> tuple[ct_torch_ref.CompressiveTransformer, ct_jax.CompressiveTransformer]:
+    """ct_torch_ref with random weights (every parameter non-zero) and the same weights in JAX."""
+    torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=seed)
+    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
+    convert.from_torch(torch_model.state_dict(), jax_model)
+    return torch_model, jax_model
+
+
+def compare_run(torch_model, jax_model, config: dict, *, mask_kind: str, seed: int, label: str) -> None:
+    """Runs both over N_SEGMENTS segments (the last short) threading memory; checks every output."""
+    segments, masks = make_inputs(config, batch=3, n_segments=N_SEGMENTS, seed=seed, mask_kind=mask_kind)
+    forward = nnx.jit(lambda model, *args: model(*args))
+    torch_memory, jax_memory = None, ct_jax.Memory.empty(jax_model, 3)
+    for index, (tokens, mask) in enumerate(zip(segments, masks)):
+        with torch.no_grad():
+            logits, torch_memory, aux = torch_model(tokens, memories=torch_memory, mask=mask)
+        jax_logits, jax_memory, jax_aux = forward(jax_model, jnp.asarray(tokens.numpy()), jax_memory,
+                                                  jnp.asarray(mask.numpy()))
+        where = f"{label} segment {index}"
+        got = convert.memory_to_torch(jax_memory)
+        assert_close(f"logits, {where}", jax_logits, logits, JAX_VS_TORCH_ATOL)
+        assert_close(f"mem, {where}", got.mem, torch_memory.mem, JAX_VS_TORCH_ATOL)
+        assert_close(f"compressed_mem, {where}", got.compressed_mem, torch_memory.compressed_mem, JAX_VS_TORCH_ATOL)
+        assert_close(f"aux_loss, {where}", jax_aux, aux.reshape(()), JAX_VS_TORCH_ATOL)
+        assert type(got).__name__ == type(torch_memory).__name__, f"memory kind, {where}"
+        if config.get("compression") == "most_used":
+            assert_close(f"mem_usage, {where}", got.mem_usage, torch_memory.mem_usage, JAX_VS_TORCH_ATOL)
+
+
+@pytest.mark.parametrize("option,value", OPTION_VALUES, ids=[f"{n}={v}" for n, v in OPTION_VALUES])
+def test_each_option_value_matches_reference(option, value):
+    """Training mode (aux loss on), right padding: rows padded from the end of the sequence."""
+    config = dict(OPTIONS_BASE, **{option: value})
+    torch_model, jax_model = model_pair(config)
+    torch_model.train()
+    jax_model.train()
+    compare_run(torch_model, jax_model, config, mask_kind="right", seed=3, label=f"{option}={value}")
+
+
+# Random configurations (tests.configs) that compress within 4 full segments, with random
+# options covering dilated conv, most-used and mean pooling, both targets, both paddings,
+# the autoencoder and sinusoidal positions between them.
+RANDOM_CASES = [(3, "train", "left"), (8, "train", "right"), (9, "train", "left"), (49, "eval", "right")]
+
+
+@pytest.mark.parametrize("seed,mode,mask_kind", RANDOM_CASES)
+def test_random_configurations_with_random_options_match_reference(seed, mode, mask_kind):
+    """The property sweep of test_parity.py with random option combinations on top."""
+    config = dict(random_config(seed), **random_options(seed))
+    torch_model, jax_model = model_pair(config, seed=seed)
+    torch_model.train(mode == "train")
+    getattr(jax_model, mode)()
+    compare_run(torch_model, jax_model, config, mask_kind=mask_kind, seed=seed, label=f"random {seed} {config} {mode}")
+
+
+def _torch_grads(torch_model, tokens: torch.Tensor, memory_gradients: bool) -> tuple[float, dict]:
+    torch_model.zero_grad()
+    wrapper = ct_torch_ref.AutoregressiveWrapper(torch_model, memory_gradients=memory_gradients)
+    total = sum(r.loss + r.aux_loss for r in wrapper(tokens, return_loss=True))
+    total.backward()
+    return float(total.detach()), {k: p.grad for k, p in torch_model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "options,memory_gradients,remat",
+    [
+        (dict(compression="dilated_conv", aux_loss="autoencoder", relative_positions="sinusoidal"), True, True),
+        (dict(compression="most_used", reconstruction_target="evicted", eviction_padding="exact"), True, False),
+        (dict(compression="mean_pool", relative_positions="sinusoidal", reconstruction_target="evicted"), False, False),
+    ],
+)
+def test_gradients_match_reference(options, memory_gradients, remat):
+    """Gradients of the summed segment losses (4 segments), with and without memory gradients."""
+    config = dict(OPTIONS_BASE, **options)
+    torch_model, jax_model = model_pair(config, seed=4)
+    torch_model.train()
+    jax_model.train()
+    tokens = torch.randint(0, config["num_tokens"], (2, 4 * config["seq_len"] + 1),
+                           generator=torch.Generator().manual_seed(0))
+    total, torch_grads = _torch_grads(torch_model, tokens, memory_gradients)
+    objective, _, _, grads = autoregressive.sequence_grads(
+        jax_model, jnp.asarray(tokens.numpy()), memory_gradients=memory_gradients, remat=remat
+    )
+    assert_close("objective", objective, total, JAX_VS_TORCH_ATOL)
+    graded = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
+    nnx.update(graded, grads)
+    for key, grad in convert.to_numpy(graded).items():
+        expected = torch_grads.get(key)
+        expected = np.zeros_like(grad) if expected is None else expected.numpy()
+        assert_close(f"grad {key}", grad, expected, GRAD_ATOL, GRAD_RTOL)
+    # Memory gradients change the compressor's gradient (it now learns from later LM losses).
+    _, other = _torch_grads(torch_model, tokens, not memory_gradients)
+    key = "attn_layers.0.fn.fn.compress_mem_fn.conv.weight"
+    if key in torch_grads:
+        assert not torch.allclose(torch_grads[key], other[key])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(relative_positions="sinusoidal", compression="most_used", eviction_padding="exact"),
+        dict(compression="dilated_conv", reconstruction_target="evicted", aux_loss="autoencoder"),
+    ],
+)
+def test_greedy_generation_matches_reference(options):
+    """The cached decoder (2 memory layers rolled by enhanced recurrence) over 5 windows."""
+    config = dict(OPTIONS_BASE, **options)
+    torch_model, jax_model = model_pair(config, seed=2)
+    torch_model.eval()
+    jax_model.eval()
+    prime = np.random.default_rng(0).integers(0, config["num_tokens"], (2, 4))
+    length = 5 * config["seq_len"]
+    draws = []
+    hook = torch_model.register_forward_hook(lambda module, args, out: draws.append(out[0][:, -1].clone()))
+    try:
+        expected = ct_torch_ref.AutoregressiveWrapper(torch_model).generate(torch.from_numpy(prime), length,
+                                                                            temperature=0)
+    finally:
+        hook.remove()
+    expected_logits = torch.stack(draws[-length:], dim=1).numpy()
+    top2 = np.sort(expected_logits, axis=-1)[..., -2:]
+    assert (top2[..., 1] - top2[..., 0]).min() > 2 * GENERATION_LOGITS_ATOL, "near-tie: pick another seed"
+    got = decode(jax_model, prime, length, jax.random.key(0), temperature=0, return_logits=True)
+    assert_close(f"{options}: logits of every draw", got.logits, expected_logits, GENERATION_LOGITS_ATOL)
+    np.testing.assert_array_equal(np.asarray(got.tokens), expected.numpy(), err_msg=str(options))
+
+
+def test_new_parameters_convert_both_ways_and_sinusoidal_loads_into_larger_memory(tmp_path):
+    config = dict(OPTIONS_BASE, compression="dilated_conv", aux_loss="autoencoder", relative_positions="sinusoidal")
+    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(3))
+    state = convert.to_torch(jax_model)
+    assert {"attn_layers.0.fn.fn.to_pos.weight", "attn_layers.0.fn.fn.pos_bias_u",
+            "attn_layers.0.fn.fn.compress_mem_fn.dilated.0.weight",
+            "attn_layers.0.fn.fn.decompress_mem_fn.conv.weight"} <= set(state)
+    assert "pos_emb" not in state
+    torch_model = ct_torch_ref.CompressiveTransformer(**config)
+    torch_model.load_state_dict(state, strict=True)
+    back = convert.from_torch(torch_model.state_dict(), ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(9)))
+    for key, value in convert.to_numpy(back).items():
+        np.testing.assert_array_equal(value, state[key].numpy(), err_msg=key)
+    larger = dict(config, mem_len=12, cmem_len=9)
+    convert.from_torch(state, ct_jax.CompressiveTransformer(**larger, rngs=nnx.Rngs(0)))  # strict: no error
+    # Checkpoint directories carry the options in config.json, both ways.
+    convert.save_pretrained(jax_model, tmp_path / "jax")
+    assert ct_torch_ref.load_pretrained(tmp_path / "jax").config == torch_model.config
+    ct_torch_ref.save_pretrained(torch_model, tmp_path / "torch")
+    assert convert.load_pretrained(tmp_path / "torch").config == jax_model.config

@@ -1,0 +1,1 @@
+"""Programs the tests start in fresh Python processes (`python -m tests.workers.<name>`)."""
