@@ -97,4 +97,4 @@ QUICK = Plan(recall_task(quick=True), ratios=(2,), seeds=(0,), steps=30, ablatio
              text_steps=10, text_eval_bytes=4_096, text_max_bytes=1 << 20,
              fast_compile=True, main_names=("CT LONG_RANGE", f"TXL mem {MEM_LEN + CMEM_LEN} (same slots)"))
 FULL = Plan(recall_task(), ratios=(2, 4), seeds=(0, 1, 2), steps=1000, ablation_seeds=(0,), text_seeds=(0, 1, 2),
-            text_steps=400)
+            text_steps=300)
