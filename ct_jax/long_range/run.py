@@ -1,0 +1,117 @@
+"""Runs a `Plan`: the main recall runs, the text runs, then the ablations, `jobs` at a time in
+worker processes; each result is appended to a JSON-lines file as it comes (a run already
+there is skipped, so an interrupted benchmark resumes), then the tables are written."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ct_jax.data import load_corpus
+from ct_jax.long_range.harness import train_recall
+from ct_jax.long_range.report import recall_table, spread_table, text_table
+from ct_jax.long_range.suite import Plan, main_variants
+from ct_jax.long_range.text import train_text
+from ct_jax.long_range.variants import Variant
+from ct_jax.training import FAST_CPU_COMPILE
+
+
+def _done(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _key(kind: str, ratio: int | None, name: str, seed: int, steps: int) -> tuple:
+    return kind, ratio, name, seed, steps
+
+
+def run_job(plan: Plan, kind: str, ratio: int | None, variant: Variant, seed: int,
+            corpus: str | None) -> dict[str, Any]:
+    """One run of the plan, as the JSON record stored in results.jsonl."""
+    options = FAST_CPU_COMPILE if plan.fast_compile else None
+    if kind == "recall":
+        result = train_recall(plan.task, variant, seed, plan.steps, compiler_options=options)
+    else:
+        splits = load_corpus(corpus, max_bytes=plan.text_max_bytes)
+        result = train_text(splits, variant, seed, plan.text_steps, eval_bytes=plan.text_eval_bytes,
+                            compiler_options=options)
+    return dict(kind=kind, ratio=ratio, **dataclasses.asdict(result))
+
+
+def _jobs(plan: Plan, recall: bool, text: bool) -> list[tuple[str, int | None, Variant, int]]:
+    jobs = [("recall", r, v, s) for r, v, s in plan.recall_runs()] if recall else []
+    if text:
+        jobs += [("text", None, v, s) for s in plan.text_seeds for v in plan.text_variants()]
+    if recall:
+        jobs += [("recall", r, v, s) for r, v, s in plan.recall_runs(ablation=True)]
+    return jobs
+
+
+def run_plan(plan: Plan, out_dir: str | Path, *, recall: bool = True, text: bool = True, corpus: str | None = None,
+             jobs: int = 1, log: Callable[[str], Any] = print) -> str:
+    """Trains what `plan` lists (skipping runs already recorded in `out_dir/results.jsonl`), `jobs`
+    runs at a time, and returns the Markdown tables (also written to `out_dir/tables.md`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    records = _done(results_path)
+    done = {_key(r["kind"], r["ratio"], r["variant"], r["seed"], r["steps"]) for r in records}
+    todo = [job for job in _jobs(plan, recall, text)
+            if _key(job[0], job[1], job[2].name, job[3], plan.steps if job[0] == "recall" else plan.text_steps)
+            not in done]
+
+    def record(result: dict[str, Any]) -> None:
+        with results_path.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        records.append(result)
+        score = result["loss_by_distance"] if result["kind"] == "recall" else f"{result['bpb']:.3f} bpb"
+        log(f"{result['kind']} ratio {result['ratio']} | {result['variant']} | seed {result['seed']}: {score} "
+            f"({result['seconds']:.0f} s)")
+
+    if jobs == 1:
+        for job in todo:
+            record(run_job(plan, *job, corpus))
+    else:
+        context = multiprocessing.get_context("spawn")  # JAX does not survive fork
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = [pool.submit(run_job, plan, *job, corpus) for job in todo]
+            for future in concurrent.futures.as_completed(futures):
+                record(future.result())
+    tables = _tables(plan, records)
+    (out / "tables.md").write_text(tables)
+    return tables
+
+
+def _tables(plan: Plan, records: list[dict[str, Any]]) -> str:
+    parts = []
+    for ratio in plan.ratios:
+        # a Transformer-XL shared by two ratios ran once, under the first: show it under both
+        shared = {v.name for v in main_variants(ratio) if v.cmem_len == 0}
+        rows = [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps
+                and (r["ratio"] == ratio or r["variant"] in shared)]
+        if rows:
+            parts.append(f"### Recall, ratio {ratio}\n\n" + recall_table(rows, plan.task.distances, plan.task.chance))
+            knocked = [dict(r, loss_by_distance=r["knockout_by_distance"]) for r in rows if r["slot_spread"]]
+            parts.append(f"### Recall with another row's compressed slots at the query, ratio {ratio}\n\n"
+                         + recall_table(knocked, plan.task.distances, plan.task.chance))
+            spread = spread_table(rows)
+            if spread:
+                parts.append(f"### Compressed-slot spread, ratio {ratio}\n\n" + spread)
+    texts = [r for r in records if r["kind"] == "text" and r["steps"] == plan.text_steps]
+    if texts:
+        parts.append("### Natural text (streamed validation)\n\n" + text_table(texts, plan.text_variants()[1].name))
+    return "\n\n".join(parts) + "\n"
+
+
+def _int_keys(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON turns the distance keys into strings; back to ints."""
+    fix = lambda d: {int(k): v for k, v in d.items()}  # noqa: E731
+    return dict(record, loss_by_distance=fix(record["loss_by_distance"]),
+                knockout_by_distance=fix(record["knockout_by_distance"]),
+                span_by_distance=fix(record["span_by_distance"]))

@@ -1,0 +1,72 @@
+"""The long-range benchmark: task rows, span bookkeeping, and the quick mode end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ct_jax.long_range.tasks import RecallTask, Span, recall_mask, span_of
+from ct_jax.long_range.variants import baselines
+
+
+def test_rows_hold_fact_and_query_at_the_distance():
+    task = RecallTask(n_segments=5, distances=(8, 16, 48))
+    tokens, distances = task.sample(np.random.default_rng(0), 64)
+    assert tokens.shape == (64, task.window) and set(distances) == {8, 16, 48}
+    for row, distance in zip(tokens, distances):
+        start = task.query_start(int(distance))
+        fact, query = row[start - distance : start - distance + task.fact_len], row[start : start + task.fact_len]
+        assert np.array_equal(fact, query) and len(set(fact)) == task.fact_len and fact.max() < task.n_keys
+        fact_at, query_at = start - distance, start
+        others = np.delete(row, np.r_[fact_at : fact_at + task.fact_len, query_at : query_at + task.fact_len])
+        assert others.min() >= task.n_keys  # filler only outside fact and query
+    mask = recall_mask(task, distances)
+    assert mask.sum(axis=1).tolist() == [task.fact_len - task.cue_len] * 64
+
+
+def test_spans_follow_the_memory_geometry():
+    task = RecallTask(n_segments=5, distances=(8, 16, 32, 48, 64))
+    ct2 = {d: span_of(task, d, 16, 16 + 16 * 2) for d in task.distances}
+    assert ct2 == {8: Span.WINDOW, 16: Span.MEMORY, 32: Span.COMPRESSED, 48: Span.COMPRESSED, 64: Span.BEYOND}
+    same_slots, same_span = baselines(16, 16, 2)
+    assert (same_slots.attended, same_span.covered) == (32, 48)
+    assert span_of(task, 48, same_slots.mem_len, same_slots.covered) is Span.BEYOND
+    assert span_of(task, 48, same_span.mem_len, same_span.covered) is Span.MEMORY
+
+
+def test_task_rejects_a_distance_that_does_not_fit():
+    with pytest.raises(ValueError, match="distance"):
+        RecallTask(n_segments=4, distances=(64,))
+
+
+def _script():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "long_range.py"
+    spec = importlib.util.spec_from_file_location("long_range_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_mode_runs_and_writes_tables(tmp_path):
+    tables = _script().main(["--quick", "--out", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    kinds = {(r["kind"], r["variant"]) for r in records}
+    assert ("recall", "CT LONG_RANGE") in kinds and ("text", "CT LONG_RANGE") in kinds
+    assert all(np.isfinite(v) for r in records if r["kind"] == "recall" for v in r["loss_by_distance"].values())
+    assert "TXL mem 32 (same slots)" in tables and (tmp_path / "tables.md").read_text() == tables
+
+
+def test_long_range_preset_holds_options_only_and_is_valid():
+    from ct_jax.config import ModelConfig
+    from ct_jax.presets import LONG_RANGE
+    from ct_jax.training import TrainConfig
+
+    sizes = {"num_tokens", "dim", "depth", "heads", "seq_len", "mem_len", "cmem_len", "cmem_ratio"}
+    assert set(LONG_RANGE) == {"model", "train"} and not sizes & set(LONG_RANGE["model"])
+    config = ModelConfig(num_tokens=32, dim=64, seq_len=16, depth=2, heads=4, mem_len=16, cmem_len=16, cmem_ratio=4,
+                         **LONG_RANGE["model"])
+    assert config.compression == "mean_pool" and TrainConfig(**LONG_RANGE["train"]).memory_gradients
