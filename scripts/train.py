@@ -112,7 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_dataclass_flags(parser.add_argument_group("model"), ModelConfig, model_defaults, OPTIONS)
     choices = dict(optimizer=[o.value for o in Optimizer], schedule=[s.value for s in Schedule], dtype=sorted(DTYPES),
                    parallel=["auto"] + [p.value for p in Parallel], data_order=[d.value for d in DataOrder])
-    train_defaults = dict(TRAIN_DEFAULTS, parallel="auto")
     _add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, train_defaults, choices)
     run = parser.add_argument_group("run")
     run.add_argument("--data", default=None, help="corpus: a text file or folder, enwik8[.gz|.zip], 'enwik8:PATH' or "

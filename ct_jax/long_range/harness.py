@@ -87,10 +87,10 @@ def token_losses_fn(model: CompressiveTransformer, knockout: bool = False,
 def _spread(memories: Memory) -> Float[Array, " l"]:
     """(layers,) std over the valid compressed slots / std over the valid memory slots."""
 
-    def std(x: jax.Array, valid: jax.Array) -> jax.Array:  # x (l, b, n, d) right-aligned valid
-        keep = (jnp.arange(x.shape[2]) >= x.shape[2] - valid)[None, None, :, None]
-        count = jnp.maximum(valid, 1)
-        mean = jnp.sum(jnp.where(keep, x, 0), axis=2, keepdims=True) / count
+    def std(x: jax.Array, valid: jax.Array) -> jax.Array:  # x (l, b, n, d) right-aligned, valid (b,) per row
+        keep = (jnp.arange(x.shape[2])[None, :] >= x.shape[2] - valid[:, None])[None, :, :, None]  # (1, b, n, 1)
+        count = jnp.maximum(valid, 1)[None, :, None].astype(x.dtype)  # (1, b, 1)
+        mean = jnp.sum(jnp.where(keep, x, 0), axis=2, keepdims=True) / count[..., None]
         var = jnp.sum(jnp.where(keep, jnp.square(x - mean), 0), axis=2) / count
         return jnp.mean(jnp.sqrt(var), axis=(1, 2))
 
