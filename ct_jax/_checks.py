@@ -47,3 +47,13 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return value
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """`value` itself, which must be one of the strings `allowed`."""
+    listed = ", ".join(repr(a) for a in allowed)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {listed} (a str), got {value!r}")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {listed}, got {value!r}")
+    return value

@@ -14,9 +14,21 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ct_jax import compression
 from ct_jax import memory as memlib
+from ct_jax._checks import check_choice
 from ct_jax.config import ModelConfig
 from ct_jax.layers import linear, wide
 from ct_jax.positions import sinusoid_table
+
+# `attention_impl`: "xla" computes the scores, the masked softmax and the value product as
+# separate ops (the default); "fused" hands them to `jax.nn.dot_product_attention` (cuDNN on a
+# GPU in 16-bit compute), with the position logits and the masks as its additive bias.
+ATTENTION_IMPLS = ("xla", "fused")
+# The fused path's bias for keys a query may not see, and for buffer slots that hold nothing.
+# Finite, far apart: a row with no visible key stays uniform over its valid slots (upstream's
+# -finfo.max), and invalid slots still get exactly zero weight (exp underflows) in every row.
+_F32_MAX = float(np.finfo(np.float32).max)
+_HIDDEN_BIAS = -0.25 * _F32_MAX
+_INVALID_BIAS = -0.75 * _F32_MAX
 
 
 def masked_softmax(logits: Float[Array, "*lead k"], valid: Bool[Array, "*#lead k"]) -> Float[Array, "*lead k"]:
@@ -82,10 +94,12 @@ class SelfAttention(nnx.Module):
     decoder (`ct_jax.generation`), which differ only in where keys and values come from.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attention_impl: str = "xla"):
         dim = config.dim
         self.config = config
         self.dtype = dtype
+        self.attention_impl = check_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
         opts = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.compress_mem_fn = compression.make_compressor(config.compression, dim, config.cmem_ratio, **opts)
         self.to_q = linear(dim, dim, use_bias=False, **opts)
@@ -204,7 +218,8 @@ class SelfAttention(nnx.Module):
         of memory) or shared by the batch ((c,) and ());
         `window_valid`: which window slots hold tokens (None = all); `mask`: padding over the
         window, True = real token. Invalid slots get exactly zero weight. `with_probs`: also
-        return the attention probabilities (before dropout).
+        return the attention probabilities (before dropout); the fused path cannot, so asking
+        for them runs the "xla" path (`fuses`).
         """
         n_keys = sum(k.shape[2] for k in keys)
         n_buffer = buffer_valid.shape[-1]
@@ -213,25 +228,64 @@ class SelfAttention(nnx.Module):
         if self.config.relative_positions == "sinusoidal":  # Transformer-XL: (q + u) . k + (q + v) . R
             content_q = q + self.pos_bias_u[...].astype(q.dtype)[None, :, None, :]
             position_q = q + self.pos_bias_v[...].astype(q.dtype)[None, :, None, :]
-        dots = jnp.concatenate([self.content_logits(content_q, k) for k in keys], axis=-1)  # [b, h, n, keys]
         pos = self.position_logits(position_q, pos_emb, total_mem_valid=total_mem_valid, n_buffer=n_buffer,
                                    first_query=first_query, keys=n_keys)
-        dots = (dots + pos).astype(wide(self.dtype))
         visible = self.visible(n_buffer, first_query, q.shape[2], n_window, mask)
-        # Masked logits get -finfo.max as upstream (a fully masked row is uniform, not NaN);
-        # slots not valid get exactly zero weight.
-        dots = jnp.where(visible, dots, -jnp.finfo(dots.dtype).max)
         if window_valid is None:
             window_valid = jnp.ones((n_window,), bool)
         window_valid = jnp.broadcast_to(window_valid, (*buffer_valid.shape[:-1], n_window))
         slot_valid = jnp.concatenate([buffer_valid, window_valid], axis=-1)  # [c + s] or [b, c + s]
         slot_valid = slot_valid[None, None, None, :] if slot_valid.ndim == 1 else slot_valid[:, None, None, :]
+        if self.fuses(with_probs):
+            return self._fused_attend(content_q, keys, values, pos, visible, slot_valid, rngs)
+        dots = jnp.concatenate([self.content_logits(content_q, k) for k in keys], axis=-1)  # [b, h, n, keys]
+        dots = (dots + pos).astype(wide(self.dtype))
+        # Masked logits get -finfo.max as upstream (a fully masked row is uniform, not NaN);
+        # slots not valid get exactly zero weight.
+        dots = jnp.where(visible, dots, -jnp.finfo(dots.dtype).max)
         probs = masked_softmax(dots, slot_valid).astype(values[0].dtype)
         attn = self.attn_dropout(probs, rngs=rngs)
         offsets = np.cumsum([0] + [v.shape[2] for v in values])
         out = sum(_weighted(attn[..., lo:hi], v) for v, lo, hi in zip(values, offsets[:-1], offsets[1:]))
         out = self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")), rngs=rngs)
         return (out, probs) if with_probs else out
+
+    def fuses(self, with_probs: bool = False) -> bool:
+        """Whether `attend` takes the fused path now: attention_impl="fused", no attention
+        dropout in the current mode, and no probabilities asked for (compression="most_used"
+        reads them at full segments). Otherwise the "xla" path runs, with the same values."""
+        dropout_on = self.config.attn_dropout > 0 and not self.attn_dropout.deterministic
+        return self.attention_impl == "fused" and not dropout_on and not with_probs
+
+    def _fused_attend(
+        self,
+        q: Float[Array, "b h n dh"],
+        keys: Sequence[Float[Array, "b h _ dh"]],
+        values: Sequence[Float[Array, "b h _ dh"]],
+        pos: Float[Array, "b h n k"],
+        visible: Bool[Array, "#b 1 n k"],
+        slot_valid: Bool[Array, "#b 1 1 k"],
+        rngs: nnx.Rngs | None,
+    ) -> Float[Array, "b n dim"]:
+        """`attend`'s output through `jax.nn.dot_product_attention`: softmax(q.k * scale + bias) v
+        with bias = the scaled position logits where visible, and the masks as large negative
+        values (`_HIDDEN_BIAS`, `_INVALID_BIAS`: the same weights as the "xla" path)."""
+        k = keys[0] if len(keys) == 1 else jnp.concatenate(keys, axis=2)  # [b, h, keys, dh]
+        v = values[0] if len(values) == 1 else jnp.concatenate(values, axis=2)
+        bias = jnp.where(slot_valid, jnp.where(visible, pos.astype(wide(self.dtype)), _HIDDEN_BIAS), _INVALID_BIAS)
+        heads_last = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  [b, h, n, dh] -> [b, n, h, dh]
+        args = (heads_last(q), heads_last(k), heads_last(v))
+        scale = self.config.dim_head**-0.5
+        out = None
+        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            try:  # cuDNN's flash attention; it refuses some shapes (head dim, odd lengths) at trace time
+                out = jax.nn.dot_product_attention(*args, bias=bias.astype(q.dtype), scale=scale,
+                                                   implementation="cudnn")
+            except (NotImplementedError, ValueError):
+                out = None
+        if out is None:
+            out = jax.nn.dot_product_attention(*args, bias=bias, scale=scale)  # [b, n, h, dh]
+        return self.dropout(self.to_out(rearrange(out, "b n h d -> b n (h d)")), rngs=rngs)
 
     def __call__(
         self,
@@ -267,13 +321,16 @@ class SelfAttention(nnx.Module):
 
         q = self.queries(x)
         k, v = self.keys_values(jnp.concatenate([cmem, mem, x], axis=1))  # [b, h, c+m+t, dh] each
-        out, probs = self.attend(q, [k], [v], pos_emb=pos_emb, total_mem_valid=total_mem_valid,
-                                 buffer_valid=buffer_valid, mask=mask, rngs=rngs, with_probs=True)
+        updates = layer_memory is not None and t == config.seq_len
+        with_probs = updates and config.compression == "most_used"  # the attention each slot received
+        attended = self.attend(q, [k], [v], pos_emb=pos_emb, total_mem_valid=total_mem_valid,
+                               buffer_valid=buffer_valid, mask=mask, rngs=rngs, with_probs=with_probs)
+        out, probs = attended if with_probs else (attended, None)
 
-        if layer_memory is None or t != config.seq_len:
+        if not updates:
             return out, layer_memory, jnp.zeros((), wide(self.dtype))
         read = None
-        if config.compression == "most_used":
+        if with_probs:
             read = compression.attention_received(probs[..., n_cmem:n_buffer].astype(jnp.float32), mask)
         new_memory, aux_loss = self.update_memory(
             layer_memory._replace(mem=mem, compressed_mem=cmem), x, q, k[:, :, n_cmem:n_buffer],

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ct_jax.attention import SelfAttention
+from ct_jax._checks import check_choice
+from ct_jax.attention import ATTENTION_IMPLS, SelfAttention
 from ct_jax.config import ModelConfig
 from ct_jax.layers import FeedForward, GRUGate, Mogrifier, layer_norm, linear, wide
 from ct_jax.memory import Memory
@@ -45,13 +46,20 @@ class CompressiveTransformer(nnx.Module):
 
     `dtype` is the compute dtype (e.g. bfloat16) and `param_dtype` the storage dtype;
     norms, softmax, logits and the aux loss stay in (at least) float32.
+    `attention_impl` ("xla" or "fused", `ct_jax.attention.ATTENTION_IMPLS`) picks how the
+    attention core runs, with equal values: "fused" uses `jax.nn.dot_product_attention`
+    (cuDNN on a GPU) wherever it can (see `SelfAttention.fuses`). Like the dtypes it is a
+    JAX-side choice, not a constructor keyword of upstream's: it is not in `config`.
     """
 
     def __init__(self, num_tokens: int, dim: int, seq_len: int, depth: int, *, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, **kwargs: Any):
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, attention_impl: str = "xla",
+                 **kwargs: Any):
         config = ModelConfig.from_kwargs(dict(num_tokens=num_tokens, dim=dim, seq_len=seq_len, depth=depth, **kwargs))
+        attention_impl = check_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
         self.config = config
         self.dtype = dtype
+        self.attention_impl = attention_impl
         emb_dim = config.emb_dim
         opts = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.token_emb = nnx.Embed(num_tokens, emb_dim, embedding_init=jax.nn.initializers.normal(1.0),
@@ -65,7 +73,8 @@ class CompressiveTransformer(nnx.Module):
         self.to_emb_dim = linear(dim, emb_dim, **opts) if emb_dim != dim else None  # upstream to_logits.0
         self.to_logits = linear(emb_dim, num_tokens, **opts)  # upstream to_logits.1
         self.attn_layers = nnx.List([
-            Sublayer(dim, SelfAttention(config, **opts), config, **opts) for _ in range(depth)
+            Sublayer(dim, SelfAttention(config, attention_impl=attention_impl, **opts), config, **opts)
+            for _ in range(depth)
         ])
         self.ff_layers = nnx.List([
             Sublayer(dim, FeedForward(dim, dropout=config.ff_dropout, glu=config.ff_glu, **opts), config, **opts)
