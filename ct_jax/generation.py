@@ -285,6 +285,26 @@ def _prime_capacity(prime_len: int) -> int:
     return max(64, 1 << (prime_len - 1).bit_length())
 
 
+def with_dtype(model: CompressiveTransformer, dtype: Any) -> CompressiveTransformer:
+    """`model` computing in, and holding its weights in, `dtype` (e.g. bfloat16: half the bytes
+    a decoded token reads); the model itself if it already does. Norms, softmax and logits stay
+    in (at least) float32 as in any compute dtype."""
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a floating dtype (e.g. jnp.bfloat16) or None, got {dtype!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype (e.g. jnp.bfloat16) or None, got {dtype}")
+    params = nnx.state(model, nnx.Param)
+    if dtype == model.dtype and all(x.dtype == dtype for x in jax.tree.leaves(params)):
+        return model
+    copy = nnx.eval_shape(lambda: CompressiveTransformer(
+        **model.config.to_kwargs(), rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+        attention_impl=model.attention_impl))
+    nnx.update(copy, jax.tree.map(lambda x: x.astype(dtype), params), nnx.state(model, nnx.Not(nnx.Param)))
+    return copy
+
+
 def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
@@ -303,12 +323,18 @@ def decode(
     *,
     return_logits: bool = False,
     on_token: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+    dtype: Any = None,
 ) -> Decoded:
     """`generate` with everything: tokens, lengths and (optionally) the logits of each draw.
 
     `on_token(index, tokens)` (a hashable callable) is called from inside the compiled
     loop (`jax.debug.callback`, ordered) with each step's (b,) tokens as they are made.
+    `dtype`: decode with the weights, activations, memory and cache in this dtype (e.g.
+    `jnp.bfloat16`; `with_dtype`); None = the model's own (float32: exact, the default).
+    bfloat16's agreement with float32 is `ct_jax.parity.BF16_DECODE_LOGITS_ATOL`.
     """
+    if dtype is not None:
+        model = with_dtype(model, dtype)
     config = model.config
     prime = jnp.asarray(prime)
     if prime.ndim not in (1, 2) or not jnp.issubdtype(prime.dtype, jnp.integer):
@@ -374,6 +400,8 @@ def generate(
     filter_thres: float = 0.9,
     eos_token: int | None = None,
     mask: Bool[ArrayLike, "*b p"] | None = None,
+    *,
+    dtype: Any = None,
 ) -> Int[Array, "*b n"] | tuple[Int[Array, "*b n"], Int[Array, "*b"]]:
     """Samples `length` tokens after `prime` in one compiled call; same windows and memory as
     `ct_torch_ref`'s generate.
@@ -388,7 +416,9 @@ def generate(
     slots hold `eos_token`, and the loop ends once every row has emitted one. (The
     reference instead stops only when every row draws eos at the same step; shapes here
     stay static: trim with `tokens[:, :lengths.max()]` outside `jit` for its shape.)
+    dtype: decode in this dtype (e.g. jnp.bfloat16: weights and cache cast; see `decode`);
+    None = the model's own.
     The first call per (model structure, shapes, length, filter) compiles; later calls reuse it.
     """
-    out = decode(model, prime, length, rng, temperature, filter_logits_fn, filter_thres, eos_token, mask)
+    out = decode(model, prime, length, rng, temperature, filter_logits_fn, filter_thres, eos_token, mask, dtype=dtype)
     return out.tokens if eos_token is None else (out.tokens, out.lengths)
