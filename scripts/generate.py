@@ -2,7 +2,7 @@
 
     python scripts/generate.py --checkpoint ckpt/ --prime "The " --length 500
     python scripts/generate.py --checkpoint ckpt/ --prime-file prompt.txt --length 200 \\
-        --temperature 0.8 --top-k 20 --seed 1
+        --temperature 0.8 --top-k 20 --seed 1 --dtype bfloat16
 
 Tokens are bytes (a byte-level model: token t < 256 is printed as byte t; any larger id as
 `<id>`). The prime is the UTF-8 encoding of --prime, or the raw bytes of --prime-file.
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     filters.add_argument("--top-k", type=int, help="keep the K most likely tokens")
     filters.add_argument("--top-p", type=float, help="keep the most likely tokens until their probability exceeds P")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="decode in this dtype (bfloat16: weights and cache cast, half the bytes per token; "
+                        "close to float32, not equal: ct_jax.parity.BF16_DECODE_LOGITS_ATOL); default float32")
     return parser.parse_args(argv)
 
 
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     result = decode(model, list(prime), args.length, jax.random.key(args.seed), args.temperature,
-                    filter_fn, filter_thres, on_token=write)
+                    filter_fn, filter_thres, on_token=write, dtype=jnp.dtype(args.dtype))
     jax.block_until_ready(result.tokens)
     jax.effects_barrier()  # every callback has run
     seconds = time.perf_counter() - start

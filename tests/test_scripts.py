@@ -58,6 +58,15 @@ def test_generate_refuses_a_folder_as_prime_file_and_reads_a_training_folder(run
     assert "3 tokens in" in done.stderr
 
 
+def test_generate_decodes_in_bfloat16(run_folder):
+    done = _script("scripts/generate.py", "--checkpoint", str(run_folder), "--prime", "ab", "--length", "3",
+                   "--temperature", "0", "--dtype", "bfloat16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3 tokens in" in done.stderr
+    _refused(_script("scripts/generate.py", "--checkpoint", str(run_folder), "--prime", "a", "--length", "2",
+                     "--dtype", "int8"), "argument --dtype: invalid choice: 'int8'")
+
+
 def test_convert_refuses_bad_configs_non_finite_weights_and_another_models_config(tmp_path, run_folder):
     _refused(_script("scripts/convert.py", "--from", str(run_folder / "model" / "model.safetensors"), "--config",
                      "[1,2]", "--to", str(tmp_path / "out")), "model arguments must be a mapping")
