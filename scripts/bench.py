@@ -2,7 +2,7 @@
 
     python scripts/bench.py                       # CPU: S (every row) and M (train, eval, memory, FLOP/s)
     python scripts/bench.py --config M --all      # every row on M
-    python scripts/bench.py --device gpu --config L
+    python scripts/bench.py --device gpu --config L   # both frameworks, bf16, both attention paths
     python scripts/bench.py --config '{"name": "tiny", "model": {...}, "batch": 2, "segments": 2}'
 
 Prints a Markdown table; writes bench.json and bench.png (JAX/reference ratios) into --out.
@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-segments", default="2,8,32", help="segment counts of the compile-time row")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-upstream", action="store_true", help="skip the upstream package even if installed")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time ct_jax with attention_impl='fused' (default: on GPU only)")
+    parser.add_argument("--generation-seq-lens", default="512",
+                        help="generation rows at these seq_len too, memory scaled alike (default 512; '' for none)")
+    parser.add_argument("--no-bf16-generation", action="store_true", help="skip the bfloat16 decoding row")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -43,6 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--compile-segments must be comma-separated ints, got {args.compile_segments!r}")
     if any(n < 1 for n in args.compile_segments):
         parser.error(f"--compile-segments must be positive, got {args.compile_segments}")
+    try:
+        args.generation_seq_lens = tuple(int(n) for n in args.generation_seq_lens.split(",") if n)
+    except ValueError:
+        parser.error(f"--generation-seq-lens must be comma-separated ints, got {args.generation_seq_lens!r}")
+    if any(n < 1 for n in args.generation_seq_lens):
+        parser.error(f"--generation-seq-lens must be positive, got {args.generation_seq_lens}")
+    if args.fused is None:
+        args.fused = args.device == "gpu"
     return args
 
 
@@ -64,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
     options = harness.RunOptions(device=args.device, threads=threads, reps=args.reps, warmup=args.warmup,
                                  compile_segments=args.compile_segments, peak_memory=not args.no_memory,
-                                 upstream=not args.no_upstream, log=log)
+                                 upstream=not args.no_upstream, fused=args.fused,
+                                 generation_seq_lens=args.generation_seq_lens,
+                                 bf16_generation=not args.no_bf16_generation, log=log)
     first_only = [args.all or index == 0 for index in range(len(configs))]
     per_config = [dict(generation=on, compile=on) for on in first_only]
     record = harness.run(configs, options, args.out, per_config=per_config)

@@ -87,20 +87,27 @@ def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
     bench = common.BenchConfig("tiny", TINY, batch=2, segments=2, prime=5, generate=4,
                                targets=dict(cpu=dict(train=1e-3, memory=1e3)))
     options = harness.RunOptions(threads=1, reps=1, warmup=0, compile_segments=(2, 3), matmul_sizes=(64,),
-                                 log=print)
+                                 fused=True, generation_seq_lens=(16,), log=print)
     record = harness.run([bench], options, tmp_path)
     rec = record["configs"]["tiny"]
     for kind in ("train", "eval"):
-        assert {"jax", "torch"} <= set(rec[kind]), f"{kind} is missing a framework: {sorted(rec[kind])}"
-    assert rec["generation"]["jax"].get("tokens_per_s", 0) > 0, rec["generation"]["jax"]
+        assert {"jax", "jax_fused", "torch"} <= set(rec[kind]), f"{kind} is missing a framework: {sorted(rec[kind])}"
+    for fw in ("jax", "jax_fused", "jax_bf16", "torch"):
+        assert rec["generation"][fw].get("tokens_per_s", 0) > 0, (fw, rec["generation"])
+    assert rec["generation_at"]["16"]["model"]["seq_len"] == 16 and rec["generation_at"]["16"]["torch"]["median"] > 0
+    assert rec["decode_floor"]["bfloat16"]["weights_bytes"] * 2 == rec["decode_floor"]["float32"]["weights_bytes"]
     assert set(rec["compile"]) == {"2", "3"}
     assert all(rec["peak_memory"][fw]["step_mib"] > 0 for fw in ("jax", "torch")), rec["peak_memory"]
     table = bench_report.markdown(record)
     body = [line.split(" | ") for line in table.splitlines() if line.startswith("| tiny")]
-    assert len(body) == 6, table  # train, eval, generation, compile, memory, FLOP/s
-    for cells in body:  # | config | measurement | ct_jax | ct_torch_ref | upstream? | ratio | target | met |
-        torch_cell = () if cells[1].startswith("compile") else (cells[3],)  # torch compiles nothing
+    # train, eval, generation (at 8, at 16, bf16), decoding vs floor (float32, bf16), compile, memory, FLOP/s
+    assert len(body) == 10, table
+    jax_only = ("compile", "generation, bfloat16", "decoding ms")  # torch compiles nothing; JAX-only rows
+    for cells in body:  # | config | measurement | ct_jax | ct_jax fused | ct_torch_ref | upstream? | ratio | target |
+        torch_cell = () if cells[1].startswith(jax_only) else (cells[4],)
         assert "—" not in (cells[2], *torch_cell, cells[-3]), f"unfilled row: {cells}"
+    fused_rows = ("train step,", "eval forward", "generation, tok/s", "model GFLOP/s")
+    assert "—" not in [cells[3] for cells in body if cells[1].startswith(fused_rows)], table
     targets = {cells[1].split(",")[0]: cells[-2] for cells in body}
     assert targets["train step"] == "≥ 0.001x" and targets["train step host memory"] == "≤ 1000", targets
     assert targets["eval forward"] == "—", "only the config's own targets are shown"

@@ -6,7 +6,10 @@ and tokens, through its public path:
   the state donated; torch `AutoregressiveWrapper(return_loss=True)` with one
   `(loss + aux).backward()` per segment, clip_grad_norm 0.5, Adam 1e-4;
 - eval forward: every segment in eval mode (no aux loss), no gradients;
-- generation: prime of 128 tokens, 512 new, batch 1, top-k sampling.
+- generation: prime of 128 tokens, 512 new, batch 1, top-k sampling; optionally at other
+  seq_len (the reference recomputes its window per token), decoding in bfloat16, against
+  the memory-bandwidth floor of one token (`ct_jax.bench.floor`);
+- optionally ct_jax with attention_impl="fused" (column `jax_fused`).
 Timings are wall-clock medians of interleaved repetitions (the frameworks alternate, so
 a load change on a shared machine hits both), after warm-up, with a synchronisation
 before every clock read. Peak host memory is read from `/proc/self/status` (VmHWM) in a
@@ -20,6 +23,7 @@ neither framework, but imports both).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import tempfile
@@ -29,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import torch
 
 from ct_jax import flops as flop_count
 from ct_jax.bench.common import BenchConfig, interleaved
+from ct_jax.bench.floor import decode_floor
 from ct_jax.bench.jax_side import JaxSide, jax_matmul_seconds
 from ct_jax.bench.peak_memory import measure_peak_memory
 from ct_jax.bench.torch_side import TorchSide, torch_matmul_seconds, upstream_available
@@ -50,6 +56,9 @@ class RunOptions:
     peak_memory: bool = True
     upstream: bool = True
     matmul_sizes: tuple[int, ...] | None = None  # default: 1024, 2048 (CPU); 4096, 8192 (GPU)
+    fused: bool = False  # also time ct_jax with attention_impl="fused" (column "jax_fused")
+    generation_seq_lens: tuple[int, ...] = ()  # generation rows at these seq_len too (memory scaled alike)
+    bf16_generation: bool = True  # a generation row decoding in bfloat16, and its floor
     log: Callable[[str], Any] = print
 
 
@@ -72,6 +81,8 @@ def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, ge
     torch_side = TorchSide(bench, options.device, options.threads)
     state_dict = torch_side.state_dict()
     sides: dict[str, Any] = dict(jax=JaxSide(bench, options.device, state_dict), torch=torch_side)
+    if options.fused:
+        sides["jax_fused"] = JaxSide(bench, options.device, state_dict, attention_impl="fused")
     if options.upstream and upstream_available():
         sides["upstream"] = TorchSide(bench, options.device, options.threads, upstream=True, state_dict=state_dict)
     jax_side = sides["jax"]
@@ -80,6 +91,9 @@ def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, ge
     log(f"[{bench.name}] compiling the JAX train and eval steps")
     record["jax_train_compile_s"] = jax_side.compile_train()
     record["jax_eval_compile_s"] = jax_side.compile_eval()
+    if options.fused:
+        sides["jax_fused"].compile_train()
+        sides["jax_fused"].compile_eval()
     tokens = bench.tokens_per_step
     train_flops = flop_count.run_flops(bench.model, bench.batch, bench.segments, training=True)
     eval_flops = flop_count.run_flops(bench.model, bench.batch, bench.segments, training=False)
@@ -96,7 +110,14 @@ def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, ge
                         for name, timing in timings.items()}
 
     if generation:
-        record["generation"] = _generation(bench, options, jax_side, torch_side, sync)
+        jax_sides = {name: side for name, side in sides.items() if name.startswith("jax")}
+        record["generation"] = _generation(bench, options, jax_sides, torch_side, sync)
+        record["decode_floor"] = {"float32": decode_floor(jax_side.model, jnp.float32)}
+        if options.bf16_generation:
+            record["decode_floor"]["bfloat16"] = decode_floor(jax_side.model, jnp.bfloat16)
+        for seq_len in options.generation_seq_lens:
+            if seq_len != bench.model["seq_len"]:
+                record.setdefault("generation_at", {})[str(seq_len)] = _generation_at(bench, seq_len, options)
 
     if compile_times and options.compile_segments:
         record["compile"] = {}
@@ -118,17 +139,41 @@ def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, ge
     return record
 
 
-def _generation(bench: BenchConfig, options: RunOptions, jax_side, torch_side, sync) -> dict[str, Any]:
+def _generation(bench: BenchConfig, options: RunOptions, jax_sides: dict[str, Any], torch_side, sync,
+                bf16: bool | None = None) -> dict[str, Any]:
+    """Generation timings: each JAX side, bfloat16 decoding (`jax_bf16`) and the torch reference."""
     new = bench.generate
-    calls = dict(jax=jax_side.generate, torch=torch_side.generate)
+    calls = dict(jax_sides, torch=torch_side)
+    calls = {name: side.generate for name, side in calls.items()}
+    if options.bf16_generation if bf16 is None else bf16:
+        calls["jax_bf16"] = functools.partial(jax_sides["jax"].generate, jnp.bfloat16)
     options.log(f"[{bench.name}] generation ({bench.prime} + {new} tokens, batch 1): {', '.join(calls)}")
-    start = time.perf_counter()
-    jax_side.generate()  # compiles
-    first_jax = time.perf_counter() - start
+    first: dict[str, float] = {}
+    for name, call in calls.items():
+        if name.startswith("jax"):
+            start = time.perf_counter()
+            call()  # compiles
+            first[name] = time.perf_counter() - start
     # the torch reference recomputes every window: slow, so fewer repetitions there
     timings = interleaved(calls, max(1, min(options.reps, 2)), warmup=0, sync=sync)
     out: dict[str, Any] = {name: dict(t.to_json(), tokens_per_s=new / t.median) for name, t in timings.items()}
-    out["jax"]["first_call_s"] = first_jax
+    for name, seconds in first.items():
+        out[name]["first_call_s"] = seconds
+    return out
+
+
+def _generation_at(bench: BenchConfig, seq_len: int, options: RunOptions) -> dict[str, Any]:
+    """Generation of `bench`'s model at another `seq_len` (mem_len and cmem_len scaled alike), fresh weights."""
+    model = dict(bench.model)
+    scale = lambda n: max(1, n * seq_len // bench.model["seq_len"])  # noqa: E731
+    model.update(seq_len=seq_len, mem_len=scale(model.get("mem_len") or bench.model["seq_len"]))
+    if model.get("cmem_len"):
+        model["cmem_len"] = scale(model["cmem_len"])
+    variant = dataclasses.replace(bench, name=f"{bench.name}@{seq_len}", model=model, targets={})
+    torch_side = TorchSide(variant, options.device, options.threads)
+    jax_side = JaxSide(variant, options.device, torch_side.state_dict())
+    out = _generation(variant, options, dict(jax=jax_side), torch_side, torch_side.sync, bf16=False)
+    out["model"] = model
     return out
 
 

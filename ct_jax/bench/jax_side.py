@@ -40,14 +40,16 @@ def _jax_train_step(model, bench: BenchConfig):
 class JaxSide:
     """ct_jax's training step (state donated), eval pass and generation on one config."""
 
-    def __init__(self, bench: BenchConfig, device: str, state_dict: dict[str, Any] | None):
+    def __init__(self, bench: BenchConfig, device: str, state_dict: dict[str, Any] | None,
+                 attention_impl: str = "xla"):
         """`state_dict` None: shapes only, zero weights, so that nothing is computed or compiled
-        but the train step (the peak-memory child counts what a step needs, not model init)."""
+        but the train step (the peak-memory child counts what a step needs, not model init).
+        `attention_impl`: the model's attention path ("xla" or "fused")."""
         self.bench = bench
         dtype = jnp.bfloat16 if bench.dtype == "bfloat16" else jnp.float32
 
         def create():
-            return CompressiveTransformer(**bench.model, rngs=nnx.Rngs(0), dtype=dtype)
+            return CompressiveTransformer(**bench.model, rngs=nnx.Rngs(0), dtype=dtype, attention_impl=attention_impl)
 
         self.model = create() if state_dict is not None else nnx.eval_shape(create)
         if state_dict is not None:
@@ -113,9 +115,9 @@ class JaxSide:
         """The compiled eval pass over every segment."""
         jax.block_until_ready(self.compiled_eval(self._eval_params, self.tokens))
 
-    def generate(self) -> None:
-        """Samples `bench.generate` tokens after the prime (batch 1)."""
-        jax.block_until_ready(generate(self.model, self._prime, self.bench.generate, jax.random.key(0)))
+    def generate(self, dtype: Any = None) -> None:
+        """Samples `bench.generate` tokens after the prime (batch 1), decoding in `dtype` (None: the model's)."""
+        jax.block_until_ready(generate(self.model, self._prime, self.bench.generate, jax.random.key(0), dtype=dtype))
 
     def save_train_step(self, path: Path) -> None:
         """Serialises the compiled train step, for the peak-memory child.

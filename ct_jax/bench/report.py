@@ -12,7 +12,8 @@ from typing import Any
 
 from ct_jax.io import atomic_write
 
-LABELS = dict(jax="ct_jax", torch="ct_torch_ref", upstream="upstream 0.4.0")
+LABELS = dict(jax="ct_jax", jax_fused="ct_jax, fused attention", torch="ct_torch_ref", upstream="upstream 0.4.0")
+OPTIONAL = ("jax_fused", "upstream")  # columns shown only when measured
 
 
 @dataclasses.dataclass
@@ -59,6 +60,22 @@ def rows(record: dict[str, Any]) -> list[Row]:
             row = Row(name, label, {fw: _throughput_cell(gen.get(fw), new) for fw in LABELS})
             _ratio(row, gen["torch"]["median"] / gen["jax"]["median"], targets.get("generation"))
             out.append(row)
+            for seq_len, at in rec.get("generation_at", {}).items():
+                model = at["model"]
+                memory = f"mem {model['mem_len']}, cmem {model.get('cmem_len', '—')}"
+                label = f"generation at seq_len {seq_len} ({memory}), tok/s"
+                row = Row(name, label, {fw: _throughput_cell(at.get(fw), new) for fw in LABELS})
+                _ratio(row, at["torch"]["median"] / at["jax"]["median"], None)
+                out.append(row)
+            if "jax_bf16" in gen:
+                row = Row(name, "generation, bfloat16 decoding, tok/s (ratio: vs the reference in float32)",
+                          dict(jax=_throughput_cell(gen["jax_bf16"], new)))
+                _ratio(row, gen["torch"]["median"] / gen["jax_bf16"]["median"], None)
+                out.append(row)
+            for dtype, floor in rec.get("decode_floor", {}).items():
+                entry = gen.get("jax" if dtype == "float32" else "jax_bf16")
+                if entry:
+                    out.append(_floor_row(name, dtype, floor, 1e3 * entry["median"] / new))
         if "compile" in rec:
             segs = sorted(rec["compile"], key=int)
             times = [rec["compile"][s]["total_s"] for s in segs]
@@ -86,7 +103,7 @@ def rows(record: dict[str, Any]) -> list[Row]:
         cells, mfu = {}, {}
         for fw in LABELS:
             entry = rec["train"].get(fw)
-            peak = peaks.get(fw if fw == "jax" else "torch", {}).get("gflops")
+            peak = peaks.get("jax" if fw.startswith("jax") else "torch", {}).get("gflops")
             if not entry or not peak:
                 cells[fw] = "—"
                 continue
@@ -106,6 +123,17 @@ def rows(record: dict[str, Any]) -> list[Row]:
     return out
 
 
+def _floor_row(config: str, dtype: str, floor: dict[str, float], ms: float) -> Row:
+    """ms per decoded token against the memory-bandwidth floor (bytes per token / bandwidth)."""
+    mib = (floor["weights_bytes"] + floor["cache_bytes"]) / 2**20
+    cell = (f"{ms:.2f} ms; floor {floor['floor_ms_sum']:.2f} ms ({mib:.1f} MiB at {floor['sum_gbps']:.1f} GB/s, "
+            f"jnp.sum) or {floor['floor_ms_gemv']:.2f} ms (at {floor['gemv_gbps']:.1f} GB/s, (2,K)x(K,N))")
+    row = Row(config, f"decoding ms per token vs floor, {dtype}", dict(jax=cell))
+    row.ratio = ms / floor["floor_ms_sum"]
+    row.ratio_text = f"{row.ratio:.2f}x floor (jnp.sum bandwidth)"
+    return row
+
+
 def _ratio(row: Row, ratio: float, target: float | None) -> None:
     row.ratio, row.advantage, row.ratio_text = ratio, ratio, f"{ratio:.2f}x"
     if target is not None:
@@ -115,8 +143,8 @@ def _ratio(row: Row, ratio: float, target: float | None) -> None:
 def markdown(record: dict[str, Any]) -> str:
     """The results table, then the conditions it was measured under."""
     table = rows(record)
-    has_upstream = any("upstream" in rec["train"] for rec in record["configs"].values())
-    frameworks = [fw for fw in LABELS if fw != "upstream" or has_upstream]
+    measured = {fw for rec in record["configs"].values() for fw in rec["train"]}
+    frameworks = [fw for fw in LABELS if fw not in OPTIONAL or fw in measured]
     head = ["config", "measurement", *(LABELS[fw] for fw in frameworks), "JAX ÷ ref", "target", "met"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
