@@ -15,12 +15,50 @@ def _uniform(bound: float):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+@jax.custom_vjp
+def dense(x: Float[Array, "*lead i"], kernel: Float[Array, "i o"]) -> Float[Array, "*lead o"]:
+    """x @ kernel, whose kernel gradient is a plain (i, n) x (n, o) product.
+
+    XLA's autodiff contracts the batch axis of x in place (a dot whose left operand contracts
+    its first axis), which XLA:CPU runs as a plain dot at 50-70 GFLOP/s inside the train step
+    against ~105 for its matmul; transposing x once (a copy) and multiplying is faster, and
+    the train step 6-8% faster on S and M (docs/benchmarks.md). Values are those of x @ kernel.
+    """
+    return x @ kernel
+
+
+def _dense_fwd(x, kernel):
+    return x @ kernel, (x, kernel)
+
+
+def _dense_bwd(residuals, grad):
+    x, kernel = residuals
+    rows_x, rows_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # [n, i], [n, o]
+    # The barrier keeps XLA from folding the transpose back into the dot's dimension numbers.
+    kernel_grad = jax.lax.optimization_barrier(rows_x.T) @ rows_grad  # [i, o]
+    return grad @ kernel.T, kernel_grad.astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """`nnx.Linear`'s product through `dense` (it contracts the last axis of x with the kernel's first);
+    any other product (or a sharding / precision request) as `lax.dot_general`."""
+    if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or precision is not None or any(
+            value is not None for value in kwargs.values()):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type=preferred_element_type, **kwargs)
+    out = dense(lhs, rhs)
+    return out if preferred_element_type is None else out.astype(preferred_element_type)
+
+
 def linear(din: int, dout: int, *, use_bias: bool = True, rngs: nnx.Rngs, dtype, param_dtype) -> nnx.Linear:
     """`nnx.Linear` initialised as torch's `nn.Linear` (so fresh models train alike)."""
     bound = 1.0 / max(din, 1) ** 0.5
     return nnx.Linear(
         din, dout, use_bias=use_bias, kernel_init=_uniform(bound), bias_init=_uniform(bound),
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs, dot_general=_dense_dot_general,
     )
 
 
@@ -71,8 +109,8 @@ class GRUGate(nnx.Module):
 
     def __call__(self, y: Float[Array, "... d"], x: Float[Array, "... d"]) -> Float[Array, "... d"]:
         cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        gates_in = y.astype(self.dtype) @ cast(self.input_kernel) + cast(self.input_bias)
-        gates_hidden = x.astype(self.dtype) @ cast(self.hidden_kernel) + cast(self.hidden_bias)
+        gates_in = dense(y.astype(self.dtype), cast(self.input_kernel)) + cast(self.input_bias)
+        gates_hidden = dense(x.astype(self.dtype), cast(self.hidden_kernel)) + cast(self.hidden_bias)
         in_r, in_z, in_n = jnp.split(gates_in, 3, axis=-1)
         hid_r, hid_z, hid_n = jnp.split(gates_hidden, 3, axis=-1)
         reset = jax.nn.sigmoid(in_r + hid_r)
