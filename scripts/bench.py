@@ -11,6 +11,7 @@ Prints a Markdown table; writes bench.json and bench.png (JAX/reference ratios) 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generation-seq-lens", default="512",
                         help="generation rows at these seq_len too, memory scaled alike (default 512; '' for none)")
     parser.add_argument("--no-bf16-generation", action="store_true", help="skip the bfloat16 decoding row")
+    parser.add_argument("--torch-profile", action="store_true",
+                        help="instead of the benchmark: one train step of ct_torch_ref under torch.profiler and one "
+                        "of ct_jax under jax.profiler (CPU, first config), printed as time per op category and top ops")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -67,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     threads = common.configure_host(args.device, args.threads)
     specs = args.config or (["L"] if args.device == "gpu" else ["S", "M"])
     configs = [common.parse_config(spec) for spec in specs]
+    if args.torch_profile:
+        from ct_jax.bench import profiles
+
+        bench = configs[0]
+        found = dict(ct_torch_ref=profiles.torch_train_profile(bench, threads),
+                     ct_jax=profiles.jax_train_profile(bench, args.device))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile.json").write_text(json.dumps(found, indent=1))
+        print(f"{bench.name} train step, {threads} thread(s)\n\n{profiles.markdown(found)}")
+        return 0
     from ct_jax.bench import harness
     from ct_jax.bench import report as bench_report
 

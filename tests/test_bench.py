@@ -115,3 +115,26 @@ def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
     bench_report.bar_chart(record, tmp_path / "bench.png")
     assert json.loads((tmp_path / "bench.json").read_text())["configs"]["tiny"]["config"]["batch"] == 2
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_categories_name_both_frameworks_ops():
+    from ct_jax.bench import profiles
+
+    expected = {"aten::mm": "matmul", "ynn_fusion": "matmul", "dot": "matmul", "aten::native_layer_norm": "norm",
+                "copy_bitcast_fusion": "copies, transposes, pads", "aten::cat": "copies, transposes, pads",
+                "multiply_add_fusion": "elementwise", "aten::sigmoid": "elementwise", "aten::_softmax": "softmax",
+                "input_reduce_fusion": "reductions", "while": "other"}
+    assert {name: profiles.category(name) for name in expected} == expected
+
+
+@pytest.mark.slow
+def test_profiles_of_one_train_step_per_framework():
+    from ct_jax.bench import profiles
+
+    bench = common.BenchConfig("tiny", TINY, batch=2, segments=2)
+    found = dict(torch=profiles.torch_train_profile(bench, threads=1), jax=profiles.jax_train_profile(bench))
+    for name, profile in found.items():
+        assert profile["total_ms"] > 0 and profile["by_category"].get("matmul", 0) > 0, (name, profile["by_category"])
+        assert abs(sum(profile["by_category"].values()) - profile["total_ms"]) < 1e-6 * profile["total_ms"] + 1e-9
+    table = profiles.markdown(found, top=3)
+    assert table.startswith("| category | torch, ms (share) | jax, ms (share) |") and "| matmul |" in table, table
