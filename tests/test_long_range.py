@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,8 @@ def test_quick_mode_runs_and_writes_tables(tmp_path):
     kinds = {(r["kind"], r["variant"]) for r in records}
     assert ("recall", "CT LONG_RANGE") in kinds and ("text", "CT LONG_RANGE") in kinds
     assert all(np.isfinite(v) for r in records if r["kind"] == "recall" for v in r["loss_by_distance"].values())
+    assert all(r["memory_layers"] == [2] for r in records if r["kind"] == "recall")  # top layer only: no relay
+    assert all(np.isfinite(r["bpb"]) and r["eval_max_segments"] == 8 for r in records if r["kind"] == "text")
     assert "TXL mem 32 (same slots)" in tables and (tmp_path / "tables.md").read_text() == tables
 
 
@@ -69,4 +72,15 @@ def test_long_range_preset_holds_options_only_and_is_valid():
     assert set(LONG_RANGE) == {"model", "train"} and not sizes & set(LONG_RANGE["model"])
     config = ModelConfig(num_tokens=32, dim=64, seq_len=16, depth=2, heads=4, mem_len=16, cmem_len=16, cmem_ratio=4,
                          **LONG_RANGE["model"])
-    assert config.compression == "mean_pool" and TrainConfig(**LONG_RANGE["train"]).memory_gradients
+    # the compressor is trained by the LM loss through the memory, not by an auxiliary loss
+    assert config.aux_loss == "none" and TrainConfig(**LONG_RANGE["train"]).memory_gradients
+
+
+def test_parallel_runs_get_disjoint_cores():
+    from ct_jax.long_range.run import _core_sets
+
+    for jobs in (1, 2, 3):
+        sets = _core_sets(jobs)
+        assert len(sets) == jobs and all(sets)
+        if jobs <= len(os.sched_getaffinity(0)):
+            assert set().union(*sets) == os.sched_getaffinity(0) and sum(map(len, sets)) == len(os.sched_getaffinity(0))

@@ -34,6 +34,7 @@ class RecallResult:
     variant: str
     seed: int
     steps: int
+    memory_layers: list[int] | None  # the layers with memory (None: all)
     loss_by_distance: dict[int, float]
     knockout_by_distance: dict[int, float]  # the same with another row's compressed slots at the query
     span_by_distance: dict[int, str]
@@ -115,16 +116,22 @@ def recall_loss(losses: Callable, params: nnx.State, task: RecallTask, rows: dic
     return out, [float(v) for v in np.asarray(spread)]
 
 
-def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *, eval_rows_per_distance: int = 128,
-                 curve_every: int = 0, train_overrides: dict[str, Any] | None = None,
+def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *,
+                 memory_layers: tuple[int, ...] | None = None, eval_rows_per_distance: int = 128, curve_every: int = 0,
+                 train_overrides: dict[str, Any] | None = None,
                  compiler_options: dict[str, Any] | None = None, log: Callable[[str], Any] | None = None
                  ) -> RecallResult:
     """Trains `variant` from scratch for `steps` updates on rows of `task` (each from empty memory).
 
+    `memory_layers`: the layers that have memory (None: all). With memory at the top layer
+    only, a model reaches exactly the tokens its memories cover: no lower layer relays older
+    context through its own memory.
     `compiler_options`: XLA options for every compiled function (e.g. `training.FAST_CPU_COMPILE`).
     """
     start = time.perf_counter()
     model_kwargs = dict(num_tokens=task.vocab, seq_len=task.seq_len, **SIZES, **variant.model_kwargs())
+    if memory_layers is not None:
+        model_kwargs["memory_layers"] = list(memory_layers)
     fields = {**BASE_TRAIN, **variant.train, **(train_overrides or {})}
     config = TrainConfig(n_segments=task.n_segments, steps=steps, seed=seed, **fields)
     model = create_model(model_kwargs, config)
@@ -151,4 +158,5 @@ def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *, e
     spans = {d: span_of(task, d, variant.mem_len, variant.covered).value for d in task.distances}
     spread = spread if variant.cmem_len else []
     seconds = time.perf_counter() - start
-    return RecallResult(variant.name, seed, steps, by_distance, knocked, spans, spread, curve, seconds)
+    layers = None if memory_layers is None else list(memory_layers)
+    return RecallResult(variant.name, seed, steps, layers, by_distance, knocked, spans, spread, curve, seconds)

@@ -8,6 +8,7 @@ import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from ct_jax.long_range.report import recall_table, spread_table, text_table
 from ct_jax.long_range.suite import Plan, main_variants
 from ct_jax.long_range.text import train_text
 from ct_jax.long_range.variants import Variant
+from ct_jax.streams import document_starts
 from ct_jax.training import FAST_CPU_COMPILE
 
 
@@ -36,12 +38,26 @@ def run_job(plan: Plan, kind: str, ratio: int | None, variant: Variant, seed: in
     """One run of the plan, as the JSON record stored in results.jsonl."""
     options = FAST_CPU_COMPILE if plan.fast_compile else None
     if kind == "recall":
-        result = train_recall(plan.task, variant, seed, plan.steps, compiler_options=options)
+        result = train_recall(plan.task, variant, seed, plan.steps, memory_layers=plan.memory_layers,
+                              compiler_options=options)
     else:
         splits = load_corpus(corpus, max_bytes=plan.text_max_bytes)
-        result = train_text(splits, variant, seed, plan.text_steps, eval_bytes=plan.text_eval_bytes,
-                            compiler_options=options)
+        documents = document_starts(corpus, max_bytes=plan.text_max_bytes)
+        result = train_text(splits, documents, variant, seed, plan.text_steps, eval_streams=plan.text_eval_streams,
+                            eval_max_segments=plan.text_eval_segments, compiler_options=options)
     return dict(kind=kind, ratio=ratio, **dataclasses.asdict(result))
+
+
+def _core_sets(jobs: int) -> list[set[int]]:
+    """This process's cores dealt round-robin into `jobs` disjoint sets (shared when there are fewer cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return [set(cores[i::jobs]) or {cores[i % len(cores)]} for i in range(jobs)]
+
+
+def _pin(cores: Any) -> None:
+    """Worker initializer: keep to one set of cores, so that XLA sizes its thread pool to it (runs
+    before the worker's first computation, when JAX creates its CPU client)."""
+    os.sched_setaffinity(0, cores.get())
 
 
 def _jobs(plan: Plan, recall: bool, text: bool) -> list[tuple[str, int | None, Variant, int]]:
@@ -79,7 +95,11 @@ def run_plan(plan: Plan, out_dir: str | Path, *, recall: bool = True, text: bool
             record(run_job(plan, *job, corpus))
     else:
         context = multiprocessing.get_context("spawn")  # JAX does not survive fork
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        cores = context.Queue()
+        for core in _core_sets(jobs):
+            cores.put(core)
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin,
+                                                    initargs=(cores,)) as pool:
             futures = [pool.submit(run_job, plan, *job, corpus) for job in todo]
             for future in concurrent.futures.as_completed(futures):
                 record(future.result())
