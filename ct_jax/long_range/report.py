@@ -57,13 +57,16 @@ def text_table(results: Iterable[dict], reference: str) -> str:
 def spread_table(results: Iterable[dict]) -> str:
     """Rows = compressive variants, cells = slot spread per memory layer, median [min, max] over seeds."""
     by_variant: dict[str, list[list[float]]] = defaultdict(list)
+    layer_names: list[int] = []
     for result in results:
         if result.get("slot_spread"):
             by_variant[result["variant"]].append(result["slot_spread"])
+            layer_names = result.get("memory_layers") or list(range(1, len(result["slot_spread"]) + 1))
     if not by_variant:
         return ""
     layers = max(len(v[0]) for v in by_variant.values())
-    lines = ["| variant | " + " | ".join(f"layer {i + 1}" for i in range(layers)) + " |", "|" + "---|" * (1 + layers)]
+    lines = ["| variant | " + " | ".join(f"layer {layer_names[i]}" for i in range(layers)) + " |",
+             "|" + "---|" * (1 + layers)]
     for name, spreads in by_variant.items():
         cells = [summarize([s[i] for s in spreads]) for i in range(layers)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

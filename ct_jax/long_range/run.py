@@ -15,8 +15,9 @@ from typing import Any
 
 from ct_jax.data import load_corpus
 from ct_jax.long_range.harness import train_recall
+from ct_jax.long_range.plot import plot_recall
 from ct_jax.long_range.report import recall_table, spread_table, text_table
-from ct_jax.long_range.suite import Plan, main_variants
+from ct_jax.long_range.suite import Plan, ablations, main_variants
 from ct_jax.long_range.text import train_text
 from ct_jax.long_range.variants import Variant
 from ct_jax.streams import document_starts
@@ -105,16 +106,17 @@ def run_plan(plan: Plan, out_dir: str | Path, *, recall: bool = True, text: bool
                 record(future.result())
     tables = _tables(plan, records)
     (out / "tables.md").write_text(tables)
+    panels = {ratio: _recall_rows(plan, records, ratio) for ratio in plan.ratios}
+    if any(panels.values()):
+        plot_recall({r: rows for r, rows in panels.items() if rows}, plan.task.distances, plan.task.chance,
+                    out / "recall.png")
     return tables
 
 
 def _tables(plan: Plan, records: list[dict[str, Any]]) -> str:
     parts = []
     for ratio in plan.ratios:
-        # a Transformer-XL shared by two ratios ran once, under the first: show it under both
-        shared = {v.name for v in main_variants(ratio) if v.cmem_len == 0}
-        rows = [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps
-                and (r["ratio"] == ratio or r["variant"] in shared)]
+        rows = _recall_rows(plan, records, ratio)
         if rows:
             parts.append(f"### Recall, ratio {ratio}\n\n" + recall_table(rows, plan.task.distances, plan.task.chance))
             knocked = [dict(r, loss_by_distance=r["knockout_by_distance"]) for r in rows if r["slot_spread"]]
@@ -123,10 +125,28 @@ def _tables(plan: Plan, records: list[dict[str, Any]]) -> str:
             spread = spread_table(rows)
             if spread:
                 parts.append(f"### Compressed-slot spread, ratio {ratio}\n\n" + spread)
+    ratio = plan.ratios[-1]
+    names = {v.name for v in ablations(ratio)}
+    ablated = [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps
+               and r["ratio"] == ratio and r["variant"] in names]
+    if ablated:
+        parts.append(f"### Ablations, ratio {ratio}\n\n" + recall_table(ablated, plan.task.distances, plan.task.chance))
+        knocked = [dict(r, loss_by_distance=r["knockout_by_distance"]) for r in ablated]
+        parts.append(f"### Ablations with another row's compressed slots at the query, ratio {ratio}\n\n"
+                     + recall_table(knocked, plan.task.distances, plan.task.chance))
     texts = [r for r in records if r["kind"] == "text" and r["steps"] == plan.text_steps]
     if texts:
         parts.append("### Natural text (streamed validation)\n\n" + text_table(texts, plan.text_variants()[1].name))
     return "\n\n".join(parts) + "\n"
+
+
+def _recall_rows(plan: Plan, records: list[dict[str, Any]], ratio: int) -> list[dict[str, Any]]:
+    """The main comparison's recall records at `ratio` (a Transformer-XL shared by two ratios ran
+    once, under the first: it is shown under both)."""
+    main = main_variants(ratio)
+    names, shared = {v.name for v in main}, {v.name for v in main if v.cmem_len == 0}
+    return [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps
+            and r["variant"] in names and (r["ratio"] == ratio or r["variant"] in shared)]
 
 
 def _int_keys(record: dict[str, Any]) -> dict[str, Any]:
