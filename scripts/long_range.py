@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ratios", type=int, nargs="+", help="compression ratios (default: the mode's)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the main comparison and the text runs")
     parser.add_argument("--ablation-seeds", type=int, nargs="*", help="seeds of the ablations (none: skip them)")
-    parser.add_argument("--variants", nargs="+", help="only these main variants, by name (default: all)")
+    parser.add_argument("--variants", nargs="+",
+                        help="only the variants (main and ablations) of these names (default: all)")
     parser.add_argument("--steps", type=int, help="training steps per recall run")
     parser.add_argument("--text-steps", type=int, help="training steps per text run")
     parser.add_argument("--all-layers", action="store_true",
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
     changes = dict(ratios=args.ratios, seeds=args.seeds, ablation_seeds=args.ablation_seeds, steps=args.steps,
-                   text_steps=args.text_steps, main_names=args.variants)
+                   text_steps=args.text_steps, names=args.variants)
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None}
     if args.all_layers:
         changes["memory_layers"] = None

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from ct_jax.long_range.diagnose import reconstruction_errors
 from ct_jax.long_range.tasks import RecallTask, recall_mask, span_of
 from ct_jax.long_range.variants import Variant
 from ct_jax.memory import Memory
@@ -41,6 +42,9 @@ class RecallResult:
     slot_spread: list[float]  # per memory layer: compressed slots' spread / plain memory's (see token_losses_fn)
     curve: list[tuple[int, float]]  # (step, recall loss on the training distances' eval rows)
     seconds: float
+    # `diagnose.reconstruction_errors` at `reconstruction_distance` (compressive models with mem_len == seq_len)
+    reconstruction: dict[str, float] = dataclasses.field(default_factory=dict)
+    reconstruction_distance: int | None = None
 
 
 def token_losses_fn(model: CompressiveTransformer, knockout: bool = False,
@@ -157,6 +161,22 @@ def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *,
     curve.append((steps, float(np.mean(list(by_distance.values())))))
     spans = {d: span_of(task, d, variant.mem_len, variant.covered).value for d in task.distances}
     spread = spread if variant.cmem_len else []
+    reconstruction = {}
+    distance = _diagnosable_distance(task, variant)
+    if distance is not None:
+        trained = trainer.load_params(params)
+        reconstruction = reconstruction_errors(trained, task, rows[distance], distance)
     seconds = time.perf_counter() - start
     layers = None if memory_layers is None else list(memory_layers)
-    return RecallResult(variant.name, seed, steps, layers, by_distance, knocked, spans, spread, curve, seconds)
+    return RecallResult(variant.name, seed, steps, layers, by_distance, knocked, spans, spread, curve, seconds,
+                        reconstruction, distance)
+
+
+def _diagnosable_distance(task: RecallTask, variant: Variant) -> int | None:
+    """The farthest distance whose fact sits in `variant`'s compressed span and starts a segment,
+    if the variant compresses and keeps one plain memory segment; else None."""
+    if not variant.cmem_len or variant.mem_len != task.seq_len:
+        return None
+    fits = [d for d in task.distances if span_of(task, d, variant.mem_len, variant.covered) == "compressed"
+            and (task.query_start(d) - d) % task.seq_len == 0]
+    return max(fits, default=None)

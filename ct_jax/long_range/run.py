@@ -16,7 +16,7 @@ from typing import Any
 from ct_jax.data import load_corpus
 from ct_jax.long_range.harness import train_recall
 from ct_jax.long_range.plot import plot_recall
-from ct_jax.long_range.report import recall_table, spread_table, text_table
+from ct_jax.long_range.report import recall_table, reconstruction_table, spread_table, text_table
 from ct_jax.long_range.suite import Plan, ablations, main_variants
 from ct_jax.long_range.text import train_text
 from ct_jax.long_range.variants import Variant
@@ -125,6 +125,9 @@ def _tables(plan: Plan, records: list[dict[str, Any]]) -> str:
             spread = spread_table(rows)
             if spread:
                 parts.append(f"### Compressed-slot spread, ratio {ratio}\n\n" + spread)
+            kept = reconstruction_table(rows)
+            if kept:
+                parts.append(f"### What the compressed slots keep, ratio {ratio}\n\n" + kept)
     ratio = plan.ratios[-1]
     names = {v.name for v in ablations(ratio)}
     ablated = [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps
@@ -134,6 +137,9 @@ def _tables(plan: Plan, records: list[dict[str, Any]]) -> str:
         knocked = [dict(r, loss_by_distance=r["knockout_by_distance"]) for r in ablated]
         parts.append(f"### Ablations with another row's compressed slots at the query, ratio {ratio}\n\n"
                      + recall_table(knocked, plan.task.distances, plan.task.chance))
+        kept = reconstruction_table(ablated)
+        if kept:
+            parts.append(f"### What the compressed slots keep, ablations, ratio {ratio}\n\n" + kept)
     texts = [r for r in records if r["kind"] == "text" and r["steps"] == plan.text_steps]
     if texts:
         parts.append("### Natural text (streamed validation)\n\n" + text_table(texts, plan.text_variants()[1].name))

@@ -73,18 +73,20 @@ class Plan:
     text_max_bytes: int | None = None  # corpus bytes loaded (None: the loader's default)
     memory_layers: tuple[int, ...] | None = (SIZES["depth"],)  # recall models' layers with memory (None: all)
     fast_compile: bool = False  # XLA options that compile 2-3x faster for a slower step (smoke runs)
-    main_names: tuple[str, ...] | None = None  # only these of `main_variants` (None: all)
+    names: tuple[str, ...] | None = None  # only the variants (main and ablations) of these names (None: all)
 
     def recall_runs(self, ablation: bool = False) -> list[tuple[int, Variant, int]]:
         """(ratio, variant, seed) of the main recall runs, seeds outermost (or of the ablations, at
         the last, hardest ratio); a baseline shared by two ratios runs once, recorded under the first."""
+        wanted = lambda variant: self.names is None or variant.name in self.names  # noqa: E731
         if ablation:
-            return [(self.ratios[-1], v, seed) for seed in self.ablation_seeds for v in ablations(self.ratios[-1])]
+            return [(self.ratios[-1], v, seed) for seed in self.ablation_seeds for v in ablations(self.ratios[-1])
+                    if wanted(v)]
         runs, seen = [], set()
         for seed in self.seeds:
             for ratio in self.ratios:
                 for variant in main_variants(ratio):
-                    if self.main_names is not None and variant.name not in self.main_names:
+                    if not wanted(variant):
                         continue
                     key = (repr(variant.model_kwargs()), repr(variant.train), seed)
                     if key not in seen:
@@ -100,6 +102,6 @@ class Plan:
 
 QUICK = Plan(recall_task(quick=True), ratios=(2,), seeds=(0,), steps=30, ablation_seeds=(), text_seeds=(0,),
              text_steps=10, text_eval_segments=8, text_max_bytes=1 << 20,
-             fast_compile=True, main_names=("CT LONG_RANGE", f"TXL mem {MEM_LEN + CMEM_LEN} (same slots)"))
+             fast_compile=True, names=("CT LONG_RANGE", f"TXL mem {MEM_LEN + CMEM_LEN} (same slots)"))
 FULL = Plan(recall_task(), ratios=(2, 4), seeds=(0, 1, 2), steps=1500, ablation_seeds=(0,), text_seeds=(0, 1, 2),
             text_steps=600)
