@@ -70,13 +70,13 @@ def get(name: str) -> dict[str, dict[str, Any]]:
     return copy.deepcopy(PRESETS[name])
 
 # Long-range use (docs/long-range.md): model options and training fields only, no sizes;
-# combine with any size. Beyond the paper and upstream: parameter-free mean pooling (the
-# compressed slots stay in the memory's own space) with no aux loss, trained end to end with
-# gradients through the memory of each row (the paper's BPTT, where the compression is then
-# learned by the LM loss alone), on a plain pre-norm Transformer-XL stack with sinusoidal
-# positions; lr 3e-3 is what the small (dim 64) models of the benchmark train at.
+# combine with any size. Beyond the paper and upstream: the compression conv gets no auxiliary
+# loss and is trained by the LM loss alone, through the memory of each training row (the
+# paper's BPTT, `memory_gradients`: the gradient of a later query reaches the conv and what
+# earlier segments wrote), on the paper's plain pre-norm Transformer-XL stack with
+# sinusoidal positions; lr 3e-3 is what the small (dim 64) models of the benchmark train at.
 LONG_RANGE: dict[str, dict[str, Any]] = dict(
-    model=dict(compression="mean_pool", aux_loss="none", relative_positions="sinusoidal",
+    model=dict(compression="conv", aux_loss="none", relative_positions="sinusoidal",
                gru_gated_residual=False, enhanced_recurrence=False),
     train=dict(optimizer="adam", learning_rate=3e-3, warmup_steps=50, grad_clip_norm=0.5, memory_gradients=True),
 )

@@ -8,6 +8,7 @@ docs/long-range.md explains the task, the variants and the measured results.
     python scripts/long_range.py                    # full mode (about 30 minutes on 2 cores)
     python scripts/long_range.py --only recall --seeds 0 1 2 --steps 800
     python scripts/long_range.py --corpus enwik8:/data/enwik8.gz --only text
+    python scripts/long_range.py --all-layers --only recall --out runs/long_range_all_layers
 
 Rerunning with the same --out skips the runs already recorded there.
 """
@@ -33,9 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ratios", type=int, nargs="+", help="compression ratios (default: the mode's)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the main comparison and the text runs")
     parser.add_argument("--ablation-seeds", type=int, nargs="*", help="seeds of the ablations (none: skip them)")
-    parser.add_argument("--variants", nargs="+", help="only these main variants, by name (default: all)")
+    parser.add_argument("--variants", nargs="+",
+                        help="only the variants (main and ablations) of these names (default: all)")
     parser.add_argument("--steps", type=int, help="training steps per recall run")
     parser.add_argument("--text-steps", type=int, help="training steps per text run")
+    parser.add_argument("--all-layers", action="store_true",
+                        help="recall models with memory in every layer (default: the top layer only, so that no "
+                             "lower layer relays older context and each model reaches exactly what its memories cover)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--corpus", help="text corpus spec as scripts/train.py --data (default: stdlib sources)")
     return parser.parse_args(argv)
@@ -45,8 +50,10 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
     changes = dict(ratios=args.ratios, seeds=args.seeds, ablation_seeds=args.ablation_seeds, steps=args.steps,
-                   text_steps=args.text_steps, main_names=args.variants)
+                   text_steps=args.text_steps, names=args.variants)
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None}
+    if args.all_layers:
+        changes["memory_layers"] = None
     if args.seeds is not None:
         changes["text_seeds"] = tuple(args.seeds)
     plan = dataclasses.replace(plan, **changes)

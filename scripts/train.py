@@ -96,14 +96,17 @@ def _add_dataclass_flags(group, cls, defaults: dict, choices: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from ct_jax.training import DTYPES, DataOrder, Optimizer, Parallel, Schedule, TrainConfig  # imports JAX only
 
-    preset_flag = dict(choices=sorted(presets.PRESETS), default=None,
-                       help="start from the paper's settings for this data set (ct_jax.presets); "
-                       "any other flag overrides them")
+    preset_flag = dict(choices=sorted([*presets.PRESETS, "long_range"]), default=None,
+                       help="start from the paper's settings for this data set, or from long_range's options on "
+                       "the default sizes (ct_jax.presets, docs/long-range.md); any other flag overrides them")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", **preset_flag)
     preset = pre.parse_known_args(argv)[0].preset
     model_defaults, train_defaults = MODEL_DEFAULTS, dict(TRAIN_DEFAULTS, parallel="auto")
-    if preset is not None:
+    if preset == "long_range":  # options only: the default sizes stay
+        model_defaults = dict(model_defaults, **presets.LONG_RANGE["model"])
+        train_defaults = dict(train_defaults, **presets.LONG_RANGE["train"])
+    elif preset is not None:
         chosen = presets.get(preset)
         model_defaults, train_defaults = chosen["model"], dict(train_defaults, **chosen["train"])
 

@@ -151,6 +151,18 @@ def test_a_preset_sets_the_papers_settings_and_flags_override_it():
         script.parse_args(["--compression", "nope"])
 
 
+def test_the_long_range_preset_sets_its_options_on_the_default_sizes():
+    from ct_jax import presets
+
+    script = _load_script()
+    args, defaults = script.parse_args(["--preset", "long_range"]), script.parse_args([])
+    assert (args.dim, args.depth, args.seq_len, args.cmem_len) == (defaults.dim, defaults.depth, defaults.seq_len,
+                                                                   defaults.cmem_len)
+    for name, value in {**presets.LONG_RANGE["model"], **presets.LONG_RANGE["train"]}.items():
+        assert getattr(args, name) == value, name
+    assert args.steps == defaults.steps
+
+
 def test_run_writes_metrics_plot_export_and_prints_a_sample(uninterrupted):
     out, stdout, stderr = uninterrupted
     rows = _rows(out)

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from ct_jax.long_range.diagnose import reconstruction_errors
 from ct_jax.long_range.tasks import RecallTask, recall_mask, span_of
 from ct_jax.long_range.variants import Variant
 from ct_jax.memory import Memory
@@ -34,12 +35,16 @@ class RecallResult:
     variant: str
     seed: int
     steps: int
+    memory_layers: list[int] | None  # the layers with memory (None: all)
     loss_by_distance: dict[int, float]
     knockout_by_distance: dict[int, float]  # the same with another row's compressed slots at the query
     span_by_distance: dict[int, str]
     slot_spread: list[float]  # per memory layer: compressed slots' spread / plain memory's (see token_losses_fn)
     curve: list[tuple[int, float]]  # (step, recall loss on the training distances' eval rows)
     seconds: float
+    # `diagnose.reconstruction_errors` at `reconstruction_distance` (compressive models with mem_len == seq_len)
+    reconstruction: dict[str, float] = dataclasses.field(default_factory=dict)
+    reconstruction_distance: int | None = None
 
 
 def token_losses_fn(model: CompressiveTransformer, knockout: bool = False,
@@ -115,16 +120,22 @@ def recall_loss(losses: Callable, params: nnx.State, task: RecallTask, rows: dic
     return out, [float(v) for v in np.asarray(spread)]
 
 
-def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *, eval_rows_per_distance: int = 128,
-                 curve_every: int = 0, train_overrides: dict[str, Any] | None = None,
+def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *,
+                 memory_layers: tuple[int, ...] | None = None, eval_rows_per_distance: int = 128, curve_every: int = 0,
+                 train_overrides: dict[str, Any] | None = None,
                  compiler_options: dict[str, Any] | None = None, log: Callable[[str], Any] | None = None
                  ) -> RecallResult:
     """Trains `variant` from scratch for `steps` updates on rows of `task` (each from empty memory).
 
+    `memory_layers`: the layers that have memory (None: all). With memory at the top layer
+    only, a model reaches exactly the tokens its memories cover: no lower layer relays older
+    context through its own memory.
     `compiler_options`: XLA options for every compiled function (e.g. `training.FAST_CPU_COMPILE`).
     """
     start = time.perf_counter()
     model_kwargs = dict(num_tokens=task.vocab, seq_len=task.seq_len, **SIZES, **variant.model_kwargs())
+    if memory_layers is not None:
+        model_kwargs["memory_layers"] = list(memory_layers)
     fields = {**BASE_TRAIN, **variant.train, **(train_overrides or {})}
     config = TrainConfig(n_segments=task.n_segments, steps=steps, seed=seed, **fields)
     model = create_model(model_kwargs, config)
@@ -150,5 +161,22 @@ def train_recall(task: RecallTask, variant: Variant, seed: int, steps: int, *, e
     curve.append((steps, float(np.mean(list(by_distance.values())))))
     spans = {d: span_of(task, d, variant.mem_len, variant.covered).value for d in task.distances}
     spread = spread if variant.cmem_len else []
+    reconstruction = {}
+    distance = _diagnosable_distance(task, variant)
+    if distance is not None:
+        trained = trainer.load_params(params)
+        reconstruction = reconstruction_errors(trained, task, rows[distance], distance)
     seconds = time.perf_counter() - start
-    return RecallResult(variant.name, seed, steps, by_distance, knocked, spans, spread, curve, seconds)
+    layers = None if memory_layers is None else list(memory_layers)
+    return RecallResult(variant.name, seed, steps, layers, by_distance, knocked, spans, spread, curve, seconds,
+                        reconstruction, distance)
+
+
+def _diagnosable_distance(task: RecallTask, variant: Variant) -> int | None:
+    """The farthest distance whose fact sits in `variant`'s compressed span and starts a segment,
+    if the variant compresses and keeps one plain memory segment; else None."""
+    if not variant.cmem_len or variant.mem_len != task.seq_len:
+        return None
+    fits = [d for d in task.distances if span_of(task, d, variant.mem_len, variant.covered) == "compressed"
+            and (task.query_start(d) - d) % task.seq_len == 0]
+    return max(fits, default=None)

@@ -57,16 +57,45 @@ def text_table(results: Iterable[dict], reference: str) -> str:
 def spread_table(results: Iterable[dict]) -> str:
     """Rows = compressive variants, cells = slot spread per memory layer, median [min, max] over seeds."""
     by_variant: dict[str, list[list[float]]] = defaultdict(list)
+    layer_names: list[int] = []
     for result in results:
         if result.get("slot_spread"):
             by_variant[result["variant"]].append(result["slot_spread"])
+            layer_names = result.get("memory_layers") or list(range(1, len(result["slot_spread"]) + 1))
     if not by_variant:
         return ""
     layers = max(len(v[0]) for v in by_variant.values())
-    lines = ["| variant | " + " | ".join(f"layer {i + 1}" for i in range(layers)) + " |", "|" + "---|" * (1 + layers)]
+    lines = ["| variant | " + " | ".join(f"layer {layer_names[i]}" for i in range(layers)) + " |",
+             "|" + "---|" * (1 + layers)]
     for name, spreads in by_variant.items():
         cells = [summarize([s[i] for s in spreads]) for i in range(layers)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("\nSlot spread: std over the compressed slots / std over the plain memory's slots, end of a row "
                  "(mean pooling of independent slots at ratio r gives about 1/sqrt(r); near 0: the slots are alike).")
+    return "\n".join(lines)
+
+
+def reconstruction_table(results: Iterable[dict]) -> str:
+    """Rows = compressive variants with `reconstruction` records, cells = median [min, max] over seeds
+    of the relative attention-reconstruction error (`ct_jax.long_range.diagnose`) for the
+    queries that compress and for those that recall, beside the recall loss at that distance."""
+    by_variant: dict[str, list[dict]] = defaultdict(list)
+    for result in results:
+        if result.get("reconstruction"):
+            by_variant[result["variant"]].append(result)
+    if not by_variant:
+        return ""
+    lines = ["| variant | seeds | d | error, compressing queries | error, recall queries | recall loss |",
+             "|---|---|---|---|---|---|"]
+    for name, runs in by_variant.items():
+        distance = runs[0]["reconstruction_distance"]
+        keys = ("compressing_queries", "recall_queries")
+        cells = [summarize([r["reconstruction"][key] for r in runs]) for key in keys]
+        loss = summarize([r["loss_by_distance"][distance] for r in runs])
+        lines.append(f"| {name} | {len(runs)} | {distance} | " + " | ".join(cells) + f" | {loss} |")
+    lines.append("\nError: mean squared difference between a head's read of the fact's segment through its compressed "
+                 "slots and through its original memory slots, over the mean square of the latter (top memory layer; "
+                 "compressing queries: the segment running when the fact's segment was compressed, which the "
+                 "attention-reconstruction loss trains on; recall queries: the query segment's, at the recalled "
+                 "symbols).")
     return "\n".join(lines)

@@ -8,16 +8,19 @@ import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ct_jax.data import load_corpus
 from ct_jax.long_range.harness import train_recall
-from ct_jax.long_range.report import recall_table, spread_table, text_table
-from ct_jax.long_range.suite import Plan, main_variants
+from ct_jax.long_range.plot import plot_recall
+from ct_jax.long_range.report import recall_table, reconstruction_table, spread_table, text_table
+from ct_jax.long_range.suite import Plan, ablations, main_variants
 from ct_jax.long_range.text import train_text
 from ct_jax.long_range.variants import Variant
+from ct_jax.streams import document_starts
 from ct_jax.training import FAST_CPU_COMPILE
 
 
@@ -36,12 +39,26 @@ def run_job(plan: Plan, kind: str, ratio: int | None, variant: Variant, seed: in
     """One run of the plan, as the JSON record stored in results.jsonl."""
     options = FAST_CPU_COMPILE if plan.fast_compile else None
     if kind == "recall":
-        result = train_recall(plan.task, variant, seed, plan.steps, compiler_options=options)
+        result = train_recall(plan.task, variant, seed, plan.steps, memory_layers=plan.memory_layers,
+                              compiler_options=options)
     else:
         splits = load_corpus(corpus, max_bytes=plan.text_max_bytes)
-        result = train_text(splits, variant, seed, plan.text_steps, eval_bytes=plan.text_eval_bytes,
-                            compiler_options=options)
+        documents = document_starts(corpus, max_bytes=plan.text_max_bytes)
+        result = train_text(splits, documents, variant, seed, plan.text_steps, eval_streams=plan.text_eval_streams,
+                            eval_max_segments=plan.text_eval_segments, compiler_options=options)
     return dict(kind=kind, ratio=ratio, **dataclasses.asdict(result))
+
+
+def _core_sets(jobs: int) -> list[set[int]]:
+    """This process's cores dealt round-robin into `jobs` disjoint sets (shared when there are fewer cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return [set(cores[i::jobs]) or {cores[i % len(cores)]} for i in range(jobs)]
+
+
+def _pin(cores: Any) -> None:
+    """Worker initializer: keep to one set of cores, so that XLA sizes its thread pool to it (runs
+    before the worker's first computation, when JAX creates its CPU client)."""
+    os.sched_setaffinity(0, cores.get())
 
 
 def _jobs(plan: Plan, recall: bool, text: bool) -> list[tuple[str, int | None, Variant, int]]:
@@ -79,22 +96,27 @@ def run_plan(plan: Plan, out_dir: str | Path, *, recall: bool = True, text: bool
             record(run_job(plan, *job, corpus))
     else:
         context = multiprocessing.get_context("spawn")  # JAX does not survive fork
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        cores = context.Queue()
+        for core in _core_sets(jobs):
+            cores.put(core)
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin,
+                                                    initargs=(cores,)) as pool:
             futures = [pool.submit(run_job, plan, *job, corpus) for job in todo]
             for future in concurrent.futures.as_completed(futures):
                 record(future.result())
     tables = _tables(plan, records)
     (out / "tables.md").write_text(tables)
+    panels = {ratio: _recall_rows(plan, records, ratio) for ratio in plan.ratios}
+    if any(panels.values()):
+        plot_recall({r: rows for r, rows in panels.items() if rows}, plan.task.distances, plan.task.chance,
+                    out / "recall.png")
     return tables
 
 
 def _tables(plan: Plan, records: list[dict[str, Any]]) -> str:
     parts = []
     for ratio in plan.ratios:
-        # a Transformer-XL shared by two ratios ran once, under the first: show it under both
-        shared = {v.name for v in main_variants(ratio) if v.cmem_len == 0}
-        rows = [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps
-                and (r["ratio"] == ratio or r["variant"] in shared)]
+        rows = _recall_rows(plan, records, ratio)
         if rows:
             parts.append(f"### Recall, ratio {ratio}\n\n" + recall_table(rows, plan.task.distances, plan.task.chance))
             knocked = [dict(r, loss_by_distance=r["knockout_by_distance"]) for r in rows if r["slot_spread"]]
@@ -103,10 +125,34 @@ def _tables(plan: Plan, records: list[dict[str, Any]]) -> str:
             spread = spread_table(rows)
             if spread:
                 parts.append(f"### Compressed-slot spread, ratio {ratio}\n\n" + spread)
+            kept = reconstruction_table(rows)
+            if kept:
+                parts.append(f"### What the compressed slots keep, ratio {ratio}\n\n" + kept)
+    ratio = plan.ratios[-1]
+    names = {v.name for v in ablations(ratio)}
+    ablated = [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps
+               and r["ratio"] == ratio and r["variant"] in names]
+    if ablated:
+        parts.append(f"### Ablations, ratio {ratio}\n\n" + recall_table(ablated, plan.task.distances, plan.task.chance))
+        knocked = [dict(r, loss_by_distance=r["knockout_by_distance"]) for r in ablated]
+        parts.append(f"### Ablations with another row's compressed slots at the query, ratio {ratio}\n\n"
+                     + recall_table(knocked, plan.task.distances, plan.task.chance))
+        kept = reconstruction_table(ablated)
+        if kept:
+            parts.append(f"### What the compressed slots keep, ablations, ratio {ratio}\n\n" + kept)
     texts = [r for r in records if r["kind"] == "text" and r["steps"] == plan.text_steps]
     if texts:
         parts.append("### Natural text (streamed validation)\n\n" + text_table(texts, plan.text_variants()[1].name))
     return "\n\n".join(parts) + "\n"
+
+
+def _recall_rows(plan: Plan, records: list[dict[str, Any]], ratio: int) -> list[dict[str, Any]]:
+    """The main comparison's recall records at `ratio` (a Transformer-XL shared by two ratios ran
+    once, under the first: it is shown under both)."""
+    main = main_variants(ratio)
+    names, shared = {v.name for v in main}, {v.name for v in main if v.cmem_len == 0}
+    return [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps
+            and r["variant"] in names and (r["ratio"] == ratio or r["variant"] in shared)]
 
 
 def _int_keys(record: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ct_jax.long_range.harness import SIZES
 from ct_jax.long_range.tasks import RecallTask
 from ct_jax.long_range.variants import Variant, baselines, ct
 from ct_jax.presets import LONG_RANGE
@@ -37,7 +38,7 @@ def main_variants(ratio: int) -> list[Variant]:
 
 
 def ablations(ratio: int) -> list[Variant]:
-    """The paper's options one at a time (upstream's other defaults kept), and LONG_RANGE's parts removed."""
+    """The paper's options one at a time on upstream's defaults, and LONG_RANGE with one part changed."""
     out = [
         ct("CT paper target (evicted)", MEM_LEN, CMEM_LEN, ratio, reconstruction_target="evicted"),
         ct("CT conv + memory gradients", MEM_LEN, CMEM_LEN, ratio, train=dict(memory_gradients=True)),
@@ -47,8 +48,10 @@ def ablations(ratio: int) -> list[Variant]:
     for compression in ("mean_pool", "max_pool", "dilated_conv", "most_used"):
         out.append(ct(f"CT {compression}", MEM_LEN, CMEM_LEN, ratio, compression=compression))
     out.append(long_range("LONG_RANGE without memory gradients", ratio, train=dict(memory_gradients=False)))
-    out.append(long_range("LONG_RANGE with conv + attention aux (evicted)", ratio, compression="conv",
-                          aux_loss="attention", reconstruction_target="evicted"))
+    out.append(long_range("LONG_RANGE with mean pooling", ratio, compression="mean_pool"))
+    out.append(long_range("LONG_RANGE with dilated conv", ratio, compression="dilated_conv"))
+    out.append(long_range("LONG_RANGE + attention aux (evicted)", ratio, aux_loss="attention",
+                          reconstruction_target="evicted"))
     out.append(long_range("LONG_RANGE with learned positions, GRU, enhanced recurrence", ratio,
                           relative_positions="learned", gru_gated_residual=True, enhanced_recurrence=True))
     return out
@@ -65,21 +68,25 @@ class Plan:
     ablation_seeds: tuple[int, ...]
     text_seeds: tuple[int, ...]
     text_steps: int
-    text_eval_bytes: int = 65_536  # validation bytes read as streams
+    text_eval_streams: int = 32  # the validation split read as this many contiguous streams, memory carried
+    text_eval_segments: int | None = None  # segments per stream evaluated (None: the whole split)
     text_max_bytes: int | None = None  # corpus bytes loaded (None: the loader's default)
+    memory_layers: tuple[int, ...] | None = (SIZES["depth"],)  # recall models' layers with memory (None: all)
     fast_compile: bool = False  # XLA options that compile 2-3x faster for a slower step (smoke runs)
-    main_names: tuple[str, ...] | None = None  # only these of `main_variants` (None: all)
+    names: tuple[str, ...] | None = None  # only the variants (main and ablations) of these names (None: all)
 
     def recall_runs(self, ablation: bool = False) -> list[tuple[int, Variant, int]]:
         """(ratio, variant, seed) of the main recall runs, seeds outermost (or of the ablations, at
-        the first ratio); a baseline shared by two ratios runs once, recorded under the first."""
+        the last, hardest ratio); a baseline shared by two ratios runs once, recorded under the first."""
+        wanted = lambda variant: self.names is None or variant.name in self.names  # noqa: E731
         if ablation:
-            return [(self.ratios[0], v, seed) for seed in self.ablation_seeds for v in ablations(self.ratios[0])]
+            return [(self.ratios[-1], v, seed) for seed in self.ablation_seeds for v in ablations(self.ratios[-1])
+                    if wanted(v)]
         runs, seen = [], set()
         for seed in self.seeds:
             for ratio in self.ratios:
                 for variant in main_variants(ratio):
-                    if self.main_names is not None and variant.name not in self.main_names:
+                    if not wanted(variant):
                         continue
                     key = (repr(variant.model_kwargs()), repr(variant.train), seed)
                     if key not in seen:
@@ -94,7 +101,7 @@ class Plan:
 
 
 QUICK = Plan(recall_task(quick=True), ratios=(2,), seeds=(0,), steps=30, ablation_seeds=(), text_seeds=(0,),
-             text_steps=10, text_eval_bytes=4_096, text_max_bytes=1 << 20,
-             fast_compile=True, main_names=("CT LONG_RANGE", f"TXL mem {MEM_LEN + CMEM_LEN} (same slots)"))
-FULL = Plan(recall_task(), ratios=(2, 4), seeds=(0, 1, 2), steps=1000, ablation_seeds=(0,), text_seeds=(0, 1, 2),
-            text_steps=300)
+             text_steps=10, text_eval_segments=8, text_max_bytes=1 << 20,
+             fast_compile=True, names=("CT LONG_RANGE", f"TXL mem {MEM_LEN + CMEM_LEN} (same slots)"))
+FULL = Plan(recall_task(), ratios=(2, 4), seeds=(0, 1, 2), steps=1500, ablation_seeds=(0,), text_seeds=(0, 1, 2),
+            text_steps=600)
