@@ -5,7 +5,7 @@ before its query) and on natural text, and writes results.jsonl and tables.md to
 docs/long-range.md explains the task, the variants and the measured results.
 
     python scripts/long_range.py --quick            # < 1 minute: one CT and its baselines, few steps
-    python scripts/long_range.py                    # full mode (about 30 minutes on 2 cores)
+    python scripts/long_range.py --jobs 2           # full mode (51 min on one core; --jobs 2: one run per core)
     python scripts/long_range.py --only recall --seeds 0 1 2 --steps 800
     python scripts/long_range.py --corpus enwik8:/data/enwik8.gz --only text
     python scripts/long_range.py --all-layers --only recall --out runs/long_range_all_layers

@@ -23,12 +23,14 @@ def plot_recall(panels: dict[int, list[dict[str, Any]]], distances: Sequence[int
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, sharey=True)
+    names = list(dict.fromkeys(r["variant"] for records in panels.values() for r in records))
+    colors = {name: f"C{index}" for index, name in enumerate(names)}  # one colour per variant in every panel
     for axis, (ratio, records) in zip(axes[0], sorted(panels.items())):
         by_variant: dict[str, list[dict[int, float]]] = defaultdict(list)
         for record in records:
             by_variant[record["variant"]].append(record["loss_by_distance"])
-        for index, (name, runs) in enumerate(by_variant.items()):
-            color = f"C{index}"
+        for name, runs in by_variant.items():
+            color = colors[name]
             shown = [d for d in distances if all(d in run for run in runs)]
             for run in runs:
                 axis.plot(shown, [run[d] for d in shown], ".", color=color, alpha=0.5)
@@ -41,8 +43,8 @@ def plot_recall(panels: dict[int, list[dict[str, Any]]], distances: Sequence[int
         axis.set_xticks(list(distances))
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="center left")
     axes[0][0].set_ylabel("recall loss (nats)")
-    axes[0][-1].legend(fontsize=7, loc="center left")
     figure.tight_layout()
     try:
         return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
