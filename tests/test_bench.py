@@ -97,12 +97,15 @@ def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
     assert rec["generation_at"]["16"]["model"]["seq_len"] == 16 and rec["generation_at"]["16"]["torch"]["median"] > 0
     assert rec["decode_floor"]["bfloat16"]["weights_bytes"] * 2 == rec["decode_floor"]["float32"]["weights_bytes"]
     assert set(rec["compile"]) == {"2", "3"}
+    streaming = rec["streaming"]
+    assert streaming["ratio"] == streaming["streams"]["median"] / streaming["windows"]["median"] > 0
     assert all(rec["peak_memory"][fw]["step_mib"] > 0 for fw in ("jax", "torch")), rec["peak_memory"]
     table = bench_report.markdown(record)
     body = [line.split(" | ") for line in table.splitlines() if line.startswith("| tiny")]
-    # train, eval, generation (at 8, at 16, bf16), decoding vs floor (float32, bf16), compile, memory, FLOP/s
-    assert len(body) == 10, table
-    jax_only = ("compile", "generation, bfloat16", "decoding ms")  # torch compiles nothing; JAX-only rows
+    # train, eval, generation (at 8, at 16, bf16), decoding vs floor (float32, bf16), streams vs windows, compile,
+    # memory, FLOP/s
+    assert len(body) == 11, table
+    jax_only = ("compile", "generation, bfloat16", "decoding ms", "train step with the memory")  # JAX-only rows
     for cells in body:  # | config | measurement | ct_jax | ct_jax fused | ct_torch_ref | upstream? | ratio | target |
         torch_cell = () if cells[1].startswith(jax_only) else (cells[4],)
         assert "—" not in (cells[2], *torch_cell, cells[-3]), f"unfilled row: {cells}"
@@ -111,6 +114,7 @@ def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
     targets = {cells[1].split(",")[0]: cells[-2] for cells in body}
     assert targets["train step"] == "≥ 0.001x" and targets["train step host memory"] == "≤ 1000", targets
     assert targets["eval forward"] == "—", "only the config's own targets are shown"
+    assert targets["train step with the memory carried across steps (streams ÷ windows"] == "≤ 1.03", targets
     bench_report.write_json(record, tmp_path / "bench.json")
     bench_report.bar_chart(record, tmp_path / "bench.png")
     assert json.loads((tmp_path / "bench.json").read_text())["configs"]["tiny"]["config"]["batch"] == 2

@@ -41,6 +41,7 @@ from ct_jax.bench.common import BenchConfig, interleaved
 from ct_jax.bench.floor import decode_floor
 from ct_jax.bench.jax_side import JaxSide, jax_matmul_seconds
 from ct_jax.bench.peak_memory import measure_peak_memory
+from ct_jax.bench.streaming import streaming_overhead
 from ct_jax.bench.torch_side import TorchSide, torch_matmul_seconds, upstream_available
 
 
@@ -59,6 +60,7 @@ class RunOptions:
     fused: bool = False  # also time ct_jax with attention_impl="fused" (column "jax_fused")
     generation_seq_lens: tuple[int, ...] = ()  # generation rows at these seq_len too (memory scaled alike)
     bf16_generation: bool = True  # a generation row decoding in bfloat16, and its floor
+    streaming: bool = True  # the streamed train step against the fixed-window one (first config)
     log: Callable[[str], Any] = print
 
 
@@ -118,6 +120,10 @@ def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, ge
         for seq_len in options.generation_seq_lens:
             if seq_len != bench.model["seq_len"]:
                 record.setdefault("generation_at", {})[str(seq_len)] = _generation_at(bench, seq_len, options)
+
+    if generation and options.streaming:
+        log(f"[{bench.name}] train step with the memory carried across steps vs fixed windows")
+        record["streaming"] = streaming_overhead(bench, options.reps, options.warmup)
 
     if compile_times and options.compile_segments:
         record["compile"] = {}
