@@ -48,21 +48,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.reps < 1 or args.warmup < 0:
         parser.error(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
-    try:
-        args.compile_segments = tuple(int(n) for n in args.compile_segments.split(",") if n)
-    except ValueError:
-        parser.error(f"--compile-segments must be comma-separated ints, got {args.compile_segments!r}")
-    if any(n < 1 for n in args.compile_segments):
-        parser.error(f"--compile-segments must be positive, got {args.compile_segments}")
-    try:
-        args.generation_seq_lens = tuple(int(n) for n in args.generation_seq_lens.split(",") if n)
-    except ValueError:
-        parser.error(f"--generation-seq-lens must be comma-separated ints, got {args.generation_seq_lens!r}")
-    if any(n < 1 for n in args.generation_seq_lens):
-        parser.error(f"--generation-seq-lens must be positive, got {args.generation_seq_lens}")
+    for flag in ("compile_segments", "generation_seq_lens"):
+        setattr(args, flag, _positive_ints(parser, "--" + flag.replace("_", "-"), getattr(args, flag)))
     if args.fused is None:
         args.fused = args.device == "gpu"
     return args
+
+
+def _positive_ints(parser: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive ints ('' for none), or a parser error naming `flag`."""
+    try:
+        values = tuple(int(n) for n in text.split(",") if n)
+    except ValueError:
+        parser.error(f"{flag} must be comma-separated ints, got {text!r}")
+    if any(n < 1 for n in values):
+        parser.error(f"{flag} must be positive, got {values}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
