@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+",
                         help="only the variants (main and ablations) of these names (default: all)")
     parser.add_argument("--steps", type=int, help="training steps per recall run")
+    parser.add_argument("--distances", type=int, nargs="+",
+                        help="fact-to-query distances of the recall task, tokens (default: the mode's)")
+    parser.add_argument("--segments", type=int, help="segments per recall row (the query sits in the last)")
+    parser.add_argument("--keys", type=int, help="key symbols of the recall vocabulary (default 16)")
+    parser.add_argument("--filler", type=int, help="filler symbols of the recall vocabulary (default 16)")
+    parser.add_argument("--fact-len", type=int, help="keys per fact (default 8)")
     parser.add_argument("--text-steps", type=int, help="training steps per text run")
     parser.add_argument("--all-layers", action="store_true",
                         help="recall models with memory in every layer (default: the top layer only, so that no "
@@ -52,6 +58,14 @@ def main(argv: list[str] | None = None) -> str:
     changes = dict(ratios=args.ratios, seeds=args.seeds, ablation_seeds=args.ablation_seeds, steps=args.steps,
                    text_steps=args.text_steps, names=args.variants)
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None}
+    task = dict(distances=args.distances, n_segments=args.segments, n_keys=args.keys, n_filler=args.filler,
+                fact_len=args.fact_len)
+    task = {k: tuple(v) if isinstance(v, list) else v for k, v in task.items() if v is not None}
+    if task:
+        try:
+            changes["task"] = dataclasses.replace(plan.task, **task)
+        except ValueError as error:
+            raise SystemExit(f"long_range.py: error: {error}") from None
     if args.all_layers:
         changes["memory_layers"] = None
     if args.seeds is not None:

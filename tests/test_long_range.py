@@ -121,3 +121,28 @@ def test_reconstruction_error_is_zero_only_when_compression_loses_nothing(ratio)
         assert error < 1e-10 if ratio == 1 else error > 1e-3
     with pytest.raises(ValueError, match="segment start"):
         reconstruction_errors(model, task, tokens, 40)
+
+
+def test_a_run_counts_as_done_only_on_the_same_task_and_memory_layers():
+    import dataclasses
+
+    from ct_jax.long_range import run
+    from ct_jax.long_range.suite import FULL
+
+    record = {"kind": "recall", "ratio": 2, "variant": "CT LONG_RANGE", "seed": 0, "steps": FULL.steps,
+              **run._setting(FULL, "recall")}
+    key = run._key("recall", 2, "CT LONG_RANGE", 0, FULL.steps, run._setting(FULL, "recall"))
+    assert run._record_key(record) == key and run._ours(FULL, record)
+    for other in (dataclasses.replace(FULL, task=dataclasses.replace(FULL.task, distances=(16, 32))),
+                  dataclasses.replace(FULL, memory_layers=None)):
+        assert run._record_key(record) != run._key("recall", 2, "CT LONG_RANGE", 0, other.steps,
+                                                   run._setting(other, "recall"))
+        assert not run._ours(other, record)
+
+
+def test_script_flags_shape_the_recall_task():
+    script = _script()
+    args = script.parse_args(["--distances", "16", "40", "--segments", "4", "--keys", "12", "--fact-len", "6"])
+    assert (args.distances, args.segments, args.keys, args.fact_len) == ([16, 40], 4, 12, 6)
+    with pytest.raises(SystemExit, match="distance"):
+        script.main(["--only", "recall", "--distances", "200", "--out", "/nonexistent/never-written"])

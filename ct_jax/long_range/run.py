@@ -30,8 +30,28 @@ def _done(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _key(kind: str, ratio: int | None, name: str, seed: int, steps: int) -> tuple:
-    return kind, ratio, name, seed, steps
+def _setting(plan: Plan, kind: str) -> dict[str, Any] | None:
+    """What a record must share with `plan` to count as one of its runs, besides variant, seed
+    and steps: the recall task and which layers have memory (text runs: nothing more)."""
+    if kind != "recall":
+        return None
+    layers = None if plan.memory_layers is None else list(plan.memory_layers)
+    return dict(task=dataclasses.asdict(plan.task) | {"distances": list(plan.task.distances)}, memory_layers=layers)
+
+
+def _key(kind: str, ratio: int | None, name: str, seed: int, steps: int, setting: dict[str, Any] | None) -> tuple:
+    return kind, ratio, name, seed, steps, json.dumps(setting, sort_keys=True)
+
+
+def _record_key(record: dict[str, Any]) -> tuple:
+    setting = None if record["kind"] != "recall" else dict(task=record.get("task"),
+                                                           memory_layers=record.get("memory_layers"))
+    return _key(record["kind"], record["ratio"], record["variant"], record["seed"], record["steps"], setting)
+
+
+def _ours(plan: Plan, record: dict[str, Any]) -> bool:
+    """Whether a recall record ran on `plan`'s task and memory layers."""
+    return _setting(plan, "recall") == dict(task=record.get("task"), memory_layers=record.get("memory_layers"))
 
 
 def run_job(plan: Plan, kind: str, ratio: int | None, variant: Variant, seed: int,
@@ -46,7 +66,7 @@ def run_job(plan: Plan, kind: str, ratio: int | None, variant: Variant, seed: in
         documents = document_starts(corpus, max_bytes=plan.text_max_bytes)
         result = train_text(splits, documents, variant, seed, plan.text_steps, eval_streams=plan.text_eval_streams,
                             eval_max_segments=plan.text_eval_segments, compiler_options=options)
-    return dict(kind=kind, ratio=ratio, **dataclasses.asdict(result))
+    return {"kind": kind, "ratio": ratio, **dataclasses.asdict(result), **(_setting(plan, kind) or {})}
 
 
 def _core_sets(jobs: int) -> list[set[int]]:
@@ -78,9 +98,10 @@ def run_plan(plan: Plan, out_dir: str | Path, *, recall: bool = True, text: bool
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     records = _done(results_path)
-    done = {_key(r["kind"], r["ratio"], r["variant"], r["seed"], r["steps"]) for r in records}
+    done = {_record_key(r) for r in records}
     todo = [job for job in _jobs(plan, recall, text)
-            if _key(job[0], job[1], job[2].name, job[3], plan.steps if job[0] == "recall" else plan.text_steps)
+            if _key(job[0], job[1], job[2].name, job[3], plan.steps if job[0] == "recall" else plan.text_steps,
+                    _setting(plan, job[0]))
             not in done]
 
     def record(result: dict[str, Any]) -> None:
@@ -130,7 +151,7 @@ def _tables(plan: Plan, records: list[dict[str, Any]]) -> str:
                 parts.append(f"### What the compressed slots keep, ratio {ratio}\n\n" + kept)
     ratio = plan.ratios[-1]
     names = {v.name for v in ablations(ratio)}
-    ablated = [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps
+    ablated = [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps and _ours(plan, r)
                and r["ratio"] == ratio and r["variant"] in names]
     if ablated:
         parts.append(f"### Ablations, ratio {ratio}\n\n" + recall_table(ablated, plan.task.distances, plan.task.chance))
@@ -151,7 +172,7 @@ def _recall_rows(plan: Plan, records: list[dict[str, Any]], ratio: int) -> list[
     once, under the first: it is shown under both)."""
     main = main_variants(ratio)
     names, shared = {v.name for v in main}, {v.name for v in main if v.cmem_len == 0}
-    return [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps
+    return [_int_keys(r) for r in records if r["kind"] == "recall" and r["steps"] == plan.steps and _ours(plan, r)
             and r["variant"] in names and (r["ratio"] == ratio or r["variant"] in shared)]
 
 
