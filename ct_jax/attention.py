@@ -418,13 +418,13 @@ class SelfAttention(nnx.Module):
         comp_kv = aux_compressed @ sg(self.to_kv.kernel[...]).astype(aux_compressed.dtype)  # (b, n, 2 dim)
         comp_k, comp_v = map(self._heads, jnp.split(comp_kv, 2, axis=-1))
         q_sg = sg(q)
-        target = self._full_attention(q_sg, sg(mem_k), sg(mem_v), target_valid, rngs)
-        recon = self._full_attention(q_sg, comp_k, comp_v, window_valid, rngs)
+        target = self.full_attention(q_sg, sg(mem_k), sg(mem_v), target_valid, rngs)
+        recon = self.full_attention(q_sg, comp_k, comp_v, window_valid, rngs)
         # per row (a row alone gives its own), 0 for rows that compressed nothing; the batch's is their mean
         mse = jnp.mean(jnp.square(target.astype(aux_loss.dtype) - recon.astype(aux_loss.dtype)), axis=(1, 2, 3))
         return new_memory, jnp.mean(jnp.where(n_compressed > 0, mse, 0.0))
 
-    def _full_attention(
+    def full_attention(
         self,
         q: Float[Array, "b h t dh"],
         k: Float[Array, "b h j dh"],

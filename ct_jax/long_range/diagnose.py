@@ -20,23 +20,22 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
-from ct_jax.attention import SelfAttention, masked_softmax
+from ct_jax.attention import SelfAttention
 from ct_jax.long_range.tasks import RecallTask
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 
 
-def _read(attn: SelfAttention, q: Float[Array, "b h t dh"], slots: Float[Array, "b n d"]) -> Float[Array, "b h t dh"]:
-    """Every head's softmax attention of `q` over `slots` (layer-normed memory slots) alone."""
-    k, v = attn.keys_values(slots)
-    logits = attn.content_logits(q, k)  # (b, h, t, n)
-    weights = masked_softmax(logits, jnp.ones(logits.shape[-1:], bool)).astype(v.dtype)
-    return jnp.einsum("bhtn,bhnd->bhtd", weights, v)
+def _error(attn: SelfAttention, q: Float[Array, "b h t dh"], fact: Float[Array, "b n d"],
+           compressed: Float[Array, "b c d"]) -> float:
+    """The relative error of reading `compressed` instead of `fact` (layer-normed slots) with `q`."""
 
+    def read(slots: jax.Array) -> jax.Array:  # every head's softmax over these slots alone
+        k, v = attn.keys_values(slots)
+        return attn.full_attention(q, k, v, jnp.ones(slots.shape[:2], bool), None)
 
-def _error(attn: SelfAttention, q: jax.Array, fact: jax.Array, compressed: jax.Array) -> float:
-    target, read = _read(attn, q, fact), _read(attn, q, compressed)
-    return float(jnp.mean(jnp.square(target - read)) / jnp.mean(jnp.square(target)))
+    target, reconstructed = read(fact), read(compressed)
+    return float(jnp.mean(jnp.square(target - reconstructed)) / jnp.mean(jnp.square(target)))
 
 
 def reconstruction_errors(model: CompressiveTransformer, task: RecallTask, tokens: np.ndarray, distance: int
@@ -56,13 +55,22 @@ def reconstruction_errors(model: CompressiveTransformer, task: RecallTask, token
     if query_segment < fact_segment + 2:
         raise ValueError(f"distance {distance}: the fact's segment is not compressed before the query's segment")
     model.eval()
+    try:
+        return _errors(model, task, tokens, distance, fact_segment, query_segment)
+    finally:
+        model.train()
+
+
+def _errors(model: CompressiveTransformer, task: RecallTask, tokens: np.ndarray, distance: int, fact_segment: int,
+            query_segment: int) -> dict[str, float]:
+    """`reconstruction_errors` after its checks, the model in eval mode."""
+    config, seq_len = model.config, task.seq_len
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda state, x, m: nnx.merge(graphdef, state)(x, m)[1])
     memories, after = Memory.empty(model, tokens.shape[0], model.dtype), []
     for segment in range(query_segment + 1):
         memories = step(state, jnp.asarray(tokens[:, segment * seq_len : (segment + 1) * seq_len]), memories)
         after.append(memories)
-    model.train()
     layer = config.memory_layers[-1]
     attn = model.attn_layers[layer - 1].fn
     inputs = lambda segment: after[segment].mem[-1]  # noqa: E731  (b, seq_len, d): that segment's layer-normed inputs
