@@ -7,7 +7,22 @@ from collections.abc import Iterable
 from typing import Any
 
 from ct_jax._checks import check_bool, check_float, check_int
-from ct_jax.options import OPTIONS, check_option
+from ct_jax.options import (
+    OPTIONS,
+    AuxLoss,
+    Compression,
+    EvictionPadding,
+    ReconstructionTarget,
+    RelativePositions,
+    check_option,
+)
+
+MISSING = dataclasses.MISSING
+
+
+def documented(default: Any, help: str) -> Any:
+    """A dataclass field carrying its `--help` text (ct_jax.cli reads it): each setting is described once."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,34 +34,37 @@ class ModelConfig:
     `cmem_len = mem_len // cmem_ratio`, `memory_layers = 1..depth`).
     """
 
-    num_tokens: int
-    dim: int
-    seq_len: int
-    depth: int
-    emb_dim: int | None = None
-    memory_layers: Iterable[int] | None = None  # stored as a sorted tuple
-    enhanced_recurrence: bool = True
-    mem_len: int | None = None
-    cmem_len: int | None = None
-    cmem_ratio: int = 4
-    heads: int = 8
-    gru_gated_residual: bool = True
-    mogrify_gru: bool = False
-    attn_dropout: float = 0.0
-    ff_glu: bool = False
-    ff_dropout: float = 0.0
-    attn_layer_dropout: float = 0.0
-    reconstruction_attn_dropout: float = 0.0
-    reconstruction_loss_weight: float = 1.0
+    num_tokens: int = documented(MISSING, "vocabulary size")
+    dim: int = documented(MISSING, "model width")
+    seq_len: int = documented(MISSING, "tokens per segment")
+    depth: int = documented(MISSING, "layers")
+    emb_dim: int | None = documented(None, "token embedding width, projected to dim; default: dim")
+    memory_layers: Iterable[int] | None = documented(None, "layers (1-based) that keep memory; default: all")  # a tuple
+    enhanced_recurrence: bool = documented(True, "each memory layer reads the memory of the layer above")
+    mem_len: int | None = documented(None, "memory slots per memory layer; default: seq_len")
+    cmem_len: int | None = documented(None, "compressed memory slots; default: mem_len // cmem_ratio")
+    cmem_ratio: int = documented(4, "evicted memories per compressed slot")
+    heads: int = documented(8, "attention heads (dim must be divisible by heads)")
+    gru_gated_residual: bool = documented(True, "GRU gates instead of residual additions")
+    mogrify_gru: bool = documented(False, "a Mogrifier before each GRU gate")
+    attn_dropout: float = documented(0.0, "dropout of the attention weights")
+    ff_glu: bool = documented(False, "gated (GLU) feed-forward")
+    ff_dropout: float = documented(0.0, "feed-forward dropout")
+    attn_layer_dropout: float = documented(0.0, "dropout of the attention block's output")
+    reconstruction_attn_dropout: float = documented(0.0, "attention dropout in the reconstruction loss")
+    reconstruction_loss_weight: float = documented(1.0, "weight of the auxiliary loss")
     # Paper-faithful options (docs/paper-options.md); the defaults are upstream's behaviour.
-    compression: str = "conv"
-    reconstruction_target: str = "memory"
-    aux_loss: str = "attention"
-    eviction_padding: str = "upstream"
-    relative_positions: str = "learned"
+    # A string is turned into its enum member, which equals the string.
+    compression: Compression | str = documented(Compression.CONV, "how evicted memories are compressed")
+    reconstruction_target: ReconstructionTarget | str = documented(
+        ReconstructionTarget.MEMORY, "what the attention-reconstruction loss reconstructs")
+    aux_loss: AuxLoss | str = documented(AuxLoss.ATTENTION, "the compressor's auxiliary loss")
+    eviction_padding: EvictionPadding | str = documented(
+        EvictionPadding.UPSTREAM, "zeros padding the evicted memories to a multiple of cmem_ratio")
+    relative_positions: RelativePositions | str = documented(RelativePositions.LEARNED, "relative position encoding")
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_ = self._set
         for name in ("num_tokens", "dim", "seq_len", "depth", "heads", "cmem_ratio"):
             set_(name, check_int(name, getattr(self, name)))
         set_("emb_dim", check_int("emb_dim", self.emb_dim) if self.emb_dim is not None else self.dim)
@@ -70,12 +88,16 @@ class ModelConfig:
             check_bool(name, getattr(self, name))
         set_("reconstruction_loss_weight", check_float("reconstruction_loss_weight", self.reconstruction_loss_weight))
         for name in OPTIONS:
-            check_option(name, getattr(self, name))
+            set_(name, check_option(name, getattr(self, name)))
         if self.compression == "most_used" and self.aux_loss == "autoencoder":
             raise ValueError(
                 "aux_loss='autoencoder' decodes windows of evicted slots, but compression="
                 "'most_used' keeps single slots; use aux_loss 'attention' or 'none' with it"
             )
+
+    def _set(self, name: str, value: Any) -> None:
+        """Stores a normalised value in this frozen dataclass (construction only)."""
+        object.__setattr__(self, name, value)
 
     @property
     def dim_head(self) -> int:

@@ -28,7 +28,7 @@ NUM_PROCESSES_ENV = ("CT_NUM_PROCESSES", "JAX_NUM_PROCESSES")
 PROCESS_ID_ENV = ("CT_PROCESS_ID", "JAX_PROCESS_ID")
 
 
-class Parallel(enum.Enum):
+class Parallel(enum.StrEnum):
     """How a train step uses the devices."""
 
     NONE = "none"  # one device, plain jit

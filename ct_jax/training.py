@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int
 
 from ct_jax._checks import check_float, check_int
 from ct_jax.autoregressive import accumulated_grads, segment_losses, stream_grads
-from ct_jax.config import ModelConfig
+from ct_jax.config import ModelConfig, documented
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 from ct_jax.parallel import DataParallel, Parallel
@@ -42,21 +42,21 @@ def xla_flags(options: dict[str, Any] = FAST_CPU_COMPILE) -> str:
     return " ".join(f"--{name}={str(value).lower()}" for name, value in options.items())
 
 
-class Schedule(enum.Enum):
+class Schedule(enum.StrEnum):
     """Learning-rate schedule; both start with `warmup_steps` of linear warmup from 0."""
 
     CONSTANT = "constant"
     COSINE = "cosine"  # cosine decay to `learning_rate * final_lr_ratio` at `steps`
 
 
-class Optimizer(enum.Enum):
+class Optimizer(enum.StrEnum):
     """The update rule after clipping."""
 
     ADAM = "adam"  # upstream's example
     SGD = "sgd"  # plain gradient descent: the update is linear in the gradient (exact-equivalence tests)
 
 
-class DataOrder(enum.Enum):
+class DataOrder(enum.StrEnum):
     """How training rows are drawn."""
 
     WINDOWS = "windows"  # random windows, every row from empty memory (upstream's example)
@@ -75,28 +75,37 @@ class NonFiniteLossError(TrainingDivergedError):
 class TrainConfig:
     """Everything about a training run except the model (defaults: upstream's example optimiser)."""
 
-    batch_size: int = 16  # global rows per step, each n_segments * seq_len + 1 tokens
-    n_segments: int = 4  # segments per row, scanned with the memory as carry
-    micro_batches: int = 1  # gradient accumulation: the batch runs in this many chunks
-    steps: int = 1000
-    learning_rate: float = 1e-4
-    optimizer: Optimizer | str = Optimizer.ADAM  # a name is turned into the enum
-    schedule: Schedule | str = Schedule.CONSTANT
-    warmup_steps: int = 0
-    final_lr_ratio: float = 0.1
-    grad_clip_norm: float = 0.5  # 0 disables clipping
-    dtype: str = "float32"  # compute dtype; parameters, optimizer state and losses stay float32
-    remat: bool = False  # keep only weight-matmul outputs; recompute scores and elementwise ops in the backward
-    memory_gradients: bool = False  # backpropagate through the memory carried between a row's segments (paper's BPTT)
-    seed: int = 0  # parameters, dropout and data order
-    parallel: Parallel | str = Parallel.NONE
-    data_order: DataOrder | str = DataOrder.WINDOWS
-    eval_every: int = 100  # 0: only at the start and the end
-    eval_batches: int = 8  # windows: validation batches per evaluation
-    eval_segments: int = 0  # streams: periodic validation over this many segments per stream (0: whole split)
-    checkpoint_every: int = 100  # 0: only at the end
-    keep_checkpoints: int = 3
-    divergence_factor: float = 4.0  # a loss above this multiple of its running median stops the run (0: off)
+    batch_size: int = documented(16, "global rows per step (split over devices and processes), each "
+                                 "n_segments * seq_len + 1 tokens")
+    n_segments: int = documented(4, "segments of seq_len tokens per row, scanned with the memory as carry")
+    micro_batches: int = documented(1, "gradient accumulation: each step runs the batch in this many chunks")
+    steps: int = documented(1000, "optimizer updates")
+    learning_rate: float = documented(1e-4, "peak learning rate")
+    optimizer: Optimizer | str = documented(Optimizer.ADAM, "update rule after clipping (sgd: linear in the gradient)")
+    schedule: Schedule | str = documented(Schedule.CONSTANT, "learning-rate schedule")
+    warmup_steps: int = documented(0, "linear warmup from 0 (both schedules)")
+    final_lr_ratio: float = documented(0.1, "cosine schedule: the final learning rate as a fraction of the peak")
+    grad_clip_norm: float = documented(0.5, "global-norm gradient clipping (0: off)")
+    dtype: str = documented("float32", "compute dtype; parameters, optimizer state and losses stay float32")
+    remat: bool = documented(False, "keep only weight-matmul outputs, recompute attention scores and elementwise "
+                             "ops in the backward (less memory, more compute)")
+    memory_gradients: bool = documented(False, "backpropagate through the memory carried between a row's segments "
+                                        "(the paper's BPTT; memory grows with n_segments, remat helps)")
+    seed: int = documented(0, "parameters, dropout and data order")
+    parallel: Parallel | str = documented(Parallel.NONE, "how a step uses the devices")
+    data_order: DataOrder | str = documented(
+        DataOrder.WINDOWS, "streams: batch_size streams through the documents, memory carried across steps, "
+        "validation over the whole split with memory carried; windows: random windows from empty memory "
+        "(upstream's example)")
+    eval_every: int = documented(100, "validate every N steps (and at the start and end; 0: only there)")
+    eval_batches: int = documented(8, "validation batches per evaluation (data order windows)")
+    eval_segments: int = documented(0, "data order streams: periodic validation over this many segments per "
+                                    "stream (0: the whole split); the last validation always covers the whole split")
+    checkpoint_every: int = documented(100, "checkpoint every N steps (and at the end; 0: only there)")
+    keep_checkpoints: int = documented(3, "checkpoints kept, the newest")
+    divergence_factor: float = documented(4.0, "stop when a train loss exceeds this multiple of its running median "
+                                          "(0: only NaN/Inf stop the run); a checkpoint is written once a loss at its "
+                                          "parameters passed this check")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "n_segments", "micro_batches", "steps", "eval_batches", "keep_checkpoints"):
