@@ -38,11 +38,11 @@ class ModelConfig:
     dim: int = documented(MISSING, "model width")
     seq_len: int = documented(MISSING, "tokens per segment")
     depth: int = documented(MISSING, "layers")
-    emb_dim: int | None = documented(None, "token embedding width, projected to dim; default: dim")
-    memory_layers: Iterable[int] | None = documented(None, "layers (1-based) that keep memory; default: all")  # a tuple
+    emb_dim: int | None = documented(None, "token embedding width, projected to dim (unset: dim)")
+    memory_layers: Iterable[int] | None = documented(None, "layers (1-based) that keep memory (unset: all)")  # a tuple
     enhanced_recurrence: bool = documented(True, "each memory layer reads the memory of the layer above")
-    mem_len: int | None = documented(None, "memory slots per memory layer; default: seq_len")
-    cmem_len: int | None = documented(None, "compressed memory slots; default: mem_len // cmem_ratio")
+    mem_len: int | None = documented(None, "memory slots per memory layer (unset: seq_len)")
+    cmem_len: int | None = documented(None, "compressed memory slots (unset: mem_len // cmem_ratio)")
     cmem_ratio: int = documented(4, "evicted memories per compressed slot")
     heads: int = documented(8, "attention heads (dim must be divisible by heads)")
     gru_gated_residual: bool = documented(True, "GRU gates instead of residual additions")

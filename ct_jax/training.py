@@ -92,7 +92,9 @@ class TrainConfig:
     memory_gradients: bool = documented(False, "backpropagate through the memory carried between a row's segments "
                                         "(the paper's BPTT; memory grows with n_segments, remat helps)")
     seed: int = documented(0, "parameters, dropout and data order")
-    parallel: Parallel | str = documented(Parallel.NONE, "how a step uses the devices")
+    parallel: Parallel | str = documented(Parallel.NONE, "how a step uses the devices: one (none), pmap, jit over a "
+                                          "device mesh, or fsdp (parameters sharded too); the train command's auto: "
+                                          "jit when JAX sees several devices, else none")
     data_order: DataOrder | str = documented(
         DataOrder.WINDOWS, "streams: batch_size streams through the documents, memory carried across steps, "
         "validation over the whole split with memory carried; windows: random windows from empty memory "

@@ -1,73 +1,11 @@
-"""Bits per byte of a checkpoint over whole splits, as the paper reports them: the memory carried.
+"""Bits per byte of a checkpoint over whole splits, the memory carried (`ct-evaluate`; ct_jax/commands/evaluate.py)."""
 
-    python scripts/evaluate.py --checkpoint runs/train/model
-    python scripts/evaluate.py --checkpoint runs/train --data enwik8.gz --split test --batch-size 16
-
-Each split is cut into --batch-size contiguous streams run segment by segment from their
-first byte, the memory carried and reset at document boundaries (the files of a folder
-corpus), so every byte is predicted once (`ct_jax.evaluation.evaluate_stream`). --checkpoint
-is a folder with model.safetensors + config.json (written by ct_jax or ct_torch_ref), or a
-training run's --out folder (its model/ is used).
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
+if __name__ == "__main__":  # run as a file: the clone's root on sys.path, installed or not
+    import _clone  # noqa: F401
 
-from ct_jax import convert, data, evaluation, streams  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="folder with model.safetensors + config.json, or a training run's --out folder")
-    parser.add_argument("--data", default=None, help="corpus as for scripts/train.py (default: this Python's "
-                        "standard-library sources)")
-    parser.add_argument("--max-bytes", type=int, default=None, help="use at most this many bytes of a text corpus")
-    parser.add_argument("--split", action="append", default=None,
-                        help="split to evaluate (repeatable; default: every split but train)")
-    parser.add_argument("--batch-size", type=int, default=16, help="parallel streams (default 16)")
-    parser.add_argument("--segments-per-call", type=int, default=32, help="segments per compiled call (default 32)")
-    parser.add_argument("--max-segments", type=int, default=None,
-                        help="evaluate only the first N segments of every stream (default: the whole split)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
-    return parser.parse_args(argv)
-
-
-def model_folder(checkpoint: Path) -> Path:
-    """The folder holding config.json: `checkpoint` itself or a run's `model/`."""
-    for folder in (checkpoint, checkpoint / "model"):
-        if (folder / convert.CONFIG_FILE).is_file():
-            return folder
-    raise FileNotFoundError(
-        f"--checkpoint {checkpoint} holds no {convert.CONFIG_FILE} (nor does {checkpoint / 'model'})"
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    model = convert.load_pretrained(model_folder(args.checkpoint))
-    splits = data.load_corpus(args.data, max_bytes=args.max_bytes)
-    documents = streams.document_starts(args.data, max_bytes=args.max_bytes) or {}
-    names = args.split or [name for name in splits if name != "train"]
-    unknown = sorted(set(names) - set(splits))
-    if unknown:
-        raise ValueError(f"--split {unknown} not in the corpus; it has {sorted(splits)}")
-    for name in names:
-        started = time.perf_counter()
-        bits = evaluation.evaluate_stream(model, splits[name], args.batch_size, document_starts=documents.get(name),
-                                          segments_per_call=args.segments_per_call, max_segments=args.max_segments,
-                                          progress=args.progress, name=name)
-        scope = "whole split" if args.max_segments is None else f"first {args.max_segments} segments per stream"
-        print(f"{name}: {bits:.4f} bits/byte ({len(splits[name]):,} bytes, {args.batch_size} streams, {scope}, "
-              f"memory carried; {time.perf_counter() - started:.0f}s)")
-    return 0
-
+from ct_jax.commands.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

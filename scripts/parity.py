@@ -1,87 +1,11 @@
-"""Run ct_torch_ref and ct_jax on the same weights and random inputs; print a per-segment table.
+"""Run ct_torch_ref and ct_jax on the same weights, print a table (`ct-parity`; ct_jax/commands/parity.py)."""
 
-    python scripts/parity.py --config '{"num_tokens": 256, "dim": 64, "seq_len": 16, "depth": 2, "heads": 4}'
-    python scripts/parity.py --checkpoint ckpt/ --segments 6
-
-Exits non-zero if any output misses its tolerance (ct_jax.parity states them).
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+if __name__ == "__main__":  # run as a file: the clone's root on sys.path, installed or not
+    import _clone  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
-
-import ct_torch_ref  # noqa: E402
-from ct_jax import convert, parity  # noqa: E402
-from ct_jax.model import CompressiveTransformer  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="constructor kwargs as JSON, or a path to a JSON file (random weights)")
-    source.add_argument("--checkpoint", type=Path, help="a checkpoint directory (model.safetensors + config.json)")
-    parser.add_argument("--segments", type=int, default=4, help="segments to run, the last one short (>= 2)")
-    parser.add_argument("--batch", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--float64", action="store_true", help="compare in float64 (semantics, tolerance 1e-10)")
-    args = parser.parse_args(argv)
-    if args.segments < 2:
-        parser.error(f"--segments must be >= 2, got {args.segments}")
-    if args.batch < 1:
-        parser.error(f"--batch must be >= 1, got {args.batch}")
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
-    return args
-
-
-def _torch_model(args: argparse.Namespace):
-    import torch
-
-    if args.checkpoint is not None:
-        return ct_torch_ref.load_pretrained(convert.model_directory(args.checkpoint))
-    config = convert.config_from_json(args.config)
-    torch.manual_seed(args.seed)
-    model = ct_torch_ref.CompressiveTransformer(**config.to_kwargs())
-    with torch.no_grad():  # pos_emb starts at zero upstream, which would hide positional errors
-        model.pos_emb.normal_(0.0, 0.5)
-    return model
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.checkpoint is not None:
-            convert.read_config(args.checkpoint)  # a clear error for a folder without a checkpoint
-        torch_model = _torch_model(args)
-    except (ValueError, TypeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    dtype = jnp.float32
-    if args.float64:
-        jax.config.update("jax_enable_x64", True)
-        torch_model = torch_model.double()
-        dtype = jnp.float64
-    jax_model = CompressiveTransformer(**torch_model.config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
-    convert.from_torch(torch_model.state_dict(), jax_model)
-    modes = ("eval", "train")
-    if jax_model.config.uses_dropout:
-        modes = ("eval",)
-        print("dropout > 0 in this config: comparing eval mode only (dropout masks differ across frameworks)")
-    rows = parity.compare(torch_model, jax_model, segments=args.segments, batch=args.batch, seed=args.seed, modes=modes)
-    print(parity.format_table(rows))
-    misses = [row for row in rows if not row.ok]
-    worst = max(row.max_abs_diff for row in rows)
-    print(f"\n{len(rows) - len(misses)} of {len(rows)} comparisons within tolerance; worst max abs diff {worst:.3e}")
-    return 1 if misses else 0
-
+from ct_jax.commands.parity import main
 
 if __name__ == "__main__":
     sys.exit(main())

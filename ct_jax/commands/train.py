@@ -1,0 +1,175 @@
+"""Train a Compressive Transformer on bytes, then print a sample.
+
+With no arguments: a small model on the default corpus (this Python's standard-library
+sources), on every device JAX sees, for a few minutes on a CPU. Rerunning the same command
+continues from the newest checkpoint in --out. Every model and training setting has a flag.
+
+    python scripts/train.py                   # or `ct-train`, once installed
+    python scripts/train.py --data enwik8.gz --dim 512 --depth 8 --seq-len 512 --steps 100000
+    python scripts/train.py --parallel jit --cpu-devices 8     # data parallel on fake CPU devices
+    python scripts/train.py --preset enwik8 --data enwik8.gz --batch-size 8   # the paper's settings, flags override
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from ct_jax import cli, presets
+from ct_jax.config import ModelConfig  # no JAX import yet: flags come first
+
+DEFAULT_OUT = "runs/train"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags: every ModelConfig and TrainConfig field (defaults: the main job or --preset), run and system."""
+    # JAX is imported here, not at the top, and nothing starts its backend before `run` sets
+    # XLA_FLAGS and the CPU device count.
+    from ct_jax.training import DTYPES, Parallel, TrainConfig
+
+    preset_flag = dict(choices=presets.TRAIN_PRESETS, default=None,
+                       help="start from the paper's settings for this data set, or from long_range's options on "
+                       "the default sizes (ct_jax.presets, docs/long-range.md); any other flag overrides them")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", **preset_flag)
+    defaults = presets.train_defaults(pre.parse_known_args(argv)[0].preset)
+
+    parser = cli.parser(__doc__)
+    parser.add_argument("--preset", **preset_flag)
+    cli.add_dataclass_flags(parser.add_argument_group("model"), ModelConfig, defaults["model"])
+    choices = dict(dtype=sorted(DTYPES), parallel=["auto"] + [p.value for p in Parallel])
+    cli.add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, dict(defaults["train"],
+                            parallel="auto"), choices)
+    run = parser.add_argument_group("run")
+    run.add_argument("--data", default=None, help="corpus: a text file or folder, enwik8[.gz|.zip], 'enwik8:PATH' or "
+                     "'text:PATH'; default: this Python's standard-library sources")
+    run.add_argument("--max-bytes", type=int, default=None, help="use at most this many bytes of a text corpus "
+                     f"(default: all, or {presets.MAIN_JOB_CORPUS_BYTES:,} of the default corpus)")
+    run.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                     help="continue from the newest checkpoint in --out (default); --no-resume refuses an --out "
+                     "that already holds checkpoints")
+    run.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                     help="resume from this checkpoint step instead of the newest (newer ones are moved aside)")
+    run.add_argument("--sample-length", type=int, default=300, help="bytes to generate after training (0: none)")
+    run.add_argument("--prompt", default=None, help="sample prompt (default: the start of the validation split)")
+    run.add_argument("--temperature", type=float, default=0.8)
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    system = parser.add_argument_group("system")
+    system.add_argument("--cpu-devices", type=int, default=None, help="split the CPU into this many JAX devices")
+    system.add_argument("--compile-cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                        os.path.expanduser("~/.cache"), "ct_jax", "xla"),
+                        help="persistent compilation cache folder ('' disables); reruns and resumes skip compiling")
+    system.add_argument("--fast-compile", action="store_true",
+                        help="XLA:CPU flags that compile 2-3x faster but step ~3x slower (smoke tests)")
+    system.add_argument("--coordinator-address", default=None, help="multi-host: host:port of process 0 "
+                        "(or CT_COORDINATOR_ADDRESS / JAX_COORDINATOR_ADDRESS)")
+    system.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    system.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    system.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    return parser.parse_args(argv)
+
+
+def sample_text(model, prompt: str, length: int, *, seed: int, temperature: float) -> str:
+    """`length` bytes sampled after `prompt` (upstream's top-k filter), as text."""
+    import jax
+
+    from ct_jax import data
+    from ct_jax.autoregressive import generate
+
+    model.eval()
+    tokens = generate(model, data.encode_text(prompt or "\n"), length, jax.random.PRNGKey(seed),
+                      temperature=temperature)
+    return data.decode_bytes(tokens)
+
+
+def check_args(args: argparse.Namespace) -> tuple[ModelConfig, dict]:
+    """(model config, TrainConfig kwargs) after checking every argument; nothing is read, written or started."""
+    from ct_jax import data, training
+    from ct_jax._checks import check_float, check_int
+
+    model_config = ModelConfig.from_kwargs(cli.field_values(args, ModelConfig))
+    train_kwargs = cli.field_values(args, training.TrainConfig)
+    parallel = train_kwargs["parallel"]
+    training.TrainConfig(**dict(train_kwargs, parallel="none" if parallel == "auto" else parallel))
+    check_float("--temperature", args.temperature, 0.0)
+    check_int("--sample-length", args.sample_length, 0)
+    for name in ("max_bytes", "cpu_devices", "resume_from"):
+        if getattr(args, name) is not None:
+            check_int(cli.flag(name), getattr(args, name))
+    if args.resume_from is not None and not args.resume:
+        raise ValueError("--resume-from needs --resume (it picks the checkpoint to resume from)")
+    if not args.out.strip() or Path(args.out).is_file():
+        raise ValueError(f"--out must name a folder, got {args.out!r}")
+    data.check_spec(args.data)
+    return model_config, train_kwargs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ct-train` / scripts/train.py: exit status 2 for bad input, 1 for a failed run (--debug: the traceback)."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError, OSError, RuntimeError, FloatingPointError) as error:
+        if args.debug:
+            raise
+        return cli.refuse(error, 2 if isinstance(error, (ValueError, TypeError, FileNotFoundError)) else 1)
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    """`print` on the processes that are not the lead: one process speaks."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole run: checks, JAX set-up, data, training, export and the sample."""
+    model_config, train_kwargs = check_args(args)
+    if args.fast_compile:  # as XLA_FLAGS, read when JAX starts its backend: every compile of the run gets them
+        from ct_jax.training import xla_flags
+
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags()]).strip()
+    import jax
+
+    if args.cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+    from ct_jax import data, parallel, streams, train_loop, training
+
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    if train_kwargs["parallel"] == "auto":
+        train_kwargs["parallel"] = "jit" if jax.device_count() > 1 else "none"
+    config = training.TrainConfig(**train_kwargs)
+    lead = jax.process_index() == 0
+    say = print if lead else _silent
+
+    out = Path(args.out)
+    window = config.n_segments * model_config.seq_len + 1
+    max_bytes = presets.MAIN_JOB_CORPUS_BYTES if args.data is None and args.max_bytes is None else args.max_bytes
+    splits = data.load_corpus(args.data, window=window, max_bytes=max_bytes)
+    say(f"data: {args.data if args.data is not None else 'Python standard library sources'}: "
+        + ", ".join(f"{name} {len(split):,} bytes" for name, split in splits.items()))
+    say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
+        f"parallel={config.parallel.value}; out: {out}")
+    started = time.perf_counter()
+    documents = streams.document_starts(args.data, max_bytes=max_bytes)
+    result = train_loop.fit(model_config, config, splits, out, resume=args.resume, resume_from=args.resume_from,
+                            progress=args.progress and lead, log=say, documents=documents)
+    steps, val = result.history.column("val_bpb")
+    how = ("whole split, memory streamed" if config.data_order is training.DataOrder.STREAMS
+           else f"{config.eval_batches} batches of windows from empty memory")
+    if val:
+        say(f"validation bits/byte: {val[0]:.3f} (step {steps[0]}) -> {val[-1]:.3f} (step {steps[-1]}, {how}); "
+            f"{time.perf_counter() - started:.0f}s")
+    _, test = result.history.column("test_bpb")
+    if test:
+        say(f"test bits/byte: {test[-1]:.3f} ({how})")
+    say(f"wrote {out / 'metrics.csv'}, {out / 'loss.png'}, {out / 'model'} (model.safetensors + config.json)")
+    if lead and args.sample_length > 0:
+        prompt = args.prompt if args.prompt is not None else data.decode_bytes(splits["validation"][:64])
+        text = sample_text(result.model, prompt, args.sample_length, seed=config.seed, temperature=args.temperature)
+        say(f"sample ({args.sample_length} bytes after the prompt):\n{prompt}{text}")
+    return 0
