@@ -4,6 +4,9 @@ and the test run checks annotations at run time."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -101,6 +104,32 @@ def test_the_check_sees_a_cycle_through_a_function_level_import(tmp_path):
     (package / "c.py").write_text("import pkg.a as a\n")
     (package / "d.py").write_text("from pkg import a\n")
     assert cycles(import_graph(package)) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
+
+
+def test_every_public_module_is_reachable_from_import_ct_jax():
+    import ct_jax
+
+    modules = [path.stem for path in (ROOT / "ct_jax").glob("*.py")]
+    packages = [path.parent.name for path in (ROOT / "ct_jax").glob("*/__init__.py")]
+    public = sorted(name for name in [*modules, *packages] if not name.startswith("_"))
+    assert {"training", "evaluation", "parity", "generation", "commands"} <= set(public), public
+    assert set(public) <= set(ct_jax.__all__) and set(ct_jax.__all__) <= set(dir(ct_jax)), ct_jax.__all__
+    for name in public:
+        module = getattr(ct_jax, name)
+        assert isinstance(module, types.ModuleType) and module.__name__ == f"ct_jax.{name}", (name, module)
+    assert ct_jax.CompressiveTransformer is ct_jax.model.CompressiveTransformer
+    assert ct_jax.Memory is ct_jax.memory.Memory and ct_jax.ModelConfig is ct_jax.config.ModelConfig
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        ct_jax.nope  # noqa: B018
+
+
+def test_import_ct_jax_is_lazy():
+    """`import ct_jax` loads no JAX and no submodule until one is used; then it works without an explicit import."""
+    code = ("import sys, ct_jax; loaded = sorted(m for m in sys.modules if m.startswith(('jax', 'ct_jax.'))); "
+            "assert not loaded, loaded; ct_jax.training.TrainConfig; ct_jax.evaluation.evaluate_stream; "
+            "print(ct_jax.parity.BF16_DECODE_LOGITS_ATOL > 0, 'jax' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["True", "True"], done.stderr[-2000:]
 
 
 def test_annotations_are_checked_at_run_time():
