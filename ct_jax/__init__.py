@@ -11,10 +11,10 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from ct_jax.config import ModelConfig
-    from ct_jax.memory import Memory
-    from ct_jax.model import CompressiveTransformer
+if TYPE_CHECKING:  # what type checkers and IDEs see of the lazy names below (`X as X`: a re-export)
+    from ct_jax.config import ModelConfig as ModelConfig
+    from ct_jax.memory import Memory as Memory
+    from ct_jax.model import CompressiveTransformer as CompressiveTransformer
 
 # name -> the submodule that defines it
 _NAMES = {"CompressiveTransformer": "model", "Memory": "memory", "ModelConfig": "config"}
