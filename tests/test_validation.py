@@ -13,10 +13,14 @@ from ct_jax.validation import check_valid_counts
 CONFIG = dict(num_tokens=16, dim=8, seq_len=4, depth=1, heads=2, mem_len=4, cmem_len=2, cmem_ratio=2)
 
 
+def _per_row(count) -> jax.Array:
+    """One count for each of the 2 rows (a scalar count: the same in every row)."""
+    return jnp.broadcast_to(jnp.asarray(count, jnp.int32), (2,))
+
+
 def _memory(model, mem_valid, cmem_valid) -> ct_jax.Memory:
     empty = ct_jax.Memory.empty(model, 2)
-    per_row = lambda count: jnp.broadcast_to(jnp.asarray(count, jnp.int32), (2,))  # noqa: E731  (one count: every row)
-    return empty._replace(mem_valid=per_row(mem_valid), compressed_mem_valid=per_row(cmem_valid))
+    return empty._replace(mem_valid=_per_row(mem_valid), compressed_mem_valid=_per_row(cmem_valid))
 
 
 @pytest.fixture(scope="module")
