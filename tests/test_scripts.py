@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +102,16 @@ def test_convert_refuses_bad_configs_non_finite_weights_and_another_models_confi
 def test_bench_and_parity_refuse_bad_counts(command, message):
     done = _script(*command)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_console_scripts_and_script_files_run_the_same_commands():
+    """pyproject's `ct-NAME` and scripts/NAME.py (for an uninstalled clone) both call ct_jax.commands.NAME."""
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    files = sorted(path.stem for path in (ROOT / "scripts").glob("*.py") if not path.stem.startswith("_"))
+    assert sorted(name.removeprefix("ct-").replace("-", "_") for name in entry_points) == files
+    for name, target in entry_points.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target
+        command = name.removeprefix("ct-").replace("-", "_")
+        assert module == f"ct_jax.commands.{command}", target
+        assert f"from {module} import main" in (ROOT / "scripts" / f"{command}.py").read_text(), command
