@@ -5,7 +5,7 @@ import sys
 if __name__ == "__main__":  # run as a file: the clone's root on sys.path, installed or not
     import _clone  # noqa: F401
 
-from ct_jax.commands.generate import main
+from ct_jax.commands.generate import main, parse_args  # noqa: F401  (parse_args: for tests that load this file)
 
 if __name__ == "__main__":
     sys.exit(main())
