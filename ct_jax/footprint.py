@@ -83,9 +83,10 @@ def count_parameters(
     if relative_positions == "learned":
         count += (seq_len + mem_len + cmem_len) * d  # pos_emb (heads, pos_len, dim_head)
     attention = 4 * d * d + d  # to_q, to_kv (2 d), to_out (with bias)
-    attention += {"conv": cmem_ratio * d * d + d,
-                  "dilated_conv": (cmem_ratio - 1).bit_length() * 2 * d * d + cmem_ratio * d * d + d}.get(compression, 0)
-    attention += cmem_ratio * d * d + d if aux_loss == "autoencoder" else 0  # ConvDecompress
+    conv = cmem_ratio * d * d + d
+    dilated = (cmem_ratio - 1).bit_length() * 2 * d * d  # kernel-2 layers at dilations 1, 2, 4, ... < ratio
+    attention += {"conv": conv, "dilated_conv": dilated + conv}.get(compression, 0)  # pooling: none
+    attention += conv if aux_loss == "autoencoder" else 0  # ConvDecompress
     attention += d * d + 2 * d if relative_positions == "sinusoidal" else 0  # to_pos, u, v
     hidden = ff_mult * d
     feed_forward = d * hidden * (2 if ff_glu else 1) + hidden * (2 if ff_glu else 1) + hidden * d + d

@@ -56,7 +56,8 @@ def _load(target: str, config: str | None, spec: str) -> datasets.DatasetDict:
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as error:
-            raise ValueError(f"{DATA_FLAG} {spec!r}: {path} is not a dataset saved with save_to_disk ({error})") from error
+            raise ValueError(f"{DATA_FLAG} {spec!r}: {path} is not a dataset saved with save_to_disk "
+                             f"({error})") from error
         if isinstance(loaded, datasets.Dataset):
             raise ValueError(f"{DATA_FLAG} {spec!r}: {path} holds one dataset without splits; save a DatasetDict "
                              f"with splits {REQUIRED_SPLITS} (e.g. DatasetDict(train=..., validation=...))")
