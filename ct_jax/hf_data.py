@@ -50,7 +50,9 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None]:
     return name, config or None
 
 
-def _load(target: str, config: str | None, spec: str) -> datasets.DatasetDict:
+def _load(target: str, config: str | None, spec: str) -> dict:
+    # A DatasetDict (a dict of split -> Dataset); annotated as dict, since the runtime type checker cannot
+    # resolve the forward reference in DatasetDict's own generic base.
     path = Path(target).expanduser()
     if path.exists():
         try:
