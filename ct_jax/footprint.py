@@ -27,6 +27,10 @@ STREAM_VECTORS = 8  # per token and layer: norm in/out, q, attention out, projec
 GATE_VECTORS = 12  # per token and gated join: six gate pre-activations, reset/update/candidate, mixes
 MOGRIFIER_VECTORS = 10  # per token and gated join: five alternating low-rank gatings
 SCORE_TENSORS = 3  # content logits, position logits (shifted), probabilities
+# The model keywords (ModelConfig's names) that `estimate` reads; callers filter a config's kwargs by them.
+MODEL_KEYWORDS = ("num_tokens", "dim", "depth", "seq_len", "heads", "mem_len", "cmem_len", "cmem_ratio",
+                  "memory_layers", "emb_dim", "ff_glu", "gru_gated_residual", "mogrify_gru", "compression",
+                  "aux_loss", "relative_positions", "adaptive_cutoffs", "adaptive_div_val")
 
 
 class Footprint(NamedTuple):
@@ -103,14 +107,15 @@ def estimate(
     *, num_tokens: int, dim: int, depth: int, seq_len: int, batch_size: int, heads: int = 8,
     mem_len: int | None = None, cmem_len: int | None = None, cmem_ratio: int = 4, ff_mult: int = 4,
     n_segments: int = 1, micro_batches: int = 1, memory_gradients: bool = False,
-    memory_layers: int | None = None, emb_dim: int | None = None, ff_glu: bool = False,
+    memory_layers: Sequence[int] | None = None, emb_dim: int | None = None, ff_glu: bool = False,
     gru_gated_residual: bool = True, mogrify_gru: bool = False, compression: str = "conv",
     aux_loss: str = "attention", relative_positions: str = "learned",
     adaptive_cutoffs: Sequence[int] | None = None, adaptive_div_val: int = 1,
     dtype_bytes: int = 4, param_bytes: int = 4,
 ) -> Footprint:
     """Bytes one device needs to train with these settings; `batch_size` is the batch per device,
-    `memory_layers` the number of layers with memory (None: all), `dtype_bytes` the compute dtype's size."""
+    `memory_layers` the layers with memory (None: all), `dtype_bytes` the compute dtype's size.
+    The model keywords are `ModelConfig`'s; `MODEL_KEYWORDS` names those used here."""
     for name, value in dict(num_tokens=num_tokens, dim=dim, depth=depth, seq_len=seq_len, batch_size=batch_size,
                             heads=heads, n_segments=n_segments, micro_batches=micro_batches).items():
         check_int(name, value)
@@ -118,7 +123,7 @@ def estimate(
         raise ValueError(f"batch_size ({batch_size}) must be divisible by micro_batches ({micro_batches})")
     mem_len = seq_len if mem_len is None else mem_len
     cmem_len = mem_len // cmem_ratio if cmem_len is None else cmem_len
-    n_memory = depth if memory_layers is None else memory_layers
+    n_memory = depth if memory_layers is None else len(memory_layers)
     parameters = count_parameters(
         num_tokens=num_tokens, dim=dim, depth=depth, seq_len=seq_len, mem_len=mem_len, cmem_len=cmem_len,
         cmem_ratio=cmem_ratio, heads=heads, emb_dim=emb_dim, ff_mult=ff_mult, ff_glu=ff_glu,

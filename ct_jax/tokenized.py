@@ -56,10 +56,11 @@ def split_key(corpus_fingerprint: str, split: str, tokenizer: Tokenizer) -> str:
     return f"{split}-{tokenizer.kind}-{digest.hexdigest()[:20]}"
 
 
-def _as_text(document: str | bytes) -> tuple[str, int]:
+def _encoded(document: str | bytes, tokenizer: Tokenizer) -> tuple[np.ndarray, int, int]:
+    """(ids, UTF-8 bytes, words) of one document."""
     if isinstance(document, bytes):
-        return document.decode("utf-8", errors="replace"), len(document)
-    return document, len(document.encode("utf-8"))
+        return tokenizer.encode_bytes(document), len(document), count_words(document.decode("utf-8", "replace"))
+    return tokenizer.encode(document), len(document.encode("utf-8")), count_words(document)
 
 
 def _open(directory: Path, key: str) -> TokenizedSplit:
@@ -78,7 +79,8 @@ def tokenize_split(
     """The split's documents encoded by `tokenizer`, from the cache when this corpus, split and tokenizer
     were encoded before; else encoded once (a ValueError for ids outside the vocabulary) and cached.
 
-    Documents given as bytes are decoded as UTF-8 (invalid bytes become U+FFFD) and count their own length.
+    Documents given as bytes are read by `Tokenizer.encode_bytes` (bytes exactly, byte for byte) and count
+    their own length.
     """
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tokenized"
     key = split_key(corpus_fingerprint, split, tokenizer)
@@ -90,8 +92,7 @@ def tokenize_split(
     def write_tokens(tmp: str) -> None:
         with open(tmp, "wb") as out:
             for index, document in enumerate(documents):
-                text, n_bytes = _as_text(document)
-                ids = tokenizer.encode(text)
+                ids, n_bytes, n_words = _encoded(document, tokenizer)
                 if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                     raise ValueError(f"{tokenizer.spec} gave ids in [{ids.min()}, {ids.max()}] for document {index} "
                                      f"of split {split!r}, outside its vocabulary [0, {vocab})")
@@ -99,7 +100,7 @@ def tokenize_split(
                 out.write(ids.astype(dtype).tobytes())
                 counts["n_tokens"] += ids.size
                 counts["n_bytes"] += n_bytes
-                counts["n_words"] += count_words(text)
+                counts["n_words"] += n_words
 
     for suffix in (".tokens", ".starts.npy", ".json"):
         remove_orphan_temps(directory / f"{key}{suffix}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -67,6 +68,10 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:
         """Token ids (n,) int32 of `text`."""
+
+    def encode_bytes(self, data: bytes) -> np.ndarray:
+        """Token ids (n,) int32 of UTF-8 `data` (invalid bytes read as U+FFFD; bytes keeps them exactly)."""
+        return self.encode(data.decode("utf-8", errors="replace"))
 
     @abc.abstractmethod
     def decode(self, ids: Any) -> str:
@@ -121,7 +126,10 @@ class ByteTokenizer(Tokenizer):
         return np.ones(256, np.int64)
 
     def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+        return self.encode_bytes(text.encode("utf-8"))
+
+    def encode_bytes(self, data: bytes) -> np.ndarray:
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: Any) -> str:
         """Invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD."""
@@ -159,7 +167,7 @@ class SentencePieceTokenizer(Tokenizer):
         eos = self.processor.eos_id()
         return eos if eos >= 0 else None
 
-    @property
+    @functools.cached_property  # one pass over the vocabulary
     def token_bytes(self) -> np.ndarray:
         sp = self.processor
         lengths = np.zeros(self.vocab_size, np.int64)
@@ -231,7 +239,7 @@ class HFTokenizer(Tokenizer):
         ids = (self.tokenizer.token_to_id(token) for token in _HF_EOS_CANDIDATES)
         return next((i for i in ids if i is not None), None)
 
-    @property
+    @functools.cached_property  # one pass over the vocabulary
     def token_bytes(self) -> np.ndarray:
         # Byte-level BPE (GPT-2 style) spells each byte as one character; otherwise each id's own
         # decoding is measured (approximate for pieces whose spacing depends on their neighbours).
@@ -310,7 +318,7 @@ class WordTokenizer(Tokenizer):
     def eos_id(self) -> int | None:
         return self.ids[EOS]
 
-    @property
+    @functools.cached_property  # one pass over the vocabulary
     def token_bytes(self) -> np.ndarray:
         lengths = [len(word.encode("utf-8")) + 1 for word in self.vocab]  # the word and its space
         lengths[self.ids[EOS]], lengths[self.unk] = 1, 0

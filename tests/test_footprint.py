@@ -11,7 +11,7 @@ from flax import nnx
 import ct_jax
 from ct_jax import presets
 from ct_jax.autoregressive import sequence_grads
-from ct_jax.footprint import DoesNotFitError, available_memory, check_fits, count_parameters, estimate
+from ct_jax.footprint import MODEL_KEYWORDS, DoesNotFitError, available_memory, check_fits, count_parameters, estimate
 
 SMALL = dict(num_tokens=256, dim=32, depth=2, seq_len=16, heads=4)
 PARAMETER_CONFIGS = [
@@ -60,6 +60,8 @@ def test_activations_scale_with_the_settings():
     assert estimate(**SMALL, batch_size=8, n_segments=4, micro_batches=2).activation_bytes * 2 == base.activation_bytes
     through_memory = estimate(**SMALL, batch_size=8, n_segments=4, memory_gradients=True)
     assert through_memory.activation_bytes == 4 * base.activation_bytes, "memory_gradients keeps every segment"
+    fewer_memory_layers = estimate(**SMALL, batch_size=8, n_segments=4, memory_layers=[2])
+    assert fewer_memory_layers.activation_bytes < base.activation_bytes
     assert base.optimizer_bytes == 2 * base.parameter_bytes
     assert base.gradient_bytes == 2 * base.parameter_bytes, "segments accumulate into a running sum"
     vocabulary = dict(SMALL, num_tokens=267_735)
@@ -74,9 +76,9 @@ def test_activations_scale_with_the_settings():
 
 def _preset_footprint(name: str):
     model, train = presets.get(name)["model"], presets.get(name)["train"]
-    keys = ("num_tokens", "dim", "depth", "seq_len", "mem_len", "cmem_len", "cmem_ratio", "heads",
-            "gru_gated_residual", "relative_positions")
-    return estimate(**{key: model[key] for key in keys}, batch_size=train["batch_size"], n_segments=2)
+    kwargs = ct_jax.ModelConfig.from_kwargs(model).to_kwargs()
+    used = {key: value for key, value in kwargs.items() if key in MODEL_KEYWORDS}
+    return estimate(**used, batch_size=train["batch_size"], n_segments=2)
 
 
 def test_full_pg19_is_refused_with_the_estimate_and_what_to_shrink():

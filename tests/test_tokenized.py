@@ -57,6 +57,7 @@ def test_bytes_documents_keep_their_length(tmp_path):
     raw = [b"caf\xc3\xa9", b"cut \xc3"]  # the second ends inside a character
     split = tokenize_split(raw, ByteTokenizer(), corpus_fingerprint="b", split="validation", cache_dir=tmp_path)
     assert split.n_bytes == 10 and split.doc_starts.tolist() == [0, 5]
+    assert bytes(np.asarray(split.tokens, np.uint8)) == b"".join(raw), "byte tokens must be the bytes, invalid ones too"
 
 
 def test_ids_outside_the_vocabulary_are_refused(tmp_path):

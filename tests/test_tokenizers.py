@@ -160,3 +160,8 @@ def test_learning_forms_need_their_inputs(tmp_path):
     with pytest.raises(ValueError, match="not a Hugging Face tokenizer.json"):
         (tmp_path / "bad.json").write_text("{}")
         tokenizer_from_spec(f"hf:{tmp_path / 'bad.json'}")
+
+
+def test_word_vocabulary_needs_its_specials():
+    with pytest.raises(ValueError, match="including '<eos>' and '<unk>'"):
+        WordTokenizer(["a", "<eos>"], 1)
