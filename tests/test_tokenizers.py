@@ -19,8 +19,10 @@ from ct_jax.tokenizers import (
     HFTokenizer,
     SentencePieceTokenizer,
     WordTokenizer,
+    _prefix_lines,
     load_tokenizer,
     tokenizer_from_spec,
+    train_sentencepiece,
 )
 
 SAMPLES = ["", "hello world", "def f(x):\n    return  x + 1\n\n", "é ü 漢字 😀\ttab\r\n"]
@@ -165,3 +167,11 @@ def test_learning_forms_need_their_inputs(tmp_path):
 def test_word_vocabulary_needs_its_specials():
     with pytest.raises(ValueError, match="including '<eos>' and '<unk>'"):
         WordTokenizer(["a", "<eos>"], 1)
+
+
+def test_spm_train_reads_a_prefix(trained_spm, source_text):
+    """max_bytes bounds the text read; the lines read are the text's first ones, whole."""
+    assert list(_prefix_lines(["a\nbb", "ccc\nd"], max_bytes=5)) == ["a", "bb"]
+    assert list(_prefix_lines("a\nbb", max_bytes=None)) == ["a", "bb"]
+    small = train_sentencepiece([source_text, "never read"], 400, max_bytes=len(source_text.encode()) + 1)
+    assert small == trained_spm.model_proto
