@@ -3,7 +3,7 @@ with its document starts, and the measures that compare models across tokenizers
 
 A cached split is three files in the cache folder, named by a key of (corpus fingerprint,
 split, tokenizer fingerprint): `KEY.tokens` (uint16 where the vocabulary fits, else uint32),
-`KEY.starts` (int64 document starts) and `KEY.json` (counts), each written atomically; the
+`KEY.starts.npy` (int64 document starts) and `KEY.json` (counts), each written atomically; the
 JSON is written last, so its presence means the split is complete.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from ct_jax._checks import check_int
 from ct_jax.data import default_cache_dir
-from ct_jax.io import atomic_write, remove_orphan_temps
+from ct_jax.io import atomic_write
 from ct_jax.tokenizers import Tokenizer, text_lines
 
 _FORMAT = "ct_jax-tokenized-v1"
@@ -102,8 +102,6 @@ def tokenize_split(
                 counts["n_bytes"] += n_bytes
                 counts["n_words"] += n_words
 
-    for suffix in (".tokens", ".starts.npy", ".json"):
-        remove_orphan_temps(directory / f"{key}{suffix}")
     atomic_write(directory / f"{key}.tokens", write_tokens)
 
     def write_starts(tmp: str) -> None:
