@@ -1,0 +1,94 @@
+"""Tokenized splits (cached, memory-mapped, refused when ids leave the vocabulary) and the measures."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ct_jax.tokenized import count_words, measures, token_dtype, tokenize_split
+from ct_jax.tokenizers import ByteTokenizer, Tokenizer, WordTokenizer
+
+DOCUMENTS = ["the cat sat\non the mat\n", "a dog\n", "", "the end é"]
+
+
+class OutOfRange(ByteTokenizer):
+    """A broken tokenizer: its ids run past its vocabulary."""
+
+    def encode(self, text: str) -> np.ndarray:
+        return super().encode(text) + 200
+
+
+class Forbidden(WordTokenizer):
+    """A tokenizer that must not be asked to encode (the split is cached)."""
+
+    def encode(self, text: str) -> Any:
+        raise AssertionError("encoded again although the split was cached")
+
+
+def test_split_is_encoded_with_document_starts(tmp_path):
+    tokenizer = WordTokenizer.train(DOCUMENTS)
+    split = tokenize_split(DOCUMENTS, tokenizer, corpus_fingerprint="c1", split="train", cache_dir=tmp_path)
+    encoded = [tokenizer.encode(document) for document in DOCUMENTS]
+    assert isinstance(split.tokens, np.memmap) and split.tokens.dtype == np.uint16
+    assert np.array_equal(split.tokens, np.concatenate(encoded))
+    assert split.doc_starts.dtype == np.int64
+    assert split.doc_starts.tolist() == np.cumsum([0] + [len(ids) for ids in encoded[:-1]]).tolist()
+    assert split.n_bytes == sum(len(document.encode()) for document in DOCUMENTS)
+    assert split.n_words == len(split.tokens), "the word tokenizer's tokens are the words"
+
+
+def test_cached_split_is_not_encoded_again(tmp_path):
+    tokenizer = WordTokenizer.train(DOCUMENTS)
+    first = tokenize_split(DOCUMENTS, tokenizer, corpus_fingerprint="c1", split="train", cache_dir=tmp_path)
+    cached = tokenize_split(DOCUMENTS, Forbidden(tokenizer.vocab, tokenizer.min_count), corpus_fingerprint="c1",
+                            split="train", cache_dir=tmp_path)
+    assert np.array_equal(first.tokens, cached.tokens) and first.n_bytes == cached.n_bytes
+    other = tokenize_split(DOCUMENTS, ByteTokenizer(), corpus_fingerprint="c1", split="train", cache_dir=tmp_path)
+    assert len(other.tokens) == other.n_bytes, "another tokenizer must get its own cache entry"
+    changed = tokenize_split(DOCUMENTS[:1], ByteTokenizer(), corpus_fingerprint="c2", split="train",
+                             cache_dir=tmp_path)
+    assert len(changed.tokens) == len(DOCUMENTS[0].encode()), "another corpus must get its own cache entry"
+
+
+def test_bytes_documents_keep_their_length(tmp_path):
+    raw = [b"caf\xc3\xa9", b"cut \xc3"]  # the second ends inside a character
+    split = tokenize_split(raw, ByteTokenizer(), corpus_fingerprint="b", split="validation", cache_dir=tmp_path)
+    assert split.n_bytes == 10 and split.doc_starts.tolist() == [0, 5]
+    assert bytes(np.asarray(split.tokens, np.uint8)) == b"".join(raw), "byte tokens must be the bytes, invalid ones too"
+
+
+def test_ids_outside_the_vocabulary_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"ids in \[297, 297\] for document 0 of split 'train', outside"):
+        tokenize_split(["a"], OutOfRange(), corpus_fingerprint="x", split="train", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == [], "a refused split must leave no cache file or temporary"
+
+
+def test_token_dtype():
+    assert token_dtype(256) == np.uint16 and token_dtype(65_536) == np.uint16
+    assert token_dtype(65_537) == np.uint32 and token_dtype(267_735) == np.uint32
+
+
+def test_measures():
+    nll = 1000 * math.log(256)  # a uniform byte model over 1000 bytes
+    byte_level = measures(nll, n_tokens=1000, n_bytes=1000)
+    assert byte_level.bits_per_token == pytest.approx(8) and byte_level.bits_per_byte == pytest.approx(8)
+    assert byte_level.perplexity == pytest.approx(256) and byte_level.word_perplexity is None
+    subword = measures(nll, n_tokens=250, n_bytes=1000, n_words=200)  # same NLL, 4 bytes per token
+    assert subword.bits_per_byte == pytest.approx(8), "bits per byte must not depend on the tokenization"
+    assert subword.bits_per_token == pytest.approx(32)
+    assert subword.word_perplexity == pytest.approx(math.exp(nll / 200))
+    with pytest.raises(ValueError, match="n_bytes must be a positive int"):
+        measures(1.0, n_tokens=1, n_bytes=0)
+
+
+def test_count_words_matches_the_word_tokenizer():
+    text = "one two\n\n three  four five\nsix"
+    assert count_words(text) == len(WordTokenizer.train(text).encode(text)) == 6 + 4  # words, lines
+
+
+def test_tokenizer_interface_is_complete():
+    abstract = Tokenizer.__abstractmethods__
+    assert {"encode", "decode", "vocab_size", "token_bytes", "spec"} <= abstract
