@@ -13,8 +13,10 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax, check_adaptive
 from .attention import Memory, SelfAttention, UsageMemory
 from .layers import FeedForward, GRUGating, PreNorm, Residual
 from .options import check_option
@@ -95,10 +97,14 @@ def normalize_config(
     aux_loss: str = "attention",
     eviction_padding: str = "upstream",
     relative_positions: str = "learned",
+    adaptive_cutoffs: Sequence[int] | None = None,
+    adaptive_div_val: int = 1,
 ) -> dict[str, Any]:
     """Validates upstream's constructor kwargs and returns them with defaults resolved.
 
     The result is JSON-serialisable (memory_layers a sorted list) and builds the same model.
+    The adaptive keywords appear only for an adaptive model, so a default model's config (and
+    config.json) keeps the keys it had before they existed.
     """
     for name, value in dict(
         num_tokens=num_tokens, dim=dim, seq_len=seq_len, depth=depth, heads=heads,
@@ -126,6 +132,13 @@ def normalize_config(
         eviction_padding=check_option("eviction_padding", eviction_padding),
         relative_positions=check_option("relative_positions", relative_positions),
     )
+    cutoffs, div_val = check_adaptive(num_tokens, emb_dim, adaptive_cutoffs, adaptive_div_val)
+    if cutoffs is None and div_val != 1:
+        raise ValueError(
+            f"adaptive_div_val={div_val} needs adaptive_cutoffs (it sets the clusters' widths), got "
+            "adaptive_cutoffs=None; pass cutoffs, or leave adaptive_div_val at 1"
+        )
+    adaptive = {} if cutoffs is None else dict(adaptive_cutoffs=cutoffs, adaptive_div_val=div_val)
     if compression == "most_used" and aux_loss == "autoencoder":
         raise ValueError(
             "aux_loss='autoencoder' decodes windows of evicted slots, but compression="
@@ -155,6 +168,7 @@ def normalize_config(
         ),
         reconstruction_loss_weight=_finite("reconstruction_loss_weight", reconstruction_loss_weight),
         **options,
+        **adaptive,
     )
 
 
@@ -169,7 +183,9 @@ class CompressiveTransformer(nn.Module):
 
     Keywords and defaults are those of upstream 0.4.0, plus the paper-faithful options
     (compression, reconstruction_target, aux_loss, eviction_padding, relative_positions;
-    docs/paper-options.md) whose defaults are upstream's; `self.config` holds them normalised.
+    docs/paper-options.md) whose defaults are upstream's, and adaptive input and softmax
+    (adaptive_cutoffs, adaptive_div_val; docs/paper-options.md) off by default; `self.config`
+    holds them normalised.
     """
 
     def __init__(
@@ -198,6 +214,8 @@ class CompressiveTransformer(nn.Module):
         aux_loss: str = "attention",
         eviction_padding: str = "upstream",
         relative_positions: str = "learned",
+        adaptive_cutoffs: Sequence[int] | None = None,
+        adaptive_div_val: int = 1,
     ):
         super().__init__()
         self.config = c = normalize_config(
@@ -212,6 +230,7 @@ class CompressiveTransformer(nn.Module):
             compression=compression, reconstruction_target=reconstruction_target,
             aux_loss=aux_loss, eviction_padding=eviction_padding,
             relative_positions=relative_positions,
+            adaptive_cutoffs=adaptive_cutoffs, adaptive_div_val=adaptive_div_val,
         )
         self.num_tokens = c["num_tokens"]
         self.dim = c["dim"]
@@ -224,11 +243,16 @@ class CompressiveTransformer(nn.Module):
         self.reconstruction_loss_weight = c["reconstruction_loss_weight"]
         self.compression = c["compression"]
         self.relative_positions = c["relative_positions"]
+        cutoffs = c.get("adaptive_cutoffs")
+        self.adaptive = cutoffs is not None
 
         # Modules are created in upstream's order, so a seeded init draws the same numbers
         # and state_dict() lists the same keys in the same order.
         emb_dim = c["emb_dim"]
-        self.token_emb = nn.Embedding(num_tokens, emb_dim)
+        if self.adaptive:
+            self.token_emb = AdaptiveEmbedding(num_tokens, emb_dim, cutoffs, c["adaptive_div_val"])
+        else:
+            self.token_emb = nn.Embedding(num_tokens, emb_dim)
         self.to_model_dim = nn.Identity() if emb_dim == dim else nn.Linear(emb_dim, dim)
         if c["relative_positions"] == "learned":
             total_positions = seq_len + c["mem_len"] + c["cmem_len"]
@@ -237,7 +261,8 @@ class CompressiveTransformer(nn.Module):
             self.pos_emb = None
         self.to_logits = nn.Sequential(
             nn.Identity() if emb_dim == dim else nn.Linear(dim, emb_dim),
-            nn.Linear(emb_dim, num_tokens),
+            AdaptiveLogSoftmax(emb_dim, num_tokens, cutoffs, c["adaptive_div_val"]) if self.adaptive
+            else nn.Linear(emb_dim, num_tokens),
         )
 
         if c["gru_gated_residual"]:
@@ -268,7 +293,38 @@ class CompressiveTransformer(nn.Module):
         mask: Tensor | None = None,
         memory_gradients: bool = False,
     ) -> tuple[Tensor, Memory | UsageMemory, Tensor]:
-        """One segment.
+        """One segment: `features` then the output layer (arguments and results: `features`).
+
+        Returns logits (b, t, num_tokens); an adaptive model returns its log-probabilities,
+        whose softmax is the adaptive distribution (for sampling and evaluation).
+        """
+        hidden, next_memory, aux_loss = self.features(x, memories, mask, memory_gradients)
+        return self.to_logits(hidden), next_memory, aux_loss
+
+    def lm_loss(self, hidden: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """Mean NLL of targets (b, t) from `features`' hidden (b, t, dim), ignore_index skipped.
+
+        Full softmax: cross_entropy of the logits, as upstream's wrapper. Adaptive: each tail
+        cluster only on the positions whose target it holds; the (b, t, num_tokens) log-probs
+        are never built. All targets ignored: 0, with a graph.
+        """
+        kept = targets != ignore_index
+        if not kept.any():
+            return hidden.sum() * 0.0
+        if not self.adaptive:
+            return F.cross_entropy(self.to_logits(hidden).transpose(1, 2), targets, ignore_index=ignore_index)
+        project, softmax = self.to_logits
+        nll = softmax.nll(project(hidden), targets, ignore_index)
+        return nll.sum() / kept.sum().to(nll.dtype)
+
+    def features(
+        self,
+        x: Tensor,
+        memories: Sequence[Tensor | None] | None = None,
+        mask: Tensor | None = None,
+        memory_gradients: bool = False,
+    ) -> tuple[Tensor, Memory | UsageMemory, Tensor]:
+        """One segment up to the output layer.
 
         x: (b, t) integer tokens in [0, num_tokens), 1 <= t <= seq_len.
         memories: Memory(mem (L, b, m, dim), compressed_mem (L, b, c, dim)) from the
@@ -277,7 +333,7 @@ class CompressiveTransformer(nn.Module):
         mask: (b, t) bool, True = real token.
         memory_gradients: return the next memories with their graph (the paper's BPTT
             through memory) instead of detached.
-        Returns logits (b, t, num_tokens), the next memories (stop-gradient unless
+        Returns the last layer's output (b, t, dim), the next memories (stop-gradient unless
         memory_gradients) and the aux loss as a 0-d tensor (non-zero only in training
         mode, when something was compressed).
         """
@@ -328,12 +384,12 @@ class CompressiveTransformer(nn.Module):
             if use_memory:
                 next_memories.append(layer_memory_out)
 
-        logits = self.to_logits(x)
-        keep = (lambda t: t) if memory_gradients else (lambda t: t.detach())  # noqa: E731
-        stacked = [keep(torch.stack(parts)) for parts in zip(*next_memories)]
+        stacked = [torch.stack(parts) for parts in zip(*next_memories)]
+        if not memory_gradients:
+            stacked = [part.detach() for part in stacked]
         next_memory = UsageMemory(*stacked) if most_used else Memory(*stacked)
         aux_loss = aux_loss * self.reconstruction_loss_weight / n_memory_layers
-        return logits, next_memory, aux_loss
+        return x, next_memory, aux_loss
 
     def _check_inputs(
         self, x: Any, memories: Any, mask: Any
