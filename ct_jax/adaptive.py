@@ -96,15 +96,37 @@ class AdaptiveEmbedding(nnx.Module):
         return out
 
 
-@jax.checkpoint
+VOCAB_CHUNK = 8192  # tail logits are built this many ids at a time: (positions, VOCAB_CHUNK) at most
+
+
 def _cluster_log_prob(
-    projected: Float[Array, "n w"], kernel: Float[Array, "w size"], local: Int[Array, " n"]
+    projected: Float[Array, "n w"], kernel: Float[Array, "w size"], local: Int[Array, " n"], chunk: int
 ) -> Float[Array, " n"]:
-    """log_softmax(projected @ kernel)[local] per row; rematerialised, so the (n, size) logits
-    live only inside this call, in the forward and again in the backward pass."""
-    logits = dense(projected, kernel).astype(wide(projected.dtype))  # [n, size]
-    picked = jnp.take_along_axis(logits, local[:, None], axis=-1)[:, 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    """log_softmax(projected @ kernel)[local] per row, never holding more than (n, chunk) logits.
+
+    The log-normaliser is accumulated over chunks of `chunk` ids by a scan whose body is
+    rematerialised, so the backward pass too recomputes one chunk at a time; the target's logit
+    is a gathered column's dot product.
+    """
+    size = kernel.shape[1]
+    n_chunks = -(-size // chunk)
+    padded = jnp.pad(kernel, ((0, 0), (0, n_chunks * chunk - size)))  # [w, n_chunks * chunk]
+    kernel_chunks = padded.reshape(kernel.shape[0], n_chunks, chunk).transpose(1, 0, 2)  # [n_chunks, w, chunk]
+    real = (jnp.arange(n_chunks * chunk) < size).reshape(n_chunks, chunk)  # [n_chunks, chunk]
+
+    @jax.checkpoint
+    def accumulate(log_norm, chunk_inputs):
+        kernel_chunk, real_ids = chunk_inputs
+        logits = dense(projected, kernel_chunk).astype(log_norm.dtype)  # [n, chunk]
+        logits = jnp.where(real_ids[None, :], logits, -jnp.inf)
+        return jnp.logaddexp(log_norm, jax.nn.logsumexp(logits, axis=-1)), None
+
+    wide_dtype = wide(projected.dtype)
+    log_norm, _ = jax.lax.scan(accumulate, jnp.full(projected.shape[:1], -jnp.inf, wide_dtype),
+                               (kernel_chunks, real))
+    columns = kernel[:, local]  # [w, n]
+    picked = jnp.einsum("nw,wn->n", projected, columns).astype(wide_dtype)  # [n]
+    return picked - log_norm
 
 
 class AdaptiveLogSoftmax(nnx.Module):
@@ -113,13 +135,16 @@ class AdaptiveLogSoftmax(nnx.Module):
 
     Paths `head.{kernel,bias}` (dim, cutoffs[0] + n_clusters), `tail.{i}.0.kernel` (dim, width_i),
     `tail.{i}.1.kernel` (width_i, cluster size), width_i = dim // div_val**(i+1), as torch's
-    `AdaptiveLogSoftmaxWithLoss(head_bias=True)`.
+    `AdaptiveLogSoftmaxWithLoss(head_bias=True)`. `vocab_chunk` bounds the tail logits `nll` builds
+    at once (a memory knob, no parameter).
     """
 
     def __init__(self, dim: int, num_tokens: int, cutoffs: Sequence[int], div_val: int = 1, *,
-                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+                 vocab_chunk: int = VOCAB_CHUNK, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         cutoffs, div_val = check_adaptive(num_tokens, dim, cutoffs, div_val)
-        self.num_tokens, self.cutoffs = num_tokens, cutoffs
+        if isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int) or vocab_chunk < 1:
+            raise ValueError(f"vocab_chunk must be a positive int, got {vocab_chunk!r}")
+        self.num_tokens, self.cutoffs, self.vocab_chunk = num_tokens, cutoffs, vocab_chunk
         self.tail_bounds = cluster_bounds(num_tokens, cutoffs)[1:]
         opts = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.head = linear(dim, cutoffs[0] + len(cutoffs), use_bias=True, **opts)
@@ -150,10 +175,10 @@ class AdaptiveLogSoftmax(nnx.Module):
             ignore_index: int = -100) -> Float[Array, "*lead"]:
         """-log p(target | hidden) per position, 0 where targets == ignore_index, without the (..., V) tensor.
 
-        Each tail cluster's logits are built for every position (static shapes), one cluster at a
-        time and rematerialised in the backward pass; peak memory is the largest cluster's
-        (positions, cluster size). Targets outside [0, num_tokens) other than ignore_index are
-        clipped (no check under jit).
+        Each tail cluster's logits are built for every position (static shapes), `vocab_chunk` ids at
+        a time, also in the backward pass (`_cluster_log_prob`): the largest logits block is
+        (positions, vocab_chunk), besides the head's (positions, cutoffs[0] + n_clusters). Targets
+        outside [0, num_tokens) other than ignore_index are clipped (no check under jit).
         """
         lead, dim = hidden.shape[:-1], hidden.shape[-1]
         rows, ids = hidden.reshape(-1, dim), targets.reshape(-1)  # [n, dim], [n]
@@ -165,6 +190,6 @@ class AdaptiveLogSoftmax(nnx.Module):
         for i, ((start, stop), (down, up)) in enumerate(zip(self.tail_bounds, self.tail)):
             local = jnp.clip(ids - start, 0, stop - start - 1)
             projected = down(rows)  # [n, width_i]
-            tail = _cluster_log_prob(projected, up.kernel[...].astype(projected.dtype), local)
+            tail = _cluster_log_prob(projected, up.kernel[...].astype(projected.dtype), local, self.vocab_chunk)
             log_prob = log_prob + jnp.where(cluster == i + 1, tail, 0.0)
         return jnp.where(ids == ignore_index, 0.0, -log_prob).reshape(lead)

@@ -46,10 +46,10 @@ def _torch_modules(case, seed: int):
     return softmax.float(), embedding.float()
 
 
-def _jax_modules(case, seed: int):
+def _jax_modules(case, seed: int, vocab_chunk: int = jax_adaptive.VOCAB_CHUNK):
     num_tokens, dim, cutoffs, div_val = case
     rngs = nnx.Rngs(seed)
-    return (jax_adaptive.AdaptiveLogSoftmax(dim, num_tokens, cutoffs, div_val, rngs=rngs),
+    return (jax_adaptive.AdaptiveLogSoftmax(dim, num_tokens, cutoffs, div_val, vocab_chunk=vocab_chunk, rngs=rngs),
             jax_adaptive.AdaptiveEmbedding(num_tokens, dim, cutoffs, div_val, rngs=rngs))
 
 
@@ -61,10 +61,10 @@ def _unprefixed(state: dict[str, np.ndarray], prefix: str) -> dict[str, torch.Te
     return {key.removeprefix(prefix): torch.from_numpy(np.array(value)) for key, value in state.items()}
 
 
-def _converted_pair(case, seed: int = 0):
+def _converted_pair(case, seed: int = 0, vocab_chunk: int = jax_adaptive.VOCAB_CHUNK):
     """Torch modules with random weights and JAX modules holding the same weights (torch -> JAX)."""
     softmax, embedding = _torch_modules(case, seed)
-    jax_softmax, jax_embedding = _jax_modules(case, seed + 100)
+    jax_softmax, jax_embedding = _jax_modules(case, seed + 100, vocab_chunk)
     convert.module_from_torch(_prefixed(softmax, SOFTMAX_TORCH_PREFIX), jax_softmax, SOFTMAX_PREFIX)
     convert.module_from_torch(_prefixed(embedding, EMBEDDING_TORCH_PREFIX), jax_embedding, EMBEDDING_PREFIX)
     return softmax, embedding, jax_softmax, jax_embedding
@@ -91,9 +91,10 @@ def _grads_by_key(module: nnx.Module, grads: nnx.State, prefix: str) -> dict[str
     return convert.module_to_numpy(holder, prefix)
 
 
+@pytest.mark.parametrize("vocab_chunk", [jax_adaptive.VOCAB_CHUNK, 7], ids=["one-chunk", "chunks-of-7"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_softmax_log_probs_nll_loss_and_gradients_match_torch(case):
-    softmax, _, jax_softmax, _ = _converted_pair(case, seed=1)
+def test_softmax_log_probs_nll_loss_and_gradients_match_torch(case, vocab_chunk):
+    softmax, _, jax_softmax, _ = _converted_pair(case, seed=1, vocab_chunk=vocab_chunk)
     hidden, targets = _inputs(case, seed=2)
     hidden_t = torch.tensor(hidden, requires_grad=True)
     targets_t = torch.tensor(targets)
@@ -235,23 +236,27 @@ def _shapes(jaxpr) -> list[tuple[int, ...]]:
 
 def test_nll_and_its_gradient_never_build_the_full_log_probs():
     num_tokens, dim, cutoffs, div_val = case = (997, 16, [50, 300], 2)
-    jax_softmax = _jax_modules(case, seed=0)[0]
-    hidden, targets = _inputs(case, seed=0)
+    chunk = 64
+    jax_softmax = _jax_modules(case, seed=0, vocab_chunk=chunk)[0]
+    generator = np.random.default_rng(0)
+    hidden = jnp.asarray(generator.normal(size=(4, 50, dim)), jnp.float32)
+    targets = jnp.asarray(generator.integers(0, num_tokens, size=(4, 50)))
+    positions = 4 * 50
     graphdef, state = nnx.split(jax_softmax)
 
     def loss(state, hidden):
-        return nnx.merge(graphdef, state).nll(hidden, jnp.asarray(targets), IGNORE).sum()
+        return nnx.merge(graphdef, state).nll(hidden, targets, IGNORE).sum()
 
-    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(state, jnp.asarray(hidden)).jaxpr
-    largest_cluster = num_tokens - cutoffs[-1]
-    too_big = [shape for shape in _shapes(jaxpr) if num_tokens in shape or int(np.prod(shape)) > 14 * largest_cluster]
-    assert not too_big, f"values as large as the full log-probs (14 x {num_tokens}): {too_big}"
-    # and the check can fail: log_probs does build them
     def log_probs(state, hidden):
         return nnx.merge(graphdef, state).log_probs(hidden)
 
-    full = jax.make_jaxpr(log_probs)(state, jnp.asarray(hidden)).jaxpr
-    assert any(num_tokens in shape for shape in _shapes(full))
+    def too_big(function) -> list[tuple[int, ...]]:
+        """Values larger than one (positions, vocab_chunk) block of logits (every parameter is smaller)."""
+        shapes = _shapes(jax.make_jaxpr(function)(state, hidden).jaxpr)
+        return [shape for shape in shapes if int(np.prod(shape)) > positions * chunk]
+
+    assert not too_big(jax.grad(loss, argnums=(0, 1))), "nll or its gradient built a logits block over vocab_chunk"
+    assert (4, 50, num_tokens) in too_big(log_probs), "the check must see log_probs' full tensor"
 
 
 # ---- ct_torch_ref model level -------------------------------------------------------------------
