@@ -28,6 +28,8 @@ def check_adaptive(
 
     cutoffs: strictly increasing ints in (0, num_tokens), or None (full embedding and softmax);
     div_val: an int >= 1 such that the last cluster's width dim // div_val**len(cutoffs) is >= 1.
+    Same rules and messages as `ct_torch_ref.adaptive.check_adaptive` (that package imports nothing
+    from ct_jax); tests/test_adaptive.py holds both to them.
     """
     if isinstance(div_val, bool) or not isinstance(div_val, int):
         raise TypeError(f"adaptive_div_val must be an int >= 1, got {div_val!r}")
