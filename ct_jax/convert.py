@@ -45,6 +45,7 @@ _SUFFIX_RENAMES = [
     (r"gru\.hidden_bias$", "gru.bias_hh"),
     (r"mogrify\.(Q|R)\.down\.", r"mogrify.\1.0.0."),
     (r"mogrify\.(Q|R)\.up\.", r"mogrify.\1.0.1."),
+    (r"\.emb_layers\.(\d+)\.embedding$", r".emb_layers.\1.weight"),  # ct_jax.adaptive.AdaptiveEmbedding
     (r"\.kernel$", ".weight"),
     (r"\.scale$", ".weight"),
 ]
@@ -76,6 +77,52 @@ def to_numpy(model: CompressiveTransformer) -> dict[str, np.ndarray]:
         value = np.asarray(variable.get_value())
         out[torch_key(path)] = value.transpose() if _TRANSPOSED.search(path) else value
     return out
+
+
+def _module_param_paths(module: nnx.Module) -> dict[str, Any]:
+    """`_param_paths` for any submodule ('.'-joined path -> its Param)."""
+    return {".".join(str(p) for p in path): variable
+            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def module_to_numpy(module: nnx.Module, prefix: str) -> dict[str, np.ndarray]:
+    """A submodule's weights under the upstream keys it has at `prefix` in the model (exact copies).
+
+    `prefix` is its `ct_jax` attribute path, e.g. "to_logits" for a `ct_jax.adaptive.AdaptiveLogSoftmax`
+    (keys `to_logits.1.head.weight`, ...) or "token_emb" for an `AdaptiveEmbedding`.
+    """
+    out = {}
+    for path, variable in _module_param_paths(module).items():
+        value = np.asarray(variable.get_value())
+        out[torch_key(f"{prefix}.{path}")] = value.transpose() if _TRANSPOSED.search(path) else value
+    return out
+
+
+def module_from_torch(state_dict: Mapping[str, Any], module: nnx.Module, prefix: str) -> nnx.Module:
+    """Loads the upstream-keyed weights of a submodule at `prefix` (as `module_to_numpy`) in place, strictly.
+
+    Raises ValueError listing missing and unexpected keys and shape mismatches before changing anything.
+    """
+    state = {key: _as_numpy(value) for key, value in state_dict.items()}
+    params = _module_param_paths(module)
+    expected = {torch_key(f"{prefix}.{path}"): path for path in params}
+    problems = [f"missing keys {sorted(set(expected) - set(state))}"] if set(expected) - set(state) else []
+    if set(state) - set(expected):
+        problems.append(f"unexpected keys {sorted(set(state) - set(expected))}")
+    converted = {}
+    for key, path in expected.items():
+        if key not in state:
+            continue
+        value = state[key].transpose() if _TRANSPOSED.search(path) else state[key]
+        target = params[path].get_value()
+        if value.shape != target.shape:
+            problems.append(f"{key}: expected shape {target.shape} (as stored in ct_jax), got {value.shape}")
+        converted[path] = jnp.asarray(value, dtype=target.dtype)
+    if problems:
+        raise ValueError(f"state_dict does not match the module at {prefix!r}: " + "; ".join(problems))
+    for path, value in converted.items():
+        params[path].set_value(value)
+    return module
 
 
 def to_torch(model: CompressiveTransformer) -> dict[str, Any]:

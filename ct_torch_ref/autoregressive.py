@@ -275,17 +275,12 @@ class AutoregressiveWrapper(nn.Module):
             for ind, (xi, xo, mi, mem) in enumerate(
                 zip(split_batch(seg_inputs), split_batch(seg_targets), micro_masks, memories)
             ):
-                logits, new_mem, aux_loss = self.net(
+                hidden, new_mem, aux_loss = self.net.features(
                     xi, mask=mi, memories=mem, memory_gradients=self.memory_gradients, **kwargs
                 )
                 next_memories.append(new_mem)
-                if (xo != self.ignore_index).any():
-                    loss = F.cross_entropy(
-                        logits.transpose(1, 2), xo, ignore_index=self.ignore_index
-                    )
-                else:
-                    # Every target ignored (padding of shorter list inputs): 0 with a graph,
-                    # where cross_entropy's empty mean would give NaN.
-                    loss = logits.sum() * 0.0
+                # Every target ignored (padding of shorter list inputs) gives 0 with a graph,
+                # where cross_entropy's empty mean would give NaN.
+                loss = self.net.lm_loss(hidden, xo, self.ignore_index)
                 yield Return(loss, aux_loss, ind == n_micro - 1)
             memories = next_memories

@@ -6,162 +6,18 @@ invalid arguments raise ValueError/TypeError instead of asserting.
 
 from __future__ import annotations
 
-import math
-import operator
 from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
 from .attention import Memory, SelfAttention, UsageMemory
+from .config import normalize_config
 from .layers import FeedForward, GRUGating, PreNorm, Residual
-from .options import check_option
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
-
-
-def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    return value
-
-
-def _probability(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a probability (a float in [0, 1]), got {value!r}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _memory_layers(value: Iterable[int] | None, depth: int) -> list[int]:
-    if value is None:
-        return list(range(1, depth + 1))
-    try:
-        items = list(value)
-        if any(isinstance(layer, bool) for layer in items):
-            raise TypeError
-        layers = [operator.index(layer) for layer in items]
-    except TypeError:
-        raise TypeError(
-            f"memory_layers must be an iterable of ints in [1, depth={depth}], got {value!r}"
-        ) from None
-    if not layers:
-        raise ValueError(
-            f"memory_layers must name at least one layer in [1, depth={depth}], got an empty "
-            "list; use a model without memory elsewhere if that is what you want"
-        )
-    invalid = [layer for layer in layers if not 1 <= layer <= depth]
-    if invalid:
-        raise ValueError(
-            f"memory_layers entries must be in [1, depth={depth}] (1-based), got {layers}; "
-            f"invalid: {invalid}"
-        )
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"memory_layers must not repeat a layer, got {layers}")
-    return sorted(layers)
-
-
-def normalize_config(
-    num_tokens: int,
-    dim: int,
-    seq_len: int,
-    depth: int,
-    emb_dim: int | None = None,
-    memory_layers: Iterable[int] | None = None,
-    enhanced_recurrence: bool = True,
-    mem_len: int | None = None,
-    cmem_len: int | None = None,
-    cmem_ratio: int = 4,
-    heads: int = 8,
-    gru_gated_residual: bool = True,
-    mogrify_gru: bool = False,
-    attn_dropout: float = 0.0,
-    ff_glu: bool = False,
-    ff_dropout: float = 0.0,
-    attn_layer_dropout: float = 0.0,
-    reconstruction_attn_dropout: float = 0.0,
-    reconstruction_loss_weight: float = 1.0,
-    compression: str = "conv",
-    reconstruction_target: str = "memory",
-    aux_loss: str = "attention",
-    eviction_padding: str = "upstream",
-    relative_positions: str = "learned",
-) -> dict[str, Any]:
-    """Validates upstream's constructor kwargs and returns them with defaults resolved.
-
-    The result is JSON-serialisable (memory_layers a sorted list) and builds the same model.
-    """
-    for name, value in dict(
-        num_tokens=num_tokens, dim=dim, seq_len=seq_len, depth=depth, heads=heads,
-        cmem_ratio=cmem_ratio,
-    ).items():
-        _positive_int(name, value)
-    if dim % heads != 0:
-        raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
-    emb_dim = dim if emb_dim is None else _positive_int("emb_dim", emb_dim)
-
-    mem_len = seq_len if mem_len is None else _int("mem_len", mem_len)
-    if mem_len < seq_len:
-        raise ValueError(f"mem_len must be an int >= seq_len={seq_len}, got {mem_len!r}")
-    min_cmem_len = mem_len // cmem_ratio
-    cmem_len = min_cmem_len if cmem_len is None else _int("cmem_len", cmem_len)
-    if cmem_len < min_cmem_len:
-        raise ValueError(
-            f"cmem_len must be an int >= mem_len // cmem_ratio = {mem_len} // {cmem_ratio} "
-            f"= {min_cmem_len}, got {cmem_len!r}"
-        )
-    options = dict(
-        compression=check_option("compression", compression),
-        reconstruction_target=check_option("reconstruction_target", reconstruction_target),
-        aux_loss=check_option("aux_loss", aux_loss),
-        eviction_padding=check_option("eviction_padding", eviction_padding),
-        relative_positions=check_option("relative_positions", relative_positions),
-    )
-    if compression == "most_used" and aux_loss == "autoencoder":
-        raise ValueError(
-            "aux_loss='autoencoder' decodes windows of evicted slots, but compression="
-            "'most_used' keeps single slots; use aux_loss 'attention' or 'none' with it"
-        )
-
-    return dict(
-        num_tokens=num_tokens,
-        dim=dim,
-        seq_len=seq_len,
-        depth=depth,
-        emb_dim=emb_dim,
-        memory_layers=_memory_layers(memory_layers, depth),
-        enhanced_recurrence=bool(enhanced_recurrence),
-        mem_len=mem_len,
-        cmem_len=cmem_len,
-        cmem_ratio=cmem_ratio,
-        heads=heads,
-        gru_gated_residual=bool(gru_gated_residual),
-        mogrify_gru=bool(mogrify_gru),
-        attn_dropout=_probability("attn_dropout", attn_dropout),
-        ff_glu=bool(ff_glu),
-        ff_dropout=_probability("ff_dropout", ff_dropout),
-        attn_layer_dropout=_probability("attn_layer_dropout", attn_layer_dropout),
-        reconstruction_attn_dropout=_probability(
-            "reconstruction_attn_dropout", reconstruction_attn_dropout
-        ),
-        reconstruction_loss_weight=_finite("reconstruction_loss_weight", reconstruction_loss_weight),
-        **options,
-    )
-
-
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 class CompressiveTransformer(nn.Module):
@@ -169,7 +25,9 @@ class CompressiveTransformer(nn.Module):
 
     Keywords and defaults are those of upstream 0.4.0, plus the paper-faithful options
     (compression, reconstruction_target, aux_loss, eviction_padding, relative_positions;
-    docs/paper-options.md) whose defaults are upstream's; `self.config` holds them normalised.
+    docs/paper-options.md) whose defaults are upstream's, and adaptive input and softmax
+    (adaptive_cutoffs, adaptive_div_val; docs/paper-options.md) off by default; `self.config`
+    holds them normalised.
     """
 
     def __init__(
@@ -198,6 +56,8 @@ class CompressiveTransformer(nn.Module):
         aux_loss: str = "attention",
         eviction_padding: str = "upstream",
         relative_positions: str = "learned",
+        adaptive_cutoffs: Sequence[int] | None = None,
+        adaptive_div_val: int = 1,
     ):
         super().__init__()
         self.config = c = normalize_config(
@@ -212,6 +72,7 @@ class CompressiveTransformer(nn.Module):
             compression=compression, reconstruction_target=reconstruction_target,
             aux_loss=aux_loss, eviction_padding=eviction_padding,
             relative_positions=relative_positions,
+            adaptive_cutoffs=adaptive_cutoffs, adaptive_div_val=adaptive_div_val,
         )
         self.num_tokens = c["num_tokens"]
         self.dim = c["dim"]
@@ -224,11 +85,16 @@ class CompressiveTransformer(nn.Module):
         self.reconstruction_loss_weight = c["reconstruction_loss_weight"]
         self.compression = c["compression"]
         self.relative_positions = c["relative_positions"]
+        cutoffs = c.get("adaptive_cutoffs")
+        self.adaptive = cutoffs is not None
 
         # Modules are created in upstream's order, so a seeded init draws the same numbers
         # and state_dict() lists the same keys in the same order.
         emb_dim = c["emb_dim"]
-        self.token_emb = nn.Embedding(num_tokens, emb_dim)
+        if self.adaptive:
+            self.token_emb = AdaptiveEmbedding(num_tokens, emb_dim, cutoffs, c["adaptive_div_val"])
+        else:
+            self.token_emb = nn.Embedding(num_tokens, emb_dim)
         self.to_model_dim = nn.Identity() if emb_dim == dim else nn.Linear(emb_dim, dim)
         if c["relative_positions"] == "learned":
             total_positions = seq_len + c["mem_len"] + c["cmem_len"]
@@ -237,7 +103,8 @@ class CompressiveTransformer(nn.Module):
             self.pos_emb = None
         self.to_logits = nn.Sequential(
             nn.Identity() if emb_dim == dim else nn.Linear(dim, emb_dim),
-            nn.Linear(emb_dim, num_tokens),
+            AdaptiveLogSoftmax(emb_dim, num_tokens, cutoffs, c["adaptive_div_val"]) if self.adaptive
+            else nn.Linear(emb_dim, num_tokens),
         )
 
         if c["gru_gated_residual"]:
@@ -268,7 +135,38 @@ class CompressiveTransformer(nn.Module):
         mask: Tensor | None = None,
         memory_gradients: bool = False,
     ) -> tuple[Tensor, Memory | UsageMemory, Tensor]:
-        """One segment.
+        """One segment: `features` then the output layer (arguments and results: `features`).
+
+        Returns logits (b, t, num_tokens); an adaptive model returns its log-probabilities,
+        whose softmax is the adaptive distribution (for sampling and evaluation).
+        """
+        hidden, next_memory, aux_loss = self.features(x, memories, mask, memory_gradients)
+        return self.to_logits(hidden), next_memory, aux_loss
+
+    def lm_loss(self, hidden: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """Mean NLL of targets (b, t) from `features`' hidden (b, t, dim), ignore_index skipped.
+
+        Full softmax: cross_entropy of the logits, as upstream's wrapper. Adaptive: each tail
+        cluster only on the positions whose target it holds; the (b, t, num_tokens) log-probs
+        are never built. All targets ignored: 0, with a graph.
+        """
+        kept = targets != ignore_index
+        if not kept.any():
+            return hidden.sum() * 0.0
+        if not self.adaptive:
+            return F.cross_entropy(self.to_logits(hidden).transpose(1, 2), targets, ignore_index=ignore_index)
+        project, softmax = self.to_logits
+        nll = softmax.nll(project(hidden), targets, ignore_index)
+        return nll.sum() / kept.sum().to(nll.dtype)
+
+    def features(
+        self,
+        x: Tensor,
+        memories: Sequence[Tensor | None] | None = None,
+        mask: Tensor | None = None,
+        memory_gradients: bool = False,
+    ) -> tuple[Tensor, Memory | UsageMemory, Tensor]:
+        """One segment up to the output layer.
 
         x: (b, t) integer tokens in [0, num_tokens), 1 <= t <= seq_len.
         memories: Memory(mem (L, b, m, dim), compressed_mem (L, b, c, dim)) from the
@@ -277,7 +175,7 @@ class CompressiveTransformer(nn.Module):
         mask: (b, t) bool, True = real token.
         memory_gradients: return the next memories with their graph (the paper's BPTT
             through memory) instead of detached.
-        Returns logits (b, t, num_tokens), the next memories (stop-gradient unless
+        Returns the last layer's output (b, t, dim), the next memories (stop-gradient unless
         memory_gradients) and the aux loss as a 0-d tensor (non-zero only in training
         mode, when something was compressed).
         """
@@ -328,12 +226,12 @@ class CompressiveTransformer(nn.Module):
             if use_memory:
                 next_memories.append(layer_memory_out)
 
-        logits = self.to_logits(x)
-        keep = (lambda t: t) if memory_gradients else (lambda t: t.detach())  # noqa: E731
-        stacked = [keep(torch.stack(parts)) for parts in zip(*next_memories)]
+        stacked = [torch.stack(parts) for parts in zip(*next_memories)]
+        if not memory_gradients:
+            stacked = [part.detach() for part in stacked]
         next_memory = UsageMemory(*stacked) if most_used else Memory(*stacked)
         aux_loss = aux_loss * self.reconstruction_loss_weight / n_memory_layers
-        return logits, next_memory, aux_loss
+        return x, next_memory, aux_loss
 
     def _check_inputs(
         self, x: Any, memories: Any, mask: Any

@@ -1,0 +1,367 @@
+"""Adaptive input and softmax: ct_jax.adaptive against ct_torch_ref.adaptive (weights converted both
+ways), the converter's exact round trip, and ct_torch_ref's adaptive model and wrapper loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import ct_torch_ref
+from ct_jax import adaptive as jax_adaptive
+from ct_jax import convert
+from ct_torch_ref import adaptive as torch_adaptive
+from tests.tolerances import GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
+
+IGNORE = -100
+# (num_tokens, dim, cutoffs, div_val): one cutoff; clusters of size 1 at both ends; deep div_val 4
+# down to width 1; a width that does not divide evenly.
+CASES = [
+    (50, 32, [10], 1),
+    (50, 32, [10, 30], 2),
+    (41, 16, [1, 40], 2),
+    (97, 64, [5, 20, 60], 4),
+    (64, 24, [8, 16, 32], 2),
+]
+SOFTMAX_PREFIX, EMBEDDING_PREFIX = "to_logits", "token_emb"  # their ct_jax paths in the model
+SOFTMAX_TORCH_PREFIX, EMBEDDING_TORCH_PREFIX = "to_logits.1.", "token_emb."  # their upstream keys
+
+
+def _case_id(case) -> str:
+    num_tokens, dim, cutoffs, div_val = case
+    return f"V{num_tokens}-d{dim}-c{'_'.join(map(str, cutoffs))}-div{div_val}"
+
+
+def _torch_modules(case, seed: int):
+    num_tokens, dim, cutoffs, div_val = case
+    torch.manual_seed(seed)
+    softmax = torch_adaptive.AdaptiveLogSoftmax(dim, num_tokens, cutoffs, div_val).double()
+    embedding = torch_adaptive.AdaptiveEmbedding(num_tokens, dim, cutoffs, div_val).double()
+    with torch.no_grad():  # torch's head bias starts uniform, the embedding N(0, 1): scale all alike
+        for param in [*softmax.parameters(), *embedding.parameters()]:
+            param.normal_(0.0, 0.5)
+    return softmax.float(), embedding.float()
+
+
+def _jax_modules(case, seed: int, vocab_chunk: int = jax_adaptive.VOCAB_CHUNK):
+    num_tokens, dim, cutoffs, div_val = case
+    rngs = nnx.Rngs(seed)
+    return (jax_adaptive.AdaptiveLogSoftmax(dim, num_tokens, cutoffs, div_val, vocab_chunk=vocab_chunk, rngs=rngs),
+            jax_adaptive.AdaptiveEmbedding(num_tokens, dim, cutoffs, div_val, rngs=rngs))
+
+
+def _prefixed(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + key: value for key, value in module.state_dict().items()}
+
+
+def _unprefixed(state: dict[str, np.ndarray], prefix: str) -> dict[str, torch.Tensor]:
+    return {key.removeprefix(prefix): torch.from_numpy(np.array(value)) for key, value in state.items()}
+
+
+def _converted_pair(case, seed: int = 0, vocab_chunk: int = jax_adaptive.VOCAB_CHUNK):
+    """Torch modules with random weights and JAX modules holding the same weights (torch -> JAX)."""
+    softmax, embedding = _torch_modules(case, seed)
+    jax_softmax, jax_embedding = _jax_modules(case, seed + 100, vocab_chunk)
+    convert.module_from_torch(_prefixed(softmax, SOFTMAX_TORCH_PREFIX), jax_softmax, SOFTMAX_PREFIX)
+    convert.module_from_torch(_prefixed(embedding, EMBEDDING_TORCH_PREFIX), jax_embedding, EMBEDDING_PREFIX)
+    return softmax, embedding, jax_softmax, jax_embedding
+
+
+def _inputs(case, seed: int):
+    """hidden (2, 7, dim) and targets (2, 7) covering every cluster, with ignore_index positions."""
+    num_tokens, dim, cutoffs, _ = case
+    generator = np.random.default_rng(seed)
+    hidden = generator.normal(size=(2, 7, dim)).astype(np.float32)
+    starts = [0, *cutoffs]
+    targets = generator.integers(0, num_tokens, size=(2, 7))
+    for i, start in enumerate(starts):  # one target in each cluster, at its first and last id
+        targets.flat[i] = start
+    targets.flat[len(starts)] = num_tokens - 1
+    targets[1, -2:] = IGNORE
+    return hidden, targets
+
+
+def _grads_by_key(module: nnx.Module, grads: nnx.State, prefix: str) -> dict[str, np.ndarray]:
+    """JAX parameter gradients under the modules' upstream keys (transposed like the weights)."""
+    holder = nnx.clone(module)
+    nnx.update(holder, grads)
+    return convert.module_to_numpy(holder, prefix)
+
+
+@pytest.mark.parametrize("vocab_chunk", [jax_adaptive.VOCAB_CHUNK, 7], ids=["one-chunk", "chunks-of-7"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_softmax_log_probs_nll_loss_and_gradients_match_torch(case, vocab_chunk):
+    softmax, _, jax_softmax, _ = _converted_pair(case, seed=1, vocab_chunk=vocab_chunk)
+    hidden, targets = _inputs(case, seed=2)
+    hidden_t = torch.tensor(hidden, requires_grad=True)
+    targets_t = torch.tensor(targets)
+
+    log_probs_t = softmax.log_probs(hidden_t)
+    assert_close("log_probs", jax_softmax.log_probs(jnp.asarray(hidden)), log_probs_t, JAX_VS_TORCH_ATOL)
+    assert_close("logsumexp of log_probs", jax.nn.logsumexp(jax_softmax(jnp.asarray(hidden)), -1),
+                 np.zeros(targets.shape), JAX_VS_TORCH_ATOL)
+
+    nll_t = softmax.nll(hidden_t, targets_t, IGNORE)
+    nll_j = jax_softmax.nll(jnp.asarray(hidden), jnp.asarray(targets), IGNORE)
+    assert_close("per-token nll", nll_j, nll_t, JAX_VS_TORCH_ATOL)
+    assert float(nll_j[1, -1]) == 0.0 and float(nll_t.detach()[1, -1]) == 0.0, "ignored targets must give 0"
+    kept = targets != IGNORE
+    # the torch nll is torch's own AdaptiveLogSoftmaxWithLoss.forward: it must equal the full log-probs
+    assert_close("torch nll vs its log_probs", nll_t[torch.tensor(kept)],
+                 -log_probs_t[torch.tensor(kept)].gather(-1, targets_t[torch.tensor(kept)][:, None])[:, 0],
+                 JAX_VS_TORCH_ATOL)
+    count = int(kept.sum())
+    assert_close("mean loss", nll_j.sum() / count, nll_t.sum() / count, JAX_VS_TORCH_ATOL)
+    # a sum of `count` values each within the float32 bound
+    assert_close("summed loss", nll_j.sum(), nll_t.sum(), JAX_VS_TORCH_ATOL * count)
+
+    nll_t.sum().backward()
+
+    def summed(module, hidden):
+        return module.nll(hidden, jnp.asarray(targets), IGNORE).sum()
+
+    param_grads, hidden_grad = nnx.grad(summed, argnums=(0, 1))(jax_softmax, jnp.asarray(hidden))
+    assert_close("d loss / d hidden", hidden_grad, hidden_t.grad, GRAD_ATOL, GRAD_RTOL)
+    got = _grads_by_key(jax_softmax, param_grads, SOFTMAX_PREFIX)
+    expected = {SOFTMAX_TORCH_PREFIX + key: param.grad for key, param in softmax.named_parameters()}
+    assert sorted(got) == sorted(expected)
+    for key, grad in expected.items():
+        assert_close(f"d loss / d {key}", got[key], grad, GRAD_ATOL, GRAD_RTOL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_log_probs_gradients_match_torch(case):
+    """The full log-probs path (generation, evaluation) trains alike too, under a soft-target
+    cross-entropy (random target distributions, mean over positions: the scale of an LM loss)."""
+    softmax, _, jax_softmax, _ = _converted_pair(case, seed=3)
+    hidden, _ = _inputs(case, seed=4)
+    n_positions = int(np.prod(hidden.shape[:-1]))
+    soft_targets = np.random.default_rng(5).dirichlet(np.ones(case[0]), size=hidden.shape[:-1])
+    weights = (-soft_targets / n_positions).astype(np.float32)
+    hidden_t = torch.tensor(hidden, requires_grad=True)
+    (softmax.log_probs(hidden_t) * torch.tensor(weights)).sum().backward()
+
+    def weighted(module, hidden):
+        return (module.log_probs(hidden) * weights).sum()
+
+    param_grads, hidden_grad = nnx.grad(weighted, argnums=(0, 1))(jax_softmax, jnp.asarray(hidden))
+    assert_close("d weighted log_probs / d hidden", hidden_grad, hidden_t.grad, GRAD_ATOL, GRAD_RTOL)
+    got = _grads_by_key(jax_softmax, param_grads, SOFTMAX_PREFIX)
+    for key, param in softmax.named_parameters():
+        assert_close(f"d weighted log_probs / d {key}", got[SOFTMAX_TORCH_PREFIX + key], param.grad,
+                     GRAD_ATOL, GRAD_RTOL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_embedding_and_its_gradients_match_torch(case):
+    _, embedding, _, jax_embedding = _converted_pair(case, seed=6)
+    num_tokens, dim, _, _ = case
+    _, targets = _inputs(case, seed=7)
+    tokens = np.where(targets == IGNORE, num_tokens // 2, targets)
+    weights = np.random.default_rng(8).normal(size=(*tokens.shape, dim)).astype(np.float32)
+    out_t = embedding(torch.tensor(tokens))
+    assert_close("embedding", jax_embedding(jnp.asarray(tokens)), out_t, JAX_VS_TORCH_ATOL)
+    (out_t * torch.tensor(weights)).sum().backward()
+
+    def weighted(module):
+        return (module(jnp.asarray(tokens)) * weights).sum()
+
+    got = _grads_by_key(jax_embedding, nnx.grad(weighted)(jax_embedding), EMBEDDING_PREFIX)
+    expected = {EMBEDDING_TORCH_PREFIX + key: param.grad for key, param in embedding.named_parameters()}
+    assert sorted(got) == sorted(expected)
+    for key, grad in expected.items():
+        assert_close(f"d embedding / d {key}", got[key], grad, GRAD_ATOL, GRAD_RTOL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_round_trips_are_exact_both_ways(case):
+    softmax, embedding = _torch_modules(case, seed=9)
+    jax_softmax, jax_embedding = _jax_modules(case, seed=10)
+    for torch_module, jax_module, prefix, torch_prefix in (
+        (softmax, jax_softmax, SOFTMAX_PREFIX, SOFTMAX_TORCH_PREFIX),
+        (embedding, jax_embedding, EMBEDDING_PREFIX, EMBEDDING_TORCH_PREFIX),
+    ):
+        # JAX -> torch (strict) -> JAX
+        made_in_jax = convert.module_to_numpy(jax_module, prefix)
+        torch_copy = type(torch_module)(*_constructor_args(torch_module, case))
+        torch_copy.load_state_dict(_unprefixed(made_in_jax, torch_prefix), strict=True)
+        back = convert.module_to_numpy(
+            convert.module_from_torch(_prefixed(torch_copy, torch_prefix), nnx.clone(jax_module), prefix), prefix)
+        assert sorted(back) == sorted(made_in_jax)
+        for key, value in made_in_jax.items():
+            np.testing.assert_array_equal(back[key], value, err_msg=f"{key} changed in JAX -> torch -> JAX")
+        # torch -> JAX -> torch
+        original = _prefixed(torch_module, torch_prefix)
+        there = convert.module_from_torch(original, nnx.clone(jax_module), prefix)
+        for key, value in convert.module_to_numpy(there, prefix).items():
+            assert torch.equal(torch.from_numpy(np.array(value)), original[key]), f"{key} changed in torch -> JAX"
+
+
+def _constructor_args(module: torch.nn.Module, case) -> tuple:
+    num_tokens, dim, cutoffs, div_val = case
+    if isinstance(module, torch_adaptive.AdaptiveLogSoftmax):
+        return dim, num_tokens, cutoffs, div_val
+    return num_tokens, dim, cutoffs, div_val
+
+
+def test_module_from_torch_is_strict():
+    case = CASES[1]
+    softmax, _ = _torch_modules(case, seed=0)
+    jax_softmax, _ = _jax_modules(case, seed=0)
+    before = convert.module_to_numpy(jax_softmax, SOFTMAX_PREFIX)
+    state = _prefixed(softmax, SOFTMAX_TORCH_PREFIX)
+    del state["to_logits.1.head.bias"]
+    state["to_logits.1.tail.0.1.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"missing keys \['to_logits.1.head.bias'\].*tail.0.1.weight"):
+        convert.module_from_torch(state, jax_softmax, SOFTMAX_PREFIX)
+    for key, value in convert.module_to_numpy(jax_softmax, SOFTMAX_PREFIX).items():
+        np.testing.assert_array_equal(value, before[key], err_msg=f"{key} changed by a failed load")
+
+
+def _shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every value a jaxpr computes, nested jaxprs (remat, custom_vjp) included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(var.aval.shape) for var in eqn.outvars if hasattr(var.aval, "shape")]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    shapes += _shapes(inner)
+    return shapes
+
+
+def test_nll_and_its_gradient_never_build_the_full_log_probs():
+    num_tokens, dim, cutoffs, div_val = case = (997, 16, [50, 300], 2)
+    chunk = 64
+    jax_softmax = _jax_modules(case, seed=0, vocab_chunk=chunk)[0]
+    generator = np.random.default_rng(0)
+    hidden = jnp.asarray(generator.normal(size=(4, 50, dim)), jnp.float32)
+    targets = jnp.asarray(generator.integers(0, num_tokens, size=(4, 50)))
+    positions = 4 * 50
+    graphdef, state = nnx.split(jax_softmax)
+
+    def loss(state, hidden):
+        return nnx.merge(graphdef, state).nll(hidden, targets, IGNORE).sum()
+
+    def log_probs(state, hidden):
+        return nnx.merge(graphdef, state).log_probs(hidden)
+
+    def too_big(function) -> list[tuple[int, ...]]:
+        """Values larger than one (positions, vocab_chunk) block of logits (every parameter is smaller)."""
+        shapes = _shapes(jax.make_jaxpr(function)(state, hidden).jaxpr)
+        return [shape for shape in shapes if int(np.prod(shape)) > positions * chunk]
+
+    assert not too_big(jax.grad(loss, argnums=(0, 1))), "nll or its gradient built a logits block over vocab_chunk"
+    assert (4, 50, num_tokens) in too_big(log_probs), "the check must see log_probs' full tensor"
+
+
+# ---- ct_torch_ref model level -------------------------------------------------------------------
+
+MODEL = dict(num_tokens=60, dim=32, seq_len=6, depth=2, heads=4, mem_len=6, cmem_len=3, cmem_ratio=2)
+
+
+def test_default_model_has_upstream_keys_and_config():
+    import compressive_transformer_pytorch as upstream
+
+    ours = ct_torch_ref.CompressiveTransformer(**MODEL, adaptive_cutoffs=None, adaptive_div_val=1)
+    theirs = upstream.CompressiveTransformer(**MODEL)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert not {"adaptive_cutoffs", "adaptive_div_val"} & set(ours.config), "defaults must keep config.json's keys"
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("emb_dim", [None, 16])
+def test_adaptive_model_wrapper_loss_is_the_mean_nll_of_its_log_probs(emb_dim):
+    torch.manual_seed(0)
+    model = ct_torch_ref.CompressiveTransformer(**MODEL, emb_dim=emb_dim, adaptive_cutoffs=[10, 25, 40],
+                                                adaptive_div_val=2).eval()
+    assert isinstance(model.token_emb, torch_adaptive.AdaptiveEmbedding)
+    assert isinstance(model.to_logits[1], torch_adaptive.AdaptiveLogSoftmax)
+    tokens = torch.randint(0, MODEL["num_tokens"], (3, 3 * MODEL["seq_len"] + 1))
+    mask = torch.ones(3, tokens.shape[1], dtype=torch.bool)
+    mask[2, 10:] = False  # a padded row: memory keeps flowing, its targets stay counted (as upstream)
+    losses = [r.loss for r in ct_torch_ref.AutoregressiveWrapper(model)(tokens, return_loss=True, mask=mask)]
+
+    memories = None
+    for segment, loss in enumerate(losses):
+        window = slice(segment * MODEL["seq_len"], (segment + 1) * MODEL["seq_len"])
+        log_probs, memories, _ = model(tokens[:, window], memories=memories, mask=mask[:, window])
+        assert_close("logsumexp of the forward's log-probs", log_probs.logsumexp(-1), torch.zeros(3, 6), 1e-5)
+        targets = tokens[:, 1:][:, window]
+        expected = -log_probs.gather(-1, targets[..., None]).mean()
+        assert_close(f"segment {segment} loss", loss, expected, JAX_VS_TORCH_ATOL)
+
+
+def test_adaptive_wrapper_loss_skips_ignored_targets_and_trains_every_cluster():
+    torch.manual_seed(1)
+    model = ct_torch_ref.CompressiveTransformer(**MODEL, adaptive_cutoffs=[10, 25], adaptive_div_val=4)
+    sequences = [torch.randint(0, 60, (13,)), torch.randint(0, 60, (5,))]  # the short row's targets padded
+    sequences[0][:4] = torch.tensor([3, 12, 30, 59])  # targets in every cluster
+    loss = next(iter(ct_torch_ref.AutoregressiveWrapper(model)(sequences, return_loss=True))).loss
+
+    inputs = torch.stack([sequences[0][:6], torch.cat([sequences[1][:4], torch.zeros(2, dtype=torch.long)])])
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    log_probs, _, _ = model(inputs, mask=mask)
+    picked = torch.cat([log_probs[0, :6].gather(-1, sequences[0][1:7, None])[:, 0],
+                        log_probs[1, :4].gather(-1, sequences[1][1:5, None])[:, 0]])
+    assert_close("loss over the kept targets", loss, -picked.mean(), JAX_VS_TORCH_ATOL)
+    loss.backward()
+    untrained = [key for key, param in model.named_parameters()
+                 if ("token_emb." in key or "to_logits." in key) and (param.grad is None or not param.grad.any())]
+    assert not untrained, f"no gradient reached {untrained}"
+
+
+@pytest.mark.parametrize("emb_dim", [None, 16])
+def test_model_keys_are_what_the_converter_gives_the_jax_modules(emb_dim):
+    """The later ct_jax model holds these modules at `token_emb` and `to_logits` (beside `to_emb_dim`)."""
+    cutoffs, div_val = [10, 25, 40], 2
+    model = ct_torch_ref.CompressiveTransformer(**MODEL, emb_dim=emb_dim, adaptive_cutoffs=cutoffs,
+                                                adaptive_div_val=div_val)
+    width = emb_dim or MODEL["dim"]
+    rngs = nnx.Rngs(0)
+    jax_keys = {
+        **convert.module_to_numpy(jax_adaptive.AdaptiveEmbedding(60, width, cutoffs, div_val, rngs=rngs), "token_emb"),
+        **convert.module_to_numpy(jax_adaptive.AdaptiveLogSoftmax(width, 60, cutoffs, div_val, rngs=rngs), "to_logits"),
+    }
+    torch_state = {key: tuple(value.shape) for key, value in model.state_dict().items()
+                   if key.startswith(("token_emb.", "to_logits.1."))}
+    assert {key: value.shape for key, value in jax_keys.items()} == torch_state
+
+
+def test_adaptive_config_round_trips_through_save_pretrained(tmp_path):
+    model = ct_torch_ref.CompressiveTransformer(**MODEL, adaptive_cutoffs=[10, 25], adaptive_div_val=2)
+    assert model.config["adaptive_cutoffs"] == [10, 25] and model.config["adaptive_div_val"] == 2
+    loaded = ct_torch_ref.load_pretrained(ct_torch_ref.save_pretrained(model, tmp_path))
+    assert loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+BAD = [
+    (dict(adaptive_cutoffs=[25, 10]), ValueError, "adaptive_cutoffs must be strictly increasing"),
+    (dict(adaptive_cutoffs=[10, 10]), ValueError, "adaptive_cutoffs must be strictly increasing"),
+    (dict(adaptive_cutoffs=[0, 10]), ValueError, r"adaptive_cutoffs .* \(0, num_tokens=60\), got \[0, 10\]"),
+    (dict(adaptive_cutoffs=[10, 60]), ValueError, r"adaptive_cutoffs .* \(0, num_tokens=60\), got \[10, 60\]"),
+    (dict(adaptive_cutoffs=[]), ValueError, "adaptive_cutoffs must hold at least one cutoff"),
+    (dict(adaptive_cutoffs=[10.5]), TypeError, "adaptive_cutoffs must be a list of ints"),
+    (dict(adaptive_cutoffs=[True]), TypeError, "adaptive_cutoffs must be a list of ints"),
+    (dict(adaptive_cutoffs="10"), TypeError, "adaptive_cutoffs must be a list of ints"),
+    (dict(adaptive_cutoffs=[10], adaptive_div_val=0), ValueError, "adaptive_div_val must be an int >= 1, got 0"),
+    (dict(adaptive_cutoffs=[10], adaptive_div_val=2.0), TypeError, "adaptive_div_val must be an int >= 1"),
+    (dict(adaptive_cutoffs=[10, 20, 30], adaptive_div_val=4), ValueError, r"last cluster width 32 // 4\*\*3 = 0"),
+    (dict(adaptive_div_val=4), ValueError, "adaptive_div_val=4 needs adaptive_cutoffs"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD, ids=[str(case[0]) for case in BAD])
+def test_bad_adaptive_arguments_are_refused_naming_them(kwargs, error, message, unchecked_types):
+    with pytest.raises(error, match=message):
+        ct_torch_ref.CompressiveTransformer(**MODEL, **kwargs)
+    if "adaptive_cutoffs" in kwargs:  # the JAX check, the one its model will call, says the same
+        with pytest.raises(error, match=message):
+            jax_adaptive.check_adaptive(MODEL["num_tokens"], MODEL["dim"], kwargs["adaptive_cutoffs"],
+                                        kwargs.get("adaptive_div_val", 1))
