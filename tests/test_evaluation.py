@@ -74,3 +74,21 @@ def test_bad_arguments(model):
         evaluation.evaluate_stream(model, data, 2, segments_per_call=0)
     with pytest.raises(ValueError, match="too short for 30 streams"):
         evaluation.evaluate_stream(model, data, 30)
+
+
+def test_the_callers_mode_is_restored(model):
+    """evaluate_stream runs in eval mode and hands the model back in the mode it came in."""
+    data = np.random.default_rng(2).integers(0, CONFIG["num_tokens"], 200).astype(np.uint8)
+
+    def flags():
+        return [module.deterministic for _, module in nnx.iter_graph(model) if hasattr(module, "deterministic")]
+
+    model.train()
+    try:
+        assert not any(flags()), "the model should start in train mode"
+        evaluation.evaluate_stream(model, data, 2, segments_per_call=5, progress=False)
+        assert not any(flags()), f"evaluate_stream left the model in eval mode: deterministic flags {flags()}"
+    finally:
+        model.eval()
+    evaluation.evaluate_stream(model, data, 2, segments_per_call=5, progress=False)
+    assert all(flags()), "a model in eval mode must stay in eval mode"
