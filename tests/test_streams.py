@@ -168,3 +168,21 @@ def test_bad_sampler_arguments(corpus):
         sampler.load_state_dict({"seed": 0, "step": 0})
     with pytest.raises(ValueError, match=r"state\['step'\] must be an int >= 0, got -1"):
         sampler.load_state_dict(dict(sampler.state_dict(), step=-1))
+
+
+def test_windows_are_a_batch_that_resets_before_segment_0():
+    tokens = np.arange(2 * 11).reshape(2, 11)  # 10 inputs: segments of 4, 4 and a short 2
+    batch = streams.StreamBatch.from_windows(tokens, SEQ_LEN)
+    np.testing.assert_array_equal(batch.inputs, tokens[:, :-1])
+    np.testing.assert_array_equal(batch.targets, tokens[:, 1:])
+    assert batch.mask is None, "no mask given: every token is real"
+    np.testing.assert_array_equal(batch.resets, [[True, False, False]] * 2)
+    continued = streams.StreamBatch.from_windows(tokens, SEQ_LEN, reset=False)
+    assert not continued.resets.any(), "reset=False: the rows continue from the memories given"
+    whole = np.ones((2, 11), bool)
+    whole[0, 5:] = False
+    np.testing.assert_array_equal(streams.StreamBatch.from_windows(tokens, SEQ_LEN, whole).mask, whole[:, :-1])
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 11\) or \(2, 10\), got \(2, 3\)"):
+        streams.StreamBatch.from_windows(tokens, SEQ_LEN, whole[:, :3])
+    with pytest.raises(ValueError, match=r"tokens must have shape .* got \(2, 1\)"):
+        streams.StreamBatch.from_windows(tokens[:, :1], SEQ_LEN)

@@ -204,3 +204,18 @@ def test_compiled_steps_are_shared_only_by_models_with_the_same_non_parameter_st
     assert first._train is not second._train, "a model with other non-parameter state got another model's step"
     again = Trainer(training.create_model(dropout, TRAIN_CONFIG), TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE)
     assert again._train is first._train and again._eval is first._eval
+
+
+def test_a_step_cache_is_explicit_and_bounded(trainer):
+    """Trainers share `SHARED_STEPS` unless given their own cache (or None: their own compile)."""
+    model = training.create_model(TRAIN_MODEL, TRAIN_CONFIG)
+    alone = Trainer(model, TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE, step_cache=None)
+    assert alone._train is not trainer._train, "step_cache=None must not share the process's steps"
+    cache = training.StepCache(size=1)
+    first = Trainer(model, TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE, step_cache=cache)
+    assert Trainer(model, TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE, step_cache=cache)._train is first._train
+    other = dataclasses.replace(TRAIN_CONFIG, learning_rate=0.5)
+    Trainer(model, other, compiler_options=FAST_CPU_COMPILE, step_cache=cache)  # evicts the first (size 1)
+    again = Trainer(model, TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE, step_cache=cache)
+    assert again._train is not first._train, "a cache of size 1 must have dropped the older steps"
+    assert first._train is not trainer._train, "a private cache must not hand out the shared steps"
