@@ -3,6 +3,9 @@
 Pure numpy. Every split is a 1-D uint8 array that is an `np.memmap` (or a view of one), so
 a corpus is never loaded whole. Raw files are mapped in place; compressed files and
 multi-file corpora are first written once to a cache file (atomically) and that is mapped.
+`read_corpus` is the one loader: a `Corpus` of splits with the offsets where their documents
+begin (a file each in a folder corpus). The samplers here and in `ct_jax.streams` share the
+process sharding (`process_shard`) and resume-state checks (`sampler_state`).
 """
 
 from __future__ import annotations
