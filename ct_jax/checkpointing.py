@@ -222,6 +222,8 @@ class MetricsLog:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Train (per step and smoothed) and validation bits per byte against step, as a PNG."""
+        # Imported here, not for a cycle: the Agg backend must be chosen before pyplot loads, and
+        # matplotlib (~0.5 s) is needed only once, at the end of a run.
         import matplotlib
 
         matplotlib.use("Agg")

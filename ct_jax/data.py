@@ -3,6 +3,9 @@
 Pure numpy. Every split is a 1-D uint8 array that is an `np.memmap` (or a view of one), so
 a corpus is never loaded whole. Raw files are mapped in place; compressed files and
 multi-file corpora are first written once to a cache file (atomically) and that is mapped.
+`read_corpus` is the one loader: a `Corpus` of splits with the offsets where their documents
+begin (a file each in a folder corpus). The samplers here and in `ct_jax.streams` share the
+process sharding (`process_shard`) and resume-state checks (`sampler_state`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -41,6 +44,25 @@ _CACHE_FORMAT = "ct_jax-data-v1"
 _ARCHIVE_ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile)  # gzip.BadGzipFile is an OSError
 
 Splits = dict[str, np.ndarray]  # split name -> uint8 byte array (b,)
+
+
+class Corpus(NamedTuple):
+    """A loaded corpus: its splits and where the documents of each begin (streams reset there)."""
+
+    splits: Splits
+    starts: dict[str, np.ndarray]  # split name -> int64 (k,) document start offsets, 0 first; one document: [0]
+
+
+def one_document(splits: Splits) -> Corpus:
+    """`splits` as a corpus of one document per split (enwik8, a text file)."""
+    return Corpus(splits, {name: np.zeros(1, np.int64) for name in splits})
+
+
+def document_offsets(sizes: list[int]) -> np.ndarray:
+    """Start offsets (k,) int64 of documents of `sizes` bytes laid back to back; an empty one starts where
+    the next does (or at the end), so each distinct offset inside the split is one start."""
+    starts = np.unique(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+    return starts[starts < max(sum(sizes), 1)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,8 +199,8 @@ def split_files(files: list[Path], validation_every: int, max_bytes: int | None)
 def _files_corpus(
     tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int,
     max_bytes: int | None,
-) -> Splits:
-    """Split sorted files into train / validation (file i goes to validation iff i % k == k - 1)."""
+) -> Corpus:
+    """Split sorted files into train / validation (file i goes to validation iff i % k == k - 1), a document each."""
     train, validation = split_files(files, validation_every, max_bytes)
     if not validation:
         kept = len(train) + len(validation)
@@ -187,8 +209,9 @@ def _files_corpus(
             f"{validation_every} sends every {validation_every}-th file to validation, so it needs at least "
             f"{validation_every} files"
         )
-    return {"train": _concatenated(tag, "train", train, cache_dir),
-            "validation": _concatenated(tag, "validation", validation, cache_dir)}
+    parts = {"train": train, "validation": validation}
+    return Corpus({name: _concatenated(tag, name, kept, cache_dir) for name, kept in parts.items()},
+                  {name: document_offsets([file.stat().st_size for file in kept]) for name, kept in parts.items()})
 
 
 def load_enwik8(
@@ -236,8 +259,9 @@ def load_text_file(
 def load_folder(
     path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_every: int = 10,
     max_bytes: int | None = None,
-) -> Splits:
-    """Every file under a folder (recursive, sorted by relative path, hidden names skipped), concatenated per split."""
+) -> Corpus:
+    """Every file under a folder (recursive, sorted by relative path, hidden names skipped), concatenated per split;
+    one document per file."""
     root = _existing(path)
     if not root.is_dir():
         raise ValueError(f"path must be a folder, got file {str(root)!r}")
@@ -246,20 +270,32 @@ def load_folder(
 
 def folder_files(root: Path) -> list[Path]:
     """A folder corpus's files: recursive, sorted by relative path, hidden names (.git ...) skipped."""
-    visible = lambda name: not name.startswith(".")  # noqa: E731
-    return _walk(root, visible, visible)
+    return _walk(root, _visible, _visible)
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _stdlib_dir(name: str) -> bool:
+    return name not in STDLIB_EXCLUDED_DIRS
+
+
+def _python_file(name: str) -> bool:
+    return name.endswith(".py")
 
 
 def stdlib_source_files() -> list[Path]:
     """The default corpus's files: the stdlib's .py sources minus STDLIB_EXCLUDED_DIRS, sorted by relative path."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return _walk(root, lambda name: name not in STDLIB_EXCLUDED_DIRS, lambda name: name.endswith(".py"))
+    return _walk(root, _stdlib_dir, _python_file)
 
 
 def load_stdlib_corpus(
     cache_dir: str | os.PathLike | None = None, *, validation_every: int = 10, max_bytes: int = DEFAULT_MAX_BYTES
-) -> Splits:
-    """Default corpus present on every machine: this Python's stdlib sources (deterministic per installation)."""
+) -> Corpus:
+    """Default corpus present on every machine: this Python's stdlib sources (deterministic per installation),
+    one document per file."""
     root = Path(sysconfig.get_paths()["stdlib"])
     return _files_corpus("stdlib", root, stdlib_source_files(), cache_dir, validation_every, max_bytes)
 
@@ -313,14 +349,15 @@ def check_spec(spec: str | os.PathLike | None) -> None:
         _parse_spec(spec)
 
 
-def load_corpus(
+def read_corpus(
     spec: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *, window: int | None = None,
     max_bytes: int | None = None,
-) -> Splits:
-    """Load splits by spec: None = stdlib sources; 'enwik8:PATH' or a file named enwik8[.gz|.zip] = enwik8;
-    'text:PATH' or any other path = a text file or folder. With `window`, every split must hold one window."""
+) -> Corpus:
+    """The one corpus loader: splits and document starts by spec. None = stdlib sources (a document per file);
+    'enwik8:PATH' or a file named enwik8[.gz|.zip] = enwik8; 'text:PATH' or any other path = a text file (one
+    document) or a folder (a document per file). With `window`, every split must hold one window."""
     if spec is None:
-        splits = load_stdlib_corpus(cache_dir, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+        corpus = load_stdlib_corpus(cache_dir, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     else:
         kind, path = _parse_spec(spec)
         if kind == "enwik8":
@@ -328,14 +365,22 @@ def load_corpus(
                 raise ValueError(
                     f"max_bytes={max_bytes} does not apply to enwik8's fixed splits; use 'text:{path}' for a prefix"
                 )
-            splits = load_enwik8(path, cache_dir)
+            corpus = one_document(load_enwik8(path, cache_dir))
         elif path.is_dir():
-            splits = load_folder(path, cache_dir, max_bytes=max_bytes)
+            corpus = load_folder(path, cache_dir, max_bytes=max_bytes)
         else:
-            splits = load_text_file(path, cache_dir, max_bytes=max_bytes)
+            corpus = one_document(load_text_file(path, cache_dir, max_bytes=max_bytes))
     if window is not None:
-        check_window(splits, window)
-    return splits
+        check_window(corpus.splits, window)
+    return corpus
+
+
+def load_corpus(
+    spec: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *, window: int | None = None,
+    max_bytes: int | None = None,
+) -> Splits:
+    """`read_corpus(...).splits`: the splits alone, for callers that need no document starts."""
+    return read_corpus(spec, cache_dir, window=window, max_bytes=max_bytes).splits
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,6 +390,32 @@ def load_corpus(
 def _gather(data: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
     # (b,) starts -> (b, window) int32 windows; fancy indexing reads only the touched pages.
     return np.asarray(data[starts[:, None] + np.arange(window)], dtype=np.int32)
+
+
+class Shard(NamedTuple):
+    """This process's rows [first, first + size) of a global batch."""
+
+    first: int
+    size: int
+
+
+def process_shard(batch_size: int, process_index: int, process_count: int) -> Shard:
+    """The rows of process `process_index` of `process_count` in a global batch of `batch_size` (checked)."""
+    check_int("batch_size", batch_size)
+    check_int("process_count", process_count)
+    check_int("process_index", process_index, 0, below=process_count)
+    if batch_size % process_count:
+        raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count ({process_count})")
+    size = batch_size // process_count
+    return Shard(process_index * size, size)
+
+
+def sampler_state(state: dict[str, Any], *extra: str) -> tuple[int, int]:
+    """(seed, step) of a saved sampler state, which must hold exactly the keys seed, step and `extra`."""
+    keys = sorted({"seed", "step", *extra})
+    if set(state) != set(keys):
+        raise ValueError(f"state must have keys {{{', '.join(map(repr, keys))}}}, got {sorted(state)}")
+    return check_int("state['seed']", state["seed"], 0), check_int("state['step']", state["step"], 0)
 
 
 class WindowSampler:
@@ -360,16 +431,10 @@ class WindowSampler:
         process_count: int = 1, name: str = "train",
     ):
         _require_window(data, window, name)
-        check_int("batch_size", batch_size, 1)
-        check_int("seed", seed, 0)
-        check_int("process_count", process_count, 1)
-        check_int("process_index", process_index, 0, below=process_count)
-        if batch_size % process_count:
-            raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count ({process_count})")
+        self.shard = process_shard(batch_size, process_index, process_count)
         self.data, self.window, self.batch_size = data, window, batch_size
-        self.seed, self.step = int(seed), 0
-        self.process_index, self.process_count = process_index, process_count
-        self.local_batch_size = batch_size // process_count
+        self.seed, self.step = check_int("seed", seed, 0), 0
+        self.local_batch_size = self.shard.size
 
     def global_starts(self, step: int) -> np.ndarray:
         """Start offsets (batch_size,) of batch `step` across all processes."""
@@ -380,8 +445,8 @@ class WindowSampler:
         return self
 
     def __next__(self) -> np.ndarray:
-        first = self.process_index * self.local_batch_size
-        starts = self.global_starts(self.step)[first : first + self.local_batch_size]
+        first, size = self.shard
+        starts = self.global_starts(self.step)[first : first + size]
         self.step += 1
         return _gather(self.data, starts, self.window)
 
@@ -391,12 +456,7 @@ class WindowSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Adopt a saved state, so the next batch is the one the saved sampler would have drawn."""
-        if set(state) != {"seed", "step"}:
-            raise ValueError(f"state must have keys {{'seed', 'step'}}, got {sorted(state)}")
-        seed, step = int(state["seed"]), int(state["step"])
-        check_int("state['seed']", seed, 0)
-        check_int("state['step']", step, 0)
-        self.seed, self.step = seed, step
+        self.seed, self.step = sampler_state(state)
 
 
 def eval_batches(

@@ -9,24 +9,45 @@ its stream and document. One compiled function runs a fixed number of segments p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from ct_jax._checks import check_int
-from ct_jax.autoregressive import stream_nll
+from ct_jax.autoregressive import losses
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 from ct_jax.streams import IGNORE_INDEX, StreamBatch, evaluation_streams
 
+_MODE_FLAGS = ("deterministic", "use_running_average")  # the attributes `nnx.Module.eval` sets
+
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _chunk_nll(graphdef: nnx.GraphDef, state: nnx.State, memories: Memory, batch: StreamBatch):
-    return stream_nll(nnx.merge(graphdef, state), batch, memories)
+    """(summed NLL, counted targets, final memories) of a chunk of segments: the training loss's forward."""
+    result = losses(nnx.merge(graphdef, state), batch, memories)
+    return jnp.sum(result.nll), jnp.sum(result.counts), result.memories
+
+
+@contextlib.contextmanager
+def eval_mode(model: CompressiveTransformer) -> Iterator[CompressiveTransformer]:
+    """`model` in eval mode inside the block; every module's own mode flags restored after it."""
+    saved = [(module, {flag: getattr(module, flag) for flag in _MODE_FLAGS if hasattr(module, flag)})
+             for _, module in nnx.iter_graph(model) if isinstance(module, nnx.Module)]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flags in saved:
+            for flag, value in flags.items():
+                setattr(module, flag, value)
 
 
 def _padded(batch: StreamBatch, n_segments: int, seq_len: int) -> StreamBatch:
@@ -52,7 +73,8 @@ def evaluate_stream(
 
     `document_starts`: where the split's documents begin (rows reset there; None: one
     document). `max_segments` evaluates only the first that many segments of every stream
-    (a cheaper estimate, e.g. for periodic validation). The model runs in eval mode.
+    (a cheaper estimate, e.g. for periodic validation). The model runs in eval mode and is
+    left in the mode it came in.
     """
     check_int("segments_per_call", segments_per_call)
     if max_segments is not None:
@@ -65,12 +87,10 @@ def evaluate_stream(
     batch = _padded(StreamBatch(batch.inputs[:, : n_segments * seq_len], batch.targets[:, : n_segments * seq_len],
                                 batch.mask[:, : n_segments * seq_len], batch.resets[:, :n_segments]),
                     n_calls * per_call, seq_len)
-    model.eval()
-    graphdef, state = nnx.split(model)
+    with eval_mode(model):
+        graphdef, state = nnx.split(model)
     memories = Memory.empty(model, batch_size, model.dtype)
     sums = []  # read once at the end: no host sync per call
-    from tqdm.auto import tqdm
-
     span = per_call * seq_len
     for call in tqdm(range(n_calls), desc=f"evaluating {name}", unit="call", disable=not progress, leave=False):
         chunk = StreamBatch(*(jnp.asarray(x[:, call * span : (call + 1) * span]) for x in batch[:3]),

@@ -7,14 +7,15 @@ stream walks through the split segment by segment: a segment holds up to `seq_le
 of one document and their next-byte targets. When a document has nothing left to predict,
 its last segment is padded (mask False, targets ignored) and the stream's next segment
 starts the next document with `reset` set, so that row's memory is emptied first: no
-segment mixes two documents and no padding is learned. Pure numpy, like `ct_jax.data`.
+segment mixes two documents and no padding is learned. A window of tokens from empty memory
+is a `StreamBatch` too (`StreamBatch.from_windows`): the one batch type the losses take.
+Pure numpy, like `ct_jax.data`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,43 +23,42 @@ import numpy as np
 from ct_jax import data as datalib
 from ct_jax._checks import check_int
 
-IGNORE_INDEX = -100  # the target of a padded position (= ct_jax.autoregressive.IGNORE_INDEX)
+IGNORE_INDEX = -100  # a target not counted (padding), as upstream's AutoregressiveWrapper
 
 
 class StreamBatch(NamedTuple):
-    """`n` segments of `seq_len` for each of `b` rows; `resets[r, s]`: empty row r's memory before segment s."""
+    """`n` segments of `seq_len` for each of `b` rows; `resets[r, s]`: empty row r's memory before segment s.
+
+    The arrays are numpy from the samplers, jax inside a compiled step.
+    """
 
     inputs: np.ndarray  # (b, n * seq_len) int32, 0 where padded
     targets: np.ndarray  # (b, n * seq_len) int32, IGNORE_INDEX where padded
-    mask: np.ndarray  # (b, n * seq_len) bool, True = real input token
+    mask: np.ndarray | None  # (b, n * seq_len) bool, True = real input token; None: all real
     resets: np.ndarray  # (b, n) bool
 
-
-def document_starts(
-    spec: str | os.PathLike | None = None, *, max_bytes: int | None = None
-) -> dict[str, np.ndarray] | None:
-    """Start offsets of the documents in each split of `data.load_corpus(spec, max_bytes=...)`.
-
-    A folder corpus (the default stdlib corpus included) has one document per file; None
-    means every split is a single document (enwik8, a text file).
-    """
-    if spec is None:
-        files = datalib.stdlib_source_files()
-        max_bytes = datalib.DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
-    else:
-        path = Path(os.fspath(spec).removeprefix("text:")).expanduser()
-        if os.fspath(spec).startswith("enwik8:") or not path.is_dir():
-            return None
-        files = datalib.folder_files(path)
-    train, validation = datalib.split_files(files, 10, max_bytes)
-    return {name: _starts([file.stat().st_size for file in kept]) for name, kept in
-            (("train", train), ("validation", validation))}
+    @classmethod
+    def from_windows(cls, tokens: Any, seq_len: int, mask: Any = None, *, reset: bool = True) -> StreamBatch:
+        """Windows of tokens (b, l) as a batch: inputs `tokens[:, :-1]`, targets `tokens[:, 1:]`, cut into
+        segments of `seq_len` (the last may be shorter), every row reset before segment 0 (`reset=False`:
+        the rows continue from the memories they are given). `mask` covers the inputs (l - 1) or the
+        whole window (l; its last entry is dropped, as upstream); None: every token is real."""
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"tokens must have shape (batch, n * seq_len + 1) with length >= 2, got {tokens.shape}")
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if mask is not None:
+            if mask.shape == tokens.shape:
+                mask = mask[:, :-1]
+            if mask.shape != inputs.shape:
+                raise ValueError(f"mask must have shape {tokens.shape} or {inputs.shape}, got {mask.shape}")
+        resets = np.zeros((tokens.shape[0], -(-inputs.shape[1] // check_int("seq_len", seq_len))), bool)
+        resets[:, 0] = reset
+        return cls(inputs, targets, mask, resets)
 
 
-def _starts(sizes: list[int]) -> np.ndarray:
-    # Empty files start where the next one does (or at the end): one start per distinct offset inside.
-    starts = np.unique(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
-    return starts[starts < max(sum(sizes), 1)]
+def document_starts(spec: str | os.PathLike | None = None, *, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """`data.read_corpus(spec, max_bytes=...).starts`: where each split's documents begin (kept for callers)."""
+    return datalib.read_corpus(spec, max_bytes=max_bytes).starts
 
 
 def check_starts(split: np.ndarray, starts: np.ndarray | None, name: str = "split") -> np.ndarray:
@@ -116,11 +116,6 @@ def _empty_batch(rows: int, segments: int, seq_len: int) -> StreamBatch:
                        np.zeros((rows, segments), bool))
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 class StreamSampler:
     """Endless training batches: `batch_size` parallel streams, each advanced `n_segments` segments per step.
 
@@ -133,19 +128,15 @@ class StreamSampler:
 
     def __init__(self, split: np.ndarray, starts: np.ndarray | None, seq_len: int, n_segments: int, batch_size: int,
                  seed: int, *, process_index: int = 0, process_count: int = 1, name: str = "train"):
-        for arg, value, minimum in (("seq_len", seq_len, 1), ("n_segments", n_segments, 1), ("seed", seed, 0),
-                                    ("batch_size", batch_size, 1), ("process_count", process_count, 1)):
-            _check_int(arg, value, minimum)
-        check_int("process_index", process_index, 0, below=process_count)
-        if batch_size % process_count:
-            raise ValueError(f"batch_size ({batch_size}) must be divisible by process_count ({process_count})")
+        check_int("seq_len", seq_len)
+        check_int("n_segments", n_segments)
+        self.shard = datalib.process_shard(batch_size, process_index, process_count)
         if np.ndim(split) != 1 or len(split) < 2:
             raise ValueError(f"split {name!r} must be a 1-D byte array of 2 bytes or more, got shape {np.shape(split)}")
         self.split, self.seq_len, self.n_segments, self.batch_size = split, seq_len, n_segments, batch_size
         self.walker = _Walker(split, check_starts(split, starts, name), seq_len)
-        self.local_batch_size = batch_size // process_count
-        self.first_row = process_index * self.local_batch_size
-        self.seed, self.step = int(seed), 0
+        self.local_batch_size, self.first_row = self.shard.size, self.shard.first
+        self.seed, self.step = check_int("seed", seed, 0), 0
         shift = int(np.random.default_rng(self.seed).integers(0, len(split)))
         self.positions = [(shift + i * len(split) // batch_size) % len(split) for i in range(batch_size)]
         self.resets = [True] * batch_size
@@ -173,16 +164,13 @@ class StreamSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Adopt a saved state, so the next batch is the one the saved sampler would have drawn."""
-        if set(state) != {"seed", "step", "positions", "resets"}:
-            raise ValueError(f"state must have keys ['positions', 'resets', 'seed', 'step'], got {sorted(state)}")
+        seed, step = datalib.sampler_state(state, "positions", "resets")
         positions, resets = [int(p) for p in state["positions"]], [bool(r) for r in state["resets"]]
         if len(positions) != self.batch_size or len(resets) != self.batch_size:
             raise ValueError(f"state holds {len(positions)} streams, this sampler has batch_size={self.batch_size}")
         if any(not 0 <= p < len(self.split) for p in positions):
             raise ValueError(f"state['positions'] must lie in [0, {len(self.split)}), got {positions}")
-        _check_int("state['seed']", state["seed"], 0)
-        _check_int("state['step']", state["step"], 0)
-        self.seed, self.step, self.positions, self.resets = int(state["seed"]), int(state["step"]), positions, resets
+        self.seed, self.step, self.positions, self.resets = seed, step, positions, resets
 
 
 def evaluation_streams(split: np.ndarray, starts: np.ndarray | None, seq_len: int, batch_size: int,
@@ -195,8 +183,8 @@ def evaluation_streams(split: np.ndarray, starts: np.ndarray | None, seq_len: in
     with fewer segments are padded at the end with empty segments. Returns one StreamBatch
     of all the segments, (b, n_max * seq_len).
     """
-    _check_int("seq_len", seq_len, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int("seq_len", seq_len)
+    check_int("batch_size", batch_size)
     starts = check_starts(split, starts, name)
     length = len(split) // batch_size
     if length < 2:

@@ -9,16 +9,22 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from ct_jax._checks import check_int
 from ct_jax.checkpointing import Checkpoints, DamagedCheckpointError, MetricsLog
 from ct_jax.config import ModelConfig
+from ct_jax.convert import save_pretrained
+from ct_jax.data import Splits, WindowSampler, eval_batches, fingerprint
+from ct_jax.evaluation import evaluate_stream
 from ct_jax.io import folder_lock
 from ct_jax.model import CompressiveTransformer
+from ct_jax.streams import StreamSampler, check_starts
 from ct_jax.training import (
     LN2,
     NonFiniteLossError,
@@ -56,7 +62,7 @@ def fit(
     """Trains on `splits['train']`, validating on `splits['validation']`, writing into `out_dir`.
 
     `config.data_order` streams: `batch_size` streams through the training documents
-    (`documents`: split name -> document start offsets, as `ct_jax.streams.document_starts`
+    (`documents`: split name -> document start offsets, as `ct_jax.data.read_corpus(...).starts`
     gives; absent: one document per split) with the memory carried across steps, and
     validation with `ct_jax.evaluation.evaluate_stream` (periodically over `eval_segments`
     segments per stream, or the whole split; at the end the whole split, and `splits['test']`
@@ -84,17 +90,11 @@ def fit(
         check_int("resume_from", resume_from)
     out_dir = Path(out_dir)
     lead = jax.process_index() == 0
-    say = log if lead else (lambda message: None)
+    say = log if lead else _silent
     with folder_lock(out_dir) if lead else contextlib.nullcontext():
         checkpoints = Checkpoints(out_dir / "checkpoints", config.keep_checkpoints)
         try:
-            steps = checkpoints.all_steps()
-            if steps and not resume:
-                raise ValueError(f"{checkpoints.directory} already holds checkpoints (up to step {steps[-1]}); "
-                                 "resume, or use another out_dir")
-            if resume_from is not None and resume_from not in steps:
-                raise ValueError(f"resume_from={resume_from}: no checkpoint of that step in {checkpoints.directory} "
-                                 f"(steps there: {steps})")
+            steps = _resumable_steps(checkpoints, resume, resume_from)
             run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead, say, documents or {})
             start = run.resume(resume_from) if steps else 0
             run.loop(start, progress and lead)
@@ -106,14 +106,28 @@ def fit(
             host_state = run.trainer.host(run.state)
             model = run.trainer.load_params(host_state.params)
             if lead:
-                from ct_jax.convert import save_pretrained
-
                 run.history.write()
                 run.history.plot(out_dir / "loss.png")
                 save_pretrained(model, out_dir / "model")
             return FitResult(model, host_state, run.history, out_dir)
         finally:
             checkpoints.close()  # after pending saves complete
+
+
+def _silent(message: str) -> None:
+    """`log` of the processes other than the lead."""
+
+
+def _resumable_steps(checkpoints: Checkpoints, resume: bool, resume_from: int | None) -> list[int]:
+    """The checkpointed steps, after refusing a fresh run over them or a `resume_from` not among them."""
+    steps = checkpoints.all_steps()
+    if steps and not resume:
+        raise ValueError(f"{checkpoints.directory} already holds checkpoints (up to step {steps[-1]}); "
+                         "resume, or use another out_dir")
+    if resume_from is not None and resume_from not in steps:
+        raise ValueError(f"resume_from={resume_from}: no checkpoint of that step in {checkpoints.directory} "
+                         f"(steps there: {steps})")
+    return steps
 
 
 class _Guard:
@@ -141,84 +155,143 @@ class _Guard:
         return None
 
 
+def _make_sampler(trainer: Trainer, model_config: ModelConfig, splits: Splits,
+                  documents: dict[str, np.ndarray]) -> StreamSampler | WindowSampler:
+    """The training sampler of `trainer`'s data order, after checking every split can be validated on."""
+    config, parallel = trainer.config, trainer.parallel
+    shard = dict(process_index=parallel.process_index, process_count=parallel.process_count)
+    if trainer.streaming:
+        for name, split in splits.items():
+            if name != "train" and len(split) // config.batch_size < 2:
+                raise ValueError(f"the {name} split ({len(split)} bytes) is too short for batch_size="
+                                 f"{config.batch_size} streams of 2 bytes or more")
+        return StreamSampler(splits["train"], documents["train"], model_config.seq_len, config.n_segments,
+                             config.batch_size, config.seed, **shard)
+    validation = splits["validation"]
+    n_windows = (len(validation) - 1) // (trainer.window - 1)
+    if n_windows < config.batch_size:
+        raise ValueError(
+            f"the validation split ({len(validation)} bytes) holds {n_windows} windows of "
+            f"{trainer.window} bytes, fewer than one batch (batch_size={config.batch_size})"
+        )
+    return WindowSampler(splits["train"], trainer.window, config.batch_size, config.seed, **shard)
+
+
+def _check_record(record: dict[str, Any], model_config: ModelConfig, config: TrainConfig, data_fingerprint: str,
+                  directory: Path, say: Callable[[str], Any]) -> None:
+    """Refuses a checkpoint of another model; says what changed in the settings and the data."""
+    # Normalised, so records written before a keyword existed (its default) still match.
+    stored = record.get("model_config")
+    if stored is None or ModelConfig.from_kwargs(stored).to_kwargs() != model_config.to_kwargs():
+        raise ValueError(f"the checkpoint in {directory} is of another model: {record.get('model_config')}, "
+                         f"expected {model_config.to_kwargs()} (use another out_dir)")
+    before = record.get("train_config", {})
+    changed = {key: (value, before.get(key)) for key, value in config.to_json().items() if before.get(key) != value}
+    if changed:
+        say(f"resuming with changed training settings (now, before): {changed}")
+    if record.get("data_fingerprint", data_fingerprint) != data_fingerprint:
+        say(f"warning: resuming on other data than the checkpoint was trained on (data fingerprint "
+            f"{data_fingerprint}, checkpoint's {record['data_fingerprint']})")
+
+
+def _restore_newest(checkpoints: Checkpoints, template: TrainState, resume_from: int | None,
+                    check: Callable[[dict[str, Any]], None], say: Callable[[str], Any],
+                    lead: bool) -> tuple[int, TrainState, dict[str, Any]]:
+    """(step, host state, record) of the newest checkpoint that verifies (at most `resume_from`, which
+    must verify itself); newer steps are moved aside by the lead process."""
+    steps = [step for step in reversed(checkpoints.all_steps()) if resume_from is None or step <= resume_from]
+    failures = {}
+    for step in steps:
+        try:
+            check(checkpoints.read_record(step))
+            host_state, record = checkpoints.restore(template, step)
+            break
+        except DamagedCheckpointError as error:
+            if resume_from is not None:
+                raise DamagedCheckpointError(f"resume_from={resume_from}: checkpoint {error}") from error
+            failures[step] = str(error)
+            say(f"warning: skipping a damaged checkpoint in {checkpoints.directory}: {error}")
+    else:
+        raise DamagedCheckpointError(
+            f"no checkpoint in {checkpoints.directory} can be restored: " + "; ".join(failures.values())
+            + ". Move the checkpoints folder away to start afresh, or use another out_dir"
+        )
+    if lead:
+        for newer in (s for s in checkpoints.all_steps() if s > step):
+            reason = "damaged" if newer in failures else f"after-resume-from-{step}"
+            say(f"moved checkpoint step {newer} to {checkpoints.set_aside(newer, reason)}")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ct_jax.train_loop.resume")
+        checkpoints.reload()
+    return step, host_state, record
+
+
+class _HeldCheckpoint:
+    """A checkpoint held back until a loss computed with its parameters is found sane: then written;
+    or the run stops and it is dropped."""
+
+    def __init__(self, checkpoints: Checkpoints, lead: bool):
+        self.checkpoints, self.lead = checkpoints, lead
+        self.held: tuple[int, TrainState, dict[str, Any]] | None = None
+
+    def hold(self, step: int, host_state: TrainState, record: dict[str, Any]) -> None:
+        self.held = (step, host_state, record)
+
+    def write(self, history: MetricsLog) -> None:
+        """Writes the held checkpoint (if any): a loss at its parameters was sane."""
+        if self.held is None:
+            return
+        step, host_state, record = self.held
+        self.held = None
+        if self.lead:  # first: the CSV always covers the newest checkpoint (a resume truncates it)
+            history.write()
+        self.checkpoints.save(step, host_state, record)
+
+    def stop(self, reason: str, error: type[TrainingDivergedError]) -> NoReturn:
+        """Raises `error`: `reason`, the checkpoint left unwritten, and the newest safe one."""
+        dropped = f"; checkpoint step {self.held[0]} was not written" if self.held else ""
+        self.checkpoints.wait()
+        latest = self.checkpoints.latest_step()
+        safe = (f"the newest checkpoint, step {latest}, is safe to resume from (rerun, e.g. with a lower learning "
+                f"rate; or choose an older one with resume_from / --resume-from)" if latest is not None else
+                "no checkpoint was written, so none is safe to resume from: start afresh")
+        raise error(f"{reason}; the run stopped{dropped}; {safe}")
+
+
+def _failure(*values: float) -> type[TrainingDivergedError]:
+    """The error of a bad loss: NonFiniteLossError if any value is NaN/Inf, else TrainingDivergedError."""
+    return TrainingDivergedError if all(math.isfinite(value) for value in values) else NonFiniteLossError
+
+
 class _Run:
     """The state of one `fit`: trainer, placed state, data sampler, metrics and checkpoints."""
 
-    def __init__(self, model_config: ModelConfig, config: TrainConfig, splits: dict[str, np.ndarray], out_dir: Path,
+    def __init__(self, model_config: ModelConfig, config: TrainConfig, splits: Splits, out_dir: Path,
                  checkpoints: Checkpoints, compiler_options: dict[str, Any] | None, lead: bool,
                  say: Callable[[str], Any], documents: dict[str, np.ndarray]):
-        from ct_jax.data import fingerprint
-        from ct_jax.streams import check_starts
-
         self.model_config, self.config, self.checkpoints = model_config, config, checkpoints
         self.lead, self.say = lead, say
         self.trainer = Trainer(create_model(model_config, config), config, compiler_options=compiler_options)
-        self.splits, self.validation = splits, splits["validation"]
+        self.splits = splits
         self.documents = {name: check_starts(split, documents.get(name), name) for name, split in splits.items()}
-        self.sampler = self._stream_sampler() if self.trainer.streaming else self._window_sampler()
+        self.sampler = _make_sampler(self.trainer, model_config, splits, self.documents)
         self.data_fingerprint = fingerprint(splits)
         self.history = MetricsLog(out_dir / "metrics.csv")
         self.history.truncate(-1)
         self.state = self.trainer.place(self.trainer.init_state())
         self.guard = _Guard(config.divergence_factor, [])
-        self.unverified: tuple[int, TrainState, dict[str, Any]] | None = None  # a save awaiting its check
-
-    def _stream_sampler(self):
-        from ct_jax.streams import StreamSampler
-
-        config, parallel = self.config, self.trainer.parallel
-        for name, split in self.splits.items():
-            if name != "train" and len(split) // config.batch_size < 2:
-                raise ValueError(f"the {name} split ({len(split)} bytes) is too short for batch_size="
-                                 f"{config.batch_size} streams of 2 bytes or more")
-        return StreamSampler(self.splits["train"], self.documents["train"], self.model_config.seq_len,
-                             config.n_segments, config.batch_size, config.seed,
-                             process_index=parallel.process_index, process_count=parallel.process_count)
-
-    def _window_sampler(self):
-        from ct_jax.data import WindowSampler
-
-        config, parallel = self.config, self.trainer.parallel
-        n_windows = (len(self.validation) - 1) // (self.trainer.window - 1)
-        if n_windows < config.batch_size:
-            raise ValueError(
-                f"the validation split ({len(self.validation)} bytes) holds {n_windows} windows of "
-                f"{self.trainer.window} bytes, fewer than one batch (batch_size={config.batch_size})"
-            )
-        return WindowSampler(self.splits["train"], self.trainer.window, config.batch_size, config.seed,
-                             process_index=parallel.process_index, process_count=parallel.process_count)
+        self.held = _HeldCheckpoint(checkpoints, lead)
+        self.clock = time.perf_counter()  # when the last recorded step's time began
 
     def resume(self, resume_from: int | None) -> int:
         """Adopts the newest checkpoint that verifies (at most `resume_from`): state, data position and
-        metrics; newer steps are moved aside. Returns its step."""
-        checkpoints, template = self.checkpoints, self.trainer.host(self.state)
-        steps = [step for step in reversed(checkpoints.all_steps()) if resume_from is None or step <= resume_from]
-        failures = {}
-        for step in steps:
-            try:
-                record = checkpoints.read_record(step)
-                self._check_record(record)
-                host_state, record = checkpoints.restore(template, step)
-                break
-            except DamagedCheckpointError as error:
-                if resume_from is not None:
-                    raise DamagedCheckpointError(f"resume_from={resume_from}: checkpoint {error}") from error
-                failures[step] = str(error)
-                self.say(f"warning: skipping a damaged checkpoint in {checkpoints.directory}: {error}")
-        else:
-            raise DamagedCheckpointError(
-                f"no checkpoint in {checkpoints.directory} can be restored: " + "; ".join(failures.values())
-                + ". Move the checkpoints folder away to start afresh, or use another out_dir"
-            )
-        if self.lead:
-            for newer in (s for s in checkpoints.all_steps() if s > step):
-                reason = "damaged" if newer in failures else f"after-resume-from-{step}"
-                self.say(f"moved checkpoint step {newer} to {checkpoints.set_aside(newer, reason)}")
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+        metrics. Returns its step."""
+        def check(record: dict[str, Any]) -> None:
+            _check_record(record, self.model_config, self.config, self.data_fingerprint, self.checkpoints.directory,
+                          self.say)
 
-            multihost_utils.sync_global_devices("ct_jax.train_loop.resume")
-            checkpoints.reload()
+        step, host_state, record = _restore_newest(self.checkpoints, self.trainer.host(self.state), resume_from,
+                                                   check, self.say, self.lead)
         self.state = self.trainer.place(host_state)
         self.sampler.load_state_dict(record["sampler"])
         self.history = MetricsLog(self.history.path)
@@ -227,39 +300,19 @@ class _Run:
                      "the metrics (training is not affected)")
         self.history.truncate(step)
         self.guard = _Guard(self.config.divergence_factor, self.history.column("loss")[1])
-        self.say(f"resumed from step {step} of {self.config.steps} ({checkpoints.directory})")
+        self.say(f"resumed from step {step} of {self.config.steps} ({self.checkpoints.directory})")
         return step
-
-    def _check_record(self, record: dict[str, Any]) -> None:
-        """Refuses a checkpoint of another model; says what changed in the settings and the data."""
-        # Normalised, so records written before a keyword existed (its default) still match.
-        stored = record.get("model_config")
-        if stored is None or ModelConfig.from_kwargs(stored).to_kwargs() != self.model_config.to_kwargs():
-            raise ValueError(f"the checkpoint in {self.checkpoints.directory} is of another model: "
-                             f"{record.get('model_config')}, expected {self.model_config.to_kwargs()} "
-                             "(use another out_dir)")
-        before = record.get("train_config", {})
-        changed = {key: (value, before.get(key)) for key, value in self.config.to_json().items()
-                   if before.get(key) != value}
-        if changed:
-            self.say(f"resuming with changed training settings (now, before): {changed}")
-        if record.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
-            self.say(f"warning: resuming on other data than the checkpoint was trained on (data fingerprint "
-                     f"{self.data_fingerprint}, checkpoint's {record['data_fingerprint']})")
 
     def evaluate(self, split: str = "validation", progress: bool = False, whole: bool = False) -> float:
         """Bits per byte of a split: streamed (memory carried; `eval_segments` per stream unless
         `whole`), or on `eval_batches` sequential windows from empty memory."""
-        from ct_jax.data import eval_batches
-        from ct_jax.evaluation import evaluate_stream
-
         config = self.config
         if self.trainer.streaming:
             model = self.trainer.load_params(self.trainer.host(self.state).params)
             return evaluate_stream(model, self.splits[split], config.batch_size, document_starts=self.documents[split],
                                    max_segments=None if whole else config.eval_segments or None, progress=progress,
                                    name=split)
-        batches = eval_batches(self.validation, self.trainer.window, config.batch_size, config.eval_batches,
+        batches = eval_batches(self.splits["validation"], self.trainer.window, config.batch_size, config.eval_batches,
                                drop_remainder=True)
         return self.trainer.evaluate(self.state, batches)
 
@@ -267,79 +320,59 @@ class _Run:
         """Checkpoints `step` now if a loss at its parameters was checked (`verified`), else once one is."""
         record = dict(step=step, sampler=self.sampler.state_dict(), model_config=self.model_config.to_kwargs(),
                       train_config=self.config.to_json(), data_fingerprint=self.data_fingerprint)
-        self.unverified = (step, self.trainer.host(self.state), record)
+        self.held.hold(step, self.trainer.host(self.state), record)
         if verified:
-            self.write_verified()
+            self.held.write(self.history)
 
-    def write_verified(self) -> None:
-        """Writes the checkpoint awaiting its check: a loss at its parameters was sane."""
-        if self.unverified is None:
-            return
-        step, host_state, record = self.unverified
-        self.unverified = None
-        if self.lead:  # first: the CSV always covers the newest checkpoint (a resume truncates it)
-            self.history.write()
-        self.checkpoints.save(step, host_state, record)
+    def record(self, step: int, device_metrics: dict[str, jax.Array], bar: tqdm) -> None:
+        """Reads a step's metrics (one step late: no sync per step), checks its loss and logs it; a sane loss
+        verifies the held checkpoint, computed with the same parameters."""
+        metrics = self.trainer.metrics(device_metrics)
+        problem = self.guard.check(f"at step {step}", metrics["loss"], metrics["grad_norm"])
+        if problem is not None:
+            self.held.stop(problem, _failure(metrics["loss"], metrics["grad_norm"]))
+        self.held.write(self.history)
+        now = time.perf_counter()
+        tokens_per_step = self.config.batch_size * self.config.n_segments * self.model_config.seq_len
+        metrics["tokens_per_s"] = tokens_per_step / max(now - self.clock, 1e-9)
+        self.clock = now
+        self.history.add(step, **metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", bpb=f"{metrics['bpb']:.3f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
 
-    def stop(self, reason: str, error: type[TrainingDivergedError]) -> None:
-        """Raises `error`: `reason`, the checkpoint left unwritten, and the newest safe one."""
-        dropped = f"; checkpoint step {self.unverified[0]} was not written" if self.unverified else ""
-        self.checkpoints.wait()
-        latest = self.checkpoints.latest_step()
-        safe = (f"the newest checkpoint, step {latest}, is safe to resume from (rerun, e.g. with a lower learning "
-                f"rate; or choose an older one with resume_from / --resume-from)" if latest is not None else
-                "no checkpoint was written, so none is safe to resume from: start afresh")
-        raise error(f"{reason}; the run stopped{dropped}; {safe}")
+    def validate(self, step: int, save_now: bool, progress: bool, bar: tqdm) -> None:
+        """Validation after `step` (the whole split at the last step); it checks the checkpoint saved now."""
+        val_bpb = self.evaluate(whole=step == self.config.steps, progress=progress)
+        problem = self.guard.check(f"(validation after step {step})", val_bpb * LN2)
+        if save_now and problem is not None:
+            self.held.stop(problem, _failure(val_bpb))
+        self.history.add(step, val_bpb=val_bpb)
+        if progress:
+            bar.write(f"step {step}: validation {val_bpb:.4f} bits/byte")
 
     def loop(self, start: int, progress: bool) -> None:
         """Steps `start + 1 .. config.steps`, validating and checkpointing on schedule."""
-        config, trainer = self.config, self.trainer
+        config = self.config
         if start == 0:
             self.history.add(0, val_bpb=self.evaluate())
-        tokens_per_step = config.batch_size * config.n_segments * self.model_config.seq_len
         pending: tuple[int, dict[str, jax.Array]] | None = None  # read one step late: no sync per step
-        clock = time.perf_counter()
-        from tqdm.auto import tqdm
-
+        self.clock = time.perf_counter()
         with tqdm(total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True) as bar:
-
-            def record(pending) -> float:
-                step, device_metrics = pending
-                metrics = trainer.metrics(device_metrics)
-                problem = self.guard.check(f"at step {step}", metrics["loss"], metrics["grad_norm"])
-                if problem is not None:
-                    finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
-                    self.stop(problem, TrainingDivergedError if finite else NonFiniteLossError)
-                self.write_verified()  # this loss was computed with the waiting checkpoint's parameters
-                now = time.perf_counter()
-                metrics["tokens_per_s"] = tokens_per_step / max(now - clock, 1e-9)
-                self.history.add(step, **metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", bpb=f"{metrics['bpb']:.3f}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
-                return now
-
             for step in range(start + 1, config.steps + 1):
-                self.state, device_metrics = trainer.train_step(self.state, next(self.sampler))
+                self.state, device_metrics = self.trainer.train_step(self.state, next(self.sampler))
                 if pending is not None:
-                    clock = record(pending)
+                    self.record(*pending, bar)
                 pending = (step, device_metrics)
                 evaluate_now = step == config.steps or (config.eval_every and step % config.eval_every == 0)
                 save_now = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
                 if evaluate_now or save_now:
-                    record(pending)
+                    self.record(*pending, bar)
                     pending = None
                     if evaluate_now:
-                        val_bpb = self.evaluate(whole=step == config.steps, progress=progress)
-                        problem = self.guard.check(f"(validation after step {step})", val_bpb * LN2)
-                        if save_now and problem is not None:  # it is the checkpoint's check
-                            self.stop(problem, TrainingDivergedError if math.isfinite(val_bpb)
-                                      else NonFiniteLossError)
-                        self.history.add(step, val_bpb=val_bpb)
-                        if progress:
-                            bar.write(f"step {step}: validation {val_bpb:.4f} bits/byte")
+                        self.validate(step, save_now, progress, bar)
                     if save_now:
                         self.save(step, verified=bool(evaluate_now))
-                    clock = time.perf_counter()
+                    self.clock = time.perf_counter()
             if pending is not None:
-                record(pending)
+                self.record(*pending, bar)

@@ -22,7 +22,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from ct_jax._checks import check_float, check_int
-from ct_jax.autoregressive import accumulated_grads, segment_losses, stream_grads
+from ct_jax.autoregressive import grads, segment_losses
 from ct_jax.config import ModelConfig, documented
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
@@ -204,19 +204,23 @@ def make_train_step(
     config: TrainConfig,
     parallel: DataParallel | None = None,
 ) -> Callable[[TrainState, Int[Array, "b l"]], tuple[TrainState, dict[str, Float[Array, ""]]]]:
-    """A pure, uncompiled `step(state, tokens) -> (state, metrics)` (compile with `DataParallel.compile`).
+    """A pure, uncompiled `step(state, batch) -> (state, metrics)` (compile with `DataParallel.compile`).
 
-    `tokens`: windows (b, n * seq_len + 1) from empty memory, or (`config.data_order`
-    streams) a `ct_jax.streams.StreamBatch` continuing from `state.memory`, which the step
-    replaces with the memory its rows end with. metrics: loss (the objective), lm and aux (means over
-    segments, nats), bpb (lm / ln 2),
-    grad_norm (before clipping), learning_rate. A step whose loss or gradient is not finite
-    returns the state unchanged, so no NaN reaches the parameters.
+    `batch`: a `ct_jax.streams.StreamBatch`, or windows (b, n * seq_len + 1), which are the
+    batch `StreamBatch.from_windows` (every row reset before segment 0). One gradient function
+    (`ct_jax.autoregressive.grads`) runs both. A state with memory (`config.data_order`
+    streams) carries it: the rows continue from `state.memory`, and the step stores the memory
+    they end with; the LM loss is then the whole batch's token mean per segment (rows differ in
+    padding). Without, every row starts from empty memory and each (micro-)batch segment's LM
+    loss is its token mean (upstream's wrapper). metrics: loss (the objective), lm and aux (means
+    over segments, nats), bpb (lm / ln 2), grad_norm (before clipping), learning_rate. A step
+    whose loss or gradient is not finite returns the state unchanged, so no NaN reaches the parameters.
     """
     graphdef, rest = _split(model, train=True)
     axis_name = parallel.axis_name if parallel is not None else None
     memory_sharding = parallel.memory_sharding() if parallel is not None else None
     schedule = learning_rate_schedule(config)
+    seq_len = model.config.seq_len
 
     def constrained(memories: Memory) -> Memory:
         if memory_sharding is None:
@@ -225,30 +229,23 @@ def make_train_step(
         usage = None if memories.mem_usage is None else buffers  # (l, b, m): split along b too
         return jax.lax.with_sharding_constraint(memories, Memory(buffers, buffers, counts, counts, usage))
 
-    def step(state: TrainState, tokens: jax.Array | StreamBatch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(state: TrainState, batch: jax.Array | StreamBatch) -> tuple[TrainState, dict[str, jax.Array]]:
         key, next_rng = jax.random.split(state.rng)
         if axis_name is not None:  # each device's rows get their own dropout masks
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         net = nnx.merge(graphdef, state.params, rest)
-        memory = state.memory
-        if config.data_order is DataOrder.STREAMS:
-            loss, lm, aux, grads, memory = stream_grads(
-                net, tokens, state.memory, key, micro_batches=config.micro_batches, remat=config.remat,
-                memory_gradients=config.memory_gradients, axis_name=axis_name,
-            )
-            memory = constrained(memory)
-        else:
-            memories = None
-            if memory_sharding is not None:
-                memories = constrained(Memory.empty(net, tokens.shape[0] // config.micro_batches, net.dtype))
-            loss, lm, aux, grads = accumulated_grads(
-                net, tokens, rng=key, micro_batches=config.micro_batches, memories=memories, remat=config.remat,
-                memory_gradients=config.memory_gradients,
-            )
+        if not isinstance(batch, StreamBatch):
+            batch = StreamBatch.from_windows(batch, seq_len)
+        carried = state.memory is not None
+        memory = state.memory if carried else constrained(Memory.empty(net, batch.inputs.shape[0], net.dtype))
+        result = grads(net, batch, memory, key, micro_batches=config.micro_batches, remat=config.remat,
+                       memory_gradients=config.memory_gradients, batch_mean=carried, axis_name=axis_name)
+        loss, lm, aux, gradient = result.objective, result.lm_losses, result.aux_losses, result.grads
+        memory = constrained(result.memories) if carried else None
         if axis_name is not None:
-            loss, lm, aux, grads = jax.lax.pmean((loss, lm, aux, grads), axis_name)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            loss, lm, aux, gradient = jax.lax.pmean((loss, lm, aux, gradient), axis_name)
+        grad_norm = optax.tree.norm(gradient)
+        updates, opt_state = optimizer.update(gradient, state.opt_state, state.params)
         updated = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1, next_rng, memory)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
@@ -282,11 +279,15 @@ _LOOP_ONLY = dict(seed=0, eval_every=0, eval_batches=1, eval_segments=0, checkpo
                   divergence_factor=0.0)
 
 
-_STEP_CACHE: collections.OrderedDict[tuple, tuple[DataParallel, Callable, Callable]] = collections.OrderedDict()
-_STEP_CACHE_SIZE = 8
+class CompiledSteps(NamedTuple):
+    """One configuration's compiled steps and the parallel mode they run in."""
+
+    parallel: DataParallel
+    train: Callable  # train_step(state, batch) -> (state, metrics), the state donated
+    eval: Callable  # eval_step(params, tokens) -> {lm, bpb}
 
 
-def _structure_key(model: CompressiveTransformer) -> tuple[nnx.GraphDef, tuple]:
+def _structure(model: CompressiveTransformer) -> tuple[nnx.GraphDef, tuple]:
     """The model's graphdef and the values of its non-parameter state, hashable."""
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     values = []
@@ -298,33 +299,56 @@ def _structure_key(model: CompressiveTransformer) -> tuple[nnx.GraphDef, tuple]:
     return graphdef, tuple(values)
 
 
-def _compiled_steps(model: CompressiveTransformer, config: TrainConfig, compiler_options: dict[str, Any] | None,
-                    devices: Sequence[jax.Device] | None):
-    """(DataParallel, train step, eval step), jitted once per configuration and device set.
-
-    Repeated `Trainer`s / `fit` calls in one process (notebooks, tests) reuse the compiled
-    executables instead of tracing fresh closures. The key holds everything a step depends
-    on: the model's config and dtype, its structure (graphdef) and non-parameter state (the
-    steps hold these as constants: dropout RNG streams, anything a subclass adds), the
-    step's settings and the devices. Parameters are the steps' arguments, not in the key.
-    """
+def step_key(model: CompressiveTransformer, config: TrainConfig, compiler_options: dict[str, Any] | None,
+             devices: Sequence[jax.Device] | None) -> tuple:
+    """Everything a compiled step depends on, hashable: the model's config and dtype, its structure
+    (graphdef) and non-parameter state (the steps hold these as constants: dropout RNG streams,
+    anything a subclass adds), the step's settings and the devices. Parameters are the steps'
+    arguments, not in the key."""
     step_config = dataclasses.replace(config, **_LOOP_ONLY)
     if config.schedule is Schedule.CONSTANT:  # only the cosine schedule reads `steps`
         step_config = dataclasses.replace(step_config, steps=1)
-    key = (model.config, jnp.dtype(model.dtype).name, *_structure_key(model), step_config,
-           tuple(sorted((compiler_options or {}).items())), tuple(device.id for device in devices or jax.devices()))
-    if key not in _STEP_CACHE:
-        parallel = DataParallel(config.parallel, devices)
-        train_step = make_train_step(model, make_optimizer(config), config, parallel)
-        _STEP_CACHE[key] = (
-            parallel,
-            parallel.compile(train_step, donate_state=True, compiler_options=compiler_options),
-            parallel.compile(make_eval_step(model, parallel), compiler_options=compiler_options),
-        )
-        while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
-            _STEP_CACHE.popitem(last=False)
-    _STEP_CACHE.move_to_end(key)
-    return _STEP_CACHE[key]
+    return (model.config, jnp.dtype(model.dtype).name, *_structure(model), step_config,
+            tuple(sorted((compiler_options or {}).items())), tuple(device.id for device in devices or jax.devices()))
+
+
+def compile_steps(model: CompressiveTransformer, config: TrainConfig, compiler_options: dict[str, Any] | None,
+                  devices: Sequence[jax.Device] | None) -> CompiledSteps:
+    """The train and eval steps of `model` and `config`, jitted for `config.parallel` on `devices`."""
+    parallel = DataParallel(config.parallel, devices)
+    train_step = make_train_step(model, make_optimizer(config), config, parallel)
+    return CompiledSteps(parallel, parallel.compile(train_step, donate_state=True, compiler_options=compiler_options),
+                         parallel.compile(make_eval_step(model, parallel), compiler_options=compiler_options))
+
+
+class StepCache:
+    """Compiled steps by `step_key`, the `size` most recently used kept (least recent dropped first).
+
+    Repeated `Trainer`s / `fit` calls in one process (notebooks, tests) reuse the compiled
+    executables instead of tracing fresh closures. `SHARED_STEPS` is the one every `Trainer`
+    uses unless given another (or None: compile afresh).
+    """
+
+    def __init__(self, size: int = 8):
+        self.size = check_int("size", size)
+        self._entries: collections.OrderedDict[tuple, CompiledSteps] = collections.OrderedDict()
+
+    def get(self, model: CompressiveTransformer, config: TrainConfig, compiler_options: dict[str, Any] | None,
+            devices: Sequence[jax.Device] | None) -> CompiledSteps:
+        """The cached steps of this key, compiled (and stored) on first use."""
+        key = step_key(model, config, compiler_options, devices)
+        if key not in self._entries:
+            self._entries[key] = compile_steps(model, config, compiler_options, devices)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+SHARED_STEPS = StepCache()  # the process's compiled steps, shared by every Trainer by default
 
 
 class Trainer:
@@ -332,15 +356,18 @@ class Trainer:
 
     States and metrics cross this boundary as host values; placed states stay opaque.
     `compiler_options` are XLA options for the jit modes (e.g. FAST_CPU_COMPILE); `devices`
-    a subset of the devices (parallel none / jit), by default all.
+    a subset of the devices (parallel none / jit), by default all. `step_cache`: where compiled
+    steps are shared (default `SHARED_STEPS`, the process's; None: compile this trainer's own).
     """
 
     def __init__(self, model: CompressiveTransformer, config: TrainConfig, *,
-                 compiler_options: dict[str, Any] | None = None, devices: Sequence[jax.Device] | None = None):
+                 compiler_options: dict[str, Any] | None = None, devices: Sequence[jax.Device] | None = None,
+                 step_cache: StepCache | None = SHARED_STEPS):
         self.model, self.config = model, config
         if jnp.dtype(model.dtype) != jnp.dtype(config.compute_dtype):
             raise ValueError(f"model computes in {jnp.dtype(model.dtype).name}, but config.dtype is {config.dtype!r}")
-        self.parallel, self._train, self._eval = _compiled_steps(model, config, compiler_options, devices)
+        get = step_cache.get if step_cache is not None else compile_steps
+        self.parallel, self._train, self._eval = get(model, config, compiler_options, devices)
         self.parallel.check_batch_size(config.batch_size)
         per_device = config.batch_size // self.parallel.device_count
         if per_device % config.micro_batches:

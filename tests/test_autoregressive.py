@@ -20,7 +20,7 @@ from flax import nnx
 import ct_jax
 import ct_torch_ref
 from ct_jax import convert
-from ct_jax.autoregressive import accumulated_grads
+from ct_jax.autoregressive import StreamBatch, grads, sequence_grads
 from ct_jax.parity import make_inputs
 from ct_jax.training import FAST_CPU_COMPILE
 from tests.configs import CONFIGS, random_config, randomize_
@@ -28,6 +28,12 @@ from tests.tolerances import GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_clo
 
 BATCH = 4
 N_SEGMENTS = 3
+
+
+def window_grads(model, tokens, mask=None, *, micro_batches=1, **options):
+    """`grads` of windows from empty memory: (objective, lm_losses, aux_losses, grads)."""
+    batch = StreamBatch.from_windows(tokens, model.config.seq_len, mask)
+    return grads(model, batch, micro_batches=micro_batches, **options)[:4]
 
 # (config, mask kind, short last segment, ignore_index): every mask kind, memory_layers
 # subsets ([2, 3] and [1, 3] of 3), the Mogrifier, uneven evictions, emb_dim < dim, no
@@ -94,7 +100,7 @@ def _setup(name: str, ignore_index: int = -100):
     @functools.partial(jax.jit, compiler_options=FAST_CPU_COMPILE)
     def grad_fn(params, tokens, mask):
         net = nnx.merge(graphdef, params, rest)
-        return accumulated_grads(net, tokens, mask, ignore_index=ignore_index)
+        return window_grads(net, tokens, mask, ignore_index=ignore_index)
 
     return wrapper, model, params, grad_fn
 
@@ -167,7 +173,7 @@ def test_program_size_does_not_grow_with_segments():
     graphdef, params, rest = nnx.split(_abstract_model(config), nnx.Param, ...)
 
     def gradient(params, tokens):
-        return accumulated_grads(nnx.merge(graphdef, params, rest), tokens)[3]
+        return window_grads(nnx.merge(graphdef, params, rest), tokens)[3]
 
     sizes = {}
     for n in (2, 8):
@@ -179,7 +185,7 @@ def test_program_size_does_not_grow_with_segments():
 
 
 def test_micro_batches_give_the_full_batch_gradient_and_the_reference_max_batch_size():
-    """accumulated_grads over 2 micro-batches = full batch = reference's max_batch_size sum / 2."""
+    """grads over 2 micro-batches = full batch = reference's max_batch_size sum / 2."""
     name = "residual_uneven_evictions"
     wrapper, model, params, _ = _setup(name)
     tokens, _ = _tokens_and_mask(CONFIGS[name], None, short_last=True, seed=8)
@@ -188,7 +194,7 @@ def test_micro_batches_give_the_full_batch_gradient_and_the_reference_max_batch_
 
     @functools.partial(jax.jit, compiler_options=FAST_CPU_COMPILE)
     def run(tokens):
-        return accumulated_grads(model, tokens, micro_batches=2)
+        return window_grads(model, tokens, micro_batches=2)
 
     loss, lm, aux, grads = run(jnp.asarray(tokens.numpy()))
     assert_close("objective over 2 micro-batches", loss, np.sum(full_lm + full_aux), 1e-5 * len(full_lm))
@@ -203,9 +209,9 @@ def test_micro_batches_must_divide_the_batch():
     model = _abstract_model(CONFIGS["defaults"])
     tokens = jnp.zeros((3, 9), jnp.int32)
     with pytest.raises(ValueError, match=r"batch size \(3\) must be divisible by micro_batches \(2\)"):
-        accumulated_grads(model, tokens, micro_batches=2)
+        window_grads(model, tokens, micro_batches=2)
     with pytest.raises(ValueError, match="micro_batches must be a positive int, got 0"):
-        accumulated_grads(model, tokens, micro_batches=0)
+        window_grads(model, tokens, micro_batches=0)
 
 
 def test_remat_gives_the_same_gradient():
@@ -214,7 +220,7 @@ def test_remat_gives_the_same_gradient():
     _, model, _, _ = _setup(name)
     tokens, mask = _tokens_and_mask(CONFIGS[name], "right", short_last=True, seed=9)
     tokens, mask = jnp.asarray(tokens.numpy()), jnp.asarray(mask.numpy())
-    results = [jax.jit(functools.partial(accumulated_grads, remat=remat), compiler_options=FAST_CPU_COMPILE)(
+    results = [jax.jit(functools.partial(sequence_grads, remat=remat), compiler_options=FAST_CPU_COMPILE)(
         model, tokens, mask) for remat in (False, True)]
     for label, plain, rematted in zip(("objective", "lm", "aux"), results[0][:3], results[1][:3]):
         assert_close(f"remat: {label}", rematted, plain, 1e-6)
@@ -239,7 +245,7 @@ def test_gradients_match_reference_on_random_configs(seed):
     torch_lm, torch_aux, torch_grads = _torch_losses_and_grads(
         ct_torch_ref.AutoregressiveWrapper(torch_model), tokens, mask)
     assert np.any(torch_aux > 0), f"seed {seed}: nothing compressed, the aux path is untested"
-    run = jax.jit(accumulated_grads, compiler_options=FAST_CPU_COMPILE)
+    run = jax.jit(window_grads, compiler_options=FAST_CPU_COMPILE)
     _, lm, aux, grads = run(model, jnp.asarray(tokens.numpy()), jnp.asarray(mask.numpy()))
     label = f"random config {seed}"
     assert_close(f"{label}: lm loss per segment", lm, torch_lm, JAX_VS_TORCH_ATOL)

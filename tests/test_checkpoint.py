@@ -106,8 +106,11 @@ def test_streamed_run_resumes_exactly_with_stream_positions_and_memory(tmp_path)
     config = training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "data_order": "streams", "eval_segments": 4})
     splits = _splits()
     documents = {"train": np.arange(0, len(splits["train"]), 700), "validation": np.array([0, 300])}
-    run = lambda out, config: train_loop.fit(TRAIN_MODEL, config, splits, out, progress=False, log=lambda m: None,  # noqa: E731
-                                             compiler_options=training.FAST_CPU_COMPILE, documents=documents)
+
+    def run(out, config):
+        return train_loop.fit(TRAIN_MODEL, config, splits, out, progress=False, log=print,
+                              compiler_options=training.FAST_CPU_COMPILE, documents=documents)
+
     uninterrupted = run(tmp_path / "uninterrupted", config)
     run(tmp_path / "resumed", training.TrainConfig(**{**config.to_json(), "steps": 2}))
     _, record = Checkpoints(tmp_path / "resumed" / "checkpoints").restore(uninterrupted.state, 2)

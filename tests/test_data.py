@@ -174,18 +174,21 @@ def test_folder_validation_every(tmp_path):
     root = tmp_path / "corpus"
     contents = make_folder(root, 6)
     ordered = [contents[name] for name in sorted(contents)]
-    splits = data.load_folder(root, tmp_path / "cache", validation_every=3)
+    splits, starts = data.load_folder(root, tmp_path / "cache", validation_every=3)
     assert splits["validation"].tobytes() == ordered[2] + ordered[5]
     assert splits["train"].tobytes() == b"".join(ordered[i] for i in (0, 1, 3, 4))
+    sizes = [len(ordered[i]) for i in (0, 1, 3, 4)]
+    np.testing.assert_array_equal(starts["train"], np.cumsum([0, *sizes[:-1]]), err_msg="a document per file")
+    np.testing.assert_array_equal(starts["validation"], [0, len(ordered[2])], err_msg="a document per file")
 
 
 def test_folder_cache_invalidated_by_change(tmp_path):
     root = tmp_path / "corpus"
     make_folder(root, 4)
     cache = tmp_path / "cache"
-    before = data.load_folder(root, cache, validation_every=2)["train"].tobytes()
+    before = data.load_folder(root, cache, validation_every=2).splits["train"].tobytes()
     (root / "file00.txt").write_bytes(b"changed!")
-    after = data.load_folder(root, cache, validation_every=2)["train"].tobytes()
+    after = data.load_folder(root, cache, validation_every=2).splits["train"].tobytes()
     assert after.startswith(b"changed!") and after != before
 
 
@@ -408,7 +411,7 @@ def test_folder_max_bytes_keeps_whole_files_in_order(tmp_path):
     root.mkdir()
     for name, size in [("a", 10), ("b", 50), ("c", 10), ("d", 10), ("e", 10)]:
         (root / name).write_bytes(name.encode() * size)
-    splits = data.load_folder(root, tmp_path / "cache", validation_every=2, max_bytes=35)
+    splits = data.load_folder(root, tmp_path / "cache", validation_every=2, max_bytes=35).splits
     # b (50 bytes) would overflow the budget and is skipped; a, c, d fit (30 bytes), e does not.
     assert splits["train"].tobytes() + splits["validation"].tobytes() == b"a" * 10 + b"d" * 10 + b"c" * 10
 

@@ -11,10 +11,13 @@ from flax import nnx
 
 import ct_jax
 from ct_jax import evaluation
-from ct_jax.autoregressive import segment_losses
+from ct_jax.autoregressive import IGNORE_INDEX, StreamBatch, losses
 from tests.configs import CONFIGS
 
 CONFIG = CONFIGS["heads1_subset_mem2x"]  # seq_len 4, mem 8, cmem 4: compression after 3 segments
+# Every test runs 2 streams, 5 segments per call, and the reference pads to one shape: one compile of each.
+STREAMS, PER_CALL = 2, 5
+REFERENCE_ROWS, REFERENCE_WIDTH = 8, 48
 
 
 @pytest.fixture(scope="module")
@@ -25,47 +28,60 @@ def model():
     return model
 
 
+@nnx.jit
+def _piece_losses(model, batch):
+    return losses(model, batch)
+
+
 def reference_bits(model, pieces: list[np.ndarray]) -> float:
-    """Bits per predicted token of every piece run alone from empty memory (segment_losses, one row)."""
-    total, count = 0.0, 0
-    for piece in pieces:
-        if len(piece) < 2:
-            continue
-        lm, _, _ = segment_losses(model, jnp.asarray(piece[None], jnp.int32))
-        counts = [min(CONFIG["seq_len"], len(piece) - 1 - i) for i in range(0, len(piece) - 1, CONFIG["seq_len"])]
-        total += float(np.dot(np.asarray(lm), counts))
-        count += sum(counts)
-    return total / count / math.log(2.0)
+    """Bits per predicted token of every piece run alone from empty memory: one row each (rows never
+    interact), right-padded with uncounted targets to a common length, one compiled call."""
+    pieces = [piece for piece in pieces if len(piece) >= 2]
+    assert len(pieces) <= REFERENCE_ROWS and max(map(len, pieces)) <= REFERENCE_WIDTH + 1, "grow the reference"
+    inputs = np.zeros((REFERENCE_ROWS, REFERENCE_WIDTH), np.int32)
+    targets = np.full((REFERENCE_ROWS, REFERENCE_WIDTH), IGNORE_INDEX, np.int32)
+    for row, piece in enumerate(pieces):
+        inputs[row, : len(piece) - 1], targets[row, : len(piece) - 1] = piece[:-1], piece[1:]
+    resets = np.zeros((REFERENCE_ROWS, REFERENCE_WIDTH // CONFIG["seq_len"]), bool)
+    resets[:, 0] = True
+    result = _piece_losses(model, StreamBatch(inputs, targets, None, resets))
+    counted = int(np.sum(result.counts))
+    assert counted == sum(len(piece) - 1 for piece in pieces), "every target of every piece must count once"
+    return float(np.sum(result.nll)) / counted / math.log(2.0)
 
 
 def test_one_document_equals_each_stream_alone(model):
     data = np.random.default_rng(0).integers(0, CONFIG["num_tokens"], 83).astype(np.uint8)
-    length = len(data) // 3
-    expected = reference_bits(model, [data[i * length : (i + 1) * length] for i in range(3)])
-    got = evaluation.evaluate_stream(model, data, 3, segments_per_call=4, progress=False)
+    length = len(data) // STREAMS
+    expected = reference_bits(model, [data[i * length : (i + 1) * length] for i in range(STREAMS)])
+    got = evaluation.evaluate_stream(model, data, STREAMS, segments_per_call=PER_CALL, progress=False)
     assert abs(got - expected) <= 1e-5, f"evaluate_stream {got} vs streams run alone {expected}"
 
 
 def test_documents_reset_the_memory(model):
     data = np.random.default_rng(1).integers(0, CONFIG["num_tokens"], 90).astype(np.uint8)
     starts = np.array([0, 13, 14, 40, 41, 77])
-    length = len(data) // 2
+    length = len(data) // STREAMS
     pieces = []
-    for row in range(2):
+    for row in range(STREAMS):
         lo, hi = row * length, (row + 1) * length
         cuts = sorted({lo, hi, *[int(s) for s in starts if lo < s < hi]})
         pieces += [data[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
     expected = reference_bits(model, pieces)
-    got = evaluation.evaluate_stream(model, data, 2, document_starts=starts, segments_per_call=3, progress=False)
+    got = evaluation.evaluate_stream(model, data, STREAMS, document_starts=starts, segments_per_call=PER_CALL,
+                                     progress=False)
     assert abs(got - expected) <= 1e-5, f"evaluate_stream {got} vs documents run alone {expected}"
 
 
 def test_one_compile_for_the_whole_split(model):
     data = np.random.default_rng(2).integers(0, CONFIG["num_tokens"], 200).astype(np.uint8)
     before = evaluation._chunk_nll._cache_size()
-    evaluation.evaluate_stream(model, data, 2, segments_per_call=5, progress=False)  # 25 segments: 5 calls
-    evaluation.evaluate_stream(model, data, 2, segments_per_call=5, max_segments=12, progress=False)  # 3, padded
-    assert evaluation._chunk_nll._cache_size() - before == 1, "evaluation recompiled within or across splits"
+    evaluation.evaluate_stream(model, data, STREAMS, segments_per_call=PER_CALL, progress=False)  # 25 segments: 5 calls
+    compiled = evaluation._chunk_nll._cache_size()
+    assert compiled - before <= 1, "evaluation recompiled within a split"  # 0: an earlier test compiled it
+    evaluation.evaluate_stream(model, data, STREAMS, segments_per_call=PER_CALL, max_segments=12,
+                               progress=False)  # 3 calls, the last padded
+    assert evaluation._chunk_nll._cache_size() == compiled, "evaluation recompiled across splits"
 
 
 def test_bad_arguments(model):
@@ -74,3 +90,21 @@ def test_bad_arguments(model):
         evaluation.evaluate_stream(model, data, 2, segments_per_call=0)
     with pytest.raises(ValueError, match="too short for 30 streams"):
         evaluation.evaluate_stream(model, data, 30)
+
+
+def test_the_callers_mode_is_restored(model):
+    """evaluate_stream runs in eval mode and hands the model back in the mode it came in."""
+    data = np.random.default_rng(2).integers(0, CONFIG["num_tokens"], 200).astype(np.uint8)
+
+    def flags():
+        return [module.deterministic for _, module in nnx.iter_graph(model) if hasattr(module, "deterministic")]
+
+    model.train()
+    try:
+        assert not any(flags()), "the model should start in train mode"
+        evaluation.evaluate_stream(model, data, STREAMS, segments_per_call=PER_CALL, progress=False)
+        assert not any(flags()), f"evaluate_stream left the model in eval mode: deterministic flags {flags()}"
+    finally:
+        model.eval()
+    evaluation.evaluate_stream(model, data, STREAMS, segments_per_call=PER_CALL, progress=False)
+    assert all(flags()), "a model in eval mode must stay in eval mode"

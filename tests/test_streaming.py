@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from flax import nnx
 
 import ct_jax
 from ct_jax import streams, training
-from ct_jax.autoregressive import stream_grads
+from ct_jax.autoregressive import grads
 from tests.configs import CONFIGS, TRAIN_MODEL, present_fields
 
 CONFIG = CONFIGS["heads1_subset_mem2x"]  # seq_len 4, mem 8, cmem 4: compression from the third segment
@@ -40,7 +42,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def grads_fn():
-    return nnx.jit(stream_grads, static_argnames=("micro_batches",))
+    return nnx.jit(functools.partial(grads, batch_mean=True), static_argnames=("micro_batches",))
 
 
 def test_memory_carried_across_steps_equals_one_long_step(model, grads_fn):

@@ -23,8 +23,7 @@ def corpus():
 def segments(batch: streams.StreamBatch, seq_len: int = SEQ_LEN):
     """(row, s, inputs, targets, mask, reset) of every segment of a batch."""
     b, n = batch.resets.shape
-    cut = lambda x: x.reshape(b, n, seq_len)  # noqa: E731
-    inputs, targets, mask = cut(batch.inputs), cut(batch.targets), cut(batch.mask)
+    inputs, targets, mask = (x.reshape(b, n, seq_len) for x in batch[:3])
     for row in range(b):
         for s in range(n):
             yield row, s, inputs[row, s], targets[row, s], mask[row, s], batch.resets[row, s]
@@ -80,7 +79,9 @@ def test_every_training_document_visited_with_reset(corpus):
 
 def test_resume_continues_exactly(corpus):
     split, starts, _ = corpus
-    make = lambda: streams.StreamSampler(split, starts, SEQ_LEN, 2, 3, seed=5)  # noqa: E731
+    def make():
+        return streams.StreamSampler(split, starts, SEQ_LEN, 2, 3, seed=5)
+
     original = make()
     for _ in range(4):
         next(original)
@@ -136,15 +137,17 @@ def test_document_starts_of_a_folder(tmp_path):
     sizes = [30, 0, 25, 41, 12] * 3 + [0]  # empty files, one of them last
     for i, size in enumerate(sizes):
         (tmp_path / f"f{i:02d}.txt").write_bytes(bytes([65 + i]) * size)
-    splits = data.load_corpus(tmp_path, cache_dir=tmp_path / ".cache")
-    found = streams.document_starts(tmp_path)
-    for name, split in splits.items():
-        starts = streams.check_starts(split, found[name], name)
+    corpus = data.read_corpus(tmp_path, cache_dir=tmp_path / ".cache")
+    assert {name: list(s) for name, s in streams.document_starts(tmp_path).items()} == \
+        {name: list(s) for name, s in corpus.starts.items()}, "document_starts is read_corpus(...).starts"
+    for name, split in corpus.splits.items():
+        starts = streams.check_starts(split, corpus.starts[name], name)
         for start in starts:  # each document is one file: a single repeated letter
             end = starts[starts > start][0] if (starts > start).any() else len(split)
             assert len(set(split[start:end].tolist())) == 1, f"{name}: document at {start} spans files"
         assert len(starts) == len({int(v) for v in split}), f"{name}: {len(starts)} documents"
-    assert streams.document_starts(tmp_path / "f00.txt") is None, "a text file is one document"
+    single = data.read_corpus(tmp_path / "f00.txt", cache_dir=tmp_path / ".cache").starts
+    assert all(list(starts) == [0] for starts in single.values()), f"a text file is one document, got {single}"
 
 
 @pytest.mark.parametrize("starts, message", [([1], "increasing offsets from 0"), ([0, 5, 5], "increasing"),
@@ -161,3 +164,25 @@ def test_bad_sampler_arguments(corpus):
     sampler = streams.StreamSampler(split, starts, SEQ_LEN, 2, 3, 0)
     with pytest.raises(ValueError, match="streams"):
         sampler.load_state_dict(dict(sampler.state_dict(), positions=[0]))
+    with pytest.raises(ValueError, match=r"keys \{'positions', 'resets', 'seed', 'step'\}, got \['seed', 'step'\]"):
+        sampler.load_state_dict({"seed": 0, "step": 0})
+    with pytest.raises(ValueError, match=r"state\['step'\] must be an int >= 0, got -1"):
+        sampler.load_state_dict(dict(sampler.state_dict(), step=-1))
+
+
+def test_windows_are_a_batch_that_resets_before_segment_0():
+    tokens = np.arange(2 * 11).reshape(2, 11)  # 10 inputs: segments of 4, 4 and a short 2
+    batch = streams.StreamBatch.from_windows(tokens, SEQ_LEN)
+    np.testing.assert_array_equal(batch.inputs, tokens[:, :-1])
+    np.testing.assert_array_equal(batch.targets, tokens[:, 1:])
+    assert batch.mask is None, "no mask given: every token is real"
+    np.testing.assert_array_equal(batch.resets, [[True, False, False]] * 2)
+    continued = streams.StreamBatch.from_windows(tokens, SEQ_LEN, reset=False)
+    assert not continued.resets.any(), "reset=False: the rows continue from the memories given"
+    whole = np.ones((2, 11), bool)
+    whole[0, 5:] = False
+    np.testing.assert_array_equal(streams.StreamBatch.from_windows(tokens, SEQ_LEN, whole).mask, whole[:, :-1])
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 11\) or \(2, 10\), got \(2, 3\)"):
+        streams.StreamBatch.from_windows(tokens, SEQ_LEN, whole[:, :3])
+    with pytest.raises(ValueError, match=r"tokens must have shape .* got \(2, 1\)"):
+        streams.StreamBatch.from_windows(tokens[:, :1], SEQ_LEN)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from ct_jax import training
-from ct_jax.autoregressive import accumulated_grads
+from ct_jax.autoregressive import StreamBatch, grads
 from ct_jax.training import FAST_CPU_COMPILE, Schedule, TrainConfig, Trainer
 from tests.configs import TRAIN_CONFIG, TRAIN_MODEL, make_trainer, train_batch
 from tests.tolerances import ACCUMULATED_GRAD_RTOL
@@ -147,14 +147,15 @@ def _max_diff_per_tensor(got, expected) -> list[tuple[str, float, float]]:
 
 @pytest.fixture(scope="module")
 def full_and_micro_gradients():
-    """`accumulated_grads` of one batch as 1 and as 2 micro-batches (the function the train step calls)."""
+    """`grads` of one batch of windows as 1 and as 2 micro-batches (the function the train step calls)."""
     graphdef, state = nnx.split(training.create_model(TRAIN_MODEL, TRAIN_CONFIG))
 
-    def grads(state, tokens, micro_batches):
-        return accumulated_grads(nnx.merge(graphdef, state), tokens, micro_batches=micro_batches)
+    def window_grads(state, tokens, micro_batches):
+        batch = StreamBatch.from_windows(tokens, TRAIN_MODEL["seq_len"])
+        return grads(nnx.merge(graphdef, state), batch, micro_batches=micro_batches)[:4]
 
     tokens = train_batch(4)
-    return [jax.jit(grads, static_argnums=2)(state, tokens, m) for m in (1, 2)]
+    return [jax.jit(window_grads, static_argnums=2)(state, tokens, m) for m in (1, 2)]
 
 
 def test_micro_batches_accumulate_the_full_batch_gradient(full_and_micro_gradients):
@@ -203,3 +204,18 @@ def test_compiled_steps_are_shared_only_by_models_with_the_same_non_parameter_st
     assert first._train is not second._train, "a model with other non-parameter state got another model's step"
     again = Trainer(training.create_model(dropout, TRAIN_CONFIG), TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE)
     assert again._train is first._train and again._eval is first._eval
+
+
+def test_a_step_cache_is_explicit_and_bounded(trainer):
+    """Trainers share `SHARED_STEPS` unless given their own cache (or None: their own compile)."""
+    model = training.create_model(TRAIN_MODEL, TRAIN_CONFIG)
+    alone = Trainer(model, TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE, step_cache=None)
+    assert alone._train is not trainer._train, "step_cache=None must not share the process's steps"
+    cache = training.StepCache(size=1)
+    first = Trainer(model, TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE, step_cache=cache)
+    assert Trainer(model, TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE, step_cache=cache)._train is first._train
+    other = dataclasses.replace(TRAIN_CONFIG, learning_rate=0.5)
+    Trainer(model, other, compiler_options=FAST_CPU_COMPILE, step_cache=cache)  # evicts the first (size 1)
+    again = Trainer(model, TRAIN_CONFIG, compiler_options=FAST_CPU_COMPILE, step_cache=cache)
+    assert again._train is not first._train, "a cache of size 1 must have dropped the older steps"
+    assert first._train is not trainer._train, "a private cache must not hand out the shared steps"

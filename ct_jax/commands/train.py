@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-    from ct_jax import data, parallel, streams, train_loop, training
+    from ct_jax import data, parallel, train_loop, training
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     if train_kwargs["parallel"] == "auto":
@@ -149,15 +149,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     window = config.n_segments * model_config.seq_len + 1
     max_bytes = presets.MAIN_JOB_CORPUS_BYTES if args.data is None and args.max_bytes is None else args.max_bytes
-    splits = data.load_corpus(args.data, window=window, max_bytes=max_bytes)
+    corpus = data.read_corpus(args.data, window=window, max_bytes=max_bytes)
+    splits = corpus.splits
     say(f"data: {args.data if args.data is not None else 'Python standard library sources'}: "
         + ", ".join(f"{name} {len(split):,} bytes" for name, split in splits.items()))
     say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
         f"parallel={config.parallel.value}; out: {out}")
     started = time.perf_counter()
-    documents = streams.document_starts(args.data, max_bytes=max_bytes)
     result = train_loop.fit(model_config, config, splits, out, resume=args.resume, resume_from=args.resume_from,
-                            progress=args.progress and lead, log=say, documents=documents)
+                            progress=args.progress and lead, log=say, documents=corpus.starts)
     steps, val = result.history.column("val_bpb")
     how = ("whole split, memory streamed" if config.data_order is training.DataOrder.STREAMS
            else f"{config.eval_batches} batches of windows from empty memory")

@@ -71,7 +71,10 @@ def token_losses_fn(model: CompressiveTransformer, knockout: bool = False,
         b = tokens.shape[0]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         n = inputs.shape[1] // seq_len
-        by_segment = lambda x: jnp.moveaxis(x.reshape(b, n, seq_len), 1, 0)  # noqa: E731  (n, b, seq_len)
+
+        def by_segment(x: jax.Array) -> jax.Array:  # (b, n * seq_len) -> (n, b, seq_len)
+            return jnp.moveaxis(x.reshape(b, n, seq_len), 1, 0)
+
         segments = (by_segment(inputs), by_segment(targets), jnp.arange(n) == n - 1)
 
         def body(memories, xs):

@@ -13,14 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ct_jax.data import load_corpus
+from ct_jax.data import read_corpus
 from ct_jax.long_range.harness import train_recall
 from ct_jax.long_range.plot import plot_recall
 from ct_jax.long_range.report import recall_table, reconstruction_table, spread_table, text_table
 from ct_jax.long_range.suite import Plan, ablations, main_variants
 from ct_jax.long_range.text import train_text
 from ct_jax.long_range.variants import Variant
-from ct_jax.streams import document_starts
 from ct_jax.training import FAST_CPU_COMPILE
 
 
@@ -62,8 +61,7 @@ def run_job(plan: Plan, kind: str, ratio: int | None, variant: Variant, seed: in
         result = train_recall(plan.task, variant, seed, plan.steps, memory_layers=plan.memory_layers,
                               compiler_options=options)
     else:
-        splits = load_corpus(corpus, max_bytes=plan.text_max_bytes)
-        documents = document_starts(corpus, max_bytes=plan.text_max_bytes)
+        splits, documents = read_corpus(corpus, max_bytes=plan.text_max_bytes)
         result = train_text(splits, documents, variant, seed, plan.text_steps, eval_streams=plan.text_eval_streams,
                             eval_max_segments=plan.text_eval_segments, compiler_options=options)
     return {"kind": kind, "ratio": ratio, **dataclasses.asdict(result), **(_setting(plan, kind) or {})}

@@ -39,7 +39,7 @@ def train_text(splits: dict[str, np.ndarray], documents: dict[str, np.ndarray] |
     `splits['train']`; evaluates streamed bits per byte on `splits['validation']` in
     `eval_streams` streams (all of it, or the first `eval_max_segments` segments per stream).
 
-    `documents`: split name -> document start offsets (`ct_jax.streams.document_starts`); the
+    `documents`: split name -> document start offsets (`ct_jax.data.read_corpus(...).starts`); the
     memory is reset at each document start. None: each split is one document.
     """
     start = time.perf_counter()
