@@ -4,8 +4,8 @@ What shapes the weights is read from them (num_tokens, emb_dim, dim, depth, head
 gru_gated_residual, mogrify_gru, ff_glu, compression, the relative positions, an autoencoder
 aux loss). `pos_emb` holds `seq_len + mem_len + cmem_len` rows, so those three need two of
 them given (e.g. seq_len and mem_len). Settings the weights do not show (`UNSEEN`: every
-layer holds a compressor upstream, so memory_layers is one of them) take upstream's defaults
-unless given.
+layer holds a compressor upstream, so memory_layers is one of them; `TRAINING_ONLY`) take
+upstream's defaults unless given.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from ct_jax.config import ModelConfig
 
 _LAYER = re.compile(r"^attn_layers\.(\d+)\.")
 _LENGTHS = ("seq_len", "mem_len", "cmem_len")
-# Settings that change the forward pass but no weight's shape or key (dropouts aside).
+# Settings that change the forward pass but no weight's shape or key; and those that change only training.
 UNSEEN = ("memory_layers", "enhanced_recurrence", "reconstruction_target", "eviction_padding")
+TRAINING_ONLY = ("attn_dropout", "ff_dropout", "attn_layer_dropout", "reconstruction_attn_dropout",
+                 "reconstruction_loss_weight", "aux_loss")
 
 
 def _need(names: list[str], why: str, example: str) -> ValueError:
