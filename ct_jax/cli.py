@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -106,12 +107,6 @@ def one_line(error: BaseException) -> str:
     return message
 
 
-def refuse(error: BaseException, code: int = 2) -> int:
-    """Prints `error` as one line on stderr (no traceback: the message names the bad input) and returns `code`."""
-    print(f"error: {one_line(error)}", file=sys.stderr)
-    return code
-
-
 def _wants_debug(argv: list[str] | None) -> bool:
     return "--debug" in (sys.argv[1:] if argv is None else argv)
 
@@ -138,8 +133,9 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             else:
                 print(f"error: {one_line(error)}", file=sys.stderr)
         if argv is None:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe must not stop the exit
+                sys.stdout.flush()
+                sys.stderr.flush()
             os._exit(code)
         return code
 
