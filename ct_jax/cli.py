@@ -100,9 +100,11 @@ def exit_status(error: BaseException) -> int:
 
 
 def one_line(error: BaseException) -> str:
-    """`error` as one line: its message, whitespace collapsed; the type named where it is not one of ours."""
+    """`error` as one line: its message, whitespace collapsed; the type named (and --debug offered) unless it is
+    a ValueError, TypeError, OSError or an error class of ct_jax, whose messages name what went wrong."""
     message = " ".join(str(error).split())
-    if not message or not isinstance(error, (ValueError, TypeError, OSError)):
+    ours = isinstance(error, (ValueError, TypeError, OSError)) or type(error).__module__.startswith("ct_jax.")
+    if not message or not ours:
         message = f"{type(error).__name__}: {message}".rstrip(": ") + " (--debug prints the traceback)"
     return message
 

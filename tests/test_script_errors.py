@@ -19,6 +19,7 @@ from flax import nnx
 import ct_jax
 from ct_jax import cli, convert
 from ct_jax.commands import evaluate, generate, parity
+from ct_jax.io import FolderLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(num_tokens=256, dim=8, seq_len=4, depth=1, heads=2, mem_len=4, cmem_len=2, cmem_ratio=2)
@@ -73,11 +74,13 @@ def _failing(error: BaseException):
     (FileNotFoundError("--checkpoint x does not exist"), 2),
     (RuntimeError("cannot schedule new futures\nafter shutdown"), 1),
     (PermissionError(13, "Permission denied", "/root/x"), 1),
+    (FolderLockedError("runs/x is in use by another run (holder: pid 1 on host h)"), 1),
 ])
 def test_any_error_is_one_line_and_an_exit_status(capsys, error, status):
     line = _one_line(capsys, _failing(error)([]), status, " ".join(str(error).split()))
-    if status == 1 and not isinstance(error, OSError):
-        assert line.startswith(f"error: {type(error).__name__}: ") and "--debug" in line
+    foreign = isinstance(error, RuntimeError) and not isinstance(error, FolderLockedError)
+    assert line.startswith(f"error: {type(error).__name__}: ") == foreign, "only a foreign error is named by type"
+    assert ("--debug" in line) == foreign, line
 
 
 def test_debug_prints_the_traceback(capsys):
