@@ -43,11 +43,11 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> Loaded:
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path} does not exist")
     folder = convert.model_directory(path)
-    if (folder / convert.CONFIG_FILE).is_file() or not (path / CHECKPOINTS_FOLDER).is_dir():
-        if not (folder / convert.CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"--checkpoint {path} holds no {convert.CONFIG_FILE}, no model/ and no "
-                                    f"{CHECKPOINTS_FOLDER}/: give a checkpoint directory or a training run's folder")
+    if (folder / convert.CONFIG_FILE).is_file():
         return Loaded(convert.load_pretrained(folder, dtype=dtype), str(folder))
+    if not (path / CHECKPOINTS_FOLDER).is_dir():
+        raise FileNotFoundError(f"--checkpoint {path} holds no {convert.CONFIG_FILE}, no model/ and no "
+                                f"{CHECKPOINTS_FOLDER}/: give a checkpoint directory or a training run's folder")
     step, state, record = restore_newest(path / CHECKPOINTS_FOLDER, _train_state)
     model = CompressiveTransformer(**ModelConfig.from_kwargs(record["model_config"]).to_kwargs(),
                                    rngs=nnx.Rngs(0), dtype=dtype)
