@@ -76,12 +76,23 @@ def field_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)}
 
 
+class UsageError(SystemExit):
+    """A flag argparse refuses: a SystemExit with status 2, as argparse's own, whose message `command` prints."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors raise ValueError, which `command` prints as one line (exit status 2)
+    """An ArgumentParser whose usage errors raise UsageError, which `command` prints as one line (exit status 2)
     instead of argparse's usage block."""
 
     def error(self, message: str) -> typing.NoReturn:
-        raise ValueError(f"{message} (see {self.prog} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -92,8 +103,8 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def exit_status(error: BaseException) -> int:
-    """The exit status of a command ended by `error`: 2 for bad input (ValueError, TypeError, a missing file),
-    130 for Ctrl-C, 1 for anything else."""
+    """The exit status of a command ended by `error`: 2 for bad input (ValueError, TypeError, a missing file; a
+    bad flag is a UsageError), 130 for Ctrl-C, 1 for anything else."""
     if isinstance(error, KeyboardInterrupt):
         return INTERRUPTED
     return 2 if isinstance(error, (ValueError, TypeError, FileNotFoundError)) else 1
@@ -126,7 +137,10 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
     def wrapped(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
-        except (Exception, KeyboardInterrupt) as error:  # SystemExit (--help, an exit status) passes
+        except UsageError as error:
+            code = error.code
+            print(f"error: {error}", file=sys.stderr)
+        except (Exception, KeyboardInterrupt) as error:  # other SystemExits (--help, a status) pass
             code = exit_status(error)
             if isinstance(error, KeyboardInterrupt):
                 print("interrupted (Ctrl-C)", file=sys.stderr)
