@@ -8,6 +8,7 @@ proves the wiring of scripts/*.py.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -111,6 +112,18 @@ def test_a_failing_process_exits_though_a_non_daemon_thread_runs():
     assert done.stderr.strip() == ("error: RuntimeError: cannot schedule new futures after shutdown "
                                    "(--debug prints the traceback)")
     assert time.monotonic() - started < 100
+
+
+def test_ctrl_c_ends_a_process_with_one_line_and_130_though_a_thread_runs():
+    worker = subprocess.Popen([sys.executable, "-m", "tests.workers.failing_command", "--wait"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        assert worker.stdout.readline() == "started\n"
+        worker.send_signal(signal.SIGINT)
+        _, err = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    assert worker.returncode == 130 and err == "interrupted (Ctrl-C)\n", (worker.returncode, err[-2000:])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
