@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,35 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def restore_newest(directory: str | os.PathLike, template: Callable[[dict[str, Any]], Any]) -> tuple[int, Any, dict]:
+    """(step, state, record) of the newest checkpoint in `directory` that reads and matches its checksums, for
+    readers of a run (evaluate, generate): a damaged newer step is passed over, nothing is moved or written.
+
+    `template(record)` gives the state's structure from the step's record (its model and train configs).
+    Every step in `directory` was written only once a loss at its parameters was checked (`fit`), so the
+    step returned is the run's newest verified one. Raises FileNotFoundError when there is none,
+    DamagedCheckpointError when none reads.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoints folder {directory}")
+    checkpoints = Checkpoints(directory, async_save=False)
+    try:
+        steps = list(reversed(checkpoints.all_steps()))
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {checkpoints.directory}")
+        failures = []
+        for step in steps:
+            try:
+                state, record = checkpoints.restore(template(checkpoints.read_record(step)), step)
+                return step, state, record
+            except DamagedCheckpointError as error:
+                failures.append(str(error))
+        raise DamagedCheckpointError(f"no checkpoint in {checkpoints.directory} can be read: " + "; ".join(failures))
+    finally:
+        checkpoints.close()
 
 
 class MetricsLog:

@@ -127,9 +127,30 @@ def module_from_torch(state_dict: Mapping[str, Any], module: nnx.Module, prefix:
 
 def to_torch(model: CompressiveTransformer) -> dict[str, Any]:
     """Model weights as an upstream `state_dict` of torch tensors; loads with `strict=True`."""
+    return tensors(to_numpy(model))
+
+
+def tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Numpy arrays as torch tensors of the same dtype (bfloat16 included, which torch.from_numpy refuses)."""
     import torch
 
-    return {key: torch.from_numpy(np.array(value)) for key, value in to_numpy(model).items()}
+    out = {}
+    for key, value in arrays.items():
+        if value.dtype.name == "bfloat16":
+            out[key] = torch.from_numpy(np.array(value).view(np.int16)).view(torch.bfloat16)
+        else:
+            out[key] = torch.from_numpy(np.array(value))
+    return out
+
+
+def cast_dtypes(state: Mapping[str, Any]) -> dict[str, int]:
+    """{dtype name: count} of the floating tensors of `state` that loading casts to float32 (the model's dtype)."""
+    counts: dict[str, int] = {}
+    for value in state.values():
+        name = str(getattr(value, "dtype", "")).removeprefix("torch.")
+        if name != "float32":
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -282,12 +303,14 @@ def memory_from_torch(memory, model_or_config) -> Memory:
     )
 
 
-def save_pretrained(model: CompressiveTransformer, directory: str | os.PathLike) -> Path:
-    """Writes `model.safetensors` (upstream keys) and `config.json`, each atomically."""
+def save_pretrained(model: CompressiveTransformer, directory: str | os.PathLike, *,
+                    weights: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Writes `model.safetensors` (upstream keys) and `config.json`, each atomically (`weights`: the arrays to
+    write instead of the model's, e.g. in their source dtypes; `ct_jax.io.replace_folder` makes the pair atomic)."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
-    weights = {key: np.ascontiguousarray(value) for key, value in to_numpy(model).items()}
+    weights = {key: np.ascontiguousarray(value) for key, value in (weights or to_numpy(model)).items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     config_text = json.dumps(model.config.to_kwargs(), indent=2, sort_keys=True)
     atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
@@ -309,8 +332,8 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_kwargs(kwargs)
 
 
-def config_from_json(text_or_path: str) -> ModelConfig:
-    """A `ModelConfig` from constructor kwargs given as JSON text, or as the path of a JSON file."""
+def json_kwargs(text_or_path: str) -> dict[str, Any]:
+    """Constructor kwargs (all or some) given as JSON text, or as the path of a JSON file: a JSON object."""
     text = text_or_path
     if not text.lstrip().startswith(("{", "[")):
         path = Path(text_or_path)
@@ -321,7 +344,15 @@ def config_from_json(text_or_path: str) -> ModelConfig:
         kwargs = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"model config {text_or_path!r:.80} is not valid JSON: {error}") from error
-    return ModelConfig.from_kwargs(kwargs)
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"model arguments must be a mapping of constructor keywords (a JSON object), "
+                        f"got {type(kwargs).__name__}: {kwargs!r:.80}")
+    return kwargs
+
+
+def config_from_json(text_or_path: str) -> ModelConfig:
+    """A `ModelConfig` from constructor kwargs given as JSON text, or as the path of a JSON file."""
+    return ModelConfig.from_kwargs(json_kwargs(text_or_path))
 
 
 def model_directory(directory: str | os.PathLike) -> Path:

@@ -1,12 +1,15 @@
-"""Files that are complete or absent (`atomic_write`), and one process per output folder (`folder_lock`)."""
+"""Files and folders that are complete or absent (`atomic_write`, `replace_folder`), and one process per output
+folder (`folder_lock`)."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -49,7 +52,10 @@ def remove_orphan_temps(path: str | os.PathLike) -> list[Path]:
             match = pattern.fullmatch(entry.name)
             if match and match["host"] == _HOST and not _pid_alive(int(match["pid"])):
                 with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
+                    if entry.is_dir() and not entry.is_symlink():  # a folder of `replace_folder`
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
                     removed.append(entry)
     return removed
 
@@ -86,6 +92,62 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        raise
+    _fsync(path.parent, directory=True)
+    return path
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if rename(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a filesystem without it
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def replace_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Calls `write(tmp)` on a new temporary folder beside `path`, then puts it in place of `path` (absent, or a
+    folder, which is removed).
+
+    A crash leaves the old folder or the new one, never a mix: the files are flushed to disk, then the
+    two folders are swapped in one step where the filesystem can (Linux), else by two renames, between
+    which a crash leaves the old folder beside `path` as `.NAME.HOST-PID.replaced`. The folder gets the
+    permissions the user's umask gives a new folder; temporaries of dead processes are removed.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a folder to replace")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temps(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        for entry in tmp.iterdir():
+            if entry.is_file():
+                _fsync(entry)
+        _fsync(tmp, directory=True)
+        if not path.exists():
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp)  # now the old folder
+        else:
+            old = path.parent / f".{path.name}.{_HOST}-{os.getpid()}.replaced"
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(path.parent, directory=True)
     return path

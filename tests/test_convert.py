@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -17,6 +15,9 @@ from flax import nnx
 import ct_jax
 import ct_torch_ref
 from ct_jax import convert
+from ct_jax.commands import convert as convert_command
+from ct_jax.commands import parity
+from ct_jax.config_from_weights import TRAINING_ONLY, UNSEEN, config_from_weights
 from tests.configs import CONFIGS, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,11 +168,7 @@ def test_memory_to_torch_has_upstream_shapes():
     assert tuple(torch_memory.compressed_mem.shape) == (2, 2, 0, 16)
 
 
-def _run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def test_convert_and_parity_scripts(tmp_path):
+def test_convert_and_parity_scripts(tmp_path, capsys):
     config = {"num_tokens": 40, "dim": 16, "seq_len": 4, "depth": 2, "heads": 2, "mem_len": 6, "cmem_len": 3,
               "cmem_ratio": 2}
     # Random weights everywhere: upstream initialises pos_emb to zeros, which would hide positional errors.
@@ -180,18 +177,73 @@ def test_convert_and_parity_scripts(tmp_path):
     torch.save(source.state_dict(), tmp_path / "weights.pt")
     (tmp_path / "config.json").write_text(json.dumps(config))
 
-    done = _run_script("scripts/convert.py", "--from", str(tmp_path / "weights.pt"), "--config",
-                       str(tmp_path / "config.json"), "--to", str(tmp_path / "ckpt"))
-    assert done.returncode == 0, done.stderr
-    assert "wrote" in done.stdout and (tmp_path / "ckpt" / "model.safetensors").is_file()
-    done = _run_script("scripts/convert.py", "--from", str(tmp_path / "ckpt"), "--to", str(tmp_path / "back.pt"))
-    assert done.returncode == 0, done.stderr
+    status = convert_command.main(["--from", str(tmp_path / "weights.pt"), "--config", str(tmp_path / "config.json"),
+                                   "--to", str(tmp_path / "ckpt")])
+    assert status == 0, capsys.readouterr().err
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "ckpt" / "model.safetensors").is_file()
+    status = convert_command.main(["--from", str(tmp_path / "ckpt"), "--to", str(tmp_path / "back.pt")])
+    assert status == 0, capsys.readouterr().err
     back = torch.load(tmp_path / "back.pt", weights_only=True)
     assert all(torch.equal(back[key], value) for key, value in source.state_dict().items())
 
-    done = _run_script("scripts/parity.py", "--checkpoint", str(tmp_path / "ckpt"), "--segments", "4")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "| eval | 3 | logits |" in done.stdout and "MISS" not in done.stdout
+    status = parity.main(["--checkpoint", str(tmp_path / "ckpt"), "--segments", "4"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "| eval | 3 | logits |" in out and "MISS" not in out
+
+
+def _given(config: dict) -> dict:
+    """What a bare state_dict's user gives: seq_len and mem_len, and the settings no weight shows."""
+    full = ct_jax.ModelConfig(**config)
+    return dict(seq_len=full.seq_len, mem_len=full.mem_len,
+                **{name: config[name] for name in UNSEEN + TRAINING_ONLY if name in config})
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_the_config_of_a_saved_reference_state_dict_is_read_from_its_shapes(tmp_path, name):
+    torch.save(ct_torch_ref.CompressiveTransformer(**CONFIGS[name]).state_dict(), tmp_path / "weights.pt")
+    state = convert.read_state_dict(tmp_path / "weights.pt")
+    assert config_from_weights(state, _given(CONFIGS[name])) == ct_jax.ModelConfig(**CONFIGS[name])
+
+
+@pytest.mark.parametrize("options", [dict(compression="dilated_conv", aux_loss="autoencoder"),
+                                     dict(relative_positions="sinusoidal")])
+def test_paper_options_that_shape_the_weights_are_read_from_them(options):
+    config = dict(CONFIGS["defaults"], **options)
+    state = convert.to_numpy(ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0)))
+    given = dict(seq_len=4) if "relative_positions" in options else dict(seq_len=4, mem_len=4)  # nothing else
+    assert config_from_weights(state, given) == ct_jax.ModelConfig(**config)
+
+
+def test_convert_reads_an_upstream_state_dict_naming_what_it_cannot_infer(tmp_path, capsys):
+    """README's example: an upstream file alone; seq_len and mem_len are the only settings to give."""
+    import compressive_transformer_pytorch as upstream
+
+    config = dict(num_tokens=40, dim=16, seq_len=4, depth=3, heads=4, mem_len=8, cmem_ratio=2, memory_layers=[2, 3],
+                  ff_glu=True, mogrify_gru=True)
+    torch.save(upstream.CompressiveTransformer(**config).state_dict(), tmp_path / "upstream.pt")
+    status = convert_command.main(["--from", str(tmp_path / "upstream.pt"), "--to", str(tmp_path / "ckpt")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: cannot infer seq_len, mem_len, cmem_len from the weights (pos_emb holds "
+                               "seq_len + mem_len + cmem_len = 16 rows): give them with --config"), lines[0]
+    assert not (tmp_path / "ckpt").exists()
+
+    given = json.dumps(dict(seq_len=4, mem_len=8, memory_layers=[2, 3]))
+    assert convert_command.main(["--from", str(tmp_path / "upstream.pt"), "--config", given, "--to",
+                                 str(tmp_path / "ckpt")]) == 0
+    assert "not shown by them, upstream's defaults (--config sets them): enhanced_recurrence=True" in \
+        capsys.readouterr().out
+    assert convert.read_config(tmp_path / "ckpt") == ct_jax.ModelConfig(**config)
+
+
+def test_pooling_compressors_need_their_settings_given():
+    config = dict(CONFIGS["defaults"], compression="mean_pool", cmem_ratio=2)
+    state = convert.to_numpy(ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"cannot infer compression, cmem_ratio from the weights .* --config"):
+        config_from_weights(state, _given(config))
+    given = dict(_given(config), compression="mean_pool", cmem_ratio=2)
+    assert config_from_weights(state, given) == ct_jax.ModelConfig(**config)
 
 
 def test_from_torch_refuses_what_is_not_a_state_dict_and_non_finite_weights(unchecked_types):

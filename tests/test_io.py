@@ -129,3 +129,43 @@ def test_folder_lock_of_a_killed_process_is_taken_over(tmp_path):
         holder.wait()
     with io.folder_lock(tmp_path) as lock:  # the lock file stays; the lock does not
         assert f"pid {os.getpid()} " in lock.read_text()
+
+
+def _write_files(**files: str):
+    def write(folder: Path) -> None:
+        for name, text in files.items():
+            (folder / name).write_text(text)
+
+    return write
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_replace_folder_swaps_a_whole_folder_or_leaves_the_old_one(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(io, "_exchange", lambda first, second: False)
+    target = tmp_path / "ckpt"
+    io.replace_folder(target, _write_files(a="old a", b="old b"))
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a": "old a", "b": "old b"}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~io._umask()
+
+    def crash(folder: Path) -> None:
+        (folder / "a").write_text("new a")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        io.replace_folder(target, crash)
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a": "old a", "b": "old b"}
+    io.replace_folder(target, _write_files(a="new a"))
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a": "new a"}, "not replaced whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"], "a temporary or the old folder was left"
+    with pytest.raises(NotADirectoryError):
+        io.replace_folder(target / "a", _write_files(a="x"))
+
+
+def test_replace_folder_removes_the_temporary_folders_of_dead_writers(tmp_path):
+    target = tmp_path / "ckpt"
+    orphan = tmp_path / f".ckpt.{io._HOST}-999999999.abc.tmp"  # no such pid
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_text("half")
+    io.replace_folder(target, _write_files(a="a"))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

@@ -66,6 +66,7 @@ def _positive_ints(parser: argparse.ArgumentParser, flag: str, text: str) -> tup
     return values
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # The leaf module first: configure_host must run before JAX and torch are imported.

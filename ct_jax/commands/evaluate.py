@@ -7,22 +7,29 @@ Each split is cut into --batch-size contiguous streams run segment by segment fr
 first byte, the memory carried and reset at document boundaries (the files of a folder
 corpus), so every byte is predicted once (`ct_jax.evaluation.evaluate_stream`). --checkpoint
 is a folder with model.safetensors + config.json (written by ct_jax or ct_torch_ref), or a
-training run's --out folder (its model/ is used).
+training run's --out folder: its model/, or while it has none (interrupted, still running)
+its newest verified checkpoint, the step named on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-from ct_jax import cli, convert, data, evaluation, streams
+import numpy as np
+
+from ct_jax import cli, data, evaluation, streams
+from ct_jax._checks import check_int
+from ct_jax.loading import load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="folder with model.safetensors + config.json, or a training run's --out folder")
+                        help="folder with model.safetensors + config.json, or a training run's --out folder "
+                        "(its model/, else its newest verified checkpoint)")
     parser.add_argument("--data", default=None, help="corpus as for scripts/train.py (default: this Python's "
                         "standard-library sources)")
     parser.add_argument("--max-bytes", type=int, default=None, help="use at most this many bytes of a text corpus")
@@ -36,25 +43,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_folder(checkpoint: Path) -> Path:
-    """The folder holding config.json: `checkpoint` itself or a run's `model/`."""
-    for folder in (checkpoint, checkpoint / "model"):
-        if (folder / convert.CONFIG_FILE).is_file():
-            return folder
-    raise FileNotFoundError(
-        f"--checkpoint {checkpoint} holds no {convert.CONFIG_FILE} (nor does {checkpoint / 'model'})"
-    )
+def check_args(args: argparse.Namespace) -> None:
+    """Checks the numbers before anything is read."""
+    check_int("--batch-size", args.batch_size)
+    check_int("--segments-per-call", args.segments_per_call)
+    for name in ("max_segments", "max_bytes"):
+        if getattr(args, name) is not None:
+            check_int(cli.flag(name), getattr(args, name))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    model = convert.load_pretrained(model_folder(args.checkpoint))
-    splits = data.load_corpus(args.data, max_bytes=args.max_bytes)
-    documents = streams.document_starts(args.data, max_bytes=args.max_bytes) or {}
-    names = args.split or [name for name in splits if name != "train"]
+def check_splits(splits: dict[str, np.ndarray], names: list[str], batch_size: int) -> None:
+    """Refuses, before any evaluation, a split too short for `batch_size` streams of 2 bytes (an input and its
+    target) or more."""
     unknown = sorted(set(names) - set(splits))
     if unknown:
         raise ValueError(f"--split {unknown} not in the corpus; it has {sorted(splits)}")
+    for name in names:
+        if len(splits[name]) // batch_size < 2:
+            raise ValueError(f"the {name} split ({len(splits[name])} bytes) is too short for --batch-size "
+                             f"{batch_size} streams of 2 bytes or more; give a smaller --batch-size or more data")
+
+
+@cli.command
+def main(argv: list[str] | None = None) -> int:
+    """`ct-evaluate` / scripts/evaluate.py: every check (arguments, checkpoint, data) before the first segment."""
+    args = parse_args(argv)
+    check_args(args)
+    model, source, step = load_model(args.checkpoint)
+    if step is not None:
+        print(f"loaded {source}", file=sys.stderr)
+    splits = data.load_corpus(args.data, max_bytes=args.max_bytes)
+    documents = streams.document_starts(args.data, max_bytes=args.max_bytes) or {}
+    names = args.split or [name for name in splits if name != "train"]
+    check_splits(splits, names, args.batch_size)
     for name in names:
         started = time.perf_counter()
         bits = evaluation.evaluate_stream(model, splits[name], args.batch_size, document_starts=documents.get(name),

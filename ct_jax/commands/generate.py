@@ -26,15 +26,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from ct_jax import cli, convert
+from ct_jax import cli
 from ct_jax._checks import check_float, check_int
 from ct_jax.generation import decode
+from ct_jax.loading import load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="directory with model.safetensors + config.json, or a training --out folder (its model/)")
+                        help="directory with model.safetensors + config.json, or a training --out folder (its model/, "
+                        "else its newest verified checkpoint)")
     prime = parser.add_mutually_exclusive_group(required=True)
     prime.add_argument("--prime", help="prime text (UTF-8)")
     prime.add_argument("--prime-file", type=Path, help="file whose bytes are the prime")
@@ -87,17 +89,18 @@ def check_args(args: argparse.Namespace) -> bytes:
     return prime
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
+    """`ct-generate` / scripts/generate.py: the sample on stdout, a summary on stderr."""
     args = parse_args(argv)
-    try:
-        prime = check_args(args)
-        model = convert.load_pretrained(args.checkpoint)
-        vocab = model.config.num_tokens
-        if max(prime) >= vocab:
-            raise ValueError(f"the prime holds byte {max(prime)}, outside the model's {vocab} tokens")
-        filter_fn, filter_thres = filter_options(args, vocab)
-    except (TypeError, ValueError, OSError) as error:  # TypeError: a wrongly typed config.json
-        return cli.refuse(error)
+    prime = check_args(args)
+    model, source, step = load_model(args.checkpoint)
+    if step is not None:
+        print(f"loaded {source}", file=sys.stderr)
+    vocab = model.config.num_tokens
+    if max(prime) >= vocab:
+        raise ValueError(f"the prime holds byte {max(prime)}, outside the model's {vocab} tokens")
+    filter_fn, filter_thres = filter_options(args, vocab)
 
     out = sys.stdout.buffer
 

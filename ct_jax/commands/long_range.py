@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> str:
     return tables
 
 
-def console_main() -> None:
-    """`ct-long-range`: `main` with exit status 0 (a console script exits with its function's return value)."""
-    main()
+@cli.command
+def console_main(argv: list[str] | None = None) -> int:
+    """`ct-long-range` and scripts/long_range.py: `main` with exit status 0, or an error as one line (`cli.command`)."""
+    main(argv)
+    return 0

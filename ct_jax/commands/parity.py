@@ -17,6 +17,7 @@ from flax import nnx
 
 import ct_torch_ref
 from ct_jax import cli, convert, parity
+from ct_jax.loading import load_model
 from ct_jax.model import CompressiveTransformer
 
 
@@ -24,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = cli.parser(__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="constructor kwargs as JSON, or a path to a JSON file (random weights)")
-    source.add_argument("--checkpoint", type=Path, help="a checkpoint directory (model.safetensors + config.json)")
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint directory (model.safetensors + config.json), "
+                        "or a training run's folder (its model/, else its newest verified checkpoint)")
     parser.add_argument("--segments", type=int, default=4, help="segments to run, the last one short (>= 2)")
     parser.add_argument("--batch", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -40,10 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _torch_model(args: argparse.Namespace):
+    """The reference model: the checkpoint's weights (checked strictly by ct_jax first), or random ones."""
     import torch
 
     if args.checkpoint is not None:
-        return ct_torch_ref.load_pretrained(convert.model_directory(args.checkpoint))
+        loaded, source, step = load_model(args.checkpoint)
+        if step is not None:
+            print(f"loaded {source}")
+        model = ct_torch_ref.CompressiveTransformer(**loaded.config.to_kwargs())
+        model.load_state_dict(convert.to_torch(loaded), strict=True)
+        return model.eval()
     config = convert.config_from_json(args.config)
     torch.manual_seed(args.seed)
     model = ct_torch_ref.CompressiveTransformer(**config.to_kwargs())
@@ -52,14 +60,11 @@ def _torch_model(args: argparse.Namespace):
     return model
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
+    """`ct-parity` / scripts/parity.py: exit status 1 when a comparison misses its tolerance."""
     args = parse_args(argv)
-    try:
-        if args.checkpoint is not None:
-            convert.read_config(args.checkpoint)  # a clear error for a folder without a checkpoint
-        torch_model = _torch_model(args)
-    except (ValueError, TypeError, OSError) as error:
-        return cli.refuse(error)
+    torch_model = _torch_model(args)
     dtype = jnp.float32
     if args.float64:
         jax.config.update("jax_enable_x64", True)

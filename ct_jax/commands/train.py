@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     preset_flag = dict(choices=presets.TRAIN_PRESETS, default=None,
                        help="start from the paper's settings for this data set, or from long_range's options on "
                        "the default sizes (ct_jax.presets, docs/long-range.md); any other flag overrides them")
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = cli.Parser(add_help=False)
     pre.add_argument("--preset", **preset_flag)
     defaults = presets.train_defaults(pre.parse_known_args(argv)[0].preset)
 
@@ -66,7 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="XLA:CPU flags that compile 2-3x faster but step ~3x slower (smoke tests)")
     system.add_argument("--coordinator-address", default=None, help="multi-host: host:port of process 0 "
                         "(or CT_COORDINATOR_ADDRESS / JAX_COORDINATOR_ADDRESS)")
-    system.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     system.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     system.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     return parser.parse_args(argv)
@@ -107,15 +106,10 @@ def check_args(args: argparse.Namespace) -> tuple[ModelConfig, dict]:
     return model_config, train_kwargs
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    """`ct-train` / scripts/train.py: exit status 2 for bad input, 1 for a failed run (--debug: the traceback)."""
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, TypeError, OSError, RuntimeError, FloatingPointError) as error:
-        if args.debug:
-            raise
-        return cli.refuse(error, 2 if isinstance(error, (ValueError, TypeError, FileNotFoundError)) else 1)
+    """`ct-train` / scripts/train.py: exit status 2 for bad input, 1 for a failed run (`cli.command`)."""
+    return run(parse_args(argv))
 
 
 def _silent(*args: object, **kwargs: object) -> None:

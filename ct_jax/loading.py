@@ -1,0 +1,56 @@
+"""The model a command's --checkpoint names: a checkpoint directory (model.safetensors + config.json), a
+training run's export (RUN/model/), or, for a run without an export yet (interrupted, or still running),
+the run's newest verified training checkpoint (RUN/checkpoints/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ct_jax import convert
+from ct_jax.checkpointing import restore_newest
+from ct_jax.config import ModelConfig
+from ct_jax.model import CompressiveTransformer
+from ct_jax.training import DataOrder, TrainConfig, TrainState, create_model, init_state, make_optimizer
+
+CHECKPOINTS_FOLDER = "checkpoints"  # of a training run (ct_jax.train_loop.fit)
+
+
+class Loaded(NamedTuple):
+    """A loaded model, what it was read from (in words for the user) and the training step of a checkpoint."""
+
+    model: CompressiveTransformer
+    source: str
+    step: int | None = None  # None: an export (model.safetensors + config.json)
+
+
+def _train_state(record: dict[str, Any]) -> TrainState:
+    """The host train state at step 0 of the run a checkpoint record describes: the structure to restore into."""
+    config = TrainConfig(**record["train_config"])
+    model = create_model(ModelConfig.from_kwargs(record["model_config"]), config)
+    stream_batch = config.batch_size if config.data_order is DataOrder.STREAMS else None
+    return jax.device_get(init_state(model, make_optimizer(config), config.seed, stream_batch))
+
+
+def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> Loaded:
+    """The model of a checkpoint directory, a run's `model/`, or else a run's newest verified checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path} does not exist")
+    folder = convert.model_directory(path)
+    if (folder / convert.CONFIG_FILE).is_file():
+        return Loaded(convert.load_pretrained(folder, dtype=dtype), str(folder))
+    if not (path / CHECKPOINTS_FOLDER).is_dir():
+        raise FileNotFoundError(f"--checkpoint {path} holds no {convert.CONFIG_FILE}, no model/ and no "
+                                f"{CHECKPOINTS_FOLDER}/: give a checkpoint directory or a training run's folder")
+    step, state, record = restore_newest(path / CHECKPOINTS_FOLDER, _train_state)
+    model = CompressiveTransformer(**ModelConfig.from_kwargs(record["model_config"]).to_kwargs(),
+                                   rngs=nnx.Rngs(0), dtype=dtype)
+    nnx.update(model, jax.tree.map(jnp.asarray, state.params))
+    return Loaded(model, f"step {step} of {path / CHECKPOINTS_FOLDER} (the run's newest verified checkpoint; "
+                         f"it has no model/ export)", step)
