@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ct_jax import cli, data, evaluation, streams
+from ct_jax import cli, data, evaluation
 from ct_jax._checks import check_int
 from ct_jax.loading import load_model
 
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     model, source, step = load_model(args.checkpoint)
     if step is not None:
         print(f"loaded {source}", file=sys.stderr)
-    splits = data.load_corpus(args.data, max_bytes=args.max_bytes)
-    documents = streams.document_starts(args.data, max_bytes=args.max_bytes) or {}
+    splits, documents = data.read_corpus(args.data, max_bytes=args.max_bytes)
     names = args.split or [name for name in splits if name != "train"]
     check_splits(splits, names, args.batch_size)
     for name in names:
