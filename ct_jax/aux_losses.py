@@ -16,15 +16,11 @@ from ct_jax.layers import masked_softmax, wide
 
 
 def full_attention(
-    attn: nnx.Module,  # the layer's `SelfAttention` (its parameters, config and mode)
-    q: Float[Array, "b h t dh"],
-    k: Float[Array, "b h j dh"],
-    v: Float[Array, "b h j dh"],
-    valid: Bool[Array, "b j"],
-    rngs: nnx.Rngs | None,
+    attn: nnx.Module, q: Float[Array, "b h t dh"], k: Float[Array, "b h j dh"], v: Float[Array, "b h j dh"],
+    valid: Bool[Array, "b j"], rngs: nnx.Rngs | None,
 ) -> Float[Array, "b h t dh"]:
-    """Unmasked attention over the valid slots, as upstream's `full_attn` (with `attn`'s
-    reconstruction dropout)."""
+    """Unmasked attention over the valid slots, as upstream's `full_attn` (`attn`: the layer's
+    `SelfAttention`, for its head size and reconstruction dropout)."""
     dots = jnp.einsum("bhid,bhjd->bhij", q, k) * attn.config.dim_head**-0.5  # [b, h, t, j]
     weights = masked_softmax(dots, valid[:, None, None, :]).astype(v.dtype)
     weights = attn.reconstruction_attn_dropout(weights, rngs=rngs)
