@@ -55,8 +55,10 @@ class LayerCache(NamedTuple):
     v: Float[Array, "r h s dh"]
     memory_k: Float[Array, "r h m dh"] | None  # keys of cmem|mem; None for a layer without memory
     memory_v: Float[Array, "r h m dh"] | None
-    memory_valid: Bool[Array, "r m"] | None  # which cmem|mem slots hold entries
-    total_valid: Int[Array, " r"]  # valid slots of the memory layers' cmem|mem: sets the position rows
+    # Per row, or one row for all (a generation advances every row by the same windows): which
+    # cmem|mem slots hold entries, and the memory layers' valid cmem|mem length (sets the position rows).
+    memory_valid: Bool[Array, "#r m"] | None
+    total_valid: Int[Array, " #r"]
     start: Int[Array, ""]  # window position of the first token run now
     end: Int[Array, ""]  # tokens in the window once these are written; later slots get zero weight
 
@@ -135,8 +137,8 @@ def weighted_blocks(attn: Float[Array, "b h n k"], values: Sequence[Float[Array,
     return sum(weighted(attn[..., end - v.shape[2] : end], v) for v, end in zip(values, ends))
 
 
-def slots_valid(buffer_valid: Bool[Array, "b c"], n_window: int, window_valid: Bool[Array, " s"] | None
-                ) -> Bool[Array, "b 1 1 k"]:
+def slots_valid(buffer_valid: Bool[Array, "#b c"], n_window: int, window_valid: Bool[Array, " s"] | None
+                ) -> Bool[Array, "#b 1 1 k"]:
     """Which keys of `cmem|mem|window` hold entries, per row: the valid memory slots, then the
     window's (`window_valid`, None = all)."""
     if window_valid is None:
@@ -218,7 +220,7 @@ class SelfAttention(nnx.Module):
 
     def position_logits(
         self, q: Float[Array, "b h n dh"], pos_emb: Float[Array, "h r dh"] | None, *,
-        total_mem_valid: Int[Array, " b"], n_buffer: int, first_query: Int[Array, ""] | int, keys: int,
+        total_mem_valid: Int[Array, " #b"], n_buffer: int, first_query: Int[Array, ""] | int, keys: int,
     ) -> Float[Array, "b h n k"]:
         """Scaled q . P of the queries at window positions first_query + a against the keys p of
         `cmem|mem|window` (n_buffer memory slots first), d = n_buffer + first_query + a - p apart:
@@ -234,14 +236,14 @@ class SelfAttention(nnx.Module):
             rows = position_window(table[None], seq_len - first_query - n, keys)[0]  # [keys, dim]
             window = self.heads(self.to_pos(rows)[None])  # [1, h, keys, dh]
         else:  # rows holding different amounts of memory read different rows
-            first_row = total_mem_valid + seq_len - 1 - n_buffer - first_query - (n - 1)  # [b]
+            first_row = total_mem_valid + seq_len - 1 - n_buffer - first_query - (n - 1)  # [b], or [1] for all rows
             window = jax.vmap(position_window, in_axes=(None, 0, None))(pos_emb.astype(q.dtype), first_row, keys)
         return relative_shift(scores(q, window) * self.config.dim_head**-0.5, keys)  # [b, h, n, keys]
 
     def attend(
         self, q: Float[Array, "b h n dh"], keys: Sequence[Float[Array, "b h _ dh"]],
         values: Sequence[Float[Array, "b h _ dh"]], *, pos_emb: Float[Array, "h r dh"] | None,
-        total_mem_valid: Int[Array, " b"], buffer_valid: Bool[Array, "b c"], first_query: Int[Array, ""] | int = 0,
+        total_mem_valid: Int[Array, " #b"], buffer_valid: Bool[Array, "#b c"], first_query: Int[Array, ""] | int = 0,
         window_valid: Bool[Array, " s"] | None = None, mask: Bool[Array, "b s"] | None = None,
         rngs: nnx.Rngs | None = None, with_probs: bool = False,
     ) -> Attended:
@@ -249,7 +251,8 @@ class SelfAttention(nnx.Module):
         values `cmem|mem|window`, given as consecutive blocks along the key axis (the forward
         passes one block, the decoder memory and window apart), then `to_out`.
 
-        `buffer_valid`/`total_mem_valid`: each row's valid memory slots and their count;
+        `buffer_valid`/`total_mem_valid`: each row's valid memory slots and their count (one row
+        broadcasts to all: the decoder's, whose rows hold equal memory);
         `window_valid`: which window slots hold tokens (None = all); `mask`: padding over the
         window, True = real token. Invalid slots get exactly zero weight. `with_probs` runs the
         "xla" path (`fuses`) and returns the probabilities too.
@@ -287,7 +290,7 @@ class SelfAttention(nnx.Module):
         return self.attention_impl == "fused" and not dropout_on and not with_probs
 
     def __call__(
-        self, x: Float[Array, "b t d"], pos_emb: Float[Array, "h r dh"] | None, total_mem_valid: Int[Array, " b"],
+        self, x: Float[Array, "b t d"], pos_emb: Float[Array, "h r dh"] | None, total_mem_valid: Int[Array, " #b"],
         mask: Bool[Array, "b s"] | None = None, layer_memory: memlib.LayerMemory | None = None,
         rngs: nnx.Rngs | None = None, *, memory_gradients: bool = False, cache: LayerCache | None = None,
     ) -> AttentionOutput:
@@ -297,7 +300,7 @@ class SelfAttention(nnx.Module):
         (None without memory); at a full segment the memory is updated (`memory_update`). With
         `cache` (the decoder), `x` holds window positions [cache.start, ...), keys and values
         come from the cache, `mask` covers the window and the memory is not touched.
-        `total_mem_valid`: per row, the memory layers' valid `cmem|mem` length (sets the
+        `total_mem_valid`: per row (or one for all), the memory layers' valid `cmem|mem` length (sets the
         learned position rows in every layer). `memory_gradients`: the memory keeps its gradient.
         """
         x = x.astype(self.dtype)
@@ -327,7 +330,7 @@ class SelfAttention(nnx.Module):
 
     def _cached(
         self, x: Float[Array, "r n d"], q: Float[Array, "r h n dh"], pos_emb: Float[Array, "h q dh"] | None,
-        total_mem_valid: Int[Array, " r"], mask: Bool[Array, "r s"] | None, cache: LayerCache,
+        total_mem_valid: Int[Array, " #r"], mask: Bool[Array, "r s"] | None, cache: LayerCache,
     ) -> AttentionOutput:
         """`__call__` from the decoder's cache: this call's keys/values are written into the window's
         slots and the memory and window keys stay apart (no per-token concatenation of the caches)."""
@@ -336,7 +339,7 @@ class SelfAttention(nnx.Module):
         v = jax.lax.dynamic_update_slice_in_dim(cache.v, v_new.astype(cache.v.dtype), cache.start, axis=2)
         window_valid = jnp.arange(self.config.seq_len) < cache.end
         if cache.memory_k is None:
-            keys, values, buffer_valid = [k], [v], jnp.zeros((x.shape[0], 0), bool)
+            keys, values, buffer_valid = [k], [v], jnp.zeros((total_mem_valid.shape[0], 0), bool)
         else:
             keys, values, buffer_valid = [cache.memory_k, k], [cache.memory_v, v], cache.memory_valid
         attended = self.attend(q, keys, values, pos_emb=pos_emb, total_mem_valid=total_mem_valid,

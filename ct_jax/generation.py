@@ -113,29 +113,29 @@ def _empty_caches(net: CompressiveTransformer, batch: int) -> tuple[LayerCache, 
     for layer in range(1, config.depth + 1):
         window = jnp.zeros((_variants_at(config, layer) * batch, config.heads, config.seq_len, config.dim_head),
                            net.dtype)
-        caches.append(LayerCache(window, window, None, None, None, jnp.zeros((window.shape[0],), jnp.int32),
-                                 zero, zero))
+        caches.append(LayerCache(window, window, None, None, None, jnp.zeros((1,), jnp.int32), zero, zero))
     return _with_memory(net, Memory.empty(net, batch, net.dtype), tuple(caches))
 
 
 def _with_memory(net: CompressiveTransformer, memory: Memory, caches: tuple[LayerCache, ...]
                  ) -> tuple[LayerCache, ...]:
     """`caches` reading `memory`: each memory layer's K/V of `cmem | mem` for every variant v (the
-    memory rolled v times, variant-major on the batch axis) and every layer's valid counts."""
+    memory rolled v times, variant-major on the batch axis) and the valid counts. Every row of a
+    generation is advanced by the same windows, so all rows hold equal counts: row 0's serve every
+    row and variant (one row broadcasts: one position window per layer, not one per row)."""
     config = net.config
     layers = len(config.memory_layers)
     out = []
     for layer, cache in enumerate(caches, start=1):
         times = _variants_at(config, layer)
-        cache = cache._replace(total_valid=jnp.concatenate([memory.total_valid] * times))
+        cache = cache._replace(total_valid=memory.total_valid[:1])
         if layer in config.memory_layers:
             slot = config.memory_layers.index(layer)
             sources = [(slot + v) % layers for v in range(times)]
             mem = jnp.concatenate([memory.mem[source] for source in sources])
             cmem = jnp.concatenate([memory.compressed_mem[source] for source in sources])
             k, v = net.attn_layers[layer - 1].fn.keys_values(jnp.concatenate([cmem, mem], axis=1))
-            cache = cache._replace(memory_k=k, memory_v=v,
-                                   memory_valid=jnp.concatenate([memory.slot_valid()] * times))
+            cache = cache._replace(memory_k=k, memory_v=v, memory_valid=memory.slot_valid()[:1])
         out.append(cache)
     return tuple(out)
 
