@@ -1,9 +1,14 @@
-"""Self-attention over `cmem | mem | x` with relative positions, memory update and aux loss
-(upstream's, and the paper-faithful options of docs/paper-options.md)."""
+"""The attention core: queries over `cmem | mem | window` keys with relative positions.
+
+One path for the segment forward and the cached decoder: they differ only in where the
+keys and values come from (`SelfAttention.__call__` with or without a `LayerCache`). The
+memory update lives in `ct_jax.memory_update`, the auxiliary losses in `ct_jax.aux_losses`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +17,11 @@ from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from ct_jax import compression
+from ct_jax import compression, memory_update
 from ct_jax import memory as memlib
 from ct_jax._checks import check_choice
 from ct_jax.config import ModelConfig
-from ct_jax.layers import linear, wide
+from ct_jax.layers import linear, masked_softmax, wide
 from ct_jax.positions import sinusoid_table
 
 # `attention_impl`: "xla" computes the scores, the masked softmax and the value product as
@@ -31,19 +36,40 @@ _HIDDEN_BIAS = -0.25 * _F32_MAX
 _INVALID_BIAS = -0.75 * _F32_MAX
 
 
-def masked_softmax(logits: Float[Array, "*lead k"], valid: Bool[Array, "*#lead k"]) -> Float[Array, "*lead k"]:
-    """Softmax in (at least) float32 where `valid == False` entries get exactly zero weight.
+class Attended(NamedTuple):
+    """What `SelfAttention.attend` returns."""
 
-    A row with no valid entry gives all zeros (torch's softmax over an empty axis
-    followed by a matmul gives zeros too).
+    out: Float[Array, "b n dim"]  # after `to_out` and its dropout
+    probs: Float[Array, "b h n k"] | None  # the attention probabilities (before dropout), if asked
+
+
+class LayerCache(NamedTuple):
+    """One layer's state in the cached decoder (`ct_jax.generation`): the keys/values of the
+    window's tokens so far and, for a memory layer, of its `cmem|mem` (computed once per window).
+
+    Rows r are the batch's, or (from the first memory layer up) the decoder's variants of each
+    row stacked variant-major on the batch axis (see `ct_jax.generation`).
     """
-    logits = logits.astype(wide(logits.dtype))
-    masked = jnp.where(valid, logits, -jnp.inf)
-    peak = jnp.max(masked, axis=-1, keepdims=True, initial=-jnp.inf)
-    peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
-    weights = jnp.exp(masked - peak)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    return weights / jnp.where(total > 0, total, 1.0)
+
+    k: Float[Array, "r h s dh"]  # the window's keys, s = seq_len slots
+    v: Float[Array, "r h s dh"]
+    memory_k: Float[Array, "r h m dh"] | None  # keys of cmem|mem; None for a layer without memory
+    memory_v: Float[Array, "r h m dh"] | None
+    # Per row, or one row for all (a generation advances every row by the same windows): which
+    # cmem|mem slots hold entries, and the memory layers' valid cmem|mem length (sets the position rows).
+    memory_valid: Bool[Array, "#r m"] | None
+    total_valid: Int[Array, " #r"]
+    start: Int[Array, ""]  # window position of the first token run now
+    end: Int[Array, ""]  # tokens in the window once these are written; later slots get zero weight
+
+
+class AttentionOutput(NamedTuple):
+    """What `SelfAttention.__call__` returns."""
+
+    out: Float[Array, "b t d"]
+    memory: memlib.LayerMemory | None  # the layer's memory after this segment (None: no memory)
+    aux_loss: Float[Array, ""]
+    cache: LayerCache | None  # the decoder's cache with this call's keys/values written
 
 
 def relative_shift(pos_logits: Float[Array, "b h t w"], keys: int) -> Float[Array, "b h t k"]:
@@ -68,7 +94,25 @@ def position_window(
     return jax.lax.dynamic_slice_in_dim(padded, first_row + pad, width, axis=1)
 
 
-def _scores(q: Float[Array, "b h n d"], k: Float[Array, "#b h j d"]) -> Float[Array, "b h n j"]:
+def visible(
+    n_buffer: int, first_query: Int[Array, ""] | int, n: int, window: int, mask: Bool[Array, "b s"] | None
+) -> Bool[Array, "#b 1 n k"]:
+    """Which keys of `cmem|mem|window` each of the n queries at window positions
+    [first_query, first_query + n) sees: causal over the keys and, with a padding mask
+    (True = real token, over the window), the outer product of the mask on the window
+    keys; memory columns are visible to every query."""
+    query_pos = n_buffer + first_query + jnp.arange(n)[:, None]
+    key_pos = jnp.arange(n_buffer + window)[None, :]
+    causal = (key_pos <= query_pos)[None, None]  # [1, 1, n, k]
+    if mask is None:
+        return causal
+    query_mask = jax.lax.dynamic_slice_in_dim(mask, first_query, n, axis=1)
+    pair_mask = query_mask[:, None, :, None] & mask[:, None, None, :]  # [b, 1, n, window]
+    memory_columns = jnp.ones((mask.shape[0], 1, n, n_buffer), bool)
+    return causal & jnp.concatenate([memory_columns, pair_mask], axis=-1)
+
+
+def scores(q: Float[Array, "b h n d"], k: Float[Array, "#b h j d"]) -> Float[Array, "b h n j"]:
     """q . k over d (`k` may be shared over the batch). One query row (the decoder's per-token
     case) as a multiply-reduce: it reads each cached key once, where a matmul would first copy
     the cache into its preferred layout."""
@@ -79,19 +123,63 @@ def _scores(q: Float[Array, "b h n d"], k: Float[Array, "#b h j d"]) -> Float[Ar
     return jnp.einsum("bhid,bhjd->bhij", q, k)  # [b, h, n, j]
 
 
-def _weighted(attn: Float[Array, "b h n j"], v: Float[Array, "b h j d"]) -> Float[Array, "b h n d"]:
-    """Attention-weighted sum of values; one query row as a multiply-reduce (see `_scores`)."""
+def weighted(attn: Float[Array, "b h n j"], v: Float[Array, "b h j d"]) -> Float[Array, "b h n d"]:
+    """Attention-weighted sum of values; one query row as a multiply-reduce (see `scores`)."""
     if attn.shape[2] == 1:
         return jnp.sum(attn[:, :, 0, :, None] * v, axis=2)[:, :, None, :]  # [b, h, 1, d]
     return jnp.einsum("bhij,bhjd->bhid", attn, v)  # [b, h, n, d]
 
 
-class SelfAttention(nnx.Module):
-    """Upstream's `SelfAttention`, on fixed-shape memory buffers, with the paper's options.
+def weighted_blocks(attn: Float[Array, "b h n k"], values: Sequence[Float[Array, "b h _ d"]]
+                    ) -> Float[Array, "b h n d"]:
+    """`weighted` over values given as consecutive blocks of the key axis (no concatenation)."""
+    ends = np.cumsum([v.shape[2] for v in values])
+    return sum(weighted(attn[..., end - v.shape[2] : end], v) for v, end in zip(values, ends))
 
-    The attention core (`queries`, `keys_values`, `attend` and, inside it, `content_logits`,
-    `position_logits`, `visible`) serves both the segment forward (`__call__`) and the cached
-    decoder (`ct_jax.generation`), which differ only in where keys and values come from.
+
+def slots_valid(buffer_valid: Bool[Array, "#b c"], n_window: int, window_valid: Bool[Array, " s"] | None
+                ) -> Bool[Array, "#b 1 1 k"]:
+    """Which keys of `cmem|mem|window` hold entries, per row: the valid memory slots, then the
+    window's (`window_valid`, None = all)."""
+    if window_valid is None:
+        window_valid = jnp.ones((n_window,), bool)
+    window_valid = jnp.broadcast_to(window_valid, (buffer_valid.shape[0], n_window))
+    return jnp.concatenate([buffer_valid, window_valid], axis=-1)[:, None, None, :]
+
+
+def fused_attention(
+    q: Float[Array, "b h n dh"], k: Float[Array, "b h k dh"], v: Float[Array, "b h k dh"],
+    bias: Float[Array, "b h n k"], scale: float,
+) -> Float[Array, "b n h dh"]:
+    """softmax(q.k * scale + bias) v through `jax.nn.dot_product_attention` (cuDNN's flash
+    attention on a GPU in 16-bit compute where it takes the shapes, XLA's otherwise)."""
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [b, h, n, dh] -> [b, n, h, dh]
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:  # cuDNN refuses some shapes (head dim, odd lengths) at trace time
+            return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=scale,
+                                                implementation="cudnn")
+        except (NotImplementedError, ValueError):
+            pass
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)  # [b, n, h, dh]
+
+
+def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+    """A dropout layer; one with rate 0 holds no random stream."""
+    return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+
+def _uv_bias(config: ModelConfig, param_dtype) -> nnx.Param | None:
+    """Transformer-XL's content (u) or position (v) bias per head; None under learned positions."""
+    if config.relative_positions != "sinusoidal":
+        return None
+    return nnx.Param(jnp.zeros((config.heads, config.dim_head), param_dtype))
+
+
+class SelfAttention(nnx.Module):
+    """Upstream's `SelfAttention` on fixed-shape memory buffers, with the paper's options.
+
+    Holds the parameters of its memory's compressor and auxiliary loss (upstream's state_dict
+    layout); `ct_jax.memory_update` and `ct_jax.aux_losses` use them.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -105,150 +193,94 @@ class SelfAttention(nnx.Module):
         self.to_q = linear(dim, dim, use_bias=False, **opts)
         self.to_kv = linear(dim, 2 * dim, use_bias=False, **opts)
         self.to_out = linear(dim, dim, **opts)
-        maybe = lambda rate: rngs if rate > 0 else None  # noqa: E731
-        self.attn_dropout = nnx.Dropout(config.attn_dropout, rngs=maybe(config.attn_dropout))
-        self.dropout = nnx.Dropout(config.attn_layer_dropout, rngs=maybe(config.attn_layer_dropout))
-        self.reconstruction_attn_dropout = nnx.Dropout(
-            config.reconstruction_attn_dropout, rngs=maybe(config.reconstruction_attn_dropout)
-        )
+        self.attn_dropout = _dropout(config.attn_dropout, rngs)
+        self.dropout = _dropout(config.attn_layer_dropout, rngs)
+        self.reconstruction_attn_dropout = _dropout(config.reconstruction_attn_dropout, rngs)
         self.decompress_mem_fn = (
             compression.ConvDecompress(dim, config.cmem_ratio, **opts) if config.aux_loss == "autoencoder" else None
         )
-        sinusoidal = config.relative_positions == "sinusoidal"
         # Transformer-XL: projection of the sinusoids, content bias u, position bias v.
+        sinusoidal = config.relative_positions == "sinusoidal"
         self.to_pos = linear(dim, dim, use_bias=False, **opts) if sinusoidal else None
-        bias = lambda: nnx.Param(jnp.zeros((config.heads, config.dim_head), param_dtype)) if sinusoidal else None  # noqa: E731
-        self.pos_bias_u, self.pos_bias_v = bias(), bias()
+        self.pos_bias_u, self.pos_bias_v = _uv_bias(config, param_dtype), _uv_bias(config, param_dtype)
         self.deterministic = False  # torch modules start in training mode
 
-    def _heads(self, x: Float[Array, "b n hd"]) -> Float[Array, "b h n d"]:
+    def heads(self, x: Float[Array, "b n hd"]) -> Float[Array, "b h n d"]:
+        """Splits the last axis into heads."""
         return rearrange(x, "b n (h d) -> b h n d", h=self.config.heads)
 
     def queries(self, x: Float[Array, "b n dim"]) -> Float[Array, "b h n dh"]:
         """The queries of `x` (layer-normed input), split into heads."""
-        return self._heads(self.to_q(x.astype(self.dtype)))
+        return self.heads(self.to_q(x.astype(self.dtype)))
 
     def keys_values(self, x: Float[Array, "b n dim"]) -> tuple[Float[Array, "b h n dh"], Float[Array, "b h n dh"]]:
         """Keys and values of `x` (layer-normed input or memory slots), split into heads."""
         k, v = jnp.split(self.to_kv(x.astype(self.dtype)), 2, axis=-1)
-        return self._heads(k), self._heads(v)
-
-    def content_logits(self, q: Float[Array, "b h n dh"], k: Float[Array, "b h j dh"]) -> Float[Array, "b h n j"]:
-        """Scaled q . k of one block of keys."""
-        return _scores(q, k) * self.config.dim_head**-0.5
+        return self.heads(k), self.heads(v)
 
     def position_logits(
-        self,
-        q: Float[Array, "b h n dh"],
-        pos_emb: Float[Array, "h r dh"] | None,
-        *,
-        total_mem_valid: Int[Array, "*rows"],
-        n_buffer: int,
-        first_query: Int[Array, ""] | int,
-        keys: int,
+        self, q: Float[Array, "b h n dh"], pos_emb: Float[Array, "h r dh"] | None, *,
+        total_mem_valid: Int[Array, " #b"], n_buffer: int, first_query: Int[Array, ""] | int, keys: int,
     ) -> Float[Array, "b h n k"]:
-        """Scaled q . P of queries at window positions [first_query, first_query + n) against
-        the `keys` keys `cmem|mem|window` (n_buffer memory slots, then the window), shifted so
-        that entry [a, p] is the logit of query a and key p.
-
-        Key p, query first_query + a are d = n_buffer + first_query + a - p apart; upstream
-        reads position row total_mem_valid + seq_len - 1 - d, so the rows drift while memory
-        fills (kept). Visible pairs (p <= n_buffer + first_query + a) read window rows
-        p + n - 1 - a <= n_buffer + first_query + n - 1 <= keys - 1, so `keys` rows suffice
-        (not keys + n - 1): future pairs read wrapped values, which `visible` masks.
-
-        relative_positions="sinusoidal": window row j holds the projected sinusoid of the
-        distance n_buffer + first_query + n - 1 - j (no drift; `q` carries the bias v).
+        """Scaled q . P of the queries at window positions first_query + a against the keys p of
+        `cmem|mem|window` (n_buffer memory slots first), d = n_buffer + first_query + a - p apart:
+        upstream reads row total_mem_valid + seq_len - 1 - d (drifts while memory fills; kept).
+        Visible pairs read window rows <= keys - 1; future pairs read wrapped values (`visible`
+        masks them). Sinusoidal: the projected sinusoid of d (no drift; `q` carries the bias v).
         """
         n, seq_len = q.shape[2], self.config.seq_len
         if self.config.relative_positions == "sinusoidal":
-            # Static table of distances n_buffer + seq_len - 1 .. 0; rows past it (future keys
-            # of the decoder's window, masked) read zeros. The same rows for every batch row.
+            # Static distances n_buffer + seq_len - 1 .. 0, the same for every row; rows past them
+            # (future keys of the decoder's window, masked) read zeros.
             table = jnp.asarray(sinusoid_table(n_buffer + seq_len, self.config.dim), self.dtype)
             rows = position_window(table[None], seq_len - first_query - n, keys)[0]  # [keys, dim]
-            window = self._heads(self.to_pos(rows)[None])  # [1, h, keys, dh]
-        else:
-            first_row = total_mem_valid + seq_len - 1 - n_buffer - first_query - (n - 1)  # [] or [b]
-            if jnp.ndim(first_row) == 0:  # one count for the batch (the decoder)
-                window = position_window(pos_emb.astype(q.dtype), first_row, keys)[None]  # [1, h, keys, dh]
-            else:  # rows holding different amounts of memory read different rows
-                window = jax.vmap(position_window, in_axes=(None, 0, None))(pos_emb.astype(q.dtype), first_row, keys)
-        pos_dots = _scores(q, window) * self.config.dim_head**-0.5  # [b, h, n, keys]
-        return relative_shift(pos_dots, keys)
-
-    @staticmethod
-    def visible(
-        n_buffer: int, first_query: Int[Array, ""] | int, n: int, window: int, mask: Bool[Array, "b s"] | None
-    ) -> Bool[Array, "#b 1 n k"]:
-        """Which keys of `cmem|mem|window` each of the n queries at window positions
-        [first_query, first_query + n) sees: causal over the keys and, with a padding mask
-        (True = real token, over the window), the outer product of the mask on the window
-        keys; memory columns are visible to every query."""
-        query_pos = n_buffer + first_query + jnp.arange(n)[:, None]
-        key_pos = jnp.arange(n_buffer + window)[None, :]
-        visible = (key_pos <= query_pos)[None, None]  # [1, 1, n, k]
-        if mask is None:
-            return visible
-        query_mask = jax.lax.dynamic_slice_in_dim(mask, first_query, n, axis=1)
-        pair_mask = query_mask[:, None, :, None] & mask[:, None, None, :]  # [b, 1, n, window]
-        memory_columns = jnp.ones((mask.shape[0], 1, n, n_buffer), bool)
-        return visible & jnp.concatenate([memory_columns, pair_mask], axis=-1)
+            window = self.heads(self.to_pos(rows)[None])  # [1, h, keys, dh]
+        else:  # rows holding different amounts of memory read different rows
+            first_row = total_mem_valid + seq_len - 1 - n_buffer - first_query - (n - 1)  # [b], or [1] for all rows
+            window = jax.vmap(position_window, in_axes=(None, 0, None))(pos_emb.astype(q.dtype), first_row, keys)
+        return relative_shift(scores(q, window) * self.config.dim_head**-0.5, keys)  # [b, h, n, keys]
 
     def attend(
-        self,
-        q: Float[Array, "b h n dh"],
-        keys: Sequence[Float[Array, "b h _ dh"]],
-        values: Sequence[Float[Array, "b h _ dh"]],
-        *,
-        pos_emb: Float[Array, "h r dh"] | None,
-        total_mem_valid: Int[Array, "*rows"],
-        buffer_valid: Bool[Array, "*rows c"],
-        first_query: Int[Array, ""] | int = 0,
-        window_valid: Bool[Array, " s"] | None = None,
-        mask: Bool[Array, "b s"] | None = None,
-        rngs: nnx.Rngs | None = None,
-        with_probs: bool = False,
-    ) -> Float[Array, "b n dim"] | tuple[Float[Array, "b n dim"], Float[Array, "b h n k"]]:
-        """Attention of queries at window positions [first_query, first_query + n) over the
-        keys/values `cmem|mem|window`, given as consecutive blocks along the key axis (the
-        forward passes one block, the decoder memory and window apart), then `to_out`.
+        self, q: Float[Array, "b h n dh"], keys: Sequence[Float[Array, "b h _ dh"]],
+        values: Sequence[Float[Array, "b h _ dh"]], *, pos_emb: Float[Array, "h r dh"] | None,
+        total_mem_valid: Int[Array, " #b"], buffer_valid: Bool[Array, "#b c"], first_query: Int[Array, ""] | int = 0,
+        window_valid: Bool[Array, " s"] | None = None, mask: Bool[Array, "b s"] | None = None,
+        rngs: nnx.Rngs | None = None, with_probs: bool = False,
+    ) -> Attended:
+        """Attention of queries at window positions [first_query, first_query + n) over the keys/
+        values `cmem|mem|window`, given as consecutive blocks along the key axis (the forward
+        passes one block, the decoder memory and window apart), then `to_out`.
 
-        `buffer_valid`: which of the leading memory slots hold entries (`memory.buffer_valid`),
-        with `total_mem_valid` either per row ((b, c) and (b,): rows holding different amounts
-        of memory) or shared by the batch ((c,) and ());
+        `buffer_valid`/`total_mem_valid`: each row's valid memory slots and their count (one row
+        broadcasts to all: the decoder's, whose rows hold equal memory);
         `window_valid`: which window slots hold tokens (None = all); `mask`: padding over the
-        window, True = real token. Invalid slots get exactly zero weight. `with_probs`: also
-        return the attention probabilities (before dropout); the fused path cannot, so asking
-        for them runs the "xla" path (`fuses`).
+        window, True = real token. Invalid slots get exactly zero weight. `with_probs` runs the
+        "xla" path (`fuses`) and returns the probabilities too.
         """
-        n_keys = sum(k.shape[2] for k in keys)
-        n_buffer = buffer_valid.shape[-1]
-        n_window = n_keys - n_buffer
+        n_keys, n_buffer = sum(k.shape[2] for k in keys), buffer_valid.shape[1]
         content_q = position_q = q
         if self.config.relative_positions == "sinusoidal":  # Transformer-XL: (q + u) . k + (q + v) . R
             content_q = q + self.pos_bias_u[...].astype(q.dtype)[None, :, None, :]
             position_q = q + self.pos_bias_v[...].astype(q.dtype)[None, :, None, :]
         pos = self.position_logits(position_q, pos_emb, total_mem_valid=total_mem_valid, n_buffer=n_buffer,
                                    first_query=first_query, keys=n_keys)
-        visible = self.visible(n_buffer, first_query, q.shape[2], n_window, mask)
-        if window_valid is None:
-            window_valid = jnp.ones((n_window,), bool)
-        window_valid = jnp.broadcast_to(window_valid, (*buffer_valid.shape[:-1], n_window))
-        slot_valid = jnp.concatenate([buffer_valid, window_valid], axis=-1)  # [c + s] or [b, c + s]
-        slot_valid = slot_valid[None, None, None, :] if slot_valid.ndim == 1 else slot_valid[:, None, None, :]
+        seen = visible(n_buffer, first_query, q.shape[2], n_keys - n_buffer, mask)
+        slot_valid = slots_valid(buffer_valid, n_keys - n_buffer, window_valid)
+        scale, probs = self.config.dim_head**-0.5, None
         if self.fuses(with_probs):
-            return self._fused_attend(content_q, keys, values, pos, visible, slot_valid, rngs)
-        dots = jnp.concatenate([self.content_logits(content_q, k) for k in keys], axis=-1)  # [b, h, n, keys]
-        dots = (dots + pos).astype(wide(self.dtype))
-        # Masked logits get -finfo.max as upstream (a fully masked row is uniform, not NaN);
-        # slots not valid get exactly zero weight.
-        dots = jnp.where(visible, dots, -jnp.finfo(dots.dtype).max)
-        probs = masked_softmax(dots, slot_valid).astype(values[0].dtype)
-        attn = self.attn_dropout(probs, rngs=rngs)
-        offsets = np.cumsum([0] + [v.shape[2] for v in values])
-        out = sum(_weighted(attn[..., lo:hi], v) for v, lo, hi in zip(values, offsets[:-1], offsets[1:]))
-        out = self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")), rngs=rngs)
-        return (out, probs) if with_probs else out
+            bias = jnp.where(slot_valid, jnp.where(seen, pos.astype(wide(self.dtype)), _HIDDEN_BIAS), _INVALID_BIAS)
+            k, v = (blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=2) for blocks in (keys, values))
+            out = rearrange(fused_attention(content_q, k, v, bias, scale), "b n h d -> b n (h d)")
+        else:
+            dots = jnp.concatenate([scores(content_q, k) for k in keys], axis=-1)  # [b, h, n, keys]
+            dots = (dots * scale + pos).astype(wide(self.dtype))
+            # Masked logits get -finfo.max as upstream (a fully masked row is uniform, not NaN);
+            # slots not valid get exactly zero weight.
+            dots = jnp.where(seen, dots, -jnp.finfo(dots.dtype).max)
+            probs = masked_softmax(dots, slot_valid).astype(values[0].dtype)
+            out = rearrange(weighted_blocks(self.attn_dropout(probs, rngs=rngs), values), "b h n d -> b n (h d)")
+        out = self.dropout(self.to_out(out), rngs=rngs)
+        return Attended(out, probs if with_probs else None)
 
     def fuses(self, with_probs: bool = False) -> bool:
         """Whether `attend` takes the fused path now: attention_impl="fused", no attention
@@ -257,183 +289,60 @@ class SelfAttention(nnx.Module):
         dropout_on = self.config.attn_dropout > 0 and not self.attn_dropout.deterministic
         return self.attention_impl == "fused" and not dropout_on and not with_probs
 
-    def _fused_attend(
-        self,
-        q: Float[Array, "b h n dh"],
-        keys: Sequence[Float[Array, "b h _ dh"]],
-        values: Sequence[Float[Array, "b h _ dh"]],
-        pos: Float[Array, "b h n k"],
-        visible: Bool[Array, "#b 1 n k"],
-        slot_valid: Bool[Array, "#b 1 1 k"],
-        rngs: nnx.Rngs | None,
-    ) -> Float[Array, "b n dim"]:
-        """`attend`'s output through `jax.nn.dot_product_attention`: softmax(q.k * scale + bias) v
-        with bias = the scaled position logits where visible, and the masks as large negative
-        values (`_HIDDEN_BIAS`, `_INVALID_BIAS`: the same weights as the "xla" path)."""
-        k = keys[0] if len(keys) == 1 else jnp.concatenate(keys, axis=2)  # [b, h, keys, dh]
-        v = values[0] if len(values) == 1 else jnp.concatenate(values, axis=2)
-        bias = jnp.where(slot_valid, jnp.where(visible, pos.astype(wide(self.dtype)), _HIDDEN_BIAS), _INVALID_BIAS)
-        heads_last = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  [b, h, n, dh] -> [b, n, h, dh]
-        args = (heads_last(q), heads_last(k), heads_last(v))
-        scale = self.config.dim_head**-0.5
-        out = None
-        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:  # cuDNN's flash attention; it refuses some shapes (head dim, odd lengths) at trace time
-                out = jax.nn.dot_product_attention(*args, bias=bias.astype(q.dtype), scale=scale,
-                                                   implementation="cudnn")
-            except (NotImplementedError, ValueError):
-                out = None
-        if out is None:
-            out = jax.nn.dot_product_attention(*args, bias=bias, scale=scale)  # [b, n, h, dh]
-        return self.dropout(self.to_out(rearrange(out, "b n h d -> b n (h d)")), rngs=rngs)
-
     def __call__(
-        self,
-        x: Float[Array, "b t d"],
-        pos_emb: Float[Array, "h r dh"] | None,
-        total_mem_valid: Int[Array, " b"],
-        mask: Bool[Array, "b t"] | None = None,
-        layer_memory: memlib.LayerMemory | None = None,
-        rngs: nnx.Rngs | None = None,
-        *,
-        memory_gradients: bool = False,
-    ) -> tuple[Float[Array, "b t d"], memlib.LayerMemory | None, Float[Array, ""]]:
-        """Returns (output, updated layer memory or None, aux loss).
+        self, x: Float[Array, "b t d"], pos_emb: Float[Array, "h r dh"] | None, total_mem_valid: Int[Array, " #b"],
+        mask: Bool[Array, "b s"] | None = None, layer_memory: memlib.LayerMemory | None = None,
+        rngs: nnx.Rngs | None = None, *, memory_gradients: bool = False, cache: LayerCache | None = None,
+    ) -> AttentionOutput:
+        """Attention of `x` (the layer-normed input) over its layer's memory and window.
 
-        `x` is the layer-normed input; `layer_memory` is this layer's buffers and counts
-        (None for a layer without memory); `total_mem_valid` is each row's valid length of
-        the memory layers' `cmem|mem`, which sets that row's learned positional rows in every
-        layer (`pos_emb` is None under sinusoidal positions). Counts are per row: each row
-        computes what it would alone. `memory_gradients`: the updated memory keeps its
-        gradient (compression included).
+        Without `cache`, `x` is a segment and `layer_memory` this layer's buffers and counts
+        (None without memory); at a full segment the memory is updated (`memory_update`). With
+        `cache` (the decoder), `x` holds window positions [cache.start, ...), keys and values
+        come from the cache, `mask` covers the window and the memory is not touched.
+        `total_mem_valid`: per row (or one for all), the memory layers' valid `cmem|mem` length (sets the
+        learned position rows in every layer). `memory_gradients`: the memory keeps its gradient.
         """
-        config = self.config
-        b, t, _ = x.shape
         x = x.astype(self.dtype)
-        if layer_memory is None:
-            mem = cmem = jnp.zeros((b, 0, x.shape[-1]), x.dtype)
-            buffer_valid = jnp.zeros((b, 0), bool)
-        else:
-            mem, cmem = layer_memory.mem.astype(x.dtype), layer_memory.compressed_mem.astype(x.dtype)
-            buffer_valid = layer_memory.slot_valid()
-        n_cmem, n_mem = cmem.shape[1], mem.shape[1]
-        n_buffer = n_cmem + n_mem
-
         q = self.queries(x)
-        k, v = self.keys_values(jnp.concatenate([cmem, mem, x], axis=1))  # [b, h, c+m+t, dh] each
-        updates = layer_memory is not None and t == config.seq_len
-        with_probs = updates and config.compression == "most_used"  # the attention each slot received
+        if cache is not None:
+            return self._cached(x, q, pos_emb, total_mem_valid, mask, cache)
+        b, t, _ = x.shape
+        if layer_memory is None:
+            layer_memory_in, buffers, buffer_valid = None, [], jnp.zeros((b, 0), bool)
+        else:  # the buffers in the compute dtype
+            layer_memory_in = layer_memory._replace(mem=layer_memory.mem.astype(x.dtype),
+                                                    compressed_mem=layer_memory.compressed_mem.astype(x.dtype))
+            buffers, buffer_valid = [layer_memory_in.compressed_mem, layer_memory_in.mem], layer_memory.slot_valid()
+        k, v = self.keys_values(jnp.concatenate([*buffers, x], axis=1))  # [b, h, c+m+t, dh] each
+        n_buffer = buffer_valid.shape[1]
+        updates = layer_memory is not None and t == self.config.seq_len
+        with_probs = updates and self.config.compression == "most_used"  # the attention each slot received
         attended = self.attend(q, [k], [v], pos_emb=pos_emb, total_mem_valid=total_mem_valid,
                                buffer_valid=buffer_valid, mask=mask, rngs=rngs, with_probs=with_probs)
-        out, probs = attended if with_probs else (attended, None)
-
         if not updates:
-            return out, layer_memory, jnp.zeros((), wide(self.dtype))
-        read = None
-        if with_probs:
-            read = compression.attention_received(probs[..., n_cmem:n_buffer].astype(jnp.float32), mask)
-        new_memory, aux_loss = self.update_memory(
-            layer_memory._replace(mem=mem, compressed_mem=cmem), x, q, k[:, :, n_cmem:n_buffer],
-            v[:, :, n_cmem:n_buffer], read, rngs, memory_gradients=memory_gradients,
+            return AttentionOutput(attended.out, layer_memory, jnp.zeros((), wide(self.dtype)), None)
+        new_memory, aux_loss = memory_update.update_memory(
+            self, layer_memory_in, x, q, k[:, :, :n_buffer], v[:, :, :n_buffer], attended.probs, mask, rngs,
+            memory_gradients=memory_gradients,
         )
-        return out, new_memory, aux_loss
+        return AttentionOutput(attended.out, new_memory, aux_loss, None)
 
-    def update_memory(
-        self,
-        layer_memory: memlib.LayerMemory,
-        x: Float[Array, "b t d"],
-        q: Float[Array, "b h t dh"],
-        mem_k: Float[Array, "b h m dh"],
-        mem_v: Float[Array, "b h m dh"],
-        read: Float[Array, "b m"] | None,
-        rngs: nnx.Rngs | None,
-        *,
-        memory_gradients: bool = False,
-    ) -> tuple[memlib.LayerMemory, Float[Array, ""]]:
-        """The memory after a full segment `x` (FIFO of mem_len, evicted slots compressed into
-        cmem) and the aux loss. `q`, `mem_k`, `mem_v`: the segment's queries and the memory's
-        keys/values; `read`: the attention each memory slot received now (most_used only)."""
-        config = self.config
-        mem, cmem = layer_memory.mem, layer_memory.compressed_mem
-        mem_valid, cmem_valid = layer_memory.mem_valid, layer_memory.compressed_mem_valid
-        t, n_mem, n_cmem = x.shape[1], mem.shape[1], cmem.shape[1]
-        aux_loss = jnp.zeros((), wide(self.dtype))
-        sg = jax.lax.stop_gradient
-
-        new_mem_valid = jnp.minimum(mem_valid + t, config.mem_len)
-        new_mem = jnp.concatenate([mem, x], axis=1)[:, t:]
-        new_mem = jnp.where(memlib.valid_slots(n_mem, new_mem_valid)[:, :, None], new_mem, 0)
-        usage = new_usage = None
-        if read is not None:
-            usage = layer_memory.mem_usage + read  # (b, m); invalid slots read 0
-            new_usage = jnp.concatenate([usage, jnp.zeros_like(usage[:, :t])], axis=1)[:, t:]
-        new_memory = memlib.LayerMemory(new_mem, cmem, new_mem_valid, cmem_valid, new_usage)
-        if config.cmem_len == 0:
-            return new_memory, aux_loss
-
-        windows, evicted_count, n_compressed = memlib.evicted_windows(
-            mem, mem_valid, x, config.mem_len, config.cmem_ratio, config.eviction_padding
-        )
-        if config.compression == "most_used":
-            # The evicted region is the first t slots of mem|x = of mem (t <= mem_len).
-            reads = compression.reads_per_slot(config.mem_len, config.seq_len)[:t]
-            scores = usage[:, :t] / jnp.asarray(reads, usage.dtype)
-            region_valid = memlib.valid_slots(t, evicted_count)  # (b, t)
-            n_out = windows.shape[1]
-            compress = lambda region: compression.select_most_used(  # noqa: E731
-                region[:, :t], scores, region_valid, n_compressed, n_out
-            )
-            source = mem
+    def _cached(
+        self, x: Float[Array, "r n d"], q: Float[Array, "r h n dh"], pos_emb: Float[Array, "h q dh"] | None,
+        total_mem_valid: Int[Array, " #r"], mask: Bool[Array, "r s"] | None, cache: LayerCache,
+    ) -> AttentionOutput:
+        """`__call__` from the decoder's cache: this call's keys/values are written into the window's
+        slots and the memory and window keys stay apart (no per-token concatenation of the caches)."""
+        k_new, v_new = self.keys_values(x)
+        k = jax.lax.dynamic_update_slice_in_dim(cache.k, k_new.astype(cache.k.dtype), cache.start, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(cache.v, v_new.astype(cache.v.dtype), cache.start, axis=2)
+        window_valid = jnp.arange(self.config.seq_len) < cache.end
+        if cache.memory_k is None:
+            keys, values, buffer_valid = [k], [v], jnp.zeros((total_mem_valid.shape[0], 0), bool)
         else:
-            compress, source = self.compress_mem_fn, windows
-        # The compressor reads stop-gradient memories unless memory gradients are on.
-        compressed = compress(source if memory_gradients else sg(source))  # (b, n_out, d)
-        new_cmem = memlib.right_aligned_concat(cmem, cmem_valid, compressed, n_compressed, n_cmem)
-        new_cmem_valid = jnp.minimum(cmem_valid + n_compressed, config.cmem_len)
-        new_memory = new_memory._replace(
-            compressed_mem=new_cmem if memory_gradients else sg(new_cmem), compressed_mem_valid=new_cmem_valid
-        )
-        if self.deterministic or config.aux_loss == "none":
-            return new_memory, aux_loss
-
-        # The aux loss trains the compressor only: it reads stop-gradient memories.
-        aux_compressed = compress(sg(source)) if memory_gradients else compressed
-        window_valid = memlib.valid_slots(compressed.shape[1], n_compressed)
-        if config.aux_loss == "autoencoder":
-            # Decode the compressed slots back to the windows they were made from.
-            decoded = self.decompress_mem_fn(aux_compressed).astype(aux_loss.dtype)  # (b, n, r, d)
-            error = jnp.square(decoded - sg(windows).astype(aux_loss.dtype))
-            error = jnp.where(window_valid[:, :, None, None], error, 0.0)
-            # per row (a row alone gives its own), 0 for rows that compressed nothing; the batch's is their mean
-            per_row = jnp.sum(error, axis=(1, 2, 3)) / (jnp.maximum(n_compressed, 1) * config.cmem_ratio * x.shape[-1])
-            return new_memory, jnp.mean(jnp.where(n_compressed > 0, per_row, 0.0))
-
-        # Attention reconstruction: the (frozen) queries over the target memories vs over the
-        # new compressed slots, whose K/V use a stop-gradient copy of to_kv (upstream's
-        # in-place detach_ froze to_kv; fixed). Target: the whole memory held (upstream) or
-        # the evicted slots only (reconstruction_target="evicted", the paper's).
-        target_valid = memlib.valid_slots(n_mem, mem_valid)
-        if config.reconstruction_target == "evicted":
-            target_valid = target_valid & (jnp.arange(n_mem)[None, :] < (n_mem - mem_valid + evicted_count)[:, None])
-        comp_kv = aux_compressed @ sg(self.to_kv.kernel[...]).astype(aux_compressed.dtype)  # (b, n, 2 dim)
-        comp_k, comp_v = map(self._heads, jnp.split(comp_kv, 2, axis=-1))
-        q_sg = sg(q)
-        target = self.full_attention(q_sg, sg(mem_k), sg(mem_v), target_valid, rngs)
-        recon = self.full_attention(q_sg, comp_k, comp_v, window_valid, rngs)
-        # per row (a row alone gives its own), 0 for rows that compressed nothing; the batch's is their mean
-        mse = jnp.mean(jnp.square(target.astype(aux_loss.dtype) - recon.astype(aux_loss.dtype)), axis=(1, 2, 3))
-        return new_memory, jnp.mean(jnp.where(n_compressed > 0, mse, 0.0))
-
-    def full_attention(
-        self,
-        q: Float[Array, "b h t dh"],
-        k: Float[Array, "b h j dh"],
-        v: Float[Array, "b h j dh"],
-        valid: Bool[Array, "b j"],
-        rngs: nnx.Rngs | None,
-    ) -> Float[Array, "b h t dh"]:
-        """Unmasked attention over the valid slots, as upstream's `full_attn`."""
-        dots = jnp.einsum("bhid,bhjd->bhij", q, k) * self.config.dim_head**-0.5  # [b, h, t, j]
-        attn = masked_softmax(dots, valid[:, None, None, :]).astype(v.dtype)
-        attn = self.reconstruction_attn_dropout(attn, rngs=rngs)
-        return jnp.einsum("bhij,bhjd->bhid", attn, v)  # [b, h, t, dh]
+            keys, values, buffer_valid = [cache.memory_k, k], [cache.memory_v, v], cache.memory_valid
+        attended = self.attend(q, keys, values, pos_emb=pos_emb, total_mem_valid=total_mem_valid,
+                               buffer_valid=buffer_valid, first_query=cache.start, window_valid=window_valid,
+                               mask=mask)
+        return AttentionOutput(attended.out, None, jnp.zeros((), wide(self.dtype)), cache._replace(k=k, v=v))

@@ -12,7 +12,9 @@ gates and norms act per position, attention is causal and the positional rows de
 on the valid memory length, which is fixed within a window, so a token's state depends only
 on the tokens before it and the memory. Each layer keeps the keys and values of the
 window's tokens in `seq_len` slots (and those of its `cmem | mem`, computed once per
-window), so a new token costs one attention row over memory + window. Three upstream
+window), so a new token costs one attention row over memory + window. The cached calls run
+the model's own layers (`CompressiveTransformer.run_layers` with one `LayerCache` per layer):
+the same norms, gates, feed-forwards and attention as training. Three upstream
 details shape this, each checked by tests/test_generation.py:
 
 - Enhanced recurrence also rolls the memory on calls with a short window and the reference
@@ -42,7 +44,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ct_jax.attention import SelfAttention
+from ct_jax.attention import LayerCache
 from ct_jax.layers import wide
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
@@ -61,8 +63,7 @@ class _State(NamedTuple):
     """The decoding loop's carry. Stream indices: prime (p tokens), then generated ones."""
 
     memory: Memory  # as the last full window left it (not rolled)
-    memory_kv: tuple[tuple[jax.Array, jax.Array], ...]  # per memory layer: K, V of cmem|mem, (V*b, h, c+m, dh)
-    cache_kv: tuple[tuple[jax.Array, jax.Array], ...]  # per layer: K, V of the window, (V*b or b, h, seq_len, dh)
+    caches: tuple[LayerCache, ...]  # per layer: K/V of the window and (memory layers) of cmem|mem per variant
     stream: Int[Array, "b n"]  # prime | generated tokens (| padding)
     pos: Int[Array, ""]  # the token to run next (the window's last)
     start: Int[Array, ""]  # where the current window starts
@@ -73,8 +74,27 @@ class _State(NamedTuple):
     lengths: Int[Array, " b"]
 
 
+class _Loop(NamedTuple):
+    """What every step of the compiled loop reads: the model and the sampling settings."""
+
+    net: CompressiveTransformer  # in eval mode
+    prime_len: Int[Array, ""]
+    stream_mask: Bool[Array, "b n"]  # the prime's mask, then True
+    rng: jax.Array
+    temperature: Float[Array, ""]
+    eos_token: Int[Array, ""]  # -1: none
+    filter_fn: FilterFn | None
+    filter_thres: float
+    on_token: Callable | None
+
+
 def _n_variants(config) -> int:
     return len(config.memory_layers) if config.enhanced_recurrence else 1
+
+
+def _variants_at(config, layer: int) -> int:
+    """How many variants of each row a layer runs: layers below the first memory layer do not vary."""
+    return 1 if layer < min(config.memory_layers) else _n_variants(config)
 
 
 def _rolled(memory: Memory, shift) -> Memory:
@@ -86,81 +106,144 @@ def _rolled(memory: Memory, shift) -> Memory:
                            compressed_mem=jnp.take(memory.compressed_mem, order, axis=0), mem_usage=usage)
 
 
-def _memory_kv(net: CompressiveTransformer, memory: Memory) -> tuple[tuple[jax.Array, jax.Array], ...]:
-    """K, V of each memory layer's `cmem | mem`, for every variant v (the memory rolled v times)."""
+def _empty_caches(net: CompressiveTransformer, batch: int) -> tuple[LayerCache, ...]:
+    """Every layer's cache with empty window slots and the empty memory's keys/values."""
+    config, zero = net.config, jnp.zeros((), jnp.int32)
+    caches = []
+    for layer in range(1, config.depth + 1):
+        window = jnp.zeros((_variants_at(config, layer) * batch, config.heads, config.seq_len, config.dim_head),
+                           net.dtype)
+        caches.append(LayerCache(window, window, None, None, None, jnp.zeros((1,), jnp.int32), zero, zero))
+    return _with_memory(net, Memory.empty(net, batch, net.dtype), tuple(caches))
+
+
+def _with_memory(net: CompressiveTransformer, memory: Memory, caches: tuple[LayerCache, ...]
+                 ) -> tuple[LayerCache, ...]:
+    """`caches` reading `memory`: each memory layer's K/V of `cmem | mem` for every variant v (the
+    memory rolled v times, variant-major on the batch axis) and the valid counts. Every row of a
+    generation is advanced by the same windows, so all rows hold equal counts: row 0's serve every
+    row and variant (one row broadcasts: one position window per layer, not one per row)."""
     config = net.config
-    layers, n_variants = len(config.memory_layers), _n_variants(config)
+    layers = len(config.memory_layers)
     out = []
-    for slot, layer in enumerate(config.memory_layers):
-        sources = [(slot + v) % layers for v in range(n_variants)]  # variant-major on the batch axis
-        mem = jnp.concatenate([memory.mem[source] for source in sources])
-        cmem = jnp.concatenate([memory.compressed_mem[source] for source in sources])
-        out.append(net.attn_layers[layer - 1].fn.keys_values(jnp.concatenate([cmem, mem], axis=1)))
+    for layer, cache in enumerate(caches, start=1):
+        times = _variants_at(config, layer)
+        cache = cache._replace(total_valid=memory.total_valid[:1])
+        if layer in config.memory_layers:
+            slot = config.memory_layers.index(layer)
+            sources = [(slot + v) % layers for v in range(times)]
+            mem = jnp.concatenate([memory.mem[source] for source in sources])
+            cmem = jnp.concatenate([memory.compressed_mem[source] for source in sources])
+            k, v = net.attn_layers[layer - 1].fn.keys_values(jnp.concatenate([cmem, mem], axis=1))
+            cache = cache._replace(memory_k=k, memory_v=v, memory_valid=memory.slot_valid()[:1])
+        out.append(cache)
     return tuple(out)
 
 
-def _attend_cached(
-    fn: SelfAttention,
-    x: Float[Array, "b n d"],
-    *,
-    pos_emb: Float[Array, "h r dh"] | None,
-    total_valid: Int[Array, ""],
-    start: Int[Array, ""] | int,
-    end: Int[Array, ""],
-    mask: Bool[Array, "b s"],
-    memory_kv: tuple[Float[Array, "b h k dh"], Float[Array, "b h k dh"]] | None,
-    buffer_valid: Bool[Array, " k"],
-    cache: tuple[Float[Array, "b h s dh"], Float[Array, "b h s dh"]],
-) -> tuple[Float[Array, "b n d"], tuple[Float[Array, "b h s dh"], Float[Array, "b h s dh"]]]:
-    """`SelfAttention.__call__`'s values for window positions [start, start + n), from the cache.
-
-    `x` is the layer-normed input of those positions; their K/V are written into the
-    cache. The window holds `end` tokens: later slots get zero weight. Memory and window
-    keys stay apart (no per-token concatenation of the caches).
-    """
-    q = fn.queries(x)
-    k_new, v_new = fn.keys_values(x)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k_new.astype(cache[0].dtype), start, axis=2)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v_new.astype(cache[1].dtype), start, axis=2)
-    blocks = [(k_cache, v_cache)] if memory_kv is None else [memory_kv, (k_cache, v_cache)]
-    out = fn.attend(
-        q, [k for k, _ in blocks], [v for _, v in blocks], pos_emb=pos_emb, total_mem_valid=total_valid,
-        buffer_valid=buffer_valid if memory_kv is not None else jnp.zeros((0,), bool), first_query=start,
-        window_valid=jnp.arange(fn.config.seq_len) < end, mask=mask,
-    )
-    return out, (k_cache, v_cache)
-
-
 def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_mask: Bool[Array, "b s"],
-                memory: Memory, memory_kv, cache_kv, start: Int[Array, ""] | int, end: Int[Array, ""]):
-    """Runs `tokens`, window positions [start, start + n), through every layer for every variant,
-    in a window of `end` tokens.
+                caches: tuple[LayerCache, ...], start: Int[Array, ""] | int, end: Int[Array, ""]
+                ) -> tuple[Float[Array, "v b d"], tuple[LayerCache, ...]]:
+    """Runs `tokens`, window positions [start, start + n), through the model's layers from the
+    caches, for every variant, in a window of `end` tokens.
 
     Returns the final hidden state at position end - 1, (V, b, d), and the updated caches.
     """
-    config = net.config
-    n_variants = _n_variants(config)
-    x = net.embed(tokens)
-    mask = window_mask
-    # Every row of a generation is advanced by the same windows, so all rows hold equal memory: row 0's
-    # counts serve every row (and every variant stacked on the batch axis).
-    buffer_valid, total_valid = memory.slot_valid()[0], memory.total_valid[0]
-    pos_emb = net.pos_emb[...] if net.pos_emb is not None else None
-    caches = []
-    for index, (attn, ff) in enumerate(zip(net.attn_layers, net.ff_layers)):
-        layer = index + 1
-        if layer == min(config.memory_layers):  # layers below the first memory layer do not vary
-            x = jnp.concatenate([x] * n_variants)  # (V*b, n, d), variant-major
-            mask = jnp.concatenate([window_mask] * n_variants)
-        layer_kv = memory_kv[config.memory_layers.index(layer)] if layer in config.memory_layers else None
-        y, cache = _attend_cached(attn.fn, attn.normed(x), pos_emb=pos_emb, total_valid=total_valid,
-                                  start=start, end=end, mask=mask, memory_kv=layer_kv, buffer_valid=buffer_valid,
-                                  cache=cache_kv[index])
-        caches.append(cache)
-        x = attn.join(y, x)
-        x = ff.join(ff.fn(ff.normed(x)), x)
-    last = jax.lax.dynamic_index_in_dim(x, end - 1 - start, axis=1, keepdims=False)
-    return last.reshape(n_variants, -1, x.shape[-1]), tuple(caches)
+    start = jnp.asarray(start, jnp.int32)
+    ran = net.run_layers(net.embed(tokens), None, window_mask,
+                         cache=tuple(cache._replace(start=start, end=end) for cache in caches))
+    last = jax.lax.dynamic_index_in_dim(ran.x, end - 1 - start, axis=1, keepdims=False)
+    return last.reshape(_n_variants(net.config), -1, ran.x.shape[-1]), ran.cache
+
+
+def _full_call(loop: _Loop, window: Int[Array, "b s"], window_mask: Bool[Array, "b s"], s: _State):
+    """A call on a full window: the model's own forward (its logits and its memory update); it
+    rolls the memory once more, as the reference's call does."""
+    net = loop.net
+    memory = _rolled(s.memory, s.call - 1) if _n_variants(net.config) > 1 else s.memory
+    logits, memory, _ = net(window, memory, window_mask)
+    return memory, _with_memory(net, memory, s.caches), logits[:, -1]
+
+
+def _cached_call(loop: _Loop, tokens: Int[Array, "b n"], start: Int[Array, ""] | int, filled: Int[Array, ""],
+                 window_mask: Bool[Array, "b s"], s: _State):
+    """A call through the cache: `tokens` at window positions [start, ...) in a window of `filled`
+    tokens; the logits of the variant this call reads (the memory rolled `call` times)."""
+    last, caches = _run_cached(loop.net, tokens, window_mask, s.caches, start, filled)
+    return s.memory, caches, loop.net.logits(last[s.call % _n_variants(loop.net.config)])
+
+
+def _call(loop: _Loop, s: _State, incremental_only: bool) -> _State:
+    """One reference call. `incremental_only`: the caller knows it is a one-token cached call.
+
+    At a window start, a window of prime tokens only is run whole (as the reference runs the
+    prime's full windows) and the rest of the prime is the first sampling call's window, run at
+    once: a padded prime token attends to the whole window (see the module docstring).
+    """
+    seq_len, prime_len = loop.net.config.seq_len, loop.prime_len
+    pos = s.pos
+    if not incremental_only:
+        at_start = s.pos == s.start
+        pos = jnp.where(at_start, jnp.where(s.start + seq_len <= prime_len, s.start + seq_len - 1,
+                                            jnp.maximum(s.pos, prime_len - 1)), s.pos)
+    filled = pos - s.start + 1
+    window = jax.lax.dynamic_slice_in_dim(s.stream, s.start, seq_len, axis=1)
+    window_mask = jax.lax.dynamic_slice_in_dim(loop.stream_mask, s.start, seq_len, axis=1)
+    incremental = functools.partial(_cached_call, loop, jax.lax.dynamic_slice_in_dim(s.stream, pos, 1, axis=1),
+                                    pos - s.start, filled, window_mask)
+    if incremental_only:
+        is_full = jnp.zeros((), bool)
+        memory, caches, logits = incremental(s)
+    else:
+        is_full = filled == seq_len
+        kind = jnp.where(is_full, 0, jnp.where(pos == prime_len - 1, 1, 2))
+        branches = (functools.partial(_full_call, loop, window, window_mask),
+                    functools.partial(_cached_call, loop, window, 0, filled, window_mask), incremental)
+        memory, caches, logits = jax.lax.switch(kind, branches, s)
+    return _advance(loop, s._replace(memory=memory, caches=caches), pos, is_full, logits)
+
+
+def _advance(loop: _Loop, s: _State, pos: Int[Array, ""], is_full: Bool[Array, ""],
+             logits: Float[Array, "b v"]) -> _State:
+    """The state after the call at `pos`: the next token (drawn from `logits` past the prime,
+    else the prime's), the outputs, the eos bookkeeping and the window's start."""
+    has_eos = loop.eos_token >= 0
+    pad = jnp.where(has_eos, loop.eos_token, 0)
+    sampling = pos >= loop.prime_len - 1  # else a prime window: the next token is the prime's
+    index = jnp.maximum(pos - (loop.prime_len - 1), 0)  # prime windows write index 0, overwritten later
+    sample = draw(logits, jax.random.fold_in(loop.rng, index), loop.temperature, loop.filter_fn, loop.filter_thres)
+    next_token = jnp.where(sampling, sample, jax.lax.dynamic_index_in_dim(s.stream, pos + 1, 1, keepdims=False))
+    stream = jax.lax.dynamic_update_slice_in_dim(s.stream, next_token[:, None], pos + 1, axis=1)
+    emitted = jnp.where(s.done, pad, sample)
+    tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, emitted[:, None], index, axis=1)
+    logits_out = s.logits
+    if logits_out is not None:
+        logits_out = jax.lax.dynamic_update_slice_in_dim(logits_out, logits[:, None], index, axis=1)
+    if loop.on_token is not None:
+        jax.debug.callback(functools.partial(_report, loop.on_token), sampling, index, emitted, ordered=True)
+    ends = sampling & has_eos & ~s.done & (sample == loop.eos_token)
+    return s._replace(
+        stream=stream, pos=pos + 1, start=jnp.where(is_full, pos + 1, s.start),
+        call=jnp.where(is_full, 1, jnp.where(sampling, s.call + 1, s.call)),
+        tokens=tokens, logits=logits_out, done=s.done | ends, lengths=jnp.where(ends, index + 1, s.lengths),
+    )
+
+
+def _keep_going(loop: _Loop, length: int, s: _State) -> Bool[Array, ""]:
+    return (s.pos < loop.prime_len - 1 + length) & ~jnp.all(s.done)
+
+
+def _incremental_next(loop: _Loop, length: int, s: _State) -> Bool[Array, ""]:
+    """Inside a window, past the prime and short of full: the next call is one cached token."""
+    return (_keep_going(loop, length, s) & (s.pos > s.start) & (s.pos - s.start + 1 < loop.net.config.seq_len)
+            & (s.pos > loop.prime_len - 1))
+
+
+def _body(loop: _Loop, length: int, s: _State) -> _State:
+    """Any call, then the window's run of one-token calls in a loop of their own: its body has
+    no branch, so the memory and its K/V pass through untouched (no per-token copies)."""
+    s = _call(loop, s, incremental_only=False)
+    return jax.lax.while_loop(functools.partial(_incremental_next, loop, length),
+                              functools.partial(_call, loop, incremental_only=True), s)
 
 
 def _decode(graphdef, state, prime, prime_len, mask, rng, temperature, eos_token, *, length: int,
@@ -175,99 +258,21 @@ def _decode(graphdef, state, prime, prime_len, mask, rng, temperature, eos_token
     net = nnx.merge(graphdef, state)
     net.eval()
     config = net.config
-    seq_len, n_variants = config.seq_len, _n_variants(config)
     batch = prime.shape[0]
-    stream_len = prime.shape[1] + length + seq_len  # room for a whole window past the end
+    stream_len = prime.shape[1] + length + config.seq_len  # room for a whole window past the end
     stream = jnp.pad(prime.astype(jnp.int32), ((0, 0), (0, stream_len - prime.shape[1])))
     stream_mask = jnp.pad(mask, ((0, 0), (0, stream_len - prime.shape[1])), constant_values=True)
-    has_eos = eos_token >= 0
-    pad = jnp.where(has_eos, eos_token, 0)
-    def cache_shape(layer: int) -> tuple[int, ...]:  # layers below the first memory layer: one variant
-        rows = batch if layer < min(config.memory_layers) else n_variants * batch
-        return (rows, config.heads, seq_len, config.dim_head)
-
-    memory = Memory.empty(net, batch, net.dtype)
+    loop = _Loop(net, prime_len, stream_mask, rng, temperature, eos_token, filter_fn, filter_thres, on_token)
+    pad = jnp.where(eos_token >= 0, eos_token, 0)
     init = _State(
-        memory=memory, memory_kv=_memory_kv(net, memory),
-        cache_kv=tuple((jnp.zeros(cache_shape(layer), net.dtype),) * 2 for layer in range(1, config.depth + 1)),
-        stream=stream, pos=jnp.zeros((), jnp.int32), start=jnp.zeros((), jnp.int32), call=jnp.ones((), jnp.int32),
+        memory=Memory.empty(net, batch, net.dtype), caches=_empty_caches(net, batch), stream=stream,
+        pos=jnp.zeros((), jnp.int32), start=jnp.zeros((), jnp.int32), call=jnp.ones((), jnp.int32),
         tokens=jnp.broadcast_to(pad, (batch, length)).astype(jnp.int32),
         logits=jnp.zeros((batch, length, config.num_tokens), wide(net.dtype)) if return_logits else None,
         done=jnp.zeros((batch,), bool), lengths=jnp.full((batch,), length, jnp.int32),
     )
-
-    def call(s: _State, incremental_only: bool) -> _State:
-        """One reference call. `incremental_only`: the caller knows it is a one-token cached call."""
-        pos = s.pos
-        if not incremental_only:
-            # At a window start: a window of prime tokens only is run whole, as the reference runs
-            # the prime's full windows; the rest of the prime is the first call's window.
-            at_start = s.pos == s.start
-            pos = jnp.where(at_start, jnp.where(s.start + seq_len <= prime_len, s.start + seq_len - 1,
-                                                jnp.maximum(s.pos, prime_len - 1)), s.pos)
-        filled = pos - s.start + 1
-        window = jax.lax.dynamic_slice_in_dim(s.stream, s.start, seq_len, axis=1)
-        window_mask = jax.lax.dynamic_slice_in_dim(stream_mask, s.start, seq_len, axis=1)
-
-        def full(s: _State):
-            # The model's own forward; it rolls the memory once more, as the reference's call does.
-            memory = _rolled(s.memory, s.call - 1) if n_variants > 1 else s.memory
-            logits, memory, _ = net(window, memory, window_mask)
-            return memory, _memory_kv(net, memory), s.cache_kv, logits[:, -1]
-
-        def cached(tokens, start):
-            last, cache_kv = _run_cached(net, tokens, window_mask, s.memory, s.memory_kv, s.cache_kv, start, filled)
-            return s.memory, s.memory_kv, cache_kv, net.logits(last[s.call % n_variants])
-
-        def first(s: _State):
-            # All of the first call's window at once: a padded prime token attends to the
-            # whole window (see the module docstring), and the first token may be one.
-            return cached(window, 0)
-
-        def incremental(s: _State):
-            return cached(jax.lax.dynamic_slice_in_dim(s.stream, pos, 1, axis=1), pos - s.start)
-
-        if incremental_only:
-            is_full = jnp.zeros((), bool)
-            memory, memory_kv, cache_kv, logits = incremental(s)
-        else:
-            is_full = filled == seq_len
-            kind = jnp.where(is_full, 0, jnp.where(pos == prime_len - 1, 1, 2))
-            memory, memory_kv, cache_kv, logits = jax.lax.switch(kind, (full, first, incremental), s)
-        sampling = pos >= prime_len - 1  # else a prime window: the next token is the prime's
-        index = jnp.maximum(pos - (prime_len - 1), 0)  # prime windows write index 0, overwritten later
-        sample = draw(logits, jax.random.fold_in(rng, index), temperature, filter_fn, filter_thres)
-        next_token = jnp.where(sampling, sample, jax.lax.dynamic_index_in_dim(s.stream, pos + 1, 1, keepdims=False))
-        stream = jax.lax.dynamic_update_slice_in_dim(s.stream, next_token[:, None], pos + 1, axis=1)
-        emitted = jnp.where(s.done, pad, sample)
-        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, emitted[:, None], index, axis=1)
-        logits_out = s.logits
-        if logits_out is not None:
-            logits_out = jax.lax.dynamic_update_slice_in_dim(logits_out, logits[:, None], index, axis=1)
-        if on_token is not None:
-            jax.debug.callback(functools.partial(_report, on_token), sampling, index, emitted, ordered=True)
-        ends = sampling & has_eos & ~s.done & (sample == eos_token)
-        return _State(
-            memory=memory, memory_kv=memory_kv, cache_kv=cache_kv, stream=stream, pos=pos + 1,
-            start=jnp.where(is_full, pos + 1, s.start),
-            call=jnp.where(is_full, 1, jnp.where(sampling, s.call + 1, s.call)),
-            tokens=tokens, logits=logits_out, done=s.done | ends, lengths=jnp.where(ends, index + 1, s.lengths),
-        )
-
-    def keep_going(s: _State):
-        return (s.pos < prime_len - 1 + length) & ~jnp.all(s.done)
-
-    def incremental_next(s: _State):
-        # Inside a window, past the prime and short of full: the call is one cached token.
-        return keep_going(s) & (s.pos > s.start) & (s.pos - s.start + 1 < seq_len) & (s.pos > prime_len - 1)
-
-    def body(s: _State) -> _State:
-        # Any call, then the window's run of one-token calls in a loop of their own: its body
-        # has no branch, so the memory and its K/V pass through untouched (no per-token copies).
-        s = call(s, incremental_only=False)
-        return jax.lax.while_loop(incremental_next, functools.partial(call, incremental_only=True), s)
-
-    final = jax.lax.while_loop(keep_going, body, init)
+    final = jax.lax.while_loop(functools.partial(_keep_going, loop, length), functools.partial(_body, loop, length),
+                               init)
     return Decoded(final.tokens, final.lengths, final.logits)
 
 
@@ -309,33 +314,9 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-@no_type_check  # checks its own arguments, with errors that name them
-def decode(
-    model: CompressiveTransformer,
-    prime: Int[ArrayLike, "*b p"],
-    length: int,
-    rng: jax.Array,
-    temperature: float | jax.Array = 1.0,
-    filter_logits_fn: str | FilterFn | None = "top_k",
-    filter_thres: float = 0.9,
-    eos_token: int | None = None,
-    mask: Bool[ArrayLike, "*b p"] | None = None,
-    *,
-    return_logits: bool = False,
-    on_token: Callable[[np.ndarray, np.ndarray], Any] | None = None,
-    dtype: Any = None,
-) -> Decoded:
-    """`generate` with everything: tokens, lengths and (optionally) the logits of each draw.
-
-    `on_token(index, tokens)` (a hashable callable) is called from inside the compiled
-    loop (`jax.debug.callback`, ordered) with each step's (b,) tokens as they are made.
-    `dtype`: decode with the weights, activations, memory and cache in this dtype (e.g.
-    `jnp.bfloat16`; `with_dtype`); None = the model's own (float32: exact, the default).
-    bfloat16's agreement with float32 is `ct_jax.parity.BF16_DECODE_LOGITS_ATOL`.
-    """
-    if dtype is not None:
-        model = with_dtype(model, dtype)
-    config = model.config
+def _checked_inputs(config, prime, length, temperature, filter_logits_fn, filter_thres, eos_token, mask
+                    ) -> tuple[Int[Array, "b p"], Bool[Array, "b p"], FilterFn | None]:
+    """`decode`'s arguments checked, with errors that name them: (prime and mask as (b, p), the filter)."""
     prime = jnp.asarray(prime)
     if prime.ndim not in (1, 2) or not jnp.issubdtype(prime.dtype, jnp.integer):
         raise ValueError(f"prime must be a (b, p) or (p,) array of token ids, got {prime.dtype} {prime.shape}")
@@ -368,6 +349,39 @@ def decode(
     if eos_token is not None and (isinstance(eos_token, bool) or not isinstance(eos_token, (int, np.integer))
                                   or not 0 <= eos_token < config.num_tokens):
         raise ValueError(f"eos_token must be None or an int in [0, {config.num_tokens}), got {eos_token!r}")
+    return prime, mask, filter_logits_fn
+
+
+@no_type_check  # checks its own arguments, with errors that name them
+def decode(
+    model: CompressiveTransformer,
+    prime: Int[ArrayLike, "*b p"],
+    length: int,
+    rng: jax.Array,
+    temperature: float | jax.Array = 1.0,
+    filter_logits_fn: str | FilterFn | None = "top_k",
+    filter_thres: float = 0.9,
+    eos_token: int | None = None,
+    mask: Bool[ArrayLike, "*b p"] | None = None,
+    *,
+    return_logits: bool = False,
+    on_token: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+    dtype: Any = None,
+) -> Decoded:
+    """`generate` with everything: tokens, lengths and (optionally) the logits of each draw.
+
+    `on_token(index, tokens)` (a hashable callable) is called from inside the compiled
+    loop (`jax.debug.callback`, ordered) with each step's (b,) tokens as they are made.
+    `dtype`: decode with the weights, activations, memory and cache in this dtype (e.g.
+    `jnp.bfloat16`; `with_dtype`); None = the model's own (float32: exact, the default).
+    bfloat16's agreement with float32 is `ct_jax.parity.BF16_DECODE_LOGITS_ATOL`.
+    """
+    if dtype is not None:
+        model = with_dtype(model, dtype)
+    config = model.config
+    one_d = np.ndim(prime) == 1
+    prime, mask, filter_logits_fn = _checked_inputs(config, prime, length, temperature, filter_logits_fn,
+                                                    filter_thres, eos_token, mask)
     length = int(length)
     batch, prime_len = prime.shape
     if length == 0:

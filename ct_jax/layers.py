@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 MOGRIFIER_ITERS = 5  # mogrifier's default, as upstream's GRUGating uses it
 
@@ -108,9 +108,10 @@ class GRUGate(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, y: Float[Array, "... d"], x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-        cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        gates_in = dense(y.astype(self.dtype), cast(self.input_kernel)) + cast(self.input_bias)
-        gates_hidden = dense(x.astype(self.dtype), cast(self.hidden_kernel)) + cast(self.hidden_bias)
+        params = (self.input_kernel, self.hidden_kernel, self.input_bias, self.hidden_bias)
+        input_kernel, hidden_kernel, input_bias, hidden_bias = (p[...].astype(self.dtype) for p in params)
+        gates_in = dense(y.astype(self.dtype), input_kernel) + input_bias
+        gates_hidden = dense(x.astype(self.dtype), hidden_kernel) + hidden_bias
         in_r, in_z, in_n = jnp.split(gates_in, 3, axis=-1)
         hid_r, hid_z, hid_n = jnp.split(gates_hidden, 3, axis=-1)
         reset = jax.nn.sigmoid(in_r + hid_r)
@@ -160,3 +161,18 @@ class ConvCompress(nnx.Module):
         kernel = self.kernel[...].astype(self.dtype)
         out = jnp.einsum("bnri,rio->bno", windows.astype(self.dtype), kernel)  # [b, n, d]
         return out + self.bias[...].astype(self.dtype)
+
+
+def masked_softmax(logits: Float[Array, "*lead k"], valid: Bool[Array, "*#lead k"]) -> Float[Array, "*lead k"]:
+    """Softmax in (at least) float32 where `valid == False` entries get exactly zero weight.
+
+    A row with no valid entry gives all zeros (torch's softmax over an empty axis
+    followed by a matmul gives zeros too).
+    """
+    logits = logits.astype(wide(logits.dtype))
+    masked = jnp.where(valid, logits, -jnp.inf)
+    peak = jnp.max(masked, axis=-1, keepdims=True, initial=-jnp.inf)
+    peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
+    weights = jnp.exp(masked - peak)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    return weights / jnp.where(total > 0, total, 1.0)

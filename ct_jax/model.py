@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, no_type_check
+from collections.abc import Sequence
+from typing import Any, NamedTuple, no_type_check
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +11,20 @@ from flax import nnx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ct_jax._checks import check_choice
-from ct_jax.attention import ATTENTION_IMPLS, SelfAttention
+from ct_jax.attention import ATTENTION_IMPLS, LayerCache, SelfAttention
 from ct_jax.config import ModelConfig
 from ct_jax.layers import FeedForward, GRUGate, Mogrifier, layer_norm, linear, wide
-from ct_jax.memory import Memory
+from ct_jax.memory import LayerMemory, Memory
 from ct_jax.validation import check_mask, check_memory, check_tokens
+
+
+class LayersOutput(NamedTuple):
+    """What `CompressiveTransformer.run_layers` returns."""
+
+    x: Float[Array, "r n d"]  # the stream after the last layer
+    memories: tuple[LayerMemory, ...]  # each memory layer's memory after this segment (none with a cache)
+    aux_loss: Float[Array, ""]  # summed over the layers, unweighted
+    cache: tuple[LayerCache, ...] | None  # the updated caches, if given
 
 
 class Sublayer(nnx.Module):
@@ -122,30 +132,64 @@ class CompressiveTransformer(nnx.Module):
                 name: jnp.roll(getattr(memories, name), -1, axis=0)
                 for name in ("mem", "compressed_mem", "mem_usage") if getattr(memories, name) is not None
             })
-        total_valid = memories.total_valid
-        pos_emb = self.pos_emb[...] if self.pos_emb is not None else None
+        ran = self.run_layers(x, memories, mask, rngs=rngs, memory_gradients=memory_gradients)
+        logits = self.logits(ran.x)
+        last = ran.memories[-1]
+        mem = jnp.stack([layer.mem for layer in ran.memories])
+        cmem = jnp.stack([layer.compressed_mem for layer in ran.memories])
+        if not memory_gradients:
+            mem, cmem = jax.lax.stop_gradient(mem), jax.lax.stop_gradient(cmem)
+        usage = None if last.mem_usage is None else jnp.stack([layer.mem_usage for layer in ran.memories])
+        next_memories = Memory(mem, cmem, last.mem_valid, last.compressed_mem_valid, usage)
+        aux_loss = ran.aux_loss * config.reconstruction_loss_weight / len(config.memory_layers)
+        return logits, next_memories, aux_loss
 
-        next_layers = []
+    def run_layers(
+        self,
+        x: Float[Array, "b n d"],
+        memories: Memory | None,
+        mask: Bool[Array, "b s"] | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+        memory_gradients: bool = False,
+        cache: Sequence[LayerCache] | None = None,
+    ) -> LayersOutput:
+        """The layer stack on the stream `x`: the one path of the segment forward and the decoder.
+
+        Without `cache`: `x` is a segment, `memories` the (already rolled) memory, and memory
+        layers update theirs at a full segment. With `cache` (`ct_jax.generation`): `memories`
+        is None, each layer reads its keys/values and counts from its `LayerCache` and returns it
+        updated, and `mask` covers the window. A cache holding more rows than `x` holds the
+        decoder's variants of each row: from that layer up, `x` runs once per variant.
+        """
+        pos_emb = self.pos_emb[...] if self.pos_emb is not None else None
+        total_valid = None if memories is None else memories.total_valid
+        next_memories, next_cache = [], []
         aux_loss = jnp.zeros((), wide(self.dtype))
         for index, (attn, ff) in enumerate(zip(self.attn_layers, self.ff_layers)):
-            layer_memory = memories.layer(len(next_layers)) if index + 1 in config.memory_layers else None
-            y, layer_memory, layer_aux = attn.fn(attn.normed(x), pos_emb=pos_emb, total_mem_valid=total_valid,
-                                                 mask=mask, layer_memory=layer_memory, rngs=rngs,
-                                                 memory_gradients=memory_gradients)
-            x = attn.join(y, x)
+            is_memory_layer = memories is not None and index + 1 in self.config.memory_layers
+            layer_memory = memories.layer(len(next_memories)) if is_memory_layer else None
+            layer_cache = None if cache is None else cache[index]
+            if layer_cache is not None:
+                x, mask = _variant_rows(x, mask, layer_cache.k.shape[0])
+                total_valid = layer_cache.total_valid
+            result = attn.fn(attn.normed(x), pos_emb, total_valid, mask, layer_memory, rngs,
+                             memory_gradients=memory_gradients, cache=layer_cache)
+            x = attn.join(result.out, x)
             x = ff.join(ff.fn(ff.normed(x), rngs), x)
-            aux_loss = aux_loss + layer_aux
-            if layer_memory is not None:
-                next_layers.append(layer_memory)
+            aux_loss = aux_loss + result.aux_loss
+            if result.memory is not None:
+                next_memories.append(result.memory)
+            next_cache.append(result.cache)
+        return LayersOutput(x, tuple(next_memories), aux_loss, None if cache is None else tuple(next_cache))
 
-        logits = self.logits(x)
-        keep = (lambda x: x) if memory_gradients else jax.lax.stop_gradient  # noqa: E731
-        last = next_layers[-1]
-        usage = None if last.mem_usage is None else jnp.stack([layer.mem_usage for layer in next_layers])
-        next_memories = Memory(
-            keep(jnp.stack([layer.mem for layer in next_layers])),
-            keep(jnp.stack([layer.compressed_mem for layer in next_layers])),
-            last.mem_valid, last.compressed_mem_valid, usage,
-        )
-        aux_loss = aux_loss * config.reconstruction_loss_weight / len(config.memory_layers)
-        return logits, next_memories, aux_loss
+
+def _variant_rows(
+    x: Float[Array, "b n d"], mask: Bool[Array, "b s"] | None, rows: int
+) -> tuple[Float[Array, "r n d"], Bool[Array, "r s"] | None]:
+    """`x` and `mask` repeated variant-major to `rows` rows (see `ct_jax.generation`: the cache
+    holds every variant of each row from the first memory layer up)."""
+    if rows == x.shape[0]:
+        return x, mask
+    times = rows // x.shape[0]
+    return jnp.concatenate([x] * times), None if mask is None else jnp.concatenate([mask] * times)

@@ -168,13 +168,17 @@ def _generation(bench: BenchConfig, options: RunOptions, jax_sides: dict[str, An
     return out
 
 
+def _scaled(n: int, bench: BenchConfig, seq_len: int) -> int:
+    """A memory length `n` of `bench`'s model scaled with its seq_len to `seq_len` (at least 1)."""
+    return max(1, n * seq_len // bench.model["seq_len"])
+
+
 def _generation_at(bench: BenchConfig, seq_len: int, options: RunOptions) -> dict[str, Any]:
     """Generation of `bench`'s model at another `seq_len` (mem_len and cmem_len scaled alike), fresh weights."""
     model = dict(bench.model)
-    scale = lambda n: max(1, n * seq_len // bench.model["seq_len"])  # noqa: E731
-    model.update(seq_len=seq_len, mem_len=scale(model.get("mem_len") or bench.model["seq_len"]))
+    model.update(seq_len=seq_len, mem_len=_scaled(model.get("mem_len") or bench.model["seq_len"], bench, seq_len))
     if model.get("cmem_len"):
-        model["cmem_len"] = scale(model["cmem_len"])
+        model["cmem_len"] = _scaled(model["cmem_len"], bench, seq_len)
     variant = dataclasses.replace(bench, name=f"{bench.name}@{seq_len}", model=model, targets={})
     torch_side = TorchSide(variant, options.device, options.threads)
     jax_side = JaxSide(variant, options.device, torch_side.state_dict())

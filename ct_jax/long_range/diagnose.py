@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from ct_jax import aux_losses
 from ct_jax.attention import SelfAttention
 from ct_jax.long_range.tasks import RecallTask
 from ct_jax.memory import Memory
@@ -32,7 +33,7 @@ def _error(attn: SelfAttention, q: Float[Array, "b h t dh"], fact: Float[Array, 
 
     def read(slots: jax.Array) -> jax.Array:  # every head's softmax over these slots alone
         k, v = attn.keys_values(slots)
-        return attn.full_attention(q, k, v, jnp.ones(slots.shape[:2], bool), None)
+        return aux_losses.full_attention(attn, q, k, v, jnp.ones(slots.shape[:2], bool), None)
 
     target, reconstructed = read(fact), read(compressed)
     return float(jnp.mean(jnp.square(target - reconstructed)) / jnp.mean(jnp.square(target)))
@@ -73,12 +74,12 @@ def _errors(model: CompressiveTransformer, task: RecallTask, tokens: np.ndarray,
         after.append(memories)
     layer = config.memory_layers[-1]
     attn = model.attn_layers[layer - 1].fn
-    inputs = lambda segment: after[segment].mem[-1]  # noqa: E731  (b, seq_len, d): that segment's layer-normed inputs
+    inputs = [memories.mem[-1] for memories in after]  # per segment (b, seq_len, d): its layer-normed inputs
     n_compressed = seq_len // config.cmem_ratio
     compressed = after[fact_segment + 1].compressed_mem[-1][:, -n_compressed:]  # the fact segment's slots, just made
-    fact = inputs(fact_segment)
-    compressing = attn.queries(inputs(fact_segment + 1))  # the queries the reconstruction loss uses
+    fact = inputs[fact_segment]
+    compressing = attn.queries(inputs[fact_segment + 1])  # the queries the reconstruction loss uses
     positions = task.target_positions(distance) - query_segment * seq_len
-    recall = attn.queries(inputs(query_segment))[:, :, positions]  # the queries that look for the fact
+    recall = attn.queries(inputs[query_segment])[:, :, positions]  # the queries that look for the fact
     return {"compressing_queries": _error(attn, compressing, fact, compressed),
             "recall_queries": _error(attn, recall, fact, compressed)}
