@@ -18,7 +18,10 @@ import ct_torch_ref
 from ct_jax import adaptive as jax_adaptive
 from ct_jax import convert
 from ct_jax.autoregressive import StreamBatch, grads, losses, sequence_grads
+from ct_jax.flops import run_flops
+from ct_jax.footprint import count_parameters
 from ct_jax.generation import decode
+from ct_jax.sharding import logical_axes
 from ct_torch_ref import adaptive as torch_adaptive
 from tests.configs import ADAPTIVE_CONFIGS, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
@@ -566,3 +569,29 @@ def test_training_loss_never_builds_the_full_log_probs():
 
     assert largest(dict(base, adaptive_cutoffs=[50, 300], adaptive_div_val=2)) == []
     assert (batch, seq_len, vocab) in largest(base), "the check must see a full-softmax model's logits"
+
+
+def _param_sizes(model: ct_jax.CompressiveTransformer, prefix: str, suffix: str = "") -> int:
+    return sum(value.size for key, value in convert.to_numpy(model).items()
+               if key.startswith(prefix) and key.endswith(suffix))
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_CONFIGS))
+def test_footprint_flops_and_sharding_know_the_adaptive_parameters(name):
+    config = ADAPTIVE_CONFIGS[name]
+    model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
+    counted = count_parameters(**{key: value for key, value in config.items() if key != "memory_layers"})
+    assert counted == _param_sizes(model, ""), f"count_parameters {counted} != the model's {_param_sizes(model, '')}"
+
+    tokens = 2 * config["seq_len"]
+    flops = run_flops(config, batch=2, segments=1, training=False)
+    # every matrix of the softmax runs on every position: 2 FLOPs per weight and token
+    assert flops["logits"].forward == 2 * tokens * _param_sizes(model, "to_logits.1.", "weight")
+    projections = _param_sizes(model, "token_emb.emb_projs.") + _param_sizes(model, "to_logits.0.", "weight")
+    projections += _param_sizes(model, "to_model_dim.", "weight")
+    assert flops["embedding projections"].forward == 2 * tokens * projections
+
+    params = nnx.state(model, nnx.Param)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        axes = logical_axes(path, leaf.ndim)
+        assert None not in axes, f"{jax.tree_util.keystr(path)} {leaf.shape} has no logical axes: {axes}"
