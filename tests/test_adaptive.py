@@ -17,7 +17,7 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import adaptive as jax_adaptive
 from ct_jax import convert
-from ct_jax.autoregressive import StreamBatch, grads, losses, sequence_grads
+from ct_jax.autoregressive import StreamBatch, cross_entropy, grads, losses, sequence_grads, token_nll
 from ct_jax.flops import run_flops
 from ct_jax.footprint import count_parameters
 from ct_jax.generation import decode
@@ -595,3 +595,22 @@ def test_footprint_flops_and_sharding_know_the_adaptive_parameters(name):
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         axes = logical_axes(path, leaf.ndim)
         assert None not in axes, f"{jax.tree_util.keystr(path)} {leaf.shape} has no logical axes: {axes}"
+
+
+def test_full_softmax_loss_is_still_cross_entropy_of_the_logits_to_the_bit():
+    """A default model's loss path: the forward's logits, then `token_nll` (what it was before the
+    adaptive path existed), op for op; eager on both sides so that no fusion reorders either."""
+    config = dict(num_tokens=32, dim=16, emb_dim=8, seq_len=4, depth=2, heads=2, cmem_ratio=2)
+    model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(3))
+    model.train()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 2 * 4 + 1)))
+    with jax.disable_jit():
+        result = losses(model, StreamBatch.from_windows(tokens, 4))
+        memories = None
+        for segment in range(2):
+            window = slice(4 * segment, 4 * segment + 4)
+            logits, memories, aux = model(tokens[:, :-1][:, window], memories)
+            nll, count = token_nll(logits, tokens[:, 1:][:, window])
+            assert float(result.nll[segment]) == float(nll) and int(result.counts[segment]) == int(count)
+            assert float(result.lm_losses[segment]) == float(cross_entropy(logits, tokens[:, 1:][:, window]))
+            assert float(result.aux_losses[segment]) == float(aux)
