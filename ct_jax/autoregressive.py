@@ -134,7 +134,7 @@ def _summed_nll(net: CompressiveTransformer, hidden: Float[Array, "b t d"], targ
     softmax's per-target NLL, which never builds the (b, t, num_tokens) log-probabilities."""
     if not net.config.adaptive:
         return token_nll(net.logits(hidden), targets, ignore_index)
-    return jnp.sum(net.token_nll(hidden, targets, ignore_index)), jnp.sum(targets != ignore_index)
+    return jnp.sum(net.adaptive_nll(hidden, targets, ignore_index)), jnp.sum(targets != ignore_index)
 
 
 def _segment_loss(graphdef: nnx.GraphDef, rest: nnx.State, ignore_index: int, memory_gradients: bool) -> Callable:

@@ -113,12 +113,12 @@ class CompressiveTransformer(nnx.Module):
         """The stream as the output layer reads it: projected to `emb_dim` if that differs (upstream to_logits.0)."""
         return x if self.to_emb_dim is None else self.to_emb_dim(x)
 
-    def token_nll(self, x: Float[Array, "b t d"], targets: Int[Array, "b t"], ignore_index: int
-                  ) -> Float[Array, "b t"]:
+    def adaptive_nll(self, x: Float[Array, "b t d"], targets: Int[Array, "b t"], ignore_index: int
+                     ) -> Float[Array, "b t"]:
         """-log p(target) per position from the stream `x`, 0 where targets == ignore_index, for an adaptive
         model: its softmax's `nll`, which never builds the (b, t, num_tokens) log-probabilities."""
         if not self.config.adaptive:
-            raise ValueError("token_nll is the adaptive softmax's loss; a full-softmax model's is "
+            raise ValueError("adaptive_nll is the adaptive softmax's loss; a full-softmax model's is "
                              "ct_jax.autoregressive.token_nll of its logits (adaptive_cutoffs is None here)")
         return self.to_logits.nll(self.output_features(x), targets, ignore_index)
 
@@ -154,7 +154,7 @@ class CompressiveTransformer(nnx.Module):
         memory_gradients: bool = False,
     ) -> tuple[Float[Array, "b t d"], Memory, Float[Array, ""]]:
         """One segment up to the output layer: (the last layer's stream, next memories, aux loss), as
-        ct_torch_ref's `features`; the LM loss reads it (`logits` or, adaptive, `token_nll`)."""
+        ct_torch_ref's `features`; the LM loss reads it (`logits` or, adaptive, `adaptive_nll`)."""
         config = self.config
         check_tokens(tokens, config)
         b, t = tokens.shape
