@@ -111,6 +111,7 @@ def _cluster_log_prob(
     is a gathered column's dot product.
     """
     size = kernel.shape[1]
+    chunk = min(chunk, size)  # a cluster smaller than a chunk is one chunk, unpadded
     n_chunks = -(-size // chunk)
     padded = jnp.pad(kernel, ((0, 0), (0, n_chunks * chunk - size)))  # [w, n_chunks * chunk]
     kernel_chunks = padded.reshape(kernel.shape[0], n_chunks, chunk).transpose(1, 0, 2)  # [n_chunks, w, chunk]

@@ -128,6 +128,15 @@ def _cut(batch: StreamBatch, rng: jax.Array | None, seq_len: int, denominators: 
     return _Segments(full, tail)
 
 
+def _summed_nll(net: CompressiveTransformer, hidden: Float[Array, "b t d"], targets: Int[Array, "b t"],
+                ignore_index: int) -> tuple[Float[Array, ""], Int[Array, ""]]:
+    """`token_nll` from the last layer's stream: of the full logits, or (adaptive) of the adaptive
+    softmax's per-target NLL, which never builds the (b, t, num_tokens) log-probabilities."""
+    if not net.config.adaptive:
+        return token_nll(net.logits(hidden), targets, ignore_index)
+    return jnp.sum(net.adaptive_nll(hidden, targets, ignore_index)), jnp.sum(targets != ignore_index)
+
+
 def _segment_loss(graphdef: nnx.GraphDef, rest: nnx.State, ignore_index: int, memory_gradients: bool) -> Callable:
     """`loss(params, memories, segment) -> (lm + aux, (memories, _SegmentResult))` of one segment."""
 
@@ -135,9 +144,9 @@ def _segment_loss(graphdef: nnx.GraphDef, rest: nnx.State, ignore_index: int, me
         memories = memories.reset(segment.reset)
         net = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=segment.key) if segment.key is not None else None
-        logits, memories, aux = net(segment.inputs, memories, segment.mask, rngs=rngs,
-                                    memory_gradients=memory_gradients)
-        nll, count = token_nll(logits, segment.targets, ignore_index)
+        hidden, memories, aux = net.features(segment.inputs, memories, segment.mask, rngs=rngs,
+                                             memory_gradients=memory_gradients)
+        nll, count = _summed_nll(net, hidden, segment.targets, ignore_index)
         # the segment's token mean is `cross_entropy`'s formula, to the bit
         lm = nll / (jnp.maximum(count, 1) if segment.denominator is None else segment.denominator)
         return lm + aux, (memories, _SegmentResult(lm, aux, nll, count))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ct_jax._checks import check_bool, check_float, check_int
+from ct_jax.adaptive import check_adaptive
 from ct_jax.options import (
     OPTIONS,
     AuxLoss,
@@ -62,6 +63,10 @@ class ModelConfig:
     eviction_padding: EvictionPadding | str = documented(
         EvictionPadding.UPSTREAM, "zeros padding the evicted memories to a multiple of cmem_ratio")
     relative_positions: RelativePositions | str = documented(RelativePositions.LEARNED, "relative position encoding")
+    # Adaptive input and softmax (docs/paper-options.md); unset: the full embedding and softmax.
+    adaptive_cutoffs: Sequence[int] | None = documented(
+        None, "adaptive input/softmax cluster starts, e.g. 20000,40000,200000 (unset: full softmax)")  # a tuple
+    adaptive_div_val: int = documented(1, "adaptive cluster i has width emb_dim // adaptive_div_val**i")
 
     def __post_init__(self) -> None:
         set_ = self._set
@@ -89,6 +94,13 @@ class ModelConfig:
         set_("reconstruction_loss_weight", check_float("reconstruction_loss_weight", self.reconstruction_loss_weight))
         for name in OPTIONS:
             set_(name, check_option(name, getattr(self, name)))
+        cutoffs, div_val = check_adaptive(self.num_tokens, self.emb_dim, self.adaptive_cutoffs, self.adaptive_div_val)
+        if cutoffs is None and div_val != 1:
+            raise ValueError(
+                f"adaptive_div_val={div_val} needs adaptive_cutoffs (it sets the clusters' widths), got "
+                "adaptive_cutoffs=None; pass cutoffs, or leave adaptive_div_val at 1"
+            )
+        set_("adaptive_cutoffs", cutoffs)
         if self.compression == "most_used" and self.aux_loss == "autoencoder":
             raise ValueError(
                 "aux_loss='autoencoder' decodes windows of evicted slots, but compression="
@@ -109,6 +121,11 @@ class ModelConfig:
         return self.seq_len + self.mem_len + self.cmem_len
 
     @property
+    def adaptive(self) -> bool:
+        """Whether the model uses adaptive input and softmax (`adaptive_cutoffs` set)."""
+        return self.adaptive_cutoffs is not None
+
+    @property
     def uses_dropout(self) -> bool:
         return any(
             r > 0
@@ -119,6 +136,10 @@ class ModelConfig:
         """Constructor kwargs as JSON-friendly values (the `config.json` of a checkpoint)."""
         kwargs = dataclasses.asdict(self)
         kwargs["memory_layers"] = list(self.memory_layers)
+        if self.adaptive:
+            kwargs["adaptive_cutoffs"] = list(self.adaptive_cutoffs)
+        else:  # written only when adaptive, as ct_torch_ref: a default config.json keeps its keys
+            del kwargs["adaptive_cutoffs"], kwargs["adaptive_div_val"]
         return kwargs
 
     @classmethod

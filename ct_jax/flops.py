@@ -2,6 +2,8 @@
 
 Only matrix products are counted (2 * m * n * k each); norms, softmax, gates'
 nonlinearities, the loss and the optimizer update are left out, as is usual for MFU.
+An adaptive model's embedding tables are lookups; its cluster projections and its softmax's
+head and tails are counted at every position, as ct_jax computes them (`adaptive_output_size`).
 The count is of the model's work as the reference does it: keys and values over the
 memory slots that are valid at each segment (the reference's memory grows from empty;
 ct_jax computes over fixed-size buffers, so it executes more than it is credited with
@@ -68,6 +70,21 @@ def memory_schedule(config: ModelConfig, segments: int) -> list[tuple[int, int, 
     return schedule
 
 
+def adaptive_widths(config: ModelConfig) -> list[int]:
+    """Widths of the adaptive clusters, `emb_dim // adaptive_div_val**i` (ct_jax.adaptive)."""
+    return [config.emb_dim // config.adaptive_div_val**i for i in range(len(config.adaptive_cutoffs) + 1)]
+
+
+def adaptive_output_size(config: ModelConfig) -> float:
+    """The adaptive softmax's products per position, in units of emb_dim: the head (shortlist + one
+    logit per tail cluster), each tail's down-projection and its logits at that width. ct_jax runs
+    every cluster at every position (static shapes); the reference only where the target lies."""
+    e, cutoffs = config.emb_dim, config.adaptive_cutoffs
+    sizes = [stop - start for start, stop in zip(cutoffs, (*cutoffs[1:], config.num_tokens))]
+    tails = sum(width * (e + size) for width, size in zip(adaptive_widths(config)[1:], sizes))
+    return cutoffs[0] + len(cutoffs) + tails / e
+
+
 def segment_flops(
     config: ModelConfig, batch: int, mem: int, cmem: int, compressed: int, *, training: bool
 ) -> dict[str, Flops]:
@@ -104,7 +121,11 @@ def segment_flops(
             flops["mogrifier"] = lm(n_layers * 2 * 5 * 2 * (2 * tokens * d * rank))  # 5 steps of low rank
     hidden = 4 * d
     flops["feed-forward"] = lm(n_layers * 2 * tokens * d * hidden * (3 if config.ff_glu else 2))
-    flops["logits"] = lm(2 * tokens * e * config.num_tokens)
+    if config.adaptive:
+        flops["embedding projections"] += lm(2 * tokens * e * sum(adaptive_widths(config)))  # emb_projs
+        flops["logits"] = lm(2 * tokens * e * adaptive_output_size(config))
+    else:
+        flops["logits"] = lm(2 * tokens * e * config.num_tokens)
     if compressed:
         conv = n_mem_layers * 2 * b * compressed * config.cmem_ratio * d * d
         flops["memory compression"] = Flops(conv, conv if training else 0.0)

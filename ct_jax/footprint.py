@@ -68,22 +68,24 @@ def count_parameters(
 ) -> int:
     """Parameters of the model these keywords build (defaults and `None`s resolved as `ModelConfig`).
 
-    With `adaptive_cutoffs`, Transformer-XL's adaptive input and softmax (untied: an upper bound):
-    cluster i embeds in dim // adaptive_div_val**i with a projection to dim, and the softmax head
-    scores the first cluster plus one logit per tail cluster.
+    With `adaptive_cutoffs`, adaptive input and softmax as `ct_jax.adaptive` builds them (untied,
+    at emb_dim): cluster i embeds in emb_dim // adaptive_div_val**i with a bias-free projection to
+    emb_dim; the softmax head (with bias) scores the first cluster plus one logit per tail cluster,
+    and tail i projects emb_dim to its width (bias-free) and scores its ids from there (bias-free).
     """
     d, e = dim, emb_dim or dim
     mem_len = seq_len if mem_len is None else mem_len
     cmem_len = mem_len // cmem_ratio if cmem_len is None else cmem_len
-    count = 0
+    count = 2 * (e * d) + d + e if e != d else 0  # to_model_dim, to_emb_dim
     if adaptive_cutoffs:
         clusters = _clusters(num_tokens, adaptive_cutoffs)
-        widths = [max(d // adaptive_div_val**i, 1) for i in range(len(clusters))]
-        per_side = sum(size * width + width * d for size, width in zip(clusters, widths))  # embeddings, projections
-        count += 2 * per_side + sum(clusters) + (len(clusters) - 1) * (d + 1)  # input, softmax, biases, cluster logits
+        widths = [e // adaptive_div_val**i for i in range(len(clusters))]
+        count += sum(size * width + width * e for size, width in zip(clusters, widths))  # emb_layers, emb_projs
+        head = clusters[0] + len(clusters) - 1
+        count += e * head + head  # to_logits.head
+        count += sum(e * width + width * size for size, width in zip(clusters[1:], widths[1:]))  # to_logits.tail
     else:
         count += num_tokens * e + e * num_tokens + num_tokens  # token_emb, to_logits
-        count += 2 * (e * d) + d + e if e != d else 0  # to_model_dim, to_emb_dim
     if relative_positions == "learned":
         count += (seq_len + mem_len + cmem_len) * d  # pos_emb (heads, pos_len, dim_head)
     attention = 4 * d * d + d  # to_q, to_kv (2 d), to_out (with bias)

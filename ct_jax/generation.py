@@ -156,12 +156,13 @@ def _run_cached(net: CompressiveTransformer, tokens: Int[Array, "b n"], window_m
 
 
 def _full_call(loop: _Loop, window: Int[Array, "b s"], window_mask: Bool[Array, "b s"], s: _State):
-    """A call on a full window: the model's own forward (its logits and its memory update); it
-    rolls the memory once more, as the reference's call does."""
+    """A call on a full window: the model's own forward (its memory update, and the logits of the
+    last position only: (b, V), never (b, t, V)); it rolls the memory once more, as the reference's
+    call does."""
     net = loop.net
     memory = _rolled(s.memory, s.call - 1) if _n_variants(net.config) > 1 else s.memory
-    logits, memory, _ = net(window, memory, window_mask)
-    return memory, _with_memory(net, memory, s.caches), logits[:, -1]
+    hidden, memory, _ = net.features(window, memory, window_mask)
+    return memory, _with_memory(net, memory, s.caches), net.logits(hidden[:, -1])
 
 
 def _cached_call(loop: _Loop, tokens: Int[Array, "b n"], start: Int[Array, ""] | int, filled: Int[Array, ""],

@@ -11,6 +11,7 @@ from flax import nnx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from ct_jax._checks import check_choice
+from ct_jax.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
 from ct_jax.attention import ATTENTION_IMPLS, LayerCache, SelfAttention
 from ct_jax.config import ModelConfig
 from ct_jax.layers import FeedForward, GRUGate, Mogrifier, layer_norm, linear, wide
@@ -72,8 +73,12 @@ class CompressiveTransformer(nnx.Module):
         self.attention_impl = attention_impl
         emb_dim = config.emb_dim
         opts = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.token_emb = nnx.Embed(num_tokens, emb_dim, embedding_init=jax.nn.initializers.normal(1.0),
-                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if config.adaptive:  # adaptive input and softmax at emb_dim, as ct_torch_ref (docs/paper-options.md)
+            adaptive = (config.adaptive_cutoffs, config.adaptive_div_val)
+            self.token_emb = AdaptiveEmbedding(num_tokens, emb_dim, *adaptive, **opts)
+        else:
+            self.token_emb = nnx.Embed(num_tokens, emb_dim, embedding_init=jax.nn.initializers.normal(1.0),
+                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.to_model_dim = linear(emb_dim, dim, **opts) if emb_dim != dim else None
         # zero-initialised as upstream; sinusoidal positions live in each attention layer instead
         self.pos_emb = (
@@ -81,7 +86,10 @@ class CompressiveTransformer(nnx.Module):
             if config.relative_positions == "learned" else None
         )
         self.to_emb_dim = linear(dim, emb_dim, **opts) if emb_dim != dim else None  # upstream to_logits.0
-        self.to_logits = linear(emb_dim, num_tokens, **opts)  # upstream to_logits.1
+        if config.adaptive:  # upstream to_logits.1, ct_torch_ref's AdaptiveLogSoftmax there
+            self.to_logits = AdaptiveLogSoftmax(emb_dim, num_tokens, *adaptive, **opts)
+        else:
+            self.to_logits = linear(emb_dim, num_tokens, **opts)  # upstream to_logits.1
         self.attn_layers = nnx.List([
             Sublayer(dim, SelfAttention(config, attention_impl=attention_impl, **opts), config, **opts)
             for _ in range(depth)
@@ -97,10 +105,22 @@ class CompressiveTransformer(nnx.Module):
         return x if self.to_model_dim is None else self.to_model_dim(x)
 
     def logits(self, x: Float[Array, "*lead d"]) -> Float[Array, "*lead v"]:
-        """The stream to next-token logits, in (at least) float32."""
-        if self.to_emb_dim is not None:
-            x = self.to_emb_dim(x)
-        return self.to_logits(x).astype(wide(self.dtype))
+        """The stream to next-token logits, in (at least) float32; an adaptive model's are its
+        log-probabilities (their softmax is the adaptive distribution)."""
+        return self.to_logits(self.output_features(x)).astype(wide(self.dtype))
+
+    def output_features(self, x: Float[Array, "*lead d"]) -> Float[Array, "*lead e"]:
+        """The stream as the output layer reads it: projected to `emb_dim` if that differs (upstream to_logits.0)."""
+        return x if self.to_emb_dim is None else self.to_emb_dim(x)
+
+    def adaptive_nll(self, x: Float[Array, "b t d"], targets: Int[Array, "b t"], ignore_index: int
+                     ) -> Float[Array, "b t"]:
+        """-log p(target) per position from the stream `x`, 0 where targets == ignore_index, for an adaptive
+        model: its softmax's `nll`, which never builds the (b, t, num_tokens) log-probabilities."""
+        if not self.config.adaptive:
+            raise ValueError("adaptive_nll is the adaptive softmax's loss; a full-softmax model's is "
+                             "ct_jax.autoregressive.token_nll of its logits (adaptive_cutoffs is None here)")
+        return self.to_logits.nll(self.output_features(x), targets, ignore_index)
 
     @no_type_check  # checks its own inputs (`ct_jax.validation`), with errors that name the argument
     def __call__(
@@ -116,8 +136,25 @@ class CompressiveTransformer(nnx.Module):
 
         `rngs` (a `dropout` stream) overrides the model's own for dropout in training.
         `memory_gradients`: the next memories keep their gradient (compression included)
-        instead of being stop-gradient (the paper's BPTT through memory).
+        instead of being stop-gradient (the paper's BPTT through memory). An adaptive model's
+        logits are its log-probabilities (see `logits`); `features` stops before them.
         """
+        x, next_memories, aux_loss = self.features(tokens, memories, mask, rngs=rngs,
+                                                   memory_gradients=memory_gradients)
+        return self.logits(x), next_memories, aux_loss
+
+    @no_type_check  # checks its own inputs (`ct_jax.validation`), with errors that name the argument
+    def features(
+        self,
+        tokens: Int[ArrayLike, "b t"],
+        memories: Memory | None = None,
+        mask: Bool[ArrayLike, "b t"] | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+        memory_gradients: bool = False,
+    ) -> tuple[Float[Array, "b t d"], Memory, Float[Array, ""]]:
+        """One segment up to the output layer: (the last layer's stream, next memories, aux loss), as
+        ct_torch_ref's `features`; the LM loss reads it (`logits` or, adaptive, `adaptive_nll`)."""
         config = self.config
         check_tokens(tokens, config)
         b, t = tokens.shape
@@ -133,7 +170,6 @@ class CompressiveTransformer(nnx.Module):
                 for name in ("mem", "compressed_mem", "mem_usage") if getattr(memories, name) is not None
             })
         ran = self.run_layers(x, memories, mask, rngs=rngs, memory_gradients=memory_gradients)
-        logits = self.logits(ran.x)
         last = ran.memories[-1]
         mem = jnp.stack([layer.mem for layer in ran.memories])
         cmem = jnp.stack([layer.compressed_mem for layer in ran.memories])
@@ -142,7 +178,7 @@ class CompressiveTransformer(nnx.Module):
         usage = None if last.mem_usage is None else jnp.stack([layer.mem_usage for layer in ran.memories])
         next_memories = Memory(mem, cmem, last.mem_valid, last.compressed_mem_valid, usage)
         aux_loss = ran.aux_loss * config.reconstruction_loss_weight / len(config.memory_layers)
-        return logits, next_memories, aux_loss
+        return ran.x, next_memories, aux_loss
 
     def run_layers(
         self,

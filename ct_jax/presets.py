@@ -47,9 +47,11 @@ ENWIK8: dict[str, dict[str, Any]] = dict(
 # width 1024, 16 heads as Transformer-XL large. mem_len is 512, not 500: this model needs
 # mem_len >= seq_len (the paper's 512/512/512 run is reported too). Word level (267,735
 # words; scripts/train.py reads bytes, bring your own tokenizer): 16k warmup, 500k decay.
+# Adaptive input and softmax with Transformer-XL's WT103 cutoffs and div_val 4 (untied here).
 WIKITEXT103: dict[str, dict[str, Any]] = dict(
     model=dict(num_tokens=267_735, dim=1024, depth=18, heads=16, seq_len=512, mem_len=512, cmem_len=1500,
-               cmem_ratio=4, ff_dropout=0.2, attn_layer_dropout=0.2, **PAPER_OPTIONS),
+               cmem_ratio=4, ff_dropout=0.2, attn_layer_dropout=0.2, adaptive_cutoffs=[20_000, 40_000, 200_000],
+               adaptive_div_val=4, **PAPER_OPTIONS),
     train=_train(16_000, 500_000, batch_size=128),
 )
 

@@ -34,6 +34,13 @@ PARAM_AXES: dict[str | tuple[str, str], tuple[str, ...]] = {
     ("up", "kernel"): ("mlp", "embed"),  # Mogrifier's low-rank up-projection
     ("to_logits", "kernel"): ("embed", "vocab"),
     ("to_logits", "bias"): ("vocab",),
+    # adaptive input and softmax (ct_jax.adaptive; "embedding" above covers each cluster's table)
+    ("emb_projs", "kernel"): ("mlp", "embed"),  # a cluster's width -> emb_dim
+    ("head", "kernel"): ("embed", "vocab"),  # shortlist + one logit per tail cluster
+    ("head", "bias"): ("vocab",),
+    # tail.{i}.0 (emb_dim, width) and tail.{i}.1 (width, cluster size) share the path name: the
+    # input axis splits first under FSDP_RULES, the output one when the input does not divide
+    ("tail", "kernel"): ("embed", "vocab"),
     # the memory carried in the train state (ct_jax.Memory's fields)
     "mem": ("layers", "batch", "slots", "embed"),
     "compressed_mem": ("layers", "batch", "slots", "embed"),

@@ -79,6 +79,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# Adaptive input and softmax (tests/test_adaptive.py; kept out of CONFIGS, whose sweeps stay cheap):
+# three cutoffs with div_val 2 (widths 32, 16, 8, 4) on the upstream layout; emb_dim > dim with
+# div_val 4 down to width 1, memory in two of three layers, memory 2x seq_len.
+ADAPTIVE_CONFIGS: dict[str, dict[str, Any]] = {
+    "adaptive_div2": dict(
+        num_tokens=60, dim=32, seq_len=6, depth=2, heads=4, mem_len=6, cmem_len=3, cmem_ratio=2,
+        adaptive_cutoffs=[10, 25, 40], adaptive_div_val=2,
+    ),
+    "adaptive_wide_emb_div4": dict(
+        num_tokens=50, dim=16, emb_dim=24, seq_len=4, depth=3, heads=2, memory_layers=[2, 3], mem_len=8,
+        cmem_len=4, cmem_ratio=2, adaptive_cutoffs=[8, 30], adaptive_div_val=4,
+    ),
+}
+
 # Weights are WEIGHT_GAIN / sqrt(fan_in) * N(0, 1): gain 1 with five Mogrifier gates (each
 # up to 2x) drives float32 rounding of either framework to ~5e-6 of the float64 result.
 WEIGHT_GAIN = 0.5
@@ -103,7 +117,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 value = 0.1 * noise
             elif param.ndim == 1:  # LayerNorm gains
                 value = 1.0 + 0.1 * noise
-            elif name.startswith("token_emb"):
+            elif name.startswith("token_emb") and ".emb_projs." not in name:  # tables; adaptive projections below
                 value = noise
             else:  # weights: variance-preserving 1 / sqrt(fan_in)
                 fan_in = math.prod(param.shape[1:])

@@ -3,6 +3,9 @@ ways), the converter's exact round trip, and ct_torch_ref's adaptive model and w
 
 from __future__ import annotations
 
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +13,18 @@ import pytest
 import torch
 from flax import nnx
 
+import ct_jax
 import ct_torch_ref
 from ct_jax import adaptive as jax_adaptive
 from ct_jax import convert
+from ct_jax.autoregressive import StreamBatch, cross_entropy, grads, losses, sequence_grads, token_nll
+from ct_jax.flops import run_flops
+from ct_jax.footprint import count_parameters
+from ct_jax.generation import decode
+from ct_jax.sharding import logical_axes
 from ct_torch_ref import adaptive as torch_adaptive
-from tests.tolerances import GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
+from tests.configs import ADAPTIVE_CONFIGS, randomize_
+from tests.tolerances import GENERATION_LOGITS_ATOL, GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
 
 IGNORE = -100
 # (num_tokens, dim, cutoffs, div_val): one cutoff; clusters of size 1 at both ends; deep div_val 4
@@ -365,3 +375,242 @@ def test_bad_adaptive_arguments_are_refused_naming_them(kwargs, error, message, 
         with pytest.raises(error, match=message):
             jax_adaptive.check_adaptive(MODEL["num_tokens"], MODEL["dim"], kwargs["adaptive_cutoffs"],
                                         kwargs.get("adaptive_div_val", 1))
+
+
+# ---- ct_jax model level: against ct_torch_ref's adaptive model ------------------------------------
+
+N_SEGMENTS = 5
+# Per row: the segments before which its memory is emptied (row 0 never after the start), so rows
+# hold different memory counts from segment 2 on; row 1's segment 1 ends in two padded positions.
+RESETS = np.array([[True, False, False, False, False],
+                   [True, False, True, False, False],
+                   [True, False, False, True, False]])
+
+
+@functools.cache
+def _adaptive_models(name: str) -> tuple[torch.nn.Module, ct_jax.CompressiveTransformer]:
+    """ct_torch_ref adaptive model with random weights (train mode: aux loss on) and its JAX copy."""
+    config = ADAPTIVE_CONFIGS[name]
+    torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=11).train()
+    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
+    convert.from_torch(torch_model.state_dict(), jax_model)
+    jax_model.train()
+    return torch_model, jax_model
+
+
+def _stream_batch(config, seed: int = 0) -> StreamBatch:
+    """RESETS' rows over N_SEGMENTS full segments, tokens in every cluster, one padded stretch."""
+    seq_len, vocab = config["seq_len"], config["num_tokens"]
+    generator = np.random.default_rng(seed)
+    tokens = generator.integers(0, vocab, (RESETS.shape[0], N_SEGMENTS * seq_len + 1))
+    tokens[0, : len(config["adaptive_cutoffs"]) + 2] = [0, *config["adaptive_cutoffs"], vocab - 1]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].copy()
+    mask = np.ones(inputs.shape, bool)
+    mask[1, 2 * seq_len - 2 : 2 * seq_len] = False
+    targets[~mask] = IGNORE
+    return StreamBatch(inputs.astype(np.int32), targets.astype(np.int32), mask, RESETS)
+
+
+def _torch_rows(torch_model, batch: StreamBatch, seq_len: int):
+    """Each row alone through ct_torch_ref (its memory emptied where RESETS says): per segment the
+    (b, t, V) log-probs, the summed NLL and count of the batch's targets and the rows' mean aux loss,
+    and the gradients of sum over segments (NLL / count + aux), the objective `grads` differentiates."""
+    torch_model.zero_grad(set_to_none=True)
+    n_rows = batch.inputs.shape[0]
+    memories = [None] * n_rows
+    log_probs, nll, counts, aux, objective = [], [], [], [], 0.0
+    for segment in range(N_SEGMENTS):
+        window = slice(segment * seq_len, (segment + 1) * seq_len)
+        rows_log_probs, rows_nll, rows_aux = [], [], []
+        for row in range(n_rows):
+            if batch.resets[row, segment]:
+                memories[row] = None
+            inputs = torch.from_numpy(batch.inputs[row : row + 1, window]).long()
+            targets = torch.from_numpy(batch.targets[row : row + 1, window]).long()
+            mask = torch.from_numpy(batch.mask[row : row + 1, window])
+            hidden, memories[row], row_aux = torch_model.features(inputs, memories[row], mask)
+            project, softmax = torch_model.to_logits
+            rows_log_probs.append(softmax.log_probs(project(hidden)).detach())
+            rows_nll.append(softmax.nll(project(hidden), targets, IGNORE).sum())
+            rows_aux.append(row_aux)
+        count = int((batch.targets[:, window] != IGNORE).sum())
+        segment_nll, segment_aux = sum(rows_nll), sum(rows_aux) / n_rows
+        objective = objective + segment_nll / count + segment_aux
+        log_probs.append(torch.cat(rows_log_probs))
+        nll.append(float(segment_nll.detach()))
+        counts.append(count)
+        aux.append(float(segment_aux.detach()))
+    objective.backward()
+    grads = {key: (param.grad if param.grad is not None else torch.zeros_like(param)).numpy().copy()
+             for key, param in torch_model.named_parameters()}  # None: unused (a non-memory layer's compressor)
+    return log_probs, np.asarray(nll), np.asarray(counts), np.asarray(aux), float(objective.detach()), grads
+
+
+def _as_torch_keys(model: ct_jax.CompressiveTransformer, grads: nnx.State) -> dict[str, np.ndarray]:
+    holder = nnx.clone(model)
+    nnx.update(holder, grads)
+    return convert.to_numpy(holder)
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_CONFIGS))
+def test_model_log_probs_losses_and_gradients_match_torch_with_per_row_memory(name):
+    torch_model, model = _adaptive_models(name)
+    seq_len = ADAPTIVE_CONFIGS[name]["seq_len"]
+    batch = _stream_batch(ADAPTIVE_CONFIGS[name])
+    log_probs_t, nll_t, counts_t, aux_t, objective_t, grads_t = _torch_rows(torch_model, batch, seq_len)
+
+    forward = nnx.jit(lambda model, tokens, memories, mask: model(tokens, memories, mask))
+    memories = ct_jax.Memory.empty(model, batch.inputs.shape[0])
+    uneven = 0  # segments whose rows start from different memory counts
+    for segment in range(N_SEGMENTS):
+        window = slice(segment * seq_len, (segment + 1) * seq_len)
+        memories = memories.reset(jnp.asarray(batch.resets[:, segment]))
+        uneven += len(set(np.asarray(memories.total_valid).tolist())) > 1
+        log_probs, memories, _ = forward(model, jnp.asarray(batch.inputs[:, window]), memories,
+                                         jnp.asarray(batch.mask[:, window]))
+        assert_close(f"{name}: log-probs of segment {segment}", log_probs, log_probs_t[segment], JAX_VS_TORCH_ATOL)
+    assert uneven >= 2, f"rows should hold different memory counts on 2+ segments, got {uneven}"
+
+    result = nnx.jit(functools.partial(losses, ignore_index=IGNORE))(model, jax.tree.map(jnp.asarray, batch))
+    np.testing.assert_array_equal(result.counts, counts_t, err_msg="counted targets per segment")
+    assert_close(f"{name}: summed NLL per segment", result.nll, nll_t, JAX_VS_TORCH_ATOL * counts_t.max())
+    assert_close(f"{name}: LM loss per segment", result.lm_losses, nll_t / counts_t, JAX_VS_TORCH_ATOL)
+    assert_close(f"{name}: aux loss per segment", result.aux_losses, aux_t, JAX_VS_TORCH_ATOL)
+    assert np.any(aux_t > 0), f"{name}: no segment compressed anything, the aux path is untested"
+
+    gradients = nnx.jit(functools.partial(grads, ignore_index=IGNORE))(model, jax.tree.map(jnp.asarray, batch))
+    assert_close(f"{name}: objective", gradients.objective, objective_t, JAX_VS_TORCH_ATOL * N_SEGMENTS)
+    got = _as_torch_keys(model, gradients.grads)
+    assert sorted(got) == sorted(grads_t)
+    for key, grad in grads_t.items():
+        assert_close(f"{name}: d objective / d {key}", got[key], grad, GRAD_ATOL, GRAD_RTOL)
+    adaptive_keys = [key for key in grads_t if key.startswith(("token_emb.", "to_logits.1."))]
+    assert all(np.any(grads_t[key] != 0) for key in adaptive_keys), "every adaptive parameter must be trained"
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_CONFIGS))
+def test_whole_model_round_trips_exactly_both_ways(name, tmp_path):
+    torch_model, _ = _adaptive_models(name)
+    config = ADAPTIVE_CONFIGS[name]
+    # torch -> JAX -> torch
+    model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(5))
+    back = convert.to_torch(convert.from_torch(torch_model.state_dict(), model))
+    assert sorted(back) == sorted(torch_model.state_dict())
+    for key, value in torch_model.state_dict().items():
+        assert torch.equal(back[key], value), f"{key} changed in torch -> JAX -> torch"
+    # JAX -> torch (strict) -> JAX, and the config through config.json both ways
+    made_in_jax = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(6))
+    loaded_t = ct_torch_ref.load_pretrained(convert.save_pretrained(made_in_jax, tmp_path / "jax"))
+    assert loaded_t.config == ct_torch_ref.CompressiveTransformer(**config).config
+    again = convert.load_pretrained(ct_torch_ref.save_pretrained(loaded_t, tmp_path / "torch"))
+    assert again.config == made_in_jax.config and again.config.to_kwargs() == loaded_t.config
+    expected = convert.to_numpy(made_in_jax)
+    for key, value in convert.to_numpy(again).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=f"{key} changed in JAX -> torch -> JAX")
+
+
+def test_config_keys_only_when_adaptive_and_json_lists_load():
+    base = dict(num_tokens=60, dim=32, seq_len=6, depth=2, heads=4)
+    default = ct_jax.ModelConfig.from_kwargs(base).to_kwargs()
+    assert not {"adaptive_cutoffs", "adaptive_div_val"} & set(default), "a default config.json keeps its keys"
+    assert default == ct_torch_ref.CompressiveTransformer(**base).config
+    config = ct_jax.ModelConfig.from_kwargs(json.loads(json.dumps(dict(base, adaptive_cutoffs=[10, 25],
+                                                                       adaptive_div_val=2))))
+    assert config.adaptive_cutoffs == (10, 25) and config.adaptive
+    assert config.to_kwargs() == ct_torch_ref.CompressiveTransformer(**config.to_kwargs()).config
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD, ids=[str(case[0]) for case in BAD])
+def test_jax_model_refuses_bad_adaptive_arguments_as_torch(kwargs, error, message, unchecked_types):
+    with pytest.raises(error, match=message):
+        ct_jax.CompressiveTransformer(**MODEL, **kwargs, rngs=nnx.Rngs(0))
+
+
+def test_greedy_generation_matches_torch():
+    name = "adaptive_div2"
+    torch_model, model = _adaptive_models(name)
+    torch_model.eval()
+    config = ADAPTIVE_CONFIGS[name]
+    prime = np.random.default_rng(3).integers(0, config["num_tokens"], (2, config["seq_len"] + 2))
+    length = 4 * config["seq_len"]
+    drawn_from = []
+    hook = torch_model.register_forward_hook(lambda module, args, out: drawn_from.append(out[0][:, -1].clone()))
+    try:
+        expected = ct_torch_ref.AutoregressiveWrapper(torch_model).generate(torch.from_numpy(prime), length,
+                                                                           temperature=0)
+    finally:
+        hook.remove()
+        torch_model.train()
+    eval_copy = nnx.clone(model)
+    eval_copy.eval()
+    got = decode(eval_copy, prime, length, jax.random.key(0), temperature=0, return_logits=True)
+    assert_close("log-probs of every draw", got.logits, torch.stack(drawn_from[-length:], dim=1),
+                 GENERATION_LOGITS_ATOL)
+    np.testing.assert_array_equal(np.asarray(got.tokens), expected.numpy(), err_msg="greedy tokens")
+
+
+def test_training_loss_never_builds_the_full_log_probs():
+    """The jaxpr of an adaptive model's gradient holds no value as large as (b, t, V); a full-softmax
+    model of the same sizes does (the check can fail)."""
+    batch, seq_len, vocab = 2, 16, 997
+    base = dict(num_tokens=vocab, dim=16, seq_len=seq_len, depth=1, heads=2)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (batch, 2 * seq_len + 1)))
+
+    def largest(kwargs) -> list[tuple[int, ...]]:
+        model = nnx.eval_shape(lambda: ct_jax.CompressiveTransformer(**kwargs, rngs=nnx.Rngs(0)))
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def objective(params):
+            return sequence_grads(nnx.merge(graphdef, params, rest), tokens)
+
+        shapes = _shapes(jax.make_jaxpr(objective)(params).jaxpr)
+        return [shape for shape in shapes if int(np.prod(shape)) >= batch * seq_len * vocab]
+
+    assert largest(dict(base, adaptive_cutoffs=[50, 300], adaptive_div_val=2)) == []
+    assert (batch, seq_len, vocab) in largest(base), "the check must see a full-softmax model's logits"
+
+
+def _param_sizes(model: ct_jax.CompressiveTransformer, prefix: str, suffix: str = "") -> int:
+    return sum(value.size for key, value in convert.to_numpy(model).items()
+               if key.startswith(prefix) and key.endswith(suffix))
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_CONFIGS))
+def test_footprint_flops_and_sharding_know_the_adaptive_parameters(name):
+    config = ADAPTIVE_CONFIGS[name]
+    model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
+    counted = count_parameters(**{key: value for key, value in config.items() if key != "memory_layers"})
+    assert counted == _param_sizes(model, ""), f"count_parameters {counted} != the model's {_param_sizes(model, '')}"
+
+    tokens = 2 * config["seq_len"]
+    flops = run_flops(config, batch=2, segments=1, training=False)
+    # every matrix of the softmax runs on every position: 2 FLOPs per weight and token
+    assert flops["logits"].forward == 2 * tokens * _param_sizes(model, "to_logits.1.", "weight")
+    projections = _param_sizes(model, "token_emb.emb_projs.") + _param_sizes(model, "to_logits.0.", "weight")
+    projections += _param_sizes(model, "to_model_dim.", "weight")
+    assert flops["embedding projections"].forward == 2 * tokens * projections
+
+    params = nnx.state(model, nnx.Param)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        axes = logical_axes(path, leaf.ndim)
+        assert None not in axes, f"{jax.tree_util.keystr(path)} {leaf.shape} has no logical axes: {axes}"
+
+
+def test_full_softmax_loss_is_still_cross_entropy_of_the_logits_to_the_bit():
+    """A default model's loss path: the forward's logits, then `token_nll` (what it was before the
+    adaptive path existed), op for op; eager on both sides so that no fusion reorders either."""
+    config = dict(num_tokens=32, dim=16, emb_dim=8, seq_len=4, depth=2, heads=2, cmem_ratio=2)
+    model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(3))
+    model.train()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 2 * 4 + 1)))
+    with jax.disable_jit():
+        result = losses(model, StreamBatch.from_windows(tokens, 4))
+        memories = None
+        for segment in range(2):
+            window = slice(4 * segment, 4 * segment + 4)
+            logits, memories, aux = model(tokens[:, :-1][:, window], memories)
+            nll, count = token_nll(logits, tokens[:, 1:][:, window])
+            assert float(result.nll[segment]) == float(nll) and int(result.counts[segment]) == int(count)
+            assert float(result.lm_losses[segment]) == float(cross_entropy(logits, tokens[:, 1:][:, window]))
+            assert float(result.aux_losses[segment]) == float(aux)
