@@ -133,14 +133,15 @@ def test_memory_round_trip_switches_framework_mid_run():
     torch_model.eval()
     jax_model.eval()
     segments, _ = make_inputs(CONFIGS[name], batch=2, n_segments=N_SEGMENTS, seed=4)
+    forward = _jitted_forward(name)  # compiled, not op by op (eager calls: test_eager_matches_upstream)
     jax_memory = None
     for tokens in segments[:3]:
-        _, jax_memory, _ = jax_model(jnp.asarray(tokens.numpy()), jax_memory)
+        _, jax_memory, _ = forward(jax_model, jnp.asarray(tokens.numpy()), jax_memory, None)
     torch_memory = convert.memory_to_torch(jax_memory)
     with torch.no_grad():
         logits, torch_memory, _ = torch_model(segments[3], memories=torch_memory)
     back = convert.memory_from_torch(torch_memory, jax_model)
-    jax_logits, _, _ = jax_model(jnp.asarray(segments[4].numpy()), back)
+    jax_logits, _, _ = forward(jax_model, jnp.asarray(segments[4].numpy()), back, None)
     with torch.no_grad():
         expected, _, _ = torch_model(segments[4], memories=torch_memory)
     assert_close("logits after torch -> jax memory hand-over", jax_logits, expected, JAX_VS_TORCH_ATOL)
