@@ -72,7 +72,7 @@ def test_long_range_model_reads_a_fact_from_its_compressed_memory():
     the compressed memory the first), every training row at that distance. Measured at this
     budget (150 steps, the harness's optimiser): seeds 0-4 give 0.54-0.62 nats at d=32 (chance
     2.77, threshold 1.39) and 4.7-5.0 nats under the knockout; with the compressed slots zeroed
-    at every update (a mutant) the recall stays at chance (2.64) and the test fails. At 300
+    at every update (a mutant) the recall stays at chance (2.70) and the test fails. At 300
     steps: 0.07-0.14 and 6.5-6.8 nats. Trained on distances 16 and 32 instead, seed 4 had not
     learned by 300 steps. The benchmark's 4-segment task (d=48) takes ~1000 steps: docs/long-range.md.
     """
