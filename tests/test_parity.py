@@ -101,26 +101,27 @@ def test_weights_made_in_jax_match_ct_torch_ref(name):
                      label=f"{name}/from-jax")
 
 
-def test_float64_semantics_are_exact():
+@pytest.mark.parametrize("name", ["mogrify_odd_seq", "residual_uneven_evictions", "top_layer_only_mogrify"])
+def test_float64_semantics_are_exact(name):
     """In float64 both frameworks agree to ~1e-12: any gap in float32 is rounding, not semantics."""
     jax.config.update("jax_enable_x64", True)
     try:
-        for name in ("mogrify_odd_seq", "residual_uneven_evictions", "top_layer_only_mogrify"):
-            config = CONFIGS[name]
-            torch_model = randomize_(upstream.CompressiveTransformer(**config), seed=2).double().train()
-            jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0), dtype=jnp.float64,
-                                                      param_dtype=jnp.float64)
-            convert.from_torch(torch_model.state_dict(), jax_model)
-            segments, masks = make_inputs(config, batch=2, n_segments=N_SEGMENTS, seed=5, mask_kind="right")
-            memory = None
-            jax_memory = None
-            for tokens, mask in zip(segments, masks):
-                with torch.no_grad():
-                    logits, memory, aux = torch_model(tokens, memories=memory, mask=mask)
-                jax_logits, jax_memory, jax_aux = jax_model(jnp.asarray(tokens.numpy()), jax_memory,
-                                                            jnp.asarray(mask.numpy()))
-                assert_close(f"{name} float64 logits", jax_logits, logits, JAX_VS_TORCH_F64_ATOL)
-                assert_close(f"{name} float64 aux", jax_aux, aux.reshape(()), JAX_VS_TORCH_F64_ATOL)
+        config = CONFIGS[name]
+        torch_model = randomize_(upstream.CompressiveTransformer(**config), seed=2).double().train()
+        jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0), dtype=jnp.float64,
+                                                  param_dtype=jnp.float64)
+        convert.from_torch(torch_model.state_dict(), jax_model)
+        forward = nnx.jit(lambda model, *args: model(*args))  # eager float64 calls would compile every op
+        segments, masks = make_inputs(config, batch=2, n_segments=N_SEGMENTS, seed=5, mask_kind="right")
+        memory = None
+        jax_memory = None
+        for tokens, mask in zip(segments, masks):
+            with torch.no_grad():
+                logits, memory, aux = torch_model(tokens, memories=memory, mask=mask)
+            jax_logits, jax_memory, jax_aux = forward(jax_model, jnp.asarray(tokens.numpy()), jax_memory,
+                                                      jnp.asarray(mask.numpy()))
+            assert_close(f"{name} float64 logits", jax_logits, logits, JAX_VS_TORCH_F64_ATOL)
+            assert_close(f"{name} float64 aux", jax_aux, aux.reshape(()), JAX_VS_TORCH_F64_ATOL)
     finally:
         jax.config.update("jax_enable_x64", False)
 
@@ -132,14 +133,15 @@ def test_memory_round_trip_switches_framework_mid_run():
     torch_model.eval()
     jax_model.eval()
     segments, _ = make_inputs(CONFIGS[name], batch=2, n_segments=N_SEGMENTS, seed=4)
+    forward = _jitted_forward(name)  # compiled, not op by op (eager calls: test_eager_matches_upstream)
     jax_memory = None
     for tokens in segments[:3]:
-        _, jax_memory, _ = jax_model(jnp.asarray(tokens.numpy()), jax_memory)
+        _, jax_memory, _ = forward(jax_model, jnp.asarray(tokens.numpy()), jax_memory, None)
     torch_memory = convert.memory_to_torch(jax_memory)
     with torch.no_grad():
         logits, torch_memory, _ = torch_model(segments[3], memories=torch_memory)
     back = convert.memory_from_torch(torch_memory, jax_model)
-    jax_logits, _, _ = jax_model(jnp.asarray(segments[4].numpy()), back)
+    jax_logits, _, _ = forward(jax_model, jnp.asarray(segments[4].numpy()), back, None)
     with torch.no_grad():
         expected, _, _ = torch_model(segments[4], memories=torch_memory)
     assert_close("logits after torch -> jax memory hand-over", jax_logits, expected, JAX_VS_TORCH_ATOL)

@@ -34,10 +34,15 @@ def model():
     (2, 1, "non-zero .* while the memory is not full"),
 ])
 def test_an_eager_call_refuses_impossible_memory_counts(model, mem_valid, cmem_valid, message):
-    tokens = jnp.zeros((2, 4), jnp.int32)
     with pytest.raises(ValueError, match=message):
-        model(tokens, _memory(model, mem_valid, cmem_valid))
-    model(tokens, _memory(model, 4, 2))  # full memory and compressed memory: fine
+        model(jnp.zeros((2, 4), jnp.int32), _memory(model, mem_valid, cmem_valid))
+
+
+def test_an_eager_call_accepts_full_memory_and_compressed_memory(model):
+    """Once, not beside each refusal: an eager forward compiles each of its ops (under jit the
+    counts are traced and not checked)."""
+    logits, _, _ = model(jnp.zeros((2, 4), jnp.int32), _memory(model, 4, 2))
+    assert logits.shape == (2, 4, CONFIG["num_tokens"])
 
 
 def test_per_row_counts_are_checked_too(model):
