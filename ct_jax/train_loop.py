@@ -22,11 +22,13 @@ from ct_jax.config import ModelConfig
 from ct_jax.convert import save_pretrained
 from ct_jax.data import Splits, WindowSampler, eval_batches, fingerprint
 from ct_jax.evaluation import evaluate_stream
+from ct_jax.interrupts import StopSignals, TrainingInterrupted
 from ct_jax.io import folder_lock
 from ct_jax.model import CompressiveTransformer
 from ct_jax.streams import StreamSampler, check_starts
 from ct_jax.training import (
     LN2,
+    DataOrder,
     NonFiniteLossError,
     TrainConfig,
     Trainer,
@@ -44,6 +46,7 @@ class FitResult:
     state: TrainState
     history: MetricsLog
     out_dir: Path
+    start: int = 0  # the step the run began or resumed at; >= config.steps: nothing was trained or written
 
 
 def fit(
@@ -88,6 +91,7 @@ def fit(
         model_config = ModelConfig.from_kwargs(model_config)
     if resume_from is not None:
         check_int("resume_from", resume_from)
+    check_token_ids(splits, model_config.num_tokens)
     out_dir = Path(out_dir)
     lead = jax.process_index() == 0
     say = log if lead else _silent
@@ -97,8 +101,13 @@ def fit(
             steps = _resumable_steps(checkpoints, resume, resume_from)
             run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead, say, documents or {})
             start = run.resume(resume_from) if steps else 0
-            run.loop(start, progress and lead)
-            if "test" in splits and run.trainer.streaming and start < config.steps:
+            if start >= config.steps:
+                say(f"run is at step {start} >= --steps {config.steps}: nothing to train; pass a larger --steps")
+                return FitResult(run.trainer.load_params(run.trainer.host(run.state).params),
+                                 run.trainer.host(run.state), run.history, out_dir, start)
+            with StopSignals() as stop:
+                run.loop(start, progress and lead, stop)
+            if "test" in splits and run.trainer.streaming:
                 test_bpb = run.evaluate("test", progress and lead)
                 run.history.add(config.steps, test_bpb=test_bpb)
                 say(f"test: {test_bpb:.4f} bits/byte (whole split, streamed)")
@@ -109,9 +118,21 @@ def fit(
                 run.history.write()
                 run.history.plot(out_dir / "loss.png")
                 save_pretrained(model, out_dir / "model")
-            return FitResult(model, host_state, run.history, out_dir)
+            return FitResult(model, host_state, run.history, out_dir, start)
         finally:
-            checkpoints.close()  # after pending saves complete
+            checkpoints.close()  # after pending saves complete (or a timeout: an error must not hang here)
+
+
+def check_token_ids(splits: Splits, num_tokens: int) -> None:
+    """Refuses data holding ids outside [0, num_tokens) before any training (a step would give NaN losses)."""
+    for name, split in splits.items():
+        if len(split) == 0 or (split.dtype == np.uint8 and num_tokens >= 256):
+            continue
+        low, high = int(np.min(split)), int(np.max(split))
+        if low < 0 or high >= num_tokens:
+            kind = " (byte data needs num_tokens >= 256)" if split.dtype == np.uint8 else ""
+            raise ValueError(f"num_tokens={num_tokens} (--num-tokens) is too small for the data: the {name} split "
+                             f"holds token ids up to {high}; the model reads ids in [0, {num_tokens}){kind}")
 
 
 def _silent(message: str) -> None:
@@ -177,21 +198,79 @@ def _make_sampler(trainer: Trainer, model_config: ModelConfig, splits: Splits,
     return WindowSampler(splits["train"], trainer.window, config.batch_size, config.seed, **shard)
 
 
+def _flag(name: str, value: Any) -> str:
+    """A setting as the train command's flag: `--dim 32`, `--no-remat`, `--memory-layers 1,2`."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    if isinstance(value, list | tuple):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {value}"
+
+
+def _changes(now: dict[str, Any], before: dict[str, Any], names: Any = None) -> dict[str, tuple[Any, Any]]:
+    """{name: (checkpoint's value, now)} of the settings (`names`, default all of `now`) that differ."""
+    return {name: (before.get(name), now.get(name)) for name in (now if names is None else names)
+            if before.get(name) != now.get(name)}
+
+
+def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changes.items())
+
+
+def _restore_with(changes: dict[str, tuple[Any, Any]]) -> str:
+    return " ".join(_flag(name, old) for name, (old, _) in changes.items() if old is not None)
+
+
+def _state_shaping(train_config: dict[str, Any]) -> dict[str, Any]:
+    """The training settings the saved state's structure depends on (optimizer state, carried memory)."""
+    streams = train_config.get("data_order") == "streams"
+    return dict(data_order=train_config.get("data_order"), optimizer=train_config.get("optimizer"),
+                gradient_clipping=train_config.get("grad_clip_norm") != 0,
+                batch_size=train_config.get("batch_size") if streams else None)
+
+
 def _check_record(record: dict[str, Any], model_config: ModelConfig, config: TrainConfig, data_fingerprint: str,
-                  directory: Path, say: Callable[[str], Any]) -> None:
-    """Refuses a checkpoint of another model; says what changed in the settings and the data."""
+                  data_sizes: dict[str, int], directory: Path) -> list[str]:
+    """Refuses a checkpoint that cannot be resumed with these settings or this data, naming what changed and
+    what to do (its files are healthy and stay); returns warnings of what changed and still resumes."""
+    step = record.get("step", "?")
+    keep = f"the checkpoints in {directory} are healthy and left as they are"
     # Normalised, so records written before a keyword existed (its default) still match.
     stored = record.get("model_config")
-    if stored is None or ModelConfig.from_kwargs(stored).to_kwargs() != model_config.to_kwargs():
-        raise ValueError(f"the checkpoint in {directory} is of another model: {record.get('model_config')}, "
-                         f"expected {model_config.to_kwargs()} (use another out_dir)")
-    before = record.get("train_config", {})
-    changed = {key: (value, before.get(key)) for key, value in config.to_json().items() if before.get(key) != value}
+    now_model = model_config.to_kwargs()
+    if stored is None or ModelConfig.from_kwargs(stored).to_kwargs() != now_model:
+        changed = _changes(now_model, ModelConfig.from_kwargs(stored).to_kwargs() if stored else {})
+        raise ValueError(f"the checkpoint in {directory} (step {step}) is of another model: {_describe(changed)}; "
+                         f"rerun with the checkpoint's values ({_restore_with(changed)}) to resume it, or pass "
+                         f"another --out (out_dir) to train this model afresh; {keep}")
+    before, now = record.get("train_config", {}), config.to_json()
+    shaping = _changes(_state_shaping(now), _state_shaping(before))
+    if shaping:
+        changed = _changes(now, before, [name for name in ("data_order", "optimizer", "grad_clip_norm", "batch_size")
+                                         if name in shaping or (name == "grad_clip_norm" and "gradient_clipping"
+                                                                in shaping)])
+        raise ValueError(f"cannot resume step {step} in {directory} with changed settings its saved state depends "
+                         f"on: {_describe(changed)}; rerun with the checkpoint's values ({_restore_with(changed)}), "
+                         f"or pass another --out (out_dir) for a fresh run with the new ones; {keep}")
+    warnings = []
+    changed = _changes(now, before)
     if changed:
-        say(f"resuming with changed training settings (now, before): {changed}")
-    if record.get("data_fingerprint", data_fingerprint) != data_fingerprint:
-        say(f"warning: resuming on other data than the checkpoint was trained on (data fingerprint "
-            f"{data_fingerprint}, checkpoint's {record['data_fingerprint']})")
+        warnings.append(f"resuming with changed training settings: {_describe(changed)}")
+    saved_fingerprint = record.get("data_fingerprint", data_fingerprint)
+    if saved_fingerprint != data_fingerprint:
+        sizes = _changes(data_sizes, record.get("data_sizes", {}))
+        what = f"split bytes {_describe(sizes)}, " if sizes else ""
+        restore = "the same --data and --max-bytes as the run that wrote it"
+        if config.data_order is DataOrder.STREAMS:
+            raise ValueError(f"the data changed since step {step} was checkpointed in {directory} ({what}fingerprint "
+                             f"{saved_fingerprint} -> {data_fingerprint}): streams resume at byte positions of that "
+                             f"data. Resume on the same data ({restore}), or pass another --out (out_dir) to train "
+                             f"afresh on this data; {keep}")
+        warnings.append(f"warning: the data changed since step {step} was checkpointed ({what}fingerprint "
+                        f"{saved_fingerprint} -> {data_fingerprint}); resuming on the new data (to restore the old: "
+                        f"{restore})")
+    return warnings
 
 
 def _restore_newest(checkpoints: Checkpoints, template: TrainState, resume_from: int | None,
@@ -214,7 +293,8 @@ def _restore_newest(checkpoints: Checkpoints, template: TrainState, resume_from:
     else:
         raise DamagedCheckpointError(
             f"no checkpoint in {checkpoints.directory} can be restored: " + "; ".join(failures.values())
-            + ". Move the checkpoints folder away to start afresh, or use another out_dir"
+            + ". Resume from an older step (resume_from / --resume-from) if one is listed as readable, or pass "
+            "another --out (out_dir) to start afresh"
         )
     if lead:
         for newer in (s for s in checkpoints.all_steps() if s > step):
@@ -276,19 +356,26 @@ class _Run:
         self.documents = {name: check_starts(split, documents.get(name), name) for name, split in splits.items()}
         self.sampler = _make_sampler(self.trainer, model_config, splits, self.documents)
         self.data_fingerprint = fingerprint(splits)
+        self.data_sizes = {name: len(split) for name, split in splits.items()}
         self.history = MetricsLog(out_dir / "metrics.csv")
         self.history.truncate(-1)
         self.state = self.trainer.place(self.trainer.init_state())
         self.guard = _Guard(config.divergence_factor, [])
         self.held = _HeldCheckpoint(checkpoints, lead)
         self.clock = time.perf_counter()  # when the last recorded step's time began
+        self.saved_step = -1  # the newest step handed to the checkpointer
 
     def resume(self, resume_from: int | None) -> int:
         """Adopts the newest checkpoint that verifies (at most `resume_from`): state, data position and
         metrics. Returns its step."""
+        said: set[str] = set()  # each fallback step is checked: say a change once
+
         def check(record: dict[str, Any]) -> None:
-            _check_record(record, self.model_config, self.config, self.data_fingerprint, self.checkpoints.directory,
-                          self.say)
+            for warning in _check_record(record, self.model_config, self.config, self.data_fingerprint,
+                                         self.data_sizes, self.checkpoints.directory):
+                if warning not in said:
+                    said.add(warning)
+                    self.say(warning)
 
         step, host_state, record = _restore_newest(self.checkpoints, self.trainer.host(self.state), resume_from,
                                                    check, self.say, self.lead)
@@ -300,18 +387,21 @@ class _Run:
                      "the metrics (training is not affected)")
         self.history.truncate(step)
         self.guard = _Guard(self.config.divergence_factor, self.history.column("loss")[1])
-        self.say(f"resumed from step {step} of {self.config.steps} ({self.checkpoints.directory})")
+        self.saved_step = step
+        if step < self.config.steps:
+            self.say(f"resumed from step {step} of {self.config.steps} ({self.checkpoints.directory})")
         return step
 
-    def evaluate(self, split: str = "validation", progress: bool = False, whole: bool = False) -> float:
-        """Bits per byte of a split: streamed (memory carried; `eval_segments` per stream unless
-        `whole`), or on `eval_batches` sequential windows from empty memory."""
+    def evaluate(self, split: str = "validation", progress: bool = False, whole: bool = False,
+                 segments: int | None = None) -> float:
+        """Bits per byte of a split: streamed (memory carried; `segments`, else `eval_segments`, per stream
+        unless `whole`), or on `eval_batches` sequential windows from empty memory."""
         config = self.config
         if self.trainer.streaming:
             model = self.trainer.load_params(self.trainer.host(self.state).params)
+            segments = segments or config.eval_segments or None
             return evaluate_stream(model, self.splits[split], config.batch_size, document_starts=self.documents[split],
-                                   max_segments=None if whole else config.eval_segments or None, progress=progress,
-                                   name=split)
+                                   max_segments=None if whole else segments, progress=progress, name=split)
         batches = eval_batches(self.splits["validation"], self.trainer.window, config.batch_size, config.eval_batches,
                                drop_remainder=True)
         return self.trainer.evaluate(self.state, batches)
@@ -319,8 +409,10 @@ class _Run:
     def save(self, step: int, verified: bool) -> None:
         """Checkpoints `step` now if a loss at its parameters was checked (`verified`), else once one is."""
         record = dict(step=step, sampler=self.sampler.state_dict(), model_config=self.model_config.to_kwargs(),
-                      train_config=self.config.to_json(), data_fingerprint=self.data_fingerprint)
+                      train_config=self.config.to_json(), data_fingerprint=self.data_fingerprint,
+                      data_sizes=self.data_sizes)
         self.held.hold(step, self.trainer.host(self.state), record)
+        self.saved_step = step
         if verified:
             self.held.write(self.history)
 
@@ -351,8 +443,9 @@ class _Run:
         if progress:
             bar.write(f"step {step}: validation {val_bpb:.4f} bits/byte")
 
-    def loop(self, start: int, progress: bool) -> None:
-        """Steps `start + 1 .. config.steps`, validating and checkpointing on schedule."""
+    def loop(self, start: int, progress: bool, stop: StopSignals) -> None:
+        """Steps `start + 1 .. config.steps`, validating and checkpointing on schedule; on a signal (`stop`)
+        the step in flight finishes, is checkpointed, and TrainingInterrupted is raised."""
         config = self.config
         if start == 0:
             self.history.add(0, val_bpb=self.evaluate())
@@ -366,13 +459,30 @@ class _Run:
                 pending = (step, device_metrics)
                 evaluate_now = step == config.steps or (config.eval_every and step % config.eval_every == 0)
                 save_now = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
-                if evaluate_now or save_now:
+                signum = stop.requested() if step < config.steps else 0
+                if evaluate_now or save_now or signum:
                     self.record(*pending, bar)
                     pending = None
                     if evaluate_now:
                         self.validate(step, save_now, progress, bar)
                     if save_now:
                         self.save(step, verified=bool(evaluate_now))
+                    if signum:
+                        self.interrupt(step, signum)
                     self.clock = time.perf_counter()
             if pending is not None:
                 self.record(*pending, bar)
+
+    def interrupt(self, step: int, signum: int) -> NoReturn:
+        """Checkpoints `step` (verified by a short validation at its parameters, unless already written) and
+        raises TrainingInterrupted naming it."""
+        if self.saved_step != step:
+            self.save(step, verified=False)
+        if self.held.held is not None:
+            val_bpb = self.evaluate(segments=self.config.n_segments)  # short: a SIGTERM's grace period is short
+            problem = self.guard.check(f"(validation after step {step}, on interrupt)", val_bpb * LN2)
+            if problem is not None:
+                self.held.stop(problem, _failure(val_bpb))
+            self.held.write(self.history)
+        self.checkpoints.wait()
+        raise TrainingInterrupted(signum, step, self.checkpoints.directory / str(step))
