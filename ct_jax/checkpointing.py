@@ -120,9 +120,12 @@ class Checkpoints:
         try:
             self._manager.save(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax / tensorstore / the OS: name the step and the folder
-            message = " ".join(str(error).split())[:300]
-            raise RuntimeError(f"checkpoint step {step} could not be written to {self.directory} "
-                               f"({type(error).__name__}: {message})") from error
+            raise self._write_error(error, f"checkpoint step {step}") from error
+
+    def _write_error(self, error: Exception, what: str) -> RuntimeError:
+        """A failed (possibly background) save, as one line naming `what` and the folder."""
+        message = " ".join(str(error).split())[:300]
+        return RuntimeError(f"{what} could not be written to {self.directory} ({type(error).__name__}: {message})")
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
@@ -187,8 +190,11 @@ class Checkpoints:
         self._manager.reload()
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk (RuntimeError if one failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # raised from the save's background thread
+            raise self._write_error(error, "a pending checkpoint") from error
 
     def close(self, timeout: float = 600.0) -> None:
         """Finishes pending saves and stops the checkpointer's threads; gives up after `timeout` seconds
@@ -208,7 +214,7 @@ class Checkpoints:
             print(f"warning: the checkpointer of {self.directory} did not finish within {timeout:g}s; "
                   "pending saves may be incomplete (an incomplete step is never listed)", file=sys.stderr)
         if errors:
-            raise errors[0]
+            raise self._write_error(errors[0], "a pending checkpoint") from errors[0]
 
 
 class MetricsLog:
