@@ -223,7 +223,7 @@ def _files_corpus(
         train, validation = kept[:-1], kept[-1:]
         if log is not None:
             log(f"{tag} corpus at {root} has {len(kept)} files, fewer than validation_every={every} "
-                f"(--validation-every): its last file, {validation[0].name}, is validation")
+                f"(--validation-every): its last file, {validation[0].relative_to(root).as_posix()}, is validation")
     parts = {"train": train, "validation": validation}
     return Corpus({name: _concatenated(tag, name, kept, cache_dir) for name, kept in parts.items()},
                   {name: document_offsets([file.stat().st_size for file in kept]) for name, kept in parts.items()})

@@ -439,7 +439,8 @@ def transformer_xl_streams(tmp_path_factory):
 
 def _fit_xl(out, config, splits, documents, **kwargs):
     kwargs = dict(dict(progress=False, log=lambda m: None, compiler_options=training.FAST_CPU_COMPILE), **kwargs)
-    return train_loop.fit(dict(TRAIN_MODEL, cmem_len=0, cmem_ratio=8), config, splits, out, documents=documents, **kwargs)
+    model = dict(TRAIN_MODEL, cmem_len=0, cmem_ratio=8)  # mem_len // cmem_ratio = 0: no compressed memory
+    return train_loop.fit(model, config, splits, out, documents=documents, **kwargs)
 
 
 def test_a_transformer_xl_checkpoints_its_empty_compressed_memory_and_resumes(transformer_xl_streams):
