@@ -368,17 +368,19 @@ class _Run:
     def resume(self, resume_from: int | None) -> int:
         """Adopts the newest checkpoint that verifies (at most `resume_from`): state, data position and
         metrics. Returns its step."""
-        said: set[str] = set()  # each fallback step is checked: say a change once
+        warnings: list[str] = []  # each step tried is checked: say a change once, and only if training goes on
 
         def check(record: dict[str, Any]) -> None:
             for warning in _check_record(record, self.model_config, self.config, self.data_fingerprint,
                                          self.data_sizes, self.checkpoints.directory):
-                if warning not in said:
-                    said.add(warning)
-                    self.say(warning)
+                if warning not in warnings:
+                    warnings.append(warning)
 
         step, host_state, record = _restore_newest(self.checkpoints, self.trainer.host(self.state), resume_from,
                                                    check, self.say, self.lead)
+        if step < self.config.steps:
+            for warning in warnings:
+                self.say(warning)
         self.state = self.trainer.place(host_state)
         self.sampler.load_state_dict(record["sampler"])
         self.history = MetricsLog(self.history.path)

@@ -378,7 +378,8 @@ def test_resuming_on_other_data_warns(finished, tmp_path):
     splits = _splits()
     splits["train"] = splits["train"][::-1].copy()
     messages = []
-    train_loop.fit(TRAIN_MODEL, TRAIN_CONFIG, splits, run, progress=False, log=messages.append,
+    longer = training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "steps": TRAIN_CONFIG.steps + 1})
+    train_loop.fit(TRAIN_MODEL, longer, splits, run, progress=False, log=messages.append,
                    compiler_options=training.FAST_CPU_COMPILE)
     assert any("warning: the data changed since step 6 was checkpointed" in m and "--max-bytes" in m
                for m in messages), messages
