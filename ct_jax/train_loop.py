@@ -86,6 +86,13 @@ def fit(
     of the running median loss; otherwise the run stops with NonFiniteLossError /
     TrainingDivergedError naming the step and the newest safe checkpoint. In a multi-process
     run every process calls this; process 0 holds the lock and writes the CSV, plot and export.
+
+    SIGINT / SIGTERM (called from the main thread): the step in flight finishes, is checkpointed
+    (verified by a short validation) and `ct_jax.interrupts.TrainingInterrupted` is raised naming
+    it; all processes stop at the same step. A run already at `config.steps` or beyond says so
+    and returns (`FitResult.start`) without writing anything. Before anything is written, data
+    holding token ids outside [0, num_tokens) and a checkpoint that cannot be resumed with these
+    settings or this data are refused, naming what changed (`ct_jax.run_checks`).
     """
     if isinstance(model_config, dict):
         model_config = ModelConfig.from_kwargs(model_config)
