@@ -159,3 +159,32 @@ def test_a_failing_checkpointer_ends_the_run_with_one_line(workdir):
     assert len(errors) == 1 and re.match(rf"error: .*checkpoint.* could not be written to {out / 'checkpoints'} "
                                          r"\(RuntimeError: cannot schedule new futures", errors[0]), done.stderr[-3000:]
     assert "Traceback" not in done.stderr.split(errors[0])[1], done.stderr[-3000:]
+
+
+def test_stop_signals_record_the_first_signal_then_restore_the_handlers():
+    from ct_jax.interrupts import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert stop.requested() == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # Python runs the handler between bytecodes of the main thread
+        assert stop.requested() == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "a second signal must end the process at once"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_every_process_stops_when_any_process_got_a_signal(monkeypatch):
+    from jax.experimental import multihost_utils
+
+    from ct_jax import interrupts
+
+    gathered = []
+
+    def allgather(value):  # this process got nothing, the other one SIGTERM
+        gathered.append(int(value))
+        return np.array([int(value), signal.SIGTERM])
+
+    monkeypatch.setattr(interrupts.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    assert interrupts.StopSignals().requested() == signal.SIGTERM and gathered == [0]
