@@ -4,7 +4,9 @@ One data contract: a batch is a `ct_jax.streams.StreamBatch` (inputs, targets, m
 reset per row and segment). A window of tokens from empty memory is
 `StreamBatch.from_windows(tokens, seq_len)`, a batch whose rows reset before segment 0. One
 loss function (`losses`) and one gradient function (`grads`) run every batch; `segment_losses`
-and `sequence_grads` are their short forms for a window of tokens.
+and `sequence_grads` are their short forms for a window of tokens. Called eagerly, they refuse
+token ids outside [0, num_tokens) with a ValueError, as `model(...)` does; under `jit` the ids
+are traced and only the model's `checkify` check covers them (see ct_jax.validation).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ct_jax.generation import generate  # noqa: F401  (public here: ct_jax.autor
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 from ct_jax.streams import IGNORE_INDEX, StreamBatch
+from ct_jax.validation import check_batch_ids
 
 __all__ = ["IGNORE_INDEX", "Gradients", "Losses", "StreamBatch", "cross_entropy", "generate", "grads", "losses",
            "segment_losses", "sequence_grads", "token_nll"]
@@ -212,6 +215,7 @@ def losses(
     gradient (for differentiating the result; the values are the same).
     """
     seq_len = model.config.seq_len
+    check_batch_ids(batch.inputs, batch.targets, model.config, ignore_index)
     batch = jax.tree.map(jnp.asarray, batch)  # numpy from a sampler, or from_windows' resets
     if memories is None:
         memories = Memory.empty(model, batch.inputs.shape[0], model.dtype)
@@ -364,6 +368,7 @@ def grads(
     if b % micro_batches:
         raise ValueError(f"batch size ({b}) must be divisible by micro_batches ({micro_batches})")
     seq_len = model.config.seq_len
+    check_batch_ids(batch.inputs, batch.targets, model.config, ignore_index)
     batch = jax.tree.map(jnp.asarray, batch)  # numpy from a sampler, or from_windows' resets
     if memories is None:
         memories = Memory.empty(model, b, model.dtype)

@@ -12,6 +12,7 @@ import csv
 import logging
 import os
 import sys
+import threading
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -59,6 +60,29 @@ def _silence_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+def _storable(tree: Any) -> Any:
+    """`tree` with every zero-size leaf (a Transformer-XL's empty compressed memory, cmem_len=0) as a 0-d
+    placeholder of its dtype: orbax cannot save zero-size arrays, and `_unstored` rebuilds them."""
+    return jax.tree.map(_placeholder, tree)
+
+
+def _placeholder(leaf: Any) -> Any:
+    if np.size(leaf) != 0:
+        return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((), leaf.dtype)
+    return np.zeros((), np.asarray(leaf).dtype)
+
+
+def _unstored(restored: Any, template: Any) -> Any:
+    """The inverse of `_storable`: the template's zero-size leaves, empty again."""
+    return jax.tree.map(_empty_like, restored, template)
+
+
+def _empty_like(restored: Any, template: Any) -> Any:
+    return np.zeros(np.shape(template), np.asarray(restored).dtype) if np.size(template) == 0 else restored
+
+
 class DamagedCheckpointError(ValueError):
     """A checkpoint step cannot be read, or its arrays differ from the checksums saved with it."""
 
@@ -90,13 +114,18 @@ class Checkpoints:
         refuses non-finite values."""
         if not all_finite(state):
             raise FloatingPointError(f"refusing to checkpoint step {step}: the train state holds NaN or Inf")
+        state = _storable(state)
         record = {**record, CHECKSUMS: checksums(state)}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardSave(state), RECORD_ITEM: ocp.args.JsonSave(record)}
-            ),
-        )
+        items = {STATE_ITEM: ocp.args.StandardSave(state), RECORD_ITEM: ocp.args.JsonSave(record)}
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # orbax / tensorstore / the OS: name the step and the folder
+            raise self._write_error(error, f"checkpoint step {step}") from error
+
+    def _write_error(self, error: Exception, what: str) -> RuntimeError:
+        """A failed (possibly background) save, as one line naming `what` and the folder."""
+        message = " ".join(str(error).split())[:300]
+        return RuntimeError(f"{what} could not be written to {self.directory} ({type(error).__name__}: {message})")
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
@@ -124,16 +153,17 @@ class Checkpoints:
         """(state, record) of `step` (default: the latest), its arrays verified against the checksums
         saved with them (DamagedCheckpointError otherwise); `template` gives the state's structure."""
         step = self._step(step)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        abstract = _storable(jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
         items = {STATE_ITEM: ocp.args.StandardRestore(abstract), RECORD_ITEM: ocp.args.JsonRestore()}
         restored = self._read(step, items)
         state, record = jax.device_get(restored[STATE_ITEM]), restored[RECORD_ITEM]
+        got = checksums(state)  # of what was saved: zero-size leaves as placeholders
+        state = _unstored(state, template)
         expected = record.get(CHECKSUMS) if isinstance(record, dict) else None
         if expected is None:  # saved before checksums were recorded: at least no NaN
             if not all_finite(state):
                 raise DamagedCheckpointError(f"step {step} holds NaN or Inf (and no checksums to say where)")
             return state, record
-        got = checksums(state)
         differ = sorted(name for name in set(got) | set(expected) if got.get(name) != expected.get(name))
         if differ:
             raise DamagedCheckpointError(
@@ -160,11 +190,31 @@ class Checkpoints:
         self._manager.reload()
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk (RuntimeError if one failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # raised from the save's background thread
+            raise self._write_error(error, "a pending checkpoint") from error
 
-    def close(self) -> None:
-        self._manager.close()
+    def close(self, timeout: float = 600.0) -> None:
+        """Finishes pending saves and stops the checkpointer's threads; gives up after `timeout` seconds
+        (a failed save can leave them waiting forever), so that an error is reported rather than hanging."""
+        errors: list[Exception] = []
+
+        def close() -> None:
+            try:
+                self._manager.close()
+            except Exception as error:  # raised here, in the caller's thread
+                errors.append(error)
+
+        closer = threading.Thread(target=close, name="ct_jax-checkpoints-close", daemon=True)
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            print(f"warning: the checkpointer of {self.directory} did not finish within {timeout:g}s; "
+                  "pending saves may be incomplete (an incomplete step is never listed)", file=sys.stderr)
+        if errors:
+            raise self._write_error(errors[0], "a pending checkpoint") from errors[0]
 
 
 def restore_newest(directory: str | os.PathLike, template: Callable[[dict[str, Any]], Any]) -> tuple[int, Any, dict]:

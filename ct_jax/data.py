@@ -38,6 +38,8 @@ STDLIB_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 )
 
+DEFAULT_VALIDATION_EVERY = 10  # folder corpora: every 10th file (sorted) is validation
+VALIDATION_FRACTION = 0.05  # a single text file (or a folder of one file): its tail fraction is validation
 _ENWIK8_NAME = re.compile(r"enwik8(\.gz|\.zip)?")
 _COMPRESSED_SUFFIXES = (".gz", ".zip")
 _CACHE_FORMAT = "ct_jax-data-v1"
@@ -179,7 +181,8 @@ def _walk(root: Path, keep_dir: Callable[[str], bool], keep_file: Callable[[str]
 
 
 def split_files(files: list[Path], validation_every: int, max_bytes: int | None) -> tuple[list[Path], list[Path]]:
-    """(train, validation) files of a folder corpus: file i of the kept ones goes to validation iff i % k == k - 1."""
+    """(train, validation) files of a folder corpus: file i of the kept ones goes to validation iff i % k == k - 1
+    (fewer than k files: no validation file; `_files_corpus` then takes the last)."""
     check_int("validation_every", validation_every, 2)
     if max_bytes is not None:
         check_int("max_bytes", max_bytes, 1)
@@ -197,18 +200,30 @@ def split_files(files: list[Path], validation_every: int, max_bytes: int | None)
 
 
 def _files_corpus(
-    tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int,
-    max_bytes: int | None,
+    tag: str, root: Path, files: list[Path], cache_dir: str | os.PathLike | None, validation_every: int | None,
+    max_bytes: int | None, log: Callable[[str], Any] | None = None,
 ) -> Corpus:
-    """Split sorted files into train / validation (file i goes to validation iff i % k == k - 1), a document each."""
-    train, validation = split_files(files, validation_every, max_bytes)
+    """Split sorted files into train / validation (file i goes to validation iff i % k == k - 1), a document each.
+
+    Fewer than k files: the last file is validation; a single file: its last VALIDATION_FRACTION of bytes
+    (`log` is told which rule applied)."""
+    every = DEFAULT_VALIDATION_EVERY if validation_every is None else validation_every
+    train, validation = split_files(files, every, max_bytes)
+    kept = train + validation
+    if not kept:
+        raise ValueError(f"{tag} corpus at {root} has no files" + (f" within max_bytes={max_bytes}" if max_bytes
+                                                                    else ""))
+    if len(kept) == 1:
+        data = _concatenated(tag, "all", kept, cache_dir)
+        n_train = len(data) - round(len(data) * VALIDATION_FRACTION)
+        if log is not None:
+            log(f"{tag} corpus at {root} has one file: its last {VALIDATION_FRACTION:.0%} of bytes is validation")
+        return one_document({"train": data[:n_train], "validation": data[n_train:]})
     if not validation:
-        kept = len(train) + len(validation)
-        raise ValueError(
-            f"{tag} corpus at {root} has {kept} files (max_bytes={max_bytes}); validation_every="
-            f"{validation_every} sends every {validation_every}-th file to validation, so it needs at least "
-            f"{validation_every} files"
-        )
+        train, validation = kept[:-1], kept[-1:]
+        if log is not None:
+            log(f"{tag} corpus at {root} has {len(kept)} files, fewer than validation_every={every} "
+                f"(--validation-every): its last file, {validation[0].relative_to(root).as_posix()}, is validation")
     parts = {"train": train, "validation": validation}
     return Corpus({name: _concatenated(tag, name, kept, cache_dir) for name, kept in parts.items()},
                   {name: document_offsets([file.stat().st_size for file in kept]) for name, kept in parts.items()})
@@ -239,7 +254,8 @@ def load_enwik8(
 
 
 def load_text_file(
-    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_fraction: float = 0.05,
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
+    validation_fraction: float = VALIDATION_FRACTION,
     max_bytes: int | None = None,
 ) -> Splits:
     """One file (raw, .gz or single-member .zip), optionally its first max_bytes; the tail fraction is validation."""
@@ -257,15 +273,16 @@ def load_text_file(
 
 
 def load_folder(
-    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, validation_every: int = 10,
-    max_bytes: int | None = None,
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
+    validation_every: int | None = DEFAULT_VALIDATION_EVERY, max_bytes: int | None = None,
+    log: Callable[[str], Any] | None = None,
 ) -> Corpus:
     """Every file under a folder (recursive, sorted by relative path, hidden names skipped), concatenated per split;
-    one document per file."""
+    one document per file (the split rule: `_files_corpus`)."""
     root = _existing(path)
     if not root.is_dir():
         raise ValueError(f"path must be a folder, got file {str(root)!r}")
-    return _files_corpus("folder", root, folder_files(root), cache_dir, validation_every, max_bytes)
+    return _files_corpus("folder", root, folder_files(root), cache_dir, validation_every, max_bytes, log)
 
 
 def folder_files(root: Path) -> list[Path]:
@@ -292,7 +309,8 @@ def stdlib_source_files() -> list[Path]:
 
 
 def load_stdlib_corpus(
-    cache_dir: str | os.PathLike | None = None, *, validation_every: int = 10, max_bytes: int = DEFAULT_MAX_BYTES
+    cache_dir: str | os.PathLike | None = None, *, validation_every: int | None = DEFAULT_VALIDATION_EVERY,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Corpus:
     """Default corpus present on every machine: this Python's stdlib sources (deterministic per installation),
     one document per file."""
@@ -351,13 +369,17 @@ def check_spec(spec: str | os.PathLike | None) -> None:
 
 def read_corpus(
     spec: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, *, window: int | None = None,
-    max_bytes: int | None = None,
+    max_bytes: int | None = None, validation_every: int | None = None, log: Callable[[str], Any] | None = None,
 ) -> Corpus:
     """The one corpus loader: splits and document starts by spec. None = stdlib sources (a document per file);
     'enwik8:PATH' or a file named enwik8[.gz|.zip] = enwik8; 'text:PATH' or any other path = a text file (one
-    document) or a folder (a document per file). With `window`, every split must hold one window."""
+    document) or a folder (a document per file; every `validation_every`-th file is validation, default 10,
+    small folders as `load_folder` says, `log` told). With `window`, every split must hold one window."""
+    if validation_every is not None:
+        check_int("validation_every", validation_every, 2)
     if spec is None:
-        corpus = load_stdlib_corpus(cache_dir, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+        corpus = load_stdlib_corpus(cache_dir, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes,
+                                    validation_every=validation_every)
     else:
         kind, path = _parse_spec(spec)
         if kind == "enwik8":
@@ -367,7 +389,7 @@ def read_corpus(
                 )
             corpus = one_document(load_enwik8(path, cache_dir))
         elif path.is_dir():
-            corpus = load_folder(path, cache_dir, max_bytes=max_bytes)
+            corpus = load_folder(path, cache_dir, max_bytes=max_bytes, validation_every=validation_every, log=log)
         else:
             corpus = one_document(load_text_file(path, cache_dir, max_bytes=max_bytes))
     if window is not None:

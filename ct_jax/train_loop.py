@@ -22,8 +22,10 @@ from ct_jax.config import ModelConfig
 from ct_jax.convert import save_pretrained
 from ct_jax.data import Splits, WindowSampler, eval_batches, fingerprint
 from ct_jax.evaluation import evaluate_stream
+from ct_jax.interrupts import StopSignals, TrainingInterrupted
 from ct_jax.io import folder_lock
 from ct_jax.model import CompressiveTransformer
+from ct_jax.run_checks import check_record, check_token_ids
 from ct_jax.streams import StreamSampler, check_starts
 from ct_jax.training import (
     LN2,
@@ -44,6 +46,7 @@ class FitResult:
     state: TrainState
     history: MetricsLog
     out_dir: Path
+    start: int = 0  # the step the run began or resumed at; >= config.steps: nothing was trained or written
 
 
 def fit(
@@ -83,11 +86,19 @@ def fit(
     of the running median loss; otherwise the run stops with NonFiniteLossError /
     TrainingDivergedError naming the step and the newest safe checkpoint. In a multi-process
     run every process calls this; process 0 holds the lock and writes the CSV, plot and export.
+
+    SIGINT / SIGTERM (called from the main thread): the step in flight finishes, is checkpointed
+    (verified by a short validation) and `ct_jax.interrupts.TrainingInterrupted` is raised naming
+    it; all processes stop at the same step. A run already at `config.steps` or beyond says so
+    and returns (`FitResult.start`) without writing anything. Before anything is written, data
+    holding token ids outside [0, num_tokens) and a checkpoint that cannot be resumed with these
+    settings or this data are refused, naming what changed (`ct_jax.run_checks`).
     """
     if isinstance(model_config, dict):
         model_config = ModelConfig.from_kwargs(model_config)
     if resume_from is not None:
         check_int("resume_from", resume_from)
+    check_token_ids(splits, model_config.num_tokens)
     out_dir = Path(out_dir)
     lead = jax.process_index() == 0
     say = log if lead else _silent
@@ -97,8 +108,13 @@ def fit(
             steps = _resumable_steps(checkpoints, resume, resume_from)
             run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead, say, documents or {})
             start = run.resume(resume_from) if steps else 0
-            run.loop(start, progress and lead)
-            if "test" in splits and run.trainer.streaming and start < config.steps:
+            if start >= config.steps:
+                say(f"run is at step {start} >= --steps {config.steps}: nothing to train; pass a larger --steps")
+                return FitResult(run.trainer.load_params(run.trainer.host(run.state).params),
+                                 run.trainer.host(run.state), run.history, out_dir, start)
+            with StopSignals() as stop:
+                run.loop(start, progress and lead, stop)
+            if "test" in splits and run.trainer.streaming:
                 test_bpb = run.evaluate("test", progress and lead)
                 run.history.add(config.steps, test_bpb=test_bpb)
                 say(f"test: {test_bpb:.4f} bits/byte (whole split, streamed)")
@@ -109,9 +125,9 @@ def fit(
                 run.history.write()
                 run.history.plot(out_dir / "loss.png")
                 save_pretrained(model, out_dir / "model")
-            return FitResult(model, host_state, run.history, out_dir)
+            return FitResult(model, host_state, run.history, out_dir, start)
         finally:
-            checkpoints.close()  # after pending saves complete
+            checkpoints.close()  # after pending saves complete (or a timeout: an error must not hang here)
 
 
 def _silent(message: str) -> None:
@@ -177,23 +193,6 @@ def _make_sampler(trainer: Trainer, model_config: ModelConfig, splits: Splits,
     return WindowSampler(splits["train"], trainer.window, config.batch_size, config.seed, **shard)
 
 
-def _check_record(record: dict[str, Any], model_config: ModelConfig, config: TrainConfig, data_fingerprint: str,
-                  directory: Path, say: Callable[[str], Any]) -> None:
-    """Refuses a checkpoint of another model; says what changed in the settings and the data."""
-    # Normalised, so records written before a keyword existed (its default) still match.
-    stored = record.get("model_config")
-    if stored is None or ModelConfig.from_kwargs(stored).to_kwargs() != model_config.to_kwargs():
-        raise ValueError(f"the checkpoint in {directory} is of another model: {record.get('model_config')}, "
-                         f"expected {model_config.to_kwargs()} (use another out_dir)")
-    before = record.get("train_config", {})
-    changed = {key: (value, before.get(key)) for key, value in config.to_json().items() if before.get(key) != value}
-    if changed:
-        say(f"resuming with changed training settings (now, before): {changed}")
-    if record.get("data_fingerprint", data_fingerprint) != data_fingerprint:
-        say(f"warning: resuming on other data than the checkpoint was trained on (data fingerprint "
-            f"{data_fingerprint}, checkpoint's {record['data_fingerprint']})")
-
-
 def _restore_newest(checkpoints: Checkpoints, template: TrainState, resume_from: int | None,
                     check: Callable[[dict[str, Any]], None], say: Callable[[str], Any],
                     lead: bool) -> tuple[int, TrainState, dict[str, Any]]:
@@ -214,7 +213,8 @@ def _restore_newest(checkpoints: Checkpoints, template: TrainState, resume_from:
     else:
         raise DamagedCheckpointError(
             f"no checkpoint in {checkpoints.directory} can be restored: " + "; ".join(failures.values())
-            + ". Move the checkpoints folder away to start afresh, or use another out_dir"
+            + ". Resume from an older step (resume_from / --resume-from) if one is listed as readable, or pass "
+            "another --out (out_dir) to start afresh"
         )
     if lead:
         for newer in (s for s in checkpoints.all_steps() if s > step):
@@ -276,22 +276,31 @@ class _Run:
         self.documents = {name: check_starts(split, documents.get(name), name) for name, split in splits.items()}
         self.sampler = _make_sampler(self.trainer, model_config, splits, self.documents)
         self.data_fingerprint = fingerprint(splits)
+        self.data_sizes = {name: len(split) for name, split in splits.items()}
         self.history = MetricsLog(out_dir / "metrics.csv")
         self.history.truncate(-1)
         self.state = self.trainer.place(self.trainer.init_state())
         self.guard = _Guard(config.divergence_factor, [])
         self.held = _HeldCheckpoint(checkpoints, lead)
         self.clock = time.perf_counter()  # when the last recorded step's time began
+        self.saved_step = -1  # the newest step handed to the checkpointer
 
     def resume(self, resume_from: int | None) -> int:
         """Adopts the newest checkpoint that verifies (at most `resume_from`): state, data position and
         metrics. Returns its step."""
+        warnings: list[str] = []  # each step tried is checked: say a change once, and only if training goes on
+
         def check(record: dict[str, Any]) -> None:
-            _check_record(record, self.model_config, self.config, self.data_fingerprint, self.checkpoints.directory,
-                          self.say)
+            for warning in check_record(record, self.model_config, self.config, self.data_fingerprint,
+                                         self.data_sizes, self.checkpoints.directory):
+                if warning not in warnings:
+                    warnings.append(warning)
 
         step, host_state, record = _restore_newest(self.checkpoints, self.trainer.host(self.state), resume_from,
                                                    check, self.say, self.lead)
+        if step < self.config.steps:
+            for warning in warnings:
+                self.say(warning)
         self.state = self.trainer.place(host_state)
         self.sampler.load_state_dict(record["sampler"])
         self.history = MetricsLog(self.history.path)
@@ -300,18 +309,21 @@ class _Run:
                      "the metrics (training is not affected)")
         self.history.truncate(step)
         self.guard = _Guard(self.config.divergence_factor, self.history.column("loss")[1])
-        self.say(f"resumed from step {step} of {self.config.steps} ({self.checkpoints.directory})")
+        self.saved_step = step
+        if step < self.config.steps:
+            self.say(f"resumed from step {step} of {self.config.steps} ({self.checkpoints.directory})")
         return step
 
-    def evaluate(self, split: str = "validation", progress: bool = False, whole: bool = False) -> float:
-        """Bits per byte of a split: streamed (memory carried; `eval_segments` per stream unless
-        `whole`), or on `eval_batches` sequential windows from empty memory."""
+    def evaluate(self, split: str = "validation", progress: bool = False, whole: bool = False,
+                 segments: int | None = None) -> float:
+        """Bits per byte of a split: streamed (memory carried; `segments`, else `eval_segments`, per stream
+        unless `whole`), or on `eval_batches` sequential windows from empty memory."""
         config = self.config
         if self.trainer.streaming:
             model = self.trainer.load_params(self.trainer.host(self.state).params)
+            segments = segments or config.eval_segments or None
             return evaluate_stream(model, self.splits[split], config.batch_size, document_starts=self.documents[split],
-                                   max_segments=None if whole else config.eval_segments or None, progress=progress,
-                                   name=split)
+                                   max_segments=None if whole else segments, progress=progress, name=split)
         batches = eval_batches(self.splits["validation"], self.trainer.window, config.batch_size, config.eval_batches,
                                drop_remainder=True)
         return self.trainer.evaluate(self.state, batches)
@@ -319,8 +331,10 @@ class _Run:
     def save(self, step: int, verified: bool) -> None:
         """Checkpoints `step` now if a loss at its parameters was checked (`verified`), else once one is."""
         record = dict(step=step, sampler=self.sampler.state_dict(), model_config=self.model_config.to_kwargs(),
-                      train_config=self.config.to_json(), data_fingerprint=self.data_fingerprint)
+                      train_config=self.config.to_json(), data_fingerprint=self.data_fingerprint,
+                      data_sizes=self.data_sizes)
         self.held.hold(step, self.trainer.host(self.state), record)
+        self.saved_step = step
         if verified:
             self.held.write(self.history)
 
@@ -351,8 +365,9 @@ class _Run:
         if progress:
             bar.write(f"step {step}: validation {val_bpb:.4f} bits/byte")
 
-    def loop(self, start: int, progress: bool) -> None:
-        """Steps `start + 1 .. config.steps`, validating and checkpointing on schedule."""
+    def loop(self, start: int, progress: bool, stop: StopSignals) -> None:
+        """Steps `start + 1 .. config.steps`, validating and checkpointing on schedule; on a signal (`stop`)
+        the step in flight finishes, is checkpointed, and TrainingInterrupted is raised."""
         config = self.config
         if start == 0:
             self.history.add(0, val_bpb=self.evaluate())
@@ -366,13 +381,30 @@ class _Run:
                 pending = (step, device_metrics)
                 evaluate_now = step == config.steps or (config.eval_every and step % config.eval_every == 0)
                 save_now = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
-                if evaluate_now or save_now:
+                signum = stop.requested() if step < config.steps else 0
+                if evaluate_now or save_now or signum:
                     self.record(*pending, bar)
                     pending = None
                     if evaluate_now:
                         self.validate(step, save_now, progress, bar)
                     if save_now:
                         self.save(step, verified=bool(evaluate_now))
+                    if signum:
+                        self.interrupt(step, signum)
                     self.clock = time.perf_counter()
             if pending is not None:
                 self.record(*pending, bar)
+
+    def interrupt(self, step: int, signum: int) -> NoReturn:
+        """Checkpoints `step` (verified by a short validation at its parameters, unless already written) and
+        raises TrainingInterrupted naming it."""
+        if self.saved_step != step:
+            self.save(step, verified=False)
+        if self.held.held is not None:
+            val_bpb = self.evaluate(segments=self.config.n_segments)  # short: a SIGTERM's grace period is short
+            problem = self.guard.check(f"(validation after step {step}, on interrupt)", val_bpb * LN2)
+            if problem is not None:
+                self.held.stop(problem, _failure(val_bpb))
+            self.held.write(self.history)
+        self.checkpoints.wait()
+        raise TrainingInterrupted(signum, step, self.checkpoints.directory / str(step))

@@ -212,9 +212,10 @@ def make_train_step(
     streams) carries it: the rows continue from `state.memory`, and the step stores the memory
     they end with; the LM loss is then the whole batch's token mean per segment (rows differ in
     padding). Without, every row starts from empty memory and each (micro-)batch segment's LM
-    loss is its token mean (upstream's wrapper). metrics: loss (the objective), lm and aux (means
-    over segments, nats), bpb (lm / ln 2), grad_norm (before clipping), learning_rate. A step
-    whose loss or gradient is not finite returns the state unchanged, so no NaN reaches the parameters.
+    loss is its token mean (upstream's wrapper). metrics, per token (means over segments, nats, as
+    validation reports them): loss (the objective lm + aux over n_segments), lm and aux; bpb (lm / ln 2),
+    grad_norm (of the summed objective, before clipping), learning_rate.
+    A step whose loss or gradient is not finite returns the state unchanged: no NaN reaches the parameters.
     """
     graphdef, rest = _split(model, train=True)
     axis_name = parallel.axis_name if parallel is not None else None
@@ -250,7 +251,7 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         lm_mean = jnp.mean(lm)
-        metrics = dict(loss=loss, lm=lm_mean, aux=jnp.mean(aux), bpb=lm_mean / LN2, grad_norm=grad_norm,
+        metrics = dict(loss=loss / lm.shape[0], lm=lm_mean, aux=jnp.mean(aux), bpb=lm_mean / LN2, grad_norm=grad_norm,
                        learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
         return new_state, metrics
 

@@ -39,6 +39,20 @@ def check_tokens(tokens, config: ModelConfig) -> None:
         raise ValueError(f"{message}, got values in [{low}, {high}]")
 
 
+def check_batch_ids(inputs, targets, config: ModelConfig, ignore_index: int) -> None:
+    """Where concrete (an eager loss or gradient call): inputs and the counted targets (!= ignore_index) in
+    [0, num_tokens), as `check_tokens`; out-of-range ids would give NaN or a finite wrong loss. Traced (under
+    jit) nothing is checked here: the model's `checkify` check covers the inputs."""
+    if isinstance(inputs, jax.core.Tracer) or isinstance(targets, jax.core.Tracer):
+        return
+    for name, values in (("inputs", np.asarray(inputs)), ("targets", np.asarray(targets))):
+        if name == "targets":
+            values = values[values != ignore_index]
+        if values.size and (values.min() < 0 or values.max() >= config.num_tokens):
+            raise ValueError(f"token ids must lie in [0, num_tokens={config.num_tokens}), got {name} with values in "
+                             f"[{int(values.min())}, {int(values.max())}]")
+
+
 def check_mask(mask, tokens_shape: tuple[int, ...]) -> None:
     """mask: bool, the same shape as tokens (True = real token)."""
     if mask is None:

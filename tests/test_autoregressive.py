@@ -251,3 +251,21 @@ def test_gradients_match_reference_on_random_configs(seed):
     assert_close(f"{label}: lm loss per segment", lm, torch_lm, JAX_VS_TORCH_ATOL)
     assert_close(f"{label}: aux loss per segment", aux, torch_aux, JAX_VS_TORCH_ATOL)
     _compare_grads(label, grads, model, torch_grads)
+
+
+@pytest.mark.parametrize("bad", [300, -1])
+def test_eager_losses_and_grads_refuse_token_ids_outside_num_tokens(bad):
+    model = ct_jax.CompressiveTransformer(num_tokens=256, dim=16, seq_len=4, depth=1, heads=2, mem_len=4, cmem_len=2,
+                                          cmem_ratio=2, rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((2, 9), jnp.int32).at[1, 5].set(bad)
+    batch = StreamBatch.from_windows(tokens, 4)
+    message = r"token ids must lie in \[0, num_tokens=256\), got inputs with values in "
+    for call in (functools.partial(ct_jax.autoregressive.segment_losses, model, tokens),
+                 functools.partial(ct_jax.autoregressive.losses, model, batch),
+                 functools.partial(grads, model, batch)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    last = jnp.zeros((2, 9), jnp.int32).at[0, -1].set(bad)  # only a target
+    with pytest.raises(ValueError, match=r"got targets with values in "):
+        ct_jax.autoregressive.segment_losses(model, last)
+    jax.jit(functools.partial(ct_jax.autoregressive.segment_losses, model))(tokens)  # traced: not checked here

@@ -129,8 +129,67 @@ def test_streamed_run_resumes_exactly_with_stream_positions_and_memory(tmp_path)
 def test_resume_refuses_another_model(finished):
     out, _ = finished
     other = dict(TRAIN_MODEL, dim=8)
-    with pytest.raises(ValueError, match="is of another model"):
+    with pytest.raises(ValueError, match="is of another model") as refused:
         train_loop.fit(other, TRAIN_CONFIG, _splits(), out, progress=False, log=lambda m: None)
+    message = str(refused.value)
+    assert "dim 16 -> 8" in message and "rerun with the checkpoint's values (--dim 16" in message, message
+    assert "another --out" in message and "healthy and left as they are" in message, message
+    assert "depth" not in message, "only the changed settings are named, not both whole configs"
+
+
+def test_resuming_with_another_data_order_names_it_and_keeps_the_checkpoints(finished):
+    out, _ = finished
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    streams = training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "data_order": "streams"})
+    with pytest.raises(ValueError) as refused:
+        train_loop.fit(TRAIN_MODEL, streams, _splits(), out, progress=False, log=lambda m: None,
+                       compiler_options=training.FAST_CPU_COMPILE)
+    message = str(refused.value)
+    assert "data_order windows -> streams" in message and "(--data-order windows)" in message, message
+    assert "tree structure" not in message and "Move" not in message and "healthy" in message, message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_changed_settings_are_said_once_even_when_a_damaged_step_is_skipped(finished, tmp_path):
+    run, _ = _copy_run(finished, tmp_path)
+    newest = run / "checkpoints" / str(TRAIN_CONFIG.steps) / "state"
+    largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:100])
+    messages = []
+    config = training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "learning_rate": 5e-3})
+    train_loop.fit(TRAIN_MODEL, config, _splits(), run, progress=False, log=messages.append,
+                   compiler_options=training.FAST_CPU_COMPILE)
+    said = [m for m in messages if "changed training settings" in m]
+    assert said == ["resuming with changed training settings: learning_rate 0.01 -> 0.005"], messages
+
+
+def test_byte_data_beyond_num_tokens_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"num_tokens=100 \(--num-tokens\) is too small for the data: the train "
+                       r"split holds token ids up to 1\d\d; the model reads ids in \[0, 100\) \(byte data"):
+        train_loop.fit(dict(TRAIN_MODEL, num_tokens=100), TRAIN_CONFIG, _splits(), tmp_path / "out", progress=False,
+                       log=lambda m: None)
+    assert not (tmp_path / "out").exists(), "nothing may be written"
+
+
+@pytest.mark.parametrize("factor, trips", [(4.5, True), (3.5, False)])
+def test_the_divergence_guard_compares_per_token_losses_at_the_stated_factor(tmp_path, monkeypatch, factor, trips):
+    real_evaluate = train_loop._Run.evaluate
+
+    def evaluate(self, *args, **kwargs):  # validation at `factor` x the running median train loss per token
+        value = real_evaluate(self, *args, **kwargs)
+        lm = self.history.column("lm")[1]
+        return factor * float(np.median(lm[-16:])) / training.LN2 if lm else value
+
+    monkeypatch.setattr(train_loop._Run, "evaluate", evaluate)
+    if trips:
+        with pytest.raises(training.TrainingDivergedError, match=r"\(validation after step \d\) is 4.\d+x the running"):
+            _fit(tmp_path)
+    else:
+        _fit(tmp_path)
+    rows = _rows(tmp_path / "metrics.csv") if not trips else {}
+    for row in rows.values():
+        if row["loss"]:
+            assert float(row["loss"]) == pytest.approx(float(row["lm"]) + float(row["aux"]), rel=1e-5), row
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(finished):
@@ -307,9 +366,11 @@ def test_junk_in_metrics_csv_does_not_block_a_resume(finished, tmp_path):
     with open(run / "metrics.csv", "a") as file:
         file.write("7,not-a-number,,\n\x00garbage\n12")
     messages = []
-    _fit(run, log=messages.append)
+    longer = training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "steps": TRAIN_CONFIG.steps + 1})
+    train_loop.fit(TRAIN_MODEL, longer, _splits(), run, progress=False, log=messages.append,
+                   compiler_options=training.FAST_CPU_COMPILE)
     assert any("metrics.csv has unreadable lines" in m for m in messages), messages
-    assert sorted(_rows(run / "metrics.csv")) == list(range(TRAIN_CONFIG.steps + 1))
+    assert sorted(_rows(run / "metrics.csv")) == list(range(longer.steps + 1))
 
 
 def test_resuming_on_other_data_warns(finished, tmp_path):
@@ -317,9 +378,11 @@ def test_resuming_on_other_data_warns(finished, tmp_path):
     splits = _splits()
     splits["train"] = splits["train"][::-1].copy()
     messages = []
-    train_loop.fit(TRAIN_MODEL, TRAIN_CONFIG, splits, run, progress=False, log=messages.append,
+    longer = training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "steps": TRAIN_CONFIG.steps + 1})
+    train_loop.fit(TRAIN_MODEL, longer, splits, run, progress=False, log=messages.append,
                    compiler_options=training.FAST_CPU_COMPILE)
-    assert any("warning: resuming on other data" in m for m in messages), messages
+    assert any("warning: the data changed since step 6 was checkpointed" in m and "--max-bytes" in m
+               for m in messages), messages
 
 
 def test_divergence_leaves_only_sane_checkpoints_and_names_the_safe_one(tmp_path):
@@ -361,3 +424,55 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
         with pytest.raises(io.FolderLockedError, match=f"holder: pid {os.getpid()} "):
             _fit(tmp_path)
     assert not (tmp_path / "checkpoints").exists(), "the refused run wrote nothing"
+
+
+@pytest.fixture(scope="module")
+def transformer_xl_streams(tmp_path_factory):
+    """A streamed run of a plain Transformer-XL (cmem_len 0: zero-size compressed memory) stopped at step 2:
+    (out, config, splits, documents)."""
+    out = tmp_path_factory.mktemp("transformer_xl")
+    config = training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "data_order": "streams", "eval_segments": 2})
+    splits = _splits()
+    documents = {"train": np.arange(0, len(splits["train"]), 700), "validation": np.array([0, 300])}
+    _fit_xl(out, training.TrainConfig(**{**config.to_json(), "steps": 2}), splits, documents)
+    return out, config, splits, documents
+
+
+def _fit_xl(out, config, splits, documents, **kwargs):
+    kwargs = dict(dict(progress=False, log=lambda m: None, compiler_options=training.FAST_CPU_COMPILE), **kwargs)
+    model = dict(TRAIN_MODEL, cmem_len=0, cmem_ratio=8)  # mem_len // cmem_ratio = 0: no compressed memory
+    return train_loop.fit(model, config, splits, out, documents=documents, **kwargs)
+
+
+def test_a_transformer_xl_checkpoints_its_empty_compressed_memory_and_resumes(transformer_xl_streams):
+    out, config, splits, documents = transformer_xl_streams
+    assert Checkpoints(out / "checkpoints").all_steps() == [2]
+    messages = []
+    result = _fit_xl(out, config, splits, documents, log=messages.append)
+    assert any("resumed from step 2 of 6" in m for m in messages), messages
+    assert result.state.memory.compressed_mem.shape[2] == 0 and int(result.state.step) == config.steps
+    state, _ = Checkpoints(out / "checkpoints").restore(result.state)
+    for got, expected in zip(jax.tree.leaves(state), jax.tree.leaves(result.state)):
+        np.testing.assert_array_equal(got, expected, err_msg="restored Transformer-XL state")
+
+
+def test_streams_on_changed_data_are_refused_naming_the_change(transformer_xl_streams):
+    out, config, splits, documents = transformer_xl_streams
+    smaller = {"train": splits["train"][:9000], "validation": splits["validation"]}
+    with pytest.raises(ValueError, match=r"the data changed since step \d was checkpointed .*split bytes train "
+                       r"15000 -> 9000.*the same --data and --max-bytes as the run that wrote it") as refused:
+        _fit_xl(out, config, smaller, {"train": np.array([0]), "validation": documents["validation"]})
+    assert "state['positions']" not in str(refused.value)
+
+
+def test_fewer_steps_than_the_run_has_is_said_in_one_line_and_writes_nothing(transformer_xl_streams):
+    out, config, splits, documents = transformer_xl_streams
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".lock"}
+    messages = []
+    result = _fit_xl(out, training.TrainConfig(**{**config.to_json(), "steps": 1}), splits, documents,
+                     log=messages.append)
+    step = max(Checkpoints(out / "checkpoints").all_steps())
+    assert result.start == step
+    assert messages[-1] == f"run is at step {step} >= --steps 1: nothing to train; pass a larger --steps", messages
+    assert not any("resumed from" in m for m in messages), messages
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".lock"} == files, "nothing is written"

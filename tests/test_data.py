@@ -192,11 +192,31 @@ def test_folder_cache_invalidated_by_change(tmp_path):
     assert after.startswith(b"changed!") and after != before
 
 
-def test_folder_too_few_files(tmp_path):
+def test_a_folder_of_fewer_files_than_validation_every_keeps_its_last_file_for_validation(tmp_path):
     root = tmp_path / "corpus"
-    make_folder(root, 3)
-    with pytest.raises(ValueError, match=r"has 3 files.*validation_every=10.*at least 10 files"):
-        data.load_corpus(str(root), cache_dir=tmp_path / "cache")
+    contents = make_folder(root, 3)
+    ordered = [contents[name] for name in sorted(contents)]
+    messages = []
+    corpus = data.read_corpus(str(root), tmp_path / "cache", log=messages.append)
+    assert corpus.splits["validation"].tobytes() == ordered[2]
+    assert corpus.splits["train"].tobytes() == ordered[0] + ordered[1]
+    assert messages == [f"folder corpus at {root} has 3 files, fewer than validation_every=10 (--validation-every): "
+                        f"its last file, {sorted(contents)[2]}, is validation"], messages
+    every_second = data.read_corpus(str(root), tmp_path / "cache", validation_every=2).splits
+    assert every_second["validation"].tobytes() == ordered[1], "validation_every=2: the second file"
+    with pytest.raises(ValueError, match="validation_every must be an int >= 2, got 1"):
+        data.read_corpus(str(root), tmp_path / "cache", validation_every=1)
+
+
+def test_a_folder_of_one_file_splits_its_bytes(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "only.txt").write_bytes(bytes(range(200)))
+    messages = []
+    corpus = data.read_corpus(str(root), tmp_path / "cache", log=messages.append)
+    assert corpus.splits["train"].tobytes() == bytes(range(190))
+    assert corpus.splits["validation"].tobytes() == bytes(range(190, 200))
+    assert messages == [f"folder corpus at {root} has one file: its last 5% of bytes is validation"], messages
 
 
 # --- default corpus -----------------------------------------------------------------------

@@ -235,6 +235,9 @@ def _refused(workdir: Path, out: Path, *extra: str) -> subprocess.CompletedProce
     (("--resume-from", "0"), "--resume-from must be a positive int, got 0"),
     (("--learning-rate", "-1"), "learning_rate must be a finite number >= 0, got -1.0"),
     (("--memory-layers", "5"), "memory_layers entries must be ints in 1..1"),
+    (("--validation-every", "1"), "--validation-every must be an int >= 2, got 1"),
+    (("--num-tokens", "100"), "num_tokens=100 (--num-tokens) is too small for the data: the train split holds token "
+                              "ids up to 1"),
 ])
 def test_bad_arguments_are_refused_before_any_work_or_write(workdir, tmp_path, extra, message):
     out = tmp_path / "out"
@@ -280,3 +283,30 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(workdir, uni
     # still print one directly (seen once in a fresh-clone CI run): a cosmetic race, not a result.
     a = (reference / "model" / "model.safetensors").read_bytes()
     assert a == (out / "model" / "model.safetensors").read_bytes(), "the redone steps differ from the first run's"
+
+
+def _files(folder: Path) -> dict[Path, int]:
+    return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.name != ".lock"}
+
+
+def test_fewer_steps_than_the_run_has_exits_0_in_one_line_writing_nothing(workdir, uninterrupted, tmp_path):
+    reference, _, _ = uninterrupted
+    out = tmp_path / "finished"
+    shutil.copytree(reference, out, ignore=shutil.ignore_patterns(".lock"))
+    before = _files(out)
+    done = _run(_command(workdir, out, "--steps", "10", "--sample-length", "5"))
+    said = done.stdout.splitlines()[2:]  # after the data and devices lines
+    assert said == [f"run is at step {STEPS} >= --steps 10: nothing to train; pass a larger --steps"], done.stdout
+    assert _files(out) == before, "nothing may be written"
+
+
+def test_resuming_with_another_data_order_names_it_and_keeps_the_checkpoints(workdir, uninterrupted, tmp_path):
+    reference, _, _ = uninterrupted
+    out = tmp_path / "streamed"
+    shutil.copytree(reference, out, ignore=shutil.ignore_patterns(".lock"))
+    before = _files(out)
+    done = _refused(workdir, out, "--data-order", "windows")
+    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "data_order streams -> windows" in error[0], done.stderr[-2000:]
+    assert "rerun with the checkpoint's values (--data-order streams)" in error[0] and "Move" not in error[0]
+    assert _files(out) == before, "the healthy checkpoints stay as they are"

@@ -72,8 +72,8 @@ def test_train_step_updates_the_state_and_reports_metrics(trainer):
 
     assert set(metrics) == {"loss", "lm", "aux", "bpb", "grad_norm", "learning_rate"}
     assert metrics["bpb"] == pytest.approx(metrics["lm"] / math.log(2), rel=1e-6)
-    assert metrics["loss"] == pytest.approx(TRAIN_CONFIG.n_segments * (metrics["lm"] + metrics["aux"]), rel=1e-5), \
-        "loss must be the sum over segments of lm + aux"
+    assert metrics["loss"] == pytest.approx(metrics["lm"] + metrics["aux"], rel=1e-5), \
+        "loss must be per token: the objective (summed over segments) over n_segments"
     assert metrics["lm"] == pytest.approx(math.log(TRAIN_MODEL["num_tokens"]), abs=0.5), "a fresh model is near uniform"
     assert metrics["aux"] > 0, "the second segment compresses, so the aux loss is positive"
     assert metrics["grad_norm"] > 0 and metrics["learning_rate"] == pytest.approx(TRAIN_CONFIG.learning_rate)

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "'text:PATH'; default: this Python's standard-library sources")
     run.add_argument("--max-bytes", type=int, default=None, help="use at most this many bytes of a text corpus "
                      f"(default: all, or {presets.MAIN_JOB_CORPUS_BYTES:,} of the default corpus)")
+    run.add_argument("--validation-every", type=int, default=None, metavar="N",
+                     help="folder corpora: every N-th file (sorted) is validation (default 10); a folder of fewer "
+                     "files keeps its last file for validation, a single file gives its last 5%% of bytes")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                      help="continue from the newest checkpoint in --out (default); --no-resume refuses an --out "
@@ -95,6 +98,8 @@ def check_args(args: argparse.Namespace) -> tuple[ModelConfig, dict]:
     training.TrainConfig(**dict(train_kwargs, parallel="none" if parallel == "auto" else parallel))
     check_float("--temperature", args.temperature, 0.0)
     check_int("--sample-length", args.sample_length, 0)
+    if args.validation_every is not None:
+        check_int("--validation-every", args.validation_every, 2)
     for name in ("max_bytes", "cpu_devices", "resume_from"):
         if getattr(args, name) is not None:
             check_int(cli.flag(name), getattr(args, name))
@@ -108,8 +113,15 @@ def check_args(args: argparse.Namespace) -> tuple[ModelConfig, dict]:
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    """`ct-train` / scripts/train.py: exit status 2 for bad input, 1 for a failed run (`cli.command`)."""
-    return run(parse_args(argv))
+    """`ct-train` / scripts/train.py: exit status 2 for bad input, 1 for a failed run (`cli.command`), 128 + the
+    signal after an interrupt that wrote a checkpoint (SIGINT: 130, SIGTERM: 143)."""
+    from ct_jax.interrupts import TrainingInterrupted
+
+    try:
+        return run(parse_args(argv))
+    except TrainingInterrupted as interrupted:
+        print(interrupted, flush=True)
+        return interrupted.exit_status
 
 
 def _silent(*args: object, **kwargs: object) -> None:
@@ -143,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     window = config.n_segments * model_config.seq_len + 1
     max_bytes = presets.MAIN_JOB_CORPUS_BYTES if args.data is None and args.max_bytes is None else args.max_bytes
-    corpus = data.read_corpus(args.data, window=window, max_bytes=max_bytes)
+    corpus = data.read_corpus(args.data, window=window, max_bytes=max_bytes, validation_every=args.validation_every,
+                              log=say)
     splits = corpus.splits
     say(f"data: {args.data if args.data is not None else 'Python standard library sources'}: "
         + ", ".join(f"{name} {len(split):,} bytes" for name, split in splits.items()))
@@ -152,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = train_loop.fit(model_config, config, splits, out, resume=args.resume, resume_from=args.resume_from,
                             progress=args.progress and lead, log=say, documents=corpus.starts)
+    if result.start >= config.steps:  # fit said why; nothing was trained or written
+        return 0
     steps, val = result.history.column("val_bpb")
     how = ("whole split, memory streamed" if config.data_order is training.DataOrder.STREAMS
            else f"{config.eval_batches} batches of windows from empty memory")
