@@ -89,7 +89,8 @@ def _memmap(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-def _cached(cache_dir: str | os.PathLike | None, name: str, write: Callable[[BinaryIO], None]) -> np.ndarray:
+def cached(cache_dir: str | os.PathLike | None, name: str, write: Callable[[BinaryIO], None]) -> np.ndarray:
+    """The memmapped cache file `name` (under `cache_dir`, default `default_cache_dir()`), written once by `write`."""
     # atomic_write: readers (and concurrent writers, e.g. several hosts on a shared disk)
     # see either no cache file or a complete one.
     path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / name
@@ -138,7 +139,7 @@ def _open_source(path: Path, cache_dir: str | os.PathLike | None, zip_member: st
                              f"{type(error).__name__}: {error}") from error
 
     name = f"{path.name}-{_fingerprint('decompressed', [path], member or '')}.bin"
-    return _cached(cache_dir, name, write)
+    return cached(cache_dir, name, write)
 
 
 def _concatenated(tag: str, split: str, files: Sequence[Path], cache_dir: str | os.PathLike | None) -> np.ndarray:
@@ -153,7 +154,7 @@ def _concatenated(tag: str, split: str, files: Sequence[Path], cache_dir: str | 
                 f"{tag} corpus files changed while being cached ({out.tell()} bytes, expected {expected})"
             )
 
-    return _cached(cache_dir, f"{tag}-{split}-{_fingerprint(tag, files, split)}.bin", write)
+    return cached(cache_dir, f"{tag}-{split}-{_fingerprint(tag, files, split)}.bin", write)
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,9 +344,15 @@ def _parse_spec(spec: str | os.PathLike) -> tuple[str, Path]:
     return ("enwik8" if _ENWIK8_NAME.fullmatch(path.name) else "text"), path
 
 
+HF_PREFIX = "hf:"  # --data hf:PATH_OR_NAME[:CONFIG], a local Hugging Face dataset (ct_jax.hf_data)
+
+
 def check_spec(spec: str | os.PathLike | None) -> None:
     """Raises as `load_corpus` would for an empty spec or a missing path, without reading any data."""
-    if spec is not None:
+    if spec is not None and os.fspath(spec).startswith(HF_PREFIX):
+        if not os.fspath(spec).removeprefix(HF_PREFIX).strip():
+            raise ValueError(f"the data spec {spec!r} names no dataset; expected hf:PATH_OR_NAME[:CONFIG]")
+    elif spec is not None:
         _parse_spec(spec)
 
 
@@ -355,8 +362,13 @@ def read_corpus(
 ) -> Corpus:
     """The one corpus loader: splits and document starts by spec. None = stdlib sources (a document per file);
     'enwik8:PATH' or a file named enwik8[.gz|.zip] = enwik8; 'text:PATH' or any other path = a text file (one
-    document) or a folder (a document per file). With `window`, every split must hold one window."""
-    if spec is None:
+    document) or a folder (a document per file); 'hf:PATH_OR_NAME[:CONFIG]' = a local Hugging Face dataset (a
+    document per row, `ct_jax.hf_data.hf_corpus`). With `window`, every split must hold one window."""
+    if spec is not None and os.fspath(spec).startswith(HF_PREFIX):
+        from ct_jax import hf_data  # imports `datasets` (slow): only for this form
+
+        corpus = hf_data.hf_corpus(os.fspath(spec), cache_dir, max_bytes=max_bytes)
+    elif spec is None:
         corpus = load_stdlib_corpus(cache_dir, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
     else:
         kind, path = _parse_spec(spec)

@@ -377,6 +377,24 @@ def _existing_file(spec: str, path: str) -> Path:
     return Path(path).expanduser()
 
 
+def check_spec(spec: str) -> str:
+    """The kind a `--tokenizer` value names ('spm' for spm-train), after checking its form, without training or
+    reading a model (a flag check before any data is read)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"{TOKENIZER_FLAG} must be a str ({TOKENIZER_FORMS}), got {spec!r}")
+    kind, _, arg = spec.partition(":")
+    if kind == "bytes" and not arg:
+        return kind
+    if kind in ("spm", "hf"):
+        _existing_file(spec, arg)
+        return kind
+    if kind == "spm-train" or (kind == "words" and arg):
+        _positive_int(spec, arg, "SIZE" if kind == "spm-train" else "MIN_COUNT")
+    if kind in ("spm-train", "words"):
+        return "spm" if kind == "spm-train" else kind
+    raise _flag_error(spec, "unknown form")
+
+
 def tokenizer_from_spec(spec: str, *, train_text: TextSource | None = None,
                         run_dir: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer a `--tokenizer` value names. `spm-train:SIZE` and `words[:MIN_COUNT]` learn from
