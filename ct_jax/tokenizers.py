@@ -395,6 +395,15 @@ def check_spec(spec: str) -> str:
     raise _flag_error(spec, "unknown form")
 
 
+def known_vocab_size(spec: str) -> int | None:
+    """The vocabulary a `--tokenizer` value gives before any text is read (bytes: 256, spm-train:SIZE: SIZE), else
+    None (it depends on the text or a file)."""
+    kind, _, arg = spec.partition(":")
+    if spec == "bytes":
+        return 256
+    return int(arg) if kind == "spm-train" and arg.isdigit() else None
+
+
 def tokenizer_from_spec(spec: str, *, train_text: TextSource | None = None,
                         run_dir: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer a `--tokenizer` value names. `spm-train:SIZE` and `words[:MIN_COUNT]` learn from

@@ -164,14 +164,16 @@ def run(args: argparse.Namespace) -> int:
     corpus = data.read_corpus(args.data, max_bytes=max_bytes)
     say(f"data: {args.data if args.data is not None else 'Python standard library sources'}: "
         + ", ".join(f"{name} {len(split):,} bytes" for name, split in corpus.splits.items()))
-    if args.num_tokens_given or args.tokenizer == "bytes":  # the vocabulary is known: refuse a misfit at once
-        check_footprint(model_config, config)
+    known = tokenizers.known_vocab_size(args.tokenizer)
+    if args.num_tokens_given or known is not None:  # refuse a misfit before learning a tokenizer
+        check_footprint(model_config if args.num_tokens_given else with_vocabulary(model_config, known), config)
     tokenizer = run_tokenizer(args, out, corpus, say)
+    model_config = with_vocabulary(model_config, None if args.num_tokens_given else tokenizer.vocab_size, say)
+    check_footprint(model_config, config)
     tokens = tokenized.tokenize_corpus(corpus, tokenizer)
     splits = tokens.splits
     data.check_window(splits, window)
-    model_config = with_vocabulary(model_config, tokenizer, splits, args.num_tokens_given, say)
-    check_footprint(model_config, config)
+    check_token_ids(splits, model_config.num_tokens, tokenizer)
     if lead:
         tokenizer.save(out)
     say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
@@ -219,21 +221,22 @@ def run_tokenizer(args: argparse.Namespace, out: Path, corpus, say) -> tokenizer
     return tokenizers.tokenizer_from_spec(args.tokenizer, train_text=documents, run_dir=out)
 
 
-def with_vocabulary(model_config: ModelConfig, tokenizer: tokenizers.Tokenizer, splits: dict,
-                    num_tokens_given: bool, say) -> ModelConfig:
-    """`model_config` with num_tokens = the tokenizer's vocabulary unless --num-tokens was given (the adaptive
-    cutoffs fitted to it: `presets.fit_cutoffs`), refused when the data holds an id at or above num_tokens."""
-    kwargs = model_config.to_kwargs()
-    num_tokens = kwargs["num_tokens"] if num_tokens_given else tokenizer.vocab_size
+def with_vocabulary(model_config: ModelConfig, num_tokens: int | None, say=None) -> ModelConfig:
+    """`model_config` with `num_tokens` (None: as it is; the tokenizer's vocabulary where --num-tokens is not
+    given), its adaptive cutoffs fitted to it (`presets.fit_cutoffs`, a note to `say` of what changed)."""
+    kwargs, note = presets.fit_cutoffs(model_config.to_kwargs(), num_tokens or model_config.num_tokens)
+    if note and say is not None:
+        say(f"note: {note}")
+    return ModelConfig.from_kwargs(kwargs)
+
+
+def check_token_ids(splits: dict, num_tokens: int, tokenizer: tokenizers.Tokenizer) -> None:
+    """Refuses, before training, data holding a token id at or above the model's `num_tokens`, naming both."""
     largest = max(int(np.max(split)) for split in splits.values() if len(split))
     if largest >= num_tokens:
         raise ValueError(f"--num-tokens {num_tokens} is smaller than the data's largest token id {largest} "
                          f"({tokenizer.spec}, vocabulary {tokenizer.vocab_size}): give --num-tokens "
                          f">= {largest + 1}, or leave it out to take the tokenizer's vocabulary")
-    kwargs, note = presets.fit_cutoffs(kwargs, num_tokens)
-    if note:
-        say(f"note: {note}")
-    return ModelConfig.from_kwargs(kwargs)
 
 
 def check_footprint(model_config: ModelConfig, config) -> None:
