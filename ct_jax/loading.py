@@ -20,6 +20,7 @@ from ct_jax.tokenizers import TOKENIZER_RECORD, Tokenizer, load_tokenizer
 from ct_jax.training import DataOrder, TrainConfig, TrainState, create_model, init_state, make_optimizer
 
 CHECKPOINTS_FOLDER = "checkpoints"  # of a training run (ct_jax.train_loop.fit)
+MODEL_FOLDER = "model"  # a training run's export
 
 
 class Loaded(NamedTuple):
@@ -61,7 +62,8 @@ def load_run_tokenizer(path: str | os.PathLike, model: CompressiveTransformer) -
     """The tokenizer stored with a --checkpoint (`TOKENIZER_RECORD` in it, or in the run folder above its
     `model/`; none: bytes), refused when `model`'s num_tokens cannot hold the tokenizer's ids."""
     path = Path(path)
-    folder = next((f for f in (path, path.parent) if (f / TOKENIZER_RECORD).is_file()), path)
+    places = (path, path.parent) if path.name == MODEL_FOLDER else (path,)
+    folder = next((f for f in places if (f / TOKENIZER_RECORD).is_file()), path)
     tokenizer = load_tokenizer(folder)
     stored = (folder / TOKENIZER_RECORD).is_file()
     if stored and model.config.num_tokens < tokenizer.vocab_size:

@@ -8,6 +8,7 @@ import csv
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ct_jax import presets
@@ -60,6 +61,36 @@ def test_wikitext103_runs_shrunken_with_words(tmp_path, capsys):
     assert last["val_word_ppl"] == pytest.approx(last["val_ppl"], rel=1e-6), "words: the tokens are the words"
     assert generate.main(["--checkpoint", str(out / "model"), "--prime", "import os\n", "--length", "8",
                           "--stop-at-eos"]) == 0
+    capsys.readouterr()
+    # a resume reads the stored vocabulary (the same model), and refuses another tokenizer kind
+    resume = ["--preset", "wikitext103", *SHRUNKEN, "--out", str(out)]
+    assert train.main([*resume, "--tokenizer", "bytes"]) == 2
+    assert "was trained with 'words:4'" in capsys.readouterr().err
+    assert train.main([*resume, "--steps", "4"]) == 0, capsys.readouterr().err
+    assert "resumed from step 3" in capsys.readouterr().out
+
+
+def test_a_hugging_face_dataset_trains_with_words(tmp_path, capsys):
+    from ct_jax import hf_data  # sets the Hub's offline mode before `datasets` loads
+
+    datasets = hf_data.datasets
+    rng = np.random.default_rng(0)
+    vocabulary = "the cat sat on a mat while dogs ran far away".split()
+
+    def documents(n: int) -> list[str]:
+        return [" ".join(rng.choice(vocabulary, 60)) + "\n" + " ".join(rng.choice(vocabulary, 40)) for _ in range(n)]
+
+    path = tmp_path / "dataset"
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": documents(30)}),
+                         validation=datasets.Dataset.from_dict({"text": documents(8)})).save_to_disk(str(path))
+    flags = [flag for flag in SHRUNKEN if flag not in ("--max-bytes", CORPUS_BYTES)]
+    out = tmp_path / "run"
+    assert train.main(["--data", f"hf:{path}", "--tokenizer", "words", *flags, "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert f"data: hf:{path}" in capsys.readouterr().out
+    last = _last_validation(out)
+    assert last["val_word_ppl"] == pytest.approx(last["val_ppl"], rel=1e-6)
+    assert last["val_bpb"] < last["val_bits_per_token"] / 3, "a word here covers over 3 bytes"
 
 
 def test_too_few_tokens_for_the_data_are_refused_before_training(tmp_path, capsys):
