@@ -19,11 +19,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read by `datasets` when it 
 import datasets  # noqa: E402  (after the offline switch above)
 import numpy as np  # noqa: E402
 
-from ct_jax.data import Corpus, cached, default_cache_dir, document_offsets  # noqa: E402
+from ct_jax.data import HF_PREFIX, Corpus, cached, default_cache_dir, document_offsets  # noqa: E402
 from ct_jax.io import atomic_write  # noqa: E402
 
 DATA_FLAG = "--data"
-HF_PREFIX = "hf:"
 REQUIRED_SPLITS, OPTIONAL_SPLITS = ("train", "validation"), ("test",)
 _BATCH = 1024  # rows read per Arrow batch when iterating
 
