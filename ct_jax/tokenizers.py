@@ -188,6 +188,11 @@ class SentencePieceTokenizer(Tokenizer):
     def _model_bytes(self) -> bytes | None:
         return self.model_proto
 
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        """As `Tokenizer.save`; the spec then names the file written (a trained model's first file may be gone)."""
+        self.path = Path(run_dir) / SPM_FILE
+        return super().save(run_dir)
+
 
 def _prefix_lines(text: TextSource, max_bytes: int | None) -> Iterator[str]:
     """The lines of `text` (or of its documents, in order) up to about `max_bytes` UTF-8 bytes."""

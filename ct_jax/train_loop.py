@@ -26,6 +26,7 @@ from ct_jax.io import folder_lock
 from ct_jax.model import CompressiveTransformer
 from ct_jax.streams import StreamSampler, check_starts
 from ct_jax.tokenized import SplitCounts, metric_values, split_measures
+from ct_jax.tokenizers import Tokenizer
 from ct_jax.training import (
     LN2,
     NonFiniteLossError,
@@ -60,6 +61,7 @@ def fit(
     compiler_options: dict[str, Any] | None = None,
     documents: dict[str, np.ndarray] | None = None,
     counts: dict[str, SplitCounts] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> FitResult:
     """Trains on `splits['train']`, validating on `splits['validation']`, writing into `out_dir`.
 
@@ -72,7 +74,9 @@ def fit(
     `eval_batches` sequential windows. `counts` (split name -> `SplitCounts`, as
     `ct_jax.tokenized.tokenize_corpus` gives; absent: a split's tokens are its bytes) turn
     bits per token into the logged bits per byte (`val_bpb`), `val_bits_per_token`,
-    `val_ppl` and, for a word tokenizer, `val_word_ppl`.
+    `val_ppl` and, for a word tokenizer, `val_word_ppl`. `tokenizer` (the one that made the
+    splits) is stored in `out_dir` and `model/` (`Tokenizer.save`) for evaluation, generation
+    and resume.
 
     Files: `checkpoints/` (orbax, every `checkpoint_every` steps and at the end, the last
     `keep_checkpoints` kept), `metrics.csv` (rewritten atomically at every checkpoint),
@@ -100,6 +104,8 @@ def fit(
         checkpoints = Checkpoints(out_dir / "checkpoints", config.keep_checkpoints)
         try:
             steps = _resumable_steps(checkpoints, resume, resume_from)
+            if lead and tokenizer is not None:
+                tokenizer.save(out_dir)
             run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead, say, documents or {},
                        counts or {})
             start = run.resume(resume_from) if steps else 0
@@ -115,6 +121,8 @@ def fit(
                 run.history.write()
                 run.history.plot(out_dir / "loss.png")
                 save_pretrained(model, out_dir / "model")
+                if tokenizer is not None:
+                    tokenizer.save(out_dir / "model")
             return FitResult(model, host_state, run.history, out_dir)
         finally:
             checkpoints.close()  # after pending saves complete

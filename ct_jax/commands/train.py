@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -174,13 +175,12 @@ def run(args: argparse.Namespace) -> int:
     splits = tokens.splits
     data.check_window(splits, window)
     check_token_ids(splits, model_config.num_tokens, tokenizer)
-    if lead:
-        tokenizer.save(out)
     say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
         f"parallel={config.parallel.value}; out: {out}")
     started = time.perf_counter()
     result = train_loop.fit(model_config, config, splits, out, resume=args.resume, resume_from=args.resume_from,
-                            progress=args.progress and lead, log=say, documents=tokens.starts, counts=tokens.counts)
+                            progress=args.progress and lead, log=say, documents=tokens.starts, counts=tokens.counts,
+                            tokenizer=tokenizer)
     steps, val = result.history.column("val_bpb")
     how = ("whole split, memory streamed" if config.data_order is training.DataOrder.STREAMS
            else f"{config.eval_batches} batches of windows from empty memory")
@@ -191,13 +191,12 @@ def run(args: argparse.Namespace) -> int:
     if test:
         say(f"test bits/byte: {test[-1]:.3f} ({how})")
     say(f"wrote {out / 'metrics.csv'}, {out / 'loss.png'}, {out / 'model'} (model.safetensors + config.json)")
-    if lead:
-        tokenizer.save(out / "model")  # the export is self-contained: evaluate and generate read it there too
     if lead and args.sample_length > 0:
         prompt = args.prompt if args.prompt is not None else tokenizer.decode(splits["validation"][:64])
         text = sample_text(result.model, prompt, args.sample_length, seed=config.seed, temperature=args.temperature,
                            tokenizer=tokenizer)
-        say(f"sample ({args.sample_length} tokens after the prompt):\n{prompt}{text}")
+        unit = "bytes" if tokenizer.kind == "bytes" else "tokens"
+        say(f"sample ({args.sample_length} {unit} after the prompt):\n{prompt}{text}")
     return 0
 
 
@@ -217,8 +216,8 @@ def run_tokenizer(args: argparse.Namespace, out: Path, corpus, say) -> tokenizer
     documents = (bytes(split[a:b]).decode("utf-8", "replace") for a, b in zip(bounds[:-1], bounds[1:]))
     if args.tokenizer != "bytes":
         say(f"tokenizer: {args.tokenizer} (learning from the training split where it learns)")
-    out.mkdir(parents=True, exist_ok=True)
-    return tokenizers.tokenizer_from_spec(args.tokenizer, train_text=documents, run_dir=out)
+    with tempfile.TemporaryDirectory() as scratch:  # `fit` stores the model file in --out, once it holds the folder
+        return tokenizers.tokenizer_from_spec(args.tokenizer, train_text=documents, run_dir=scratch)
 
 
 def with_vocabulary(model_config: ModelConfig, num_tokens: int | None, say=None) -> ModelConfig:
