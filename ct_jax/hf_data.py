@@ -8,21 +8,16 @@ the splits are the dataset's own train / validation (needed) and test (if presen
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read by `datasets` when it is imported
 
 import datasets  # noqa: E402  (after the offline switch above)
-import numpy as np  # noqa: E402
-
-from ct_jax.data import HF_PREFIX, Corpus, cached, default_cache_dir, document_offsets  # noqa: E402
-from ct_jax.io import atomic_write  # noqa: E402
 
 DATA_FLAG = "--data"
+HF_PREFIX = "hf:"
 REQUIRED_SPLITS, OPTIONAL_SPLITS = ("train", "validation"), ("test",)
 _BATCH = 1024  # rows read per Arrow batch when iterating
 
@@ -101,39 +96,3 @@ def load_hf_documents(spec: str, *, column: str = "text") -> dict[str, HFDocumen
         splits[split] = HFDocuments(dataset, column)
     return splits
 
-
-def _split_bytes(documents: HFDocuments, max_bytes: int | None, sizes_path: Path) -> Callable[[BinaryIO], None]:
-    """The writer of a split's cache file: its rows, UTF-8, back to back (whole rows up to `max_bytes`); their
-    sizes go to `sizes_path` first, so a cache file never exists without them."""
-
-    def write(out: BinaryIO) -> None:
-        sizes = []
-        for document in documents:
-            encoded = document.encode("utf-8")
-            if max_bytes is not None and out.tell() + len(encoded) > max_bytes:
-                break
-            out.write(encoded)
-            sizes.append(len(encoded))
-
-        def write_sizes(tmp: str) -> None:
-            with open(tmp, "wb") as file:  # a file object: np.save would add ".npy" to a name
-                np.save(file, np.asarray(sizes, np.int64))
-
-        atomic_write(sizes_path, write_sizes)
-
-    return write
-
-
-def hf_corpus(spec: str, cache_dir: str | os.PathLike | None = None, *, max_bytes: int | None = None) -> Corpus:
-    """A local Hugging Face dataset as a byte corpus (`ct_jax.data.Corpus`): each split's rows, UTF-8, back to
-    back in a cache file (written once), a document per row; `max_bytes` keeps each split's first whole rows up
-    to that many bytes."""
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    splits, starts = {}, {}
-    for name, documents in load_hf_documents(spec).items():
-        dataset_id = getattr(documents.dataset, "_fingerprint", None) or hashlib.sha256(spec.encode()).hexdigest()
-        stem = f"hf-{name}-{dataset_id[:20]}-{max_bytes or 'all'}"
-        sizes_path = directory / f"{stem}.sizes.npy"
-        splits[name] = cached(directory, f"{stem}.bin", _split_bytes(documents, max_bytes, sizes_path))
-        starts[name] = document_offsets(np.load(sizes_path).tolist() or [0])
-    return Corpus(splits, starts)
