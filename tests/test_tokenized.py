@@ -141,3 +141,16 @@ def test_split_measures_spread_bits_per_token_over_bytes_and_words():
     assert metric_values("val", words) == dict(val_bpb=0.5, val_bits_per_token=2.0, val_ppl=4.0, val_word_ppl=4.0)
     assert set(metric_values("test", split_measures(1.0, SplitCounts(3, 9)))) == {"test_bpb", "test_bits_per_token",
                                                                                   "test_ppl"}
+
+
+def test_samplers_read_uint16_token_arrays_as_ids():
+    from ct_jax.data import WindowSampler, eval_batches
+    from ct_jax.streams import StreamSampler
+
+    ids = (np.arange(400) * 97 % 5000).astype(np.uint16)  # ids past a byte's range
+    window = next(WindowSampler(ids, 9, 2, seed=0))
+    assert window.dtype == np.int32 and window.max() > 255
+    assert any(np.array_equal(row, ids[start : start + 9]) for row in window for start in range(392))
+    assert np.array_equal(next(eval_batches(ids, 9, 1))[0], ids[:9].astype(np.int32))
+    batch = next(StreamSampler(ids, np.array([0, 200]), 8, 2, 2, seed=0))
+    assert batch.inputs.max() > 255 and set(batch.inputs[batch.mask].tolist()) <= set(ids.tolist())

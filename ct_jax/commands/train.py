@@ -17,12 +17,18 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ct_jax import cli, presets, tokenizers
 from ct_jax.config import ModelConfig  # no JAX import yet: flags come first
+from ct_jax.data import Corpus
+
+if TYPE_CHECKING:
+    from ct_jax.training import TrainConfig
 
 DEFAULT_OUT = "runs/train"
 
@@ -200,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_tokenizer(args: argparse.Namespace, out: Path, corpus, say) -> tokenizers.Tokenizer:
+def run_tokenizer(args: argparse.Namespace, out: Path, corpus: Corpus,
+                  say: Callable[[str], Any]) -> tokenizers.Tokenizer:
     """The run's tokenizer: the one stored in `out` when it holds checkpoints (resume), else the one
     --tokenizer names, learnt from the training split where it learns (spm-train, words)."""
     checkpoints = out / "checkpoints"
@@ -220,7 +227,8 @@ def run_tokenizer(args: argparse.Namespace, out: Path, corpus, say) -> tokenizer
         return tokenizers.tokenizer_from_spec(args.tokenizer, train_text=documents, run_dir=scratch)
 
 
-def with_vocabulary(model_config: ModelConfig, num_tokens: int | None, say=None) -> ModelConfig:
+def with_vocabulary(model_config: ModelConfig, num_tokens: int | None,
+                    say: Callable[[str], Any] | None = None) -> ModelConfig:
     """`model_config` with `num_tokens` (None: as it is; the tokenizer's vocabulary where --num-tokens is not
     given), its adaptive cutoffs fitted to it (`presets.fit_cutoffs`, a note to `say` of what changed)."""
     kwargs, note = presets.fit_cutoffs(model_config.to_kwargs(), num_tokens or model_config.num_tokens)
@@ -229,7 +237,7 @@ def with_vocabulary(model_config: ModelConfig, num_tokens: int | None, say=None)
     return ModelConfig.from_kwargs(kwargs)
 
 
-def check_token_ids(splits: dict, num_tokens: int, tokenizer: tokenizers.Tokenizer) -> None:
+def check_token_ids(splits: dict[str, np.ndarray], num_tokens: int, tokenizer: tokenizers.Tokenizer) -> None:
     """Refuses, before training, data holding a token id at or above the model's `num_tokens`, naming both."""
     largest = max(int(np.max(split)) for split in splits.values() if len(split))
     if largest >= num_tokens:
@@ -238,7 +246,7 @@ def check_token_ids(splits: dict, num_tokens: int, tokenizer: tokenizers.Tokeniz
                          f">= {largest + 1}, or leave it out to take the tokenizer's vocabulary")
 
 
-def check_footprint(model_config: ModelConfig, config) -> None:
+def check_footprint(model_config: ModelConfig, config: TrainConfig) -> None:
     """Refuses (`footprint.DoesNotFitError`, with the estimate and what to shrink) a configuration whose training
     step cannot fit on a device, before anything is allocated."""
     import jax
