@@ -252,7 +252,8 @@ class MetricsLog:
     One row per train step; `val_bpb` is filled on validation steps (step 0 = before training).
     """
 
-    FIELDS = ("step", "loss", "lm", "aux", "bpb", "grad_norm", "learning_rate", "tokens_per_s", "val_bpb", "test_bpb")
+    FIELDS = ("step", "loss", "lm", "aux", "bpb", "grad_norm", "learning_rate", "tokens_per_s", "val_bpb", "test_bpb",
+              "val_bits_per_token", "val_ppl", "val_word_ppl", "test_bits_per_token", "test_ppl", "test_word_ppl")
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

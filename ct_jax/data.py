@@ -361,9 +361,56 @@ def _parse_spec(spec: str | os.PathLike) -> tuple[str, Path]:
     return ("enwik8" if _ENWIK8_NAME.fullmatch(path.name) else "text"), path
 
 
+# --data hf:PATH_OR_NAME[:CONFIG], a local Hugging Face dataset: ct_jax.hf_data.HF_PREFIX, not imported from there
+# (that module loads `datasets`, slow, and only a corpus of that form needs it).
+HF_PREFIX = "hf:"
+
+
+def _split_bytes(documents: Sequence[str], max_bytes: int | None, sizes_path: Path) -> Callable[[BinaryIO], None]:
+    """The writer of a split's cache file: its rows, UTF-8, back to back (whole rows up to `max_bytes`); their
+    sizes go to `sizes_path` first, so a cache file never exists without them."""
+
+    def write(out: BinaryIO) -> None:
+        sizes = []
+        for document in documents:
+            encoded = document.encode("utf-8")
+            if max_bytes is not None and out.tell() + len(encoded) > max_bytes:
+                break
+            out.write(encoded)
+            sizes.append(len(encoded))
+
+        def write_sizes(tmp: str) -> None:
+            with open(tmp, "wb") as file:  # a file object: np.save would add ".npy" to a name
+                np.save(file, np.asarray(sizes, np.int64))
+
+        atomic_write(sizes_path, write_sizes)
+
+    return write
+
+
+def _hf_corpus(spec: str, cache_dir: str | os.PathLike | None = None, *, max_bytes: int | None = None) -> Corpus:
+    """A local Hugging Face dataset as a byte corpus (`ct_jax.data.Corpus`): each split's rows, UTF-8, back to
+    back in a cache file (written once), a document per row; `max_bytes` keeps each split's first whole rows up
+    to that many bytes."""
+    from ct_jax import hf_data  # imports `datasets` (slow): only for this form
+
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    splits, starts = {}, {}
+    for name, documents in hf_data.load_hf_documents(spec).items():
+        dataset_id = getattr(documents.dataset, "_fingerprint", None) or hashlib.sha256(spec.encode()).hexdigest()
+        stem = f"hf-{name}-{dataset_id[:20]}-{max_bytes or 'all'}"
+        sizes_path = directory / f"{stem}.sizes.npy"
+        splits[name] = _cached(directory, f"{stem}.bin", _split_bytes(documents, max_bytes, sizes_path))
+        starts[name] = document_offsets(np.load(sizes_path).tolist() or [0])
+    return Corpus(splits, starts)
+
+
 def check_spec(spec: str | os.PathLike | None) -> None:
     """Raises as `load_corpus` would for an empty spec or a missing path, without reading any data."""
-    if spec is not None:
+    if spec is not None and os.fspath(spec).startswith(HF_PREFIX):
+        if not os.fspath(spec).removeprefix(HF_PREFIX).strip():
+            raise ValueError(f"the data spec {spec!r} names no dataset; expected hf:PATH_OR_NAME[:CONFIG]")
+    elif spec is not None:
         _parse_spec(spec)
 
 
@@ -374,10 +421,13 @@ def read_corpus(
     """The one corpus loader: splits and document starts by spec. None = stdlib sources (a document per file);
     'enwik8:PATH' or a file named enwik8[.gz|.zip] = enwik8; 'text:PATH' or any other path = a text file (one
     document) or a folder (a document per file; every `validation_every`-th file is validation, default 10,
-    small folders as `load_folder` says, `log` told). With `window`, every split must hold one window."""
+    small folders as `load_folder` says, `log` told); 'hf:PATH_OR_NAME[:CONFIG]' = a local Hugging Face dataset (a
+    document per row, cached as a file per split). With `window`, every split must hold one window."""
     if validation_every is not None:
         check_int("validation_every", validation_every, 2)
-    if spec is None:
+    if spec is not None and os.fspath(spec).startswith(HF_PREFIX):
+        corpus = _hf_corpus(os.fspath(spec), cache_dir, max_bytes=max_bytes)
+    elif spec is None:
         corpus = load_stdlib_corpus(cache_dir, max_bytes=DEFAULT_MAX_BYTES if max_bytes is None else max_bytes,
                                     validation_every=validation_every)
     else:

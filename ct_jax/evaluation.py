@@ -74,8 +74,27 @@ def evaluate_stream(
     `document_starts`: where the split's documents begin (rows reset there; None: one
     document). `max_segments` evaluates only the first that many segments of every stream
     (a cheaper estimate, e.g. for periodic validation). The model runs in eval mode and is
-    left in the mode it came in.
+    left in the mode it came in. `stream_nll` gives the summed NLL and count behind it;
+    `ct_jax.tokenized.split_measures` turns it into bits per byte, perplexity and word perplexity.
     """
+    total, count = stream_nll(model, data, batch_size, document_starts=document_starts,
+                              segments_per_call=segments_per_call, max_segments=max_segments, progress=progress,
+                              name=name)
+    return total / max(count, 1) / math.log(2.0)
+
+
+def stream_nll(
+    model: CompressiveTransformer,
+    data: np.ndarray,
+    batch_size: int,
+    *,
+    document_starts: np.ndarray | None = None,
+    segments_per_call: int = 32,
+    max_segments: int | None = None,
+    progress: bool = True,
+    name: str = "validation",
+) -> tuple[float, int]:
+    """(summed NLL in nats, predicted tokens) of `evaluate_stream`'s evaluation (same arguments)."""
     check_int("segments_per_call", segments_per_call)
     if max_segments is not None:
         check_int("max_segments", max_segments)
@@ -99,4 +118,4 @@ def evaluate_stream(
         sums.append((nll, n))
     total = sum(float(nll) for nll, _ in sums)
     count = sum(int(n) for _, n in sums)
-    return total / max(count, 1) / math.log(2.0)
+    return total, count

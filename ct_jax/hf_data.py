@@ -95,3 +95,4 @@ def load_hf_documents(spec: str, *, column: str = "text") -> dict[str, HFDocumen
                              f"no {column!r} column (one document per row)")
         splits[split] = HFDocuments(dataset, column)
     return splits
+

@@ -16,9 +16,11 @@ from ct_jax import convert
 from ct_jax.checkpointing import restore_newest
 from ct_jax.config import ModelConfig
 from ct_jax.model import CompressiveTransformer
+from ct_jax.tokenizers import TOKENIZER_RECORD, Tokenizer, load_tokenizer
 from ct_jax.training import DataOrder, TrainConfig, TrainState, create_model, init_state, make_optimizer
 
 CHECKPOINTS_FOLDER = "checkpoints"  # of a training run (ct_jax.train_loop.fit)
+MODEL_FOLDER = "model"  # a training run's export
 
 
 class Loaded(NamedTuple):
@@ -54,3 +56,18 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> Loaded:
     nnx.update(model, jax.tree.map(jnp.asarray, state.params))
     return Loaded(model, f"step {step} of {path / CHECKPOINTS_FOLDER} (the run's newest verified checkpoint; "
                          f"it has no model/ export)", step)
+
+
+def load_run_tokenizer(path: str | os.PathLike, model: CompressiveTransformer) -> Tokenizer:
+    """The tokenizer stored with a --checkpoint (`TOKENIZER_RECORD` in it, or in the run folder above its
+    `model/`; none: bytes), refused when `model`'s num_tokens cannot hold the tokenizer's ids."""
+    path = Path(path)
+    places = (path, path.parent) if path.name == MODEL_FOLDER else (path,)
+    folder = next((f for f in places if (f / TOKENIZER_RECORD).is_file()), path)
+    tokenizer = load_tokenizer(folder)
+    stored = (folder / TOKENIZER_RECORD).is_file()
+    if stored and model.config.num_tokens < tokenizer.vocab_size:
+        raise ValueError(f"the model at {path} has num_tokens={model.config.num_tokens}, fewer than the "
+                         f"{tokenizer.vocab_size} ids of its tokenizer {tokenizer.spec!r} "
+                         f"({folder / TOKENIZER_RECORD})")
+    return tokenizer

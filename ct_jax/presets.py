@@ -64,6 +64,33 @@ PG19: dict[str, dict[str, Any]] = dict(
 )
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"enwik8": ENWIK8, "wikitext103": WIKITEXT103, "pg19": PG19}
+# The tokenizer each preset trains with (scripts/train.py --tokenizer, ct_jax.tokenizers): WikiText-103 is
+# word level as Transformer-XL builds it, PG-19 a 32k subword vocabulary (SentencePiece trained on the
+# training split here); enwik8, long_range and the main job read bytes.
+TOKENIZERS = {"wikitext103": "words", "pg19": "spm-train:32000"}
+
+
+def default_tokenizer(preset: str | None = None) -> str:
+    """The `--tokenizer` value of `preset` (None: the main job): bytes unless `TOKENIZERS` names another."""
+    return TOKENIZERS.get(preset, "bytes") if preset is not None else "bytes"
+
+
+def fit_cutoffs(model: dict[str, Any], num_tokens: int) -> tuple[dict[str, Any], str | None]:
+    """(`model` kwargs with `num_tokens` and the `adaptive_cutoffs` below it, a note of what was dropped or None).
+
+    A preset's cutoffs (WikiText-103's 20000, 40000, 200000) assume its vocabulary; with a smaller one (another
+    corpus, a shrunken run) the cutoffs at or above `num_tokens` go, and with none left the softmax is full.
+    """
+    model = dict(model, num_tokens=num_tokens)
+    cutoffs = model.get("adaptive_cutoffs")
+    if not cutoffs:
+        return model, None
+    kept = [cutoff for cutoff in cutoffs if cutoff < num_tokens]
+    if len(kept) == len(cutoffs):
+        return model, None
+    model["adaptive_cutoffs"] = kept or None
+    return model, (f"adaptive_cutoffs {list(cutoffs)} reach past the vocabulary of {num_tokens:,} tokens: using "
+                   f"{kept or 'none (a full softmax)'}")
 
 
 def get(name: str) -> dict[str, dict[str, Any]]:

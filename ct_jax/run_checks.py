@@ -14,19 +14,23 @@ import numpy as np
 
 from ct_jax.config import ModelConfig
 from ct_jax.data import Splits
+from ct_jax.tokenizers import Tokenizer
 from ct_jax.training import DataOrder, TrainConfig
 
 
-def check_token_ids(splits: Splits, num_tokens: int) -> None:
-    """Refuses data holding ids outside [0, num_tokens) before any training (a step would give NaN losses)."""
+def check_token_ids(splits: Splits, num_tokens: int, tokenizer: Tokenizer | None = None) -> None:
+    """Refuses data holding ids outside [0, num_tokens) before any training (a step would give NaN losses),
+    naming the split's largest id, the model's range and the tokenizer that made the ids."""
     for name, split in splits.items():
         if len(split) == 0 or (split.dtype == np.uint8 and num_tokens >= 256):
             continue
         low, high = int(np.min(split)), int(np.max(split))
         if low < 0 or high >= num_tokens:
-            kind = " (byte data needs num_tokens >= 256)" if split.dtype == np.uint8 else ""
+            made_by = (f" ({tokenizer.spec}, vocabulary {tokenizer.vocab_size})" if tokenizer is not None
+                       else " (byte data needs num_tokens >= 256)" if split.dtype == np.uint8 else "")
             raise ValueError(f"num_tokens={num_tokens} (--num-tokens) is too small for the data: the {name} split "
-                             f"holds token ids up to {high}; the model reads ids in [0, {num_tokens}){kind}")
+                             f"holds token ids up to {high}; the model reads ids in [0, {num_tokens}){made_by}: "
+                             f"give --num-tokens >= {high + 1}, or leave it out to take the tokenizer's vocabulary")
 
 
 def _flag(name: str, value: Any) -> str:

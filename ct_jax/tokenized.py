@@ -20,9 +20,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ct_jax._checks import check_int
-from ct_jax.data import default_cache_dir
+from ct_jax.data import Corpus, default_cache_dir, fingerprint
 from ct_jax.io import atomic_write
-from ct_jax.tokenizers import Tokenizer, text_lines
+from ct_jax.tokenizers import ByteTokenizer, Tokenizer, text_lines
 
 _FORMAT = "ct_jax-tokenized-v1"
 LN2 = math.log(2.0)
@@ -136,3 +136,78 @@ def measures(nll: float, n_tokens: int, n_bytes: int, n_words: int | None = None
         bits_per_byte=nll / (n_bytes * LN2),
         word_perplexity=None if n_words is None else math.exp(min(nll / n_words, 700.0)),
     )
+
+
+class SplitCounts(NamedTuple):
+    """What a split's measures are spread over: its tokens, the UTF-8 bytes of its text, and its words (a word
+    tokenizer's tokens; None for other tokenizers: no word perplexity)."""
+
+    n_tokens: int
+    n_bytes: int
+    n_words: int | None = None
+
+
+class TokenCorpus(NamedTuple):
+    """A corpus as token ids: per split the ids (bytes: the corpus's own uint8 arrays; else uint16/uint32
+    memmaps), where its documents begin in those ids, and its counts."""
+
+    splits: dict[str, np.ndarray]
+    starts: dict[str, np.ndarray]
+    counts: dict[str, SplitCounts]
+
+
+def _distinct_starts(doc_starts: np.ndarray, n_tokens: int) -> np.ndarray:
+    """Document starts (k,) int64 without the empty documents' repeats, 0 first, each inside the split."""
+    starts = np.unique(np.concatenate([[0], doc_starts]).astype(np.int64))
+    return starts[starts < max(n_tokens, 1)]
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None) -> TokenCorpus:
+    """`corpus` (as `ct_jax.data.read_corpus` reads it) encoded by `tokenizer`, a document at a time, each split
+    cached (`tokenize_split`, under `cache_dir/tokenized`). Bytes keeps the byte arrays as they are: bit-identical
+    to a byte-level run."""
+    if isinstance(tokenizer, ByteTokenizer):
+        counts = {name: SplitCounts(len(split), len(split)) for name, split in corpus.splits.items()}
+        return TokenCorpus(dict(corpus.splits), dict(corpus.starts), counts)
+    directory = None if cache_dir is None else Path(cache_dir) / "tokenized"
+    corpus_fingerprint = fingerprint(corpus.splits)
+    splits, starts, counts = {}, {}, {}
+    for name, split in corpus.splits.items():
+        bounds = np.append(corpus.starts[name], len(split))
+        documents = (bytes(split[begin:end]) for begin, end in zip(bounds[:-1], bounds[1:]))
+        encoded = tokenize_split(documents, tokenizer, corpus_fingerprint=corpus_fingerprint, split=name,
+                                 cache_dir=directory)
+        splits[name], starts[name] = encoded.tokens, _distinct_starts(encoded.doc_starts, len(encoded.tokens))
+        counts[name] = SplitCounts(len(encoded.tokens), encoded.n_bytes,
+                                   len(encoded.tokens) if tokenizer.kind == "words" else None)
+    return TokenCorpus(splits, starts, counts)
+
+
+def split_measures(bits_per_token: float, counts: SplitCounts) -> Measures:
+    """The measures of a split from its bits per token (`ct_jax.evaluation.evaluate_stream`): the per-token rate
+    spread over the split's bytes and words (the NLL of its n_tokens tokens over its n_bytes bytes). For bytes
+    (n_tokens == n_bytes) bits per byte is bits per token exactly."""
+    return Measures(
+        bits_per_token=bits_per_token,
+        perplexity=2.0 ** min(bits_per_token, 1000.0),  # capped below float overflow
+        bits_per_byte=bits_per_token * (counts.n_tokens / counts.n_bytes),
+        word_perplexity=(None if counts.n_words is None
+                         else 2.0 ** min(bits_per_token * (counts.n_tokens / counts.n_words), 1000.0)),
+    )
+
+
+def metric_values(prefix: str, measured: Measures) -> dict[str, float]:
+    """`measured` as training-log columns: PREFIX_bpb (bits per byte), PREFIX_bits_per_token, PREFIX_ppl and,
+    for a word tokenizer, PREFIX_word_ppl."""
+    values = {f"{prefix}_bpb": measured.bits_per_byte, f"{prefix}_bits_per_token": measured.bits_per_token,
+              f"{prefix}_ppl": measured.perplexity}
+    if measured.word_perplexity is not None:
+        values[f"{prefix}_word_ppl"] = measured.word_perplexity
+    return values
+
+
+def describe(measured: Measures) -> str:
+    """One line of the measures, bits per byte first (comparable across tokenizers)."""
+    words = "" if measured.word_perplexity is None else f", word perplexity {measured.word_perplexity:.2f}"
+    return (f"{measured.bits_per_byte:.4f} bits/byte ({measured.bits_per_token:.4f} bits/token, perplexity "
+            f"{measured.perplexity:.2f}{words})")

@@ -188,6 +188,11 @@ class SentencePieceTokenizer(Tokenizer):
     def _model_bytes(self) -> bytes | None:
         return self.model_proto
 
+    def save(self, run_dir: str | os.PathLike) -> Path:
+        """As `Tokenizer.save`; the spec then names the file written (a trained model's first file may be gone)."""
+        self.path = Path(run_dir) / SPM_FILE
+        return super().save(run_dir)
+
 
 def _prefix_lines(text: TextSource, max_bytes: int | None) -> Iterator[str]:
     """The lines of `text` (or of its documents, in order) up to about `max_bytes` UTF-8 bytes."""
@@ -375,6 +380,33 @@ def _existing_file(spec: str, path: str) -> Path:
     if not path or not Path(path).expanduser().is_file():
         raise _flag_error(spec, f"no file at {path!r}")
     return Path(path).expanduser()
+
+
+def check_spec(spec: str) -> str:
+    """The kind a `--tokenizer` value names ('spm' for spm-train), after checking its form, without training or
+    reading a model (a flag check before any data is read)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"{TOKENIZER_FLAG} must be a str ({TOKENIZER_FORMS}), got {spec!r}")
+    kind, _, arg = spec.partition(":")
+    if kind == "bytes" and not arg:
+        return kind
+    if kind in ("spm", "hf"):
+        _existing_file(spec, arg)
+        return kind
+    if kind == "spm-train" or (kind == "words" and arg):
+        _positive_int(spec, arg, "SIZE" if kind == "spm-train" else "MIN_COUNT")
+    if kind in ("spm-train", "words"):
+        return "spm" if kind == "spm-train" else kind
+    raise _flag_error(spec, "unknown form")
+
+
+def known_vocab_size(spec: str) -> int | None:
+    """The vocabulary a `--tokenizer` value gives before any text is read (bytes: 256, spm-train:SIZE: SIZE), else
+    None (it depends on the text or a file)."""
+    kind, _, arg = spec.partition(":")
+    if spec == "bytes":
+        return 256
+    return int(arg) if kind == "spm-train" and arg.isdigit() else None
 
 
 def tokenizer_from_spec(spec: str, *, train_text: TextSource | None = None,

@@ -27,6 +27,8 @@ from ct_jax.io import folder_lock
 from ct_jax.model import CompressiveTransformer
 from ct_jax.run_checks import check_record, check_token_ids
 from ct_jax.streams import StreamSampler, check_starts
+from ct_jax.tokenized import SplitCounts, metric_values, split_measures
+from ct_jax.tokenizers import Tokenizer
 from ct_jax.training import (
     LN2,
     NonFiniteLossError,
@@ -61,6 +63,8 @@ def fit(
     log: Callable[[str], Any] = print,
     compiler_options: dict[str, Any] | None = None,
     documents: dict[str, np.ndarray] | None = None,
+    counts: dict[str, SplitCounts] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> FitResult:
     """Trains on `splits['train']`, validating on `splits['validation']`, writing into `out_dir`.
 
@@ -70,7 +74,12 @@ def fit(
     validation with `ct_jax.evaluation.evaluate_stream` (periodically over `eval_segments`
     segments per stream, or the whole split; at the end the whole split, and `splits['test']`
     if there is one, as `test_bpb`). Windows: random windows from empty memory, validated on
-    `eval_batches` sequential windows.
+    `eval_batches` sequential windows. `counts` (split name -> `SplitCounts`, as
+    `ct_jax.tokenized.tokenize_corpus` gives; absent: a split's tokens are its bytes) turn
+    bits per token into the logged bits per byte (`val_bpb`), `val_bits_per_token`,
+    `val_ppl` and, for a word tokenizer, `val_word_ppl`. `tokenizer` (the one that made the
+    splits) is stored in `out_dir` and `model/` (`Tokenizer.save`) for evaluation, generation
+    and resume.
 
     Files: `checkpoints/` (orbax, every `checkpoint_every` steps and at the end, the last
     `keep_checkpoints` kept), `metrics.csv` (rewritten atomically at every checkpoint),
@@ -98,7 +107,7 @@ def fit(
         model_config = ModelConfig.from_kwargs(model_config)
     if resume_from is not None:
         check_int("resume_from", resume_from)
-    check_token_ids(splits, model_config.num_tokens)
+    check_token_ids(splits, model_config.num_tokens, tokenizer)
     out_dir = Path(out_dir)
     lead = jax.process_index() == 0
     say = log if lead else _silent
@@ -106,7 +115,10 @@ def fit(
         checkpoints = Checkpoints(out_dir / "checkpoints", config.keep_checkpoints)
         try:
             steps = _resumable_steps(checkpoints, resume, resume_from)
-            run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead, say, documents or {})
+            if lead and tokenizer is not None:
+                tokenizer.save(out_dir)
+            run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead, say, documents or {},
+                       counts or {})
             start = run.resume(resume_from) if steps else 0
             if start >= config.steps:
                 say(f"run is at step {start} >= --steps {config.steps}: nothing to train; pass a larger --steps")
@@ -115,9 +127,9 @@ def fit(
             with StopSignals() as stop:
                 run.loop(start, progress and lead, stop)
             if "test" in splits and run.trainer.streaming:
-                test_bpb = run.evaluate("test", progress and lead)
-                run.history.add(config.steps, test_bpb=test_bpb)
-                say(f"test: {test_bpb:.4f} bits/byte (whole split, streamed)")
+                test = run.measured("test", run.evaluate("test", progress and lead))
+                run.history.add(config.steps, **test)
+                say(f"test: {test['test_bpb']:.4f} bits/byte (whole split, streamed)")
             checkpoints.wait()
             host_state = run.trainer.host(run.state)
             model = run.trainer.load_params(host_state.params)
@@ -125,6 +137,8 @@ def fit(
                 run.history.write()
                 run.history.plot(out_dir / "loss.png")
                 save_pretrained(model, out_dir / "model")
+                if tokenizer is not None:
+                    tokenizer.save(out_dir / "model")
             return FitResult(model, host_state, run.history, out_dir, start)
         finally:
             checkpoints.close()  # after pending saves complete (or a timeout: an error must not hang here)
@@ -268,12 +282,13 @@ class _Run:
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, splits: Splits, out_dir: Path,
                  checkpoints: Checkpoints, compiler_options: dict[str, Any] | None, lead: bool,
-                 say: Callable[[str], Any], documents: dict[str, np.ndarray]):
+                 say: Callable[[str], Any], documents: dict[str, np.ndarray], counts: dict[str, SplitCounts]):
         self.model_config, self.config, self.checkpoints = model_config, config, checkpoints
         self.lead, self.say = lead, say
         self.trainer = Trainer(create_model(model_config, config), config, compiler_options=compiler_options)
         self.splits = splits
         self.documents = {name: check_starts(split, documents.get(name), name) for name, split in splits.items()}
+        self.counts = {name: counts.get(name, SplitCounts(len(split), len(split))) for name, split in splits.items()}
         self.sampler = _make_sampler(self.trainer, model_config, splits, self.documents)
         self.data_fingerprint = fingerprint(splits)
         self.data_sizes = {name: len(split) for name, split in splits.items()}
@@ -328,6 +343,11 @@ class _Run:
                                drop_remainder=True)
         return self.trainer.evaluate(self.state, batches)
 
+    def measured(self, split: str, bits_per_token: float) -> dict[str, float]:
+        """The log columns of a split's bits per token: `{split}_bpb` (bits per byte), bits per token, perplexity."""
+        return metric_values("val" if split == "validation" else split, split_measures(bits_per_token,
+                                                                                      self.counts[split]))
+
     def save(self, step: int, verified: bool) -> None:
         """Checkpoints `step` now if a loss at its parameters was checked (`verified`), else once one is."""
         record = dict(step=step, sampler=self.sampler.state_dict(), model_config=self.model_config.to_kwargs(),
@@ -357,20 +377,21 @@ class _Run:
 
     def validate(self, step: int, save_now: bool, progress: bool, bar: tqdm) -> None:
         """Validation after `step` (the whole split at the last step); it checks the checkpoint saved now."""
-        val_bpb = self.evaluate(whole=step == self.config.steps, progress=progress)
-        problem = self.guard.check(f"(validation after step {step})", val_bpb * LN2)
+        val_bits = self.evaluate(whole=step == self.config.steps, progress=progress)  # per token
+        problem = self.guard.check(f"(validation after step {step})", val_bits * LN2)
         if save_now and problem is not None:
-            self.held.stop(problem, _failure(val_bpb))
-        self.history.add(step, val_bpb=val_bpb)
+            self.held.stop(problem, _failure(val_bits))
+        measured = self.measured("validation", val_bits)
+        self.history.add(step, **measured)
         if progress:
-            bar.write(f"step {step}: validation {val_bpb:.4f} bits/byte")
+            bar.write(f"step {step}: validation {measured['val_bpb']:.4f} bits/byte")
 
     def loop(self, start: int, progress: bool, stop: StopSignals) -> None:
         """Steps `start + 1 .. config.steps`, validating and checkpointing on schedule; on a signal (`stop`)
         the step in flight finishes, is checkpointed, and TrainingInterrupted is raised."""
         config = self.config
         if start == 0:
-            self.history.add(0, val_bpb=self.evaluate())
+            self.history.add(0, **self.measured("validation", self.evaluate()))
         pending: tuple[int, dict[str, jax.Array]] | None = None  # read one step late: no sync per step
         self.clock = time.perf_counter()
         with tqdm(total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True) as bar:

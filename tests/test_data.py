@@ -459,3 +459,9 @@ def test_a_cache_write_killed_midway_leaves_no_orphan_after_the_next_load(tmp_pa
     splits = data.load_corpus(str(path), cache)
     assert splits["train"].tobytes() + splits["validation"].tobytes() == content
     assert not list(cache.glob(".*.tmp")), f"orphan left: {list(cache.iterdir())}"
+
+
+def test_check_spec_takes_the_hf_form_without_reading_it():
+    data.check_spec("hf:some/dataset:config")  # checked when read (ct_jax.hf_data), not here
+    with pytest.raises(ValueError, match="names no dataset"):
+        data.check_spec("hf: ")

@@ -108,3 +108,13 @@ def test_the_callers_mode_is_restored(model):
         model.eval()
     evaluation.evaluate_stream(model, data, STREAMS, segments_per_call=PER_CALL, progress=False)
     assert all(flags()), "a model in eval mode must stay in eval mode"
+
+
+def test_stream_nll_sums_what_evaluate_stream_averages_on_token_arrays(model):
+    ids = np.random.default_rng(4).integers(0, CONFIG["num_tokens"], 83)
+    expected = evaluation.evaluate_stream(model, ids.astype(np.uint8), STREAMS, segments_per_call=PER_CALL,
+                                          progress=False)
+    nll, count = evaluation.stream_nll(model, ids.astype(np.uint16), STREAMS, segments_per_call=PER_CALL,
+                                       progress=False)
+    assert count == 2 * (83 // STREAMS - 1), "every target of each stream but its first token"
+    assert nll / count / math.log(2.0) == expected, "uint16 token ids evaluate as the uint8 ones"

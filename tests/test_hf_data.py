@@ -74,3 +74,16 @@ def test_spec_parsing(tmp_path):
     for bad in ("pg19", "hf:", "hf:  "):
         with pytest.raises(ValueError, match=r"--data must be hf:PATH_OR_NAME\[:CONFIG\]"):
             parse_hf_spec(bad)
+
+
+def test_read_corpus_reads_a_dataset_as_documents(tmp_path):
+    from ct_jax.data import read_corpus
+
+    spec = _save(tmp_path / "corpus", train={"text": TRAIN}, validation={"text": VALIDATION})
+    for _ in range(2):  # written once, then read from the cache
+        corpus = read_corpus(spec, tmp_path / "cache")
+        assert bytes(corpus.splits["train"]) == "".join(TRAIN).encode()
+        assert corpus.starts["train"].tolist() == [0, len(TRAIN[0].encode()), len((TRAIN[0] + TRAIN[1]).encode())]
+        assert bytes(corpus.splits["validation"]) == VALIDATION[0].encode()
+    capped = read_corpus(spec, tmp_path / "cache", max_bytes=len(TRAIN[0]) + 3)
+    assert bytes(capped.splits["train"]) == TRAIN[0].encode(), "whole rows only, up to max_bytes"

@@ -92,3 +92,65 @@ def test_count_words_matches_the_word_tokenizer():
 def test_tokenizer_interface_is_complete():
     abstract = Tokenizer.__abstractmethods__
     assert {"encode", "decode", "vocab_size", "token_bytes", "spec"} <= abstract
+
+
+def _corpus() -> Any:
+    from ct_jax.data import Corpus, document_offsets
+
+    texts = {"train": DOCUMENTS, "validation": ["a cat\n", "the dog sat\n"]}
+    splits = {name: np.frombuffer("".join(docs).encode(), np.uint8) for name, docs in texts.items()}
+    starts = {name: document_offsets([len(doc.encode()) for doc in docs]) for name, docs in texts.items()}
+    return Corpus(splits, starts), texts
+
+
+def test_bytes_corpus_is_the_byte_arrays_themselves(tmp_path):
+    from ct_jax.tokenized import SplitCounts, tokenize_corpus
+
+    corpus, _ = _corpus()
+    tokens = tokenize_corpus(corpus, ByteTokenizer(), tmp_path)
+    for name, split in corpus.splits.items():
+        assert tokens.splits[name] is split and tokens.starts[name] is corpus.starts[name]
+        assert tokens.counts[name] == SplitCounts(len(split), len(split))
+    assert not list(tmp_path.iterdir()), "bytes writes no cache"
+
+
+def test_word_corpus_is_encoded_per_document_with_counts(tmp_path):
+    from ct_jax.tokenized import tokenize_corpus
+
+    corpus, texts = _corpus()
+    tokenizer = WordTokenizer.train(texts["train"])
+    tokens = tokenize_corpus(corpus, tokenizer, tmp_path)
+    encoded = [tokenizer.encode(document) for document in texts["train"]]
+    assert np.array_equal(tokens.splits["train"], np.concatenate(encoded))
+    # the empty third document is no start of its own
+    assert tokens.starts["train"].tolist() == [0, len(encoded[0]), len(encoded[0]) + len(encoded[1])]
+    counts = tokens.counts["validation"]
+    assert counts.n_tokens == counts.n_words == len(tokens.splits["validation"]) == 7
+    assert counts.n_bytes == len("a cat\nthe dog sat\n")
+
+
+def test_split_measures_spread_bits_per_token_over_bytes_and_words():
+    from ct_jax.tokenized import SplitCounts, metric_values, split_measures
+
+    for bits in (0.1, 1.234567, 7.9):
+        byte_level = split_measures(bits, SplitCounts(1000, 1000))
+        assert byte_level.bits_per_byte == bits, "bytes: bits per byte is bits per token exactly"
+        assert byte_level.word_perplexity is None
+    words = split_measures(2.0, SplitCounts(n_tokens=100, n_bytes=400, n_words=100))
+    assert words == (2.0, 4.0, 0.5, 4.0)
+    assert metric_values("val", words) == dict(val_bpb=0.5, val_bits_per_token=2.0, val_ppl=4.0, val_word_ppl=4.0)
+    assert set(metric_values("test", split_measures(1.0, SplitCounts(3, 9)))) == {"test_bpb", "test_bits_per_token",
+                                                                                  "test_ppl"}
+
+
+def test_samplers_read_uint16_token_arrays_as_ids():
+    from ct_jax.data import WindowSampler, eval_batches
+    from ct_jax.streams import StreamSampler
+
+    ids = (np.arange(400) * 97 % 5000).astype(np.uint16)  # ids past a byte's range
+    window = next(WindowSampler(ids, 9, 2, seed=0))
+    assert window.dtype == np.int32 and window.max() > 255
+    assert any(np.array_equal(row, ids[start : start + 9]) for row in window for start in range(392))
+    assert np.array_equal(next(eval_batches(ids, 9, 1))[0], ids[:9].astype(np.int32))
+    batch = next(StreamSampler(ids, np.array([0, 200]), 8, 2, 2, seed=0))
+    assert batch.inputs.max() > 255 and set(batch.inputs[batch.mask].tolist()) <= set(ids.tolist())

@@ -175,3 +175,17 @@ def test_spm_train_reads_a_prefix(trained_spm, source_text):
     assert list(_prefix_lines("a\nbb", max_bytes=None)) == ["a", "bb"]
     small = train_sentencepiece([source_text, "never read"], 400, max_bytes=len(source_text.encode()) + 1)
     assert small == trained_spm.model_proto
+
+
+def test_flag_forms_are_checked_without_training(tmp_path):
+    from ct_jax.tokenizers import check_spec, known_vocab_size
+
+    model = tmp_path / "m.model"
+    model.write_bytes(b"x")
+    assert [check_spec(spec) for spec in ("bytes", "spm-train:500", "words", "words:3", f"spm:{model}")] == [
+        "bytes", "spm", "words", "words", "spm"]
+    for bad in ("spm-train", "spm-train:0", "words:x", "spm:/no/such.model", "bpe:100", "bytes:1"):
+        with pytest.raises(ValueError, match="--tokenizer"):
+            check_spec(bad)
+    assert known_vocab_size("bytes") == 256 and known_vocab_size("spm-train:1024") == 1024
+    assert known_vocab_size("words:2") is None and known_vocab_size(f"spm:{model}") is None

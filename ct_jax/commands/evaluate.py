@@ -1,4 +1,5 @@
-"""Bits per byte of a checkpoint over whole splits, as the paper reports them: the memory carried.
+"""Bits per byte (and per token, perplexity) of a checkpoint over whole splits, as the paper reports them:
+the memory carried.
 
     python scripts/evaluate.py --checkpoint runs/train/model
     python scripts/evaluate.py --checkpoint runs/train --data enwik8.gz --split test --batch-size 16
@@ -8,7 +9,10 @@ first byte, the memory carried and reset at document boundaries (the files of a 
 corpus), so every byte is predicted once (`ct_jax.evaluation.evaluate_stream`). --checkpoint
 is a folder with model.safetensors + config.json (written by ct_jax or ct_torch_ref), or a
 training run's --out folder: its model/, or while it has none (interrupted, still running)
-its newest verified checkpoint, the step named on stderr.
+its newest verified checkpoint, the step named on stderr. The text is tokenized with the
+tokenizer stored with the model (scripts/train.py --tokenizer; none stored: bytes); bits per
+byte spread the split's NLL over its UTF-8 bytes, so models with different tokenizers compare
+(`ct_jax.tokenized.split_measures`; word perplexity for a word-level model).
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ct_jax import cli, data, evaluation
+from ct_jax import cli, data, evaluation, tokenized
 from ct_jax._checks import check_int
-from ct_jax.loading import load_model
+from ct_jax.loading import load_model, load_run_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     model, source, step = load_model(args.checkpoint)
     if step is not None:
         print(f"loaded {source}", file=sys.stderr)
-    splits, documents = data.read_corpus(args.data, max_bytes=args.max_bytes)
+    tokenizer = load_run_tokenizer(args.checkpoint, model)
+    splits, documents, counts = tokenized.tokenize_corpus(data.read_corpus(args.data, max_bytes=args.max_bytes),
+                                                          tokenizer)
     names = args.split or [name for name in splits if name != "train"]
     check_splits(splits, names, args.batch_size)
     for name in names:
@@ -81,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                                           segments_per_call=args.segments_per_call, max_segments=args.max_segments,
                                           progress=args.progress, name=name)
         scope = "whole split" if args.max_segments is None else f"first {args.max_segments} segments per stream"
-        print(f"{name}: {bits:.4f} bits/byte ({len(splits[name]):,} bytes, {args.batch_size} streams, {scope}, "
-              f"memory carried; {time.perf_counter() - started:.0f}s)")
+        tokens = "" if tokenizer.kind == "bytes" else f"{counts[name].n_tokens:,} {tokenizer.spec} tokens, "
+        print(f"{name}: {tokenized.describe(tokenized.split_measures(bits, counts[name]))} ({tokens}"
+              f"{counts[name].n_bytes:,} bytes, {args.batch_size} streams, {scope}, memory carried; "
+              f"{time.perf_counter() - started:.0f}s)")
     return 0

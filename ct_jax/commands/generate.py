@@ -4,8 +4,11 @@
     python scripts/generate.py --checkpoint ckpt/ --prime-file prompt.txt --length 200 \\
         --temperature 0.8 --top-k 20 --seed 1 --dtype bfloat16
 
-Tokens are bytes (a byte-level model: token t < 256 is printed as byte t; any larger id as
-`<id>`). The prime is the UTF-8 encoding of --prime, or the raw bytes of --prime-file.
+Tokens are those of the tokenizer stored with the model (scripts/train.py --tokenizer): the prime
+(--prime, or the text of --prime-file) is encoded by it and the sample decoded as it streams. A
+model without one is byte level: the prime is the UTF-8 encoding of --prime, or the raw bytes of
+--prime-file, token t < 256 is printed as byte t and any larger id as `<id>`. --stop-at-eos ends
+the sample at the tokenizer's end token (a line's end for words).
 The whole sample is one compiled call (`ct_jax.generation.decode`); each token is handed
 to the host from inside that loop as it is made (`jax.debug.callback`) and written to
 stdout at once, so the text streams. The first tokens wait for the compilation. Only the
@@ -22,14 +25,17 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ct_jax import cli
 from ct_jax._checks import check_float, check_int
 from ct_jax.generation import decode
-from ct_jax.loading import load_model
+from ct_jax.loading import load_model, load_run_tokenizer
+from ct_jax.tokenizers import ByteTokenizer, Tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     filters.add_argument("--top-k", type=int, help="keep the K most likely tokens")
     filters.add_argument("--top-p", type=float, help="keep the most likely tokens until their probability exceeds P")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="end the sample at the tokenizer's end-of-document token (words: end of line)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="decode in this dtype (bfloat16: weights and cache cast, half the bytes per token; "
                         "close to float32, not equal: ct_jax.parity.BF16_DECODE_LOGITS_ATOL); default float32")
@@ -68,6 +76,27 @@ def filter_options(args: argparse.Namespace, vocab: int) -> tuple[str, float]:
 
 def token_bytes(token: int) -> bytes:
     return bytes([token]) if token < 256 else f"<{token}>".encode()
+
+
+class TextStream:
+    """Writes a token stream's text as it grows: the whole sample is decoded again per token (a piece's text can
+    depend on its neighbours), and what extends the text already written goes out."""
+
+    def __init__(self, tokenizer: Tokenizer, out: Any):
+        self.tokenizer, self.out, self.ids, self.written = tokenizer, out, [], ""
+
+    def add(self, token: int) -> None:
+        """Appends `token`; writes the new text unless it stops in the middle of a character."""
+        self.ids.append(token)
+        self.flush(partial=False)
+
+    def flush(self, partial: bool = True) -> None:
+        """Writes what extends the text written so far (`partial`: even a cut character, at the end)."""
+        text = self.tokenizer.decode(np.asarray(self.ids, np.int64))
+        if text.startswith(self.written) and (partial or not text.endswith("\ufffd")):
+            self.out.write(text[len(self.written):].encode("utf-8"))
+            self.out.flush()
+            self.written = text
 
 
 def check_args(args: argparse.Namespace) -> bytes:
@@ -98,21 +127,42 @@ def main(argv: list[str] | None = None) -> int:
     if step is not None:
         print(f"loaded {source}", file=sys.stderr)
     vocab = model.config.num_tokens
+    tokenizer = load_run_tokenizer(args.checkpoint, model)
+    byte_level = isinstance(tokenizer, ByteTokenizer)
+    prime = list(prime) if byte_level else tokenizer.encode_bytes(prime).tolist()
+    if not prime:
+        raise ValueError(f"the prime encodes to no token with {tokenizer.spec!r}; give more text")
     if max(prime) >= vocab:
-        raise ValueError(f"the prime holds byte {max(prime)}, outside the model's {vocab} tokens")
+        raise ValueError(f"the prime holds {'byte' if byte_level else 'token'} {max(prime)}, outside the model's "
+                         f"{vocab} tokens")
     filter_fn, filter_thres = filter_options(args, vocab)
+    eos = tokenizer.eos_id if args.stop_at_eos else None
+    if args.stop_at_eos and eos is None:
+        raise ValueError(f"--stop-at-eos: the tokenizer {tokenizer.spec!r} has no end-of-document token")
 
     out = sys.stdout.buffer
+    text = TextStream(tokenizer, out)
+    ended = []  # the eos was sampled: what follows is padding
 
     def write(index: int, tokens) -> None:
-        out.write(token_bytes(int(tokens[0])))
-        out.flush()
+        token = int(tokens[0])
+        if ended:
+            return
+        if token == eos:
+            ended.append(index)
+        if byte_level:
+            out.write(token_bytes(token))
+            out.flush()
+        else:
+            text.add(token)
 
     start = time.perf_counter()
-    result = decode(model, list(prime), args.length, jax.random.key(args.seed), args.temperature,
-                    filter_fn, filter_thres, on_token=write, dtype=jnp.dtype(args.dtype))
+    result = decode(model, prime, args.length, jax.random.key(args.seed), args.temperature,
+                    filter_fn, filter_thres, eos, on_token=write, dtype=jnp.dtype(args.dtype))
     jax.block_until_ready(result.tokens)
     jax.effects_barrier()  # every callback has run
+    if not byte_level:
+        text.flush()
     seconds = time.perf_counter() - start
     out.write(b"\n")
     out.flush()

@@ -1,4 +1,4 @@
-"""Train a Compressive Transformer on bytes, then print a sample.
+"""Train a Compressive Transformer on bytes (or subwords, words: --tokenizer), then print a sample.
 
 With no arguments: a small model on the default corpus (this Python's standard-library
 sources), on every device JAX sees, for a few minutes on a CPU. Rerunning the same command
@@ -8,17 +8,27 @@ continues from the newest checkpoint in --out. Every model and training setting 
     python scripts/train.py --data enwik8.gz --dim 512 --depth 8 --seq-len 512 --steps 100000
     python scripts/train.py --parallel jit --cpu-devices 8     # data parallel on fake CPU devices
     python scripts/train.py --preset enwik8 --data enwik8.gz --batch-size 8   # the paper's settings, flags override
+    python scripts/train.py --tokenizer spm-train:1024        # a SentencePiece vocabulary trained on the train split
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ct_jax import cli, presets
+import numpy as np
+
+from ct_jax import cli, presets, tokenizers
 from ct_jax.config import ModelConfig  # no JAX import yet: flags come first
+from ct_jax.data import Corpus
+
+if TYPE_CHECKING:
+    from ct_jax.training import TrainConfig
 
 DEFAULT_OUT = "runs/train"
 
@@ -34,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "the default sizes (ct_jax.presets, docs/long-range.md); any other flag overrides them")
     pre = cli.Parser(add_help=False)
     pre.add_argument("--preset", **preset_flag)
-    defaults = presets.train_defaults(pre.parse_known_args(argv)[0].preset)
+    pre.add_argument(tokenizers.TOKENIZER_FLAG, default=None)
+    pre.add_argument("--num-tokens", default=None)
+    given = pre.parse_known_args(argv)[0]
+    defaults = presets.train_defaults(given.preset)
 
     parser = cli.parser(__doc__)
     parser.add_argument("--preset", **preset_flag)
@@ -43,8 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, dict(defaults["train"],
                             parallel="auto"), choices)
     run = parser.add_argument_group("run")
-    run.add_argument("--data", default=None, help="corpus: a text file or folder, enwik8[.gz|.zip], 'enwik8:PATH' or "
-                     "'text:PATH'; default: this Python's standard-library sources")
+    run.add_argument("--data", default=None, help="corpus: a text file or folder, enwik8[.gz|.zip], 'enwik8:PATH', "
+                     "'text:PATH', or hf:PATH_OR_NAME[:CONFIG] (a Hugging Face dataset saved with save_to_disk or "
+                     "in the local cache, a document per row of its text column); default: this Python's "
+                     "standard-library sources")
+    run.add_argument(tokenizers.TOKENIZER_FLAG, default=presets.default_tokenizer(given.preset),
+                     help=f"{tokenizers.TOKENIZER_FORMS}: the model's tokens (default: bytes, or the preset's; "
+                     "ct_jax.tokenizers); spm-train and words learn from the training split; stored in --out for "
+                     "evaluate, generate and resume; --num-tokens defaults to its vocabulary")
     run.add_argument("--max-bytes", type=int, default=None, help="use at most this many bytes of a text corpus "
                      f"(default: all, or {presets.MAIN_JOB_CORPUS_BYTES:,} of the default corpus)")
     run.add_argument("--validation-every", type=int, default=None, metavar="N",
@@ -56,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "that already holds checkpoints")
     run.add_argument("--resume-from", type=int, default=None, metavar="STEP",
                      help="resume from this checkpoint step instead of the newest (newer ones are moved aside)")
-    run.add_argument("--sample-length", type=int, default=300, help="bytes to generate after training (0: none)")
+    run.add_argument("--sample-length", type=int, default=300, help="tokens to generate after training (0: none)")
     run.add_argument("--prompt", default=None, help="sample prompt (default: the start of the validation split)")
     run.add_argument("--temperature", type=float, default=0.8)
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
@@ -71,20 +90,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(or CT_COORDINATOR_ADDRESS / JAX_COORDINATOR_ADDRESS)")
     system.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     system.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.tokenizer_given, args.num_tokens_given = given.tokenizer is not None, given.num_tokens is not None
+    return args
 
 
-def sample_text(model, prompt: str, length: int, *, seed: int, temperature: float) -> str:
-    """`length` bytes sampled after `prompt` (upstream's top-k filter), as text."""
+def sample_text(model, prompt: str, length: int, *, seed: int, temperature: float,
+                tokenizer: tokenizers.Tokenizer | None = None) -> str:
+    """`length` tokens sampled after `prompt` (upstream's top-k filter), decoded by `tokenizer` (default bytes)."""
     import jax
 
-    from ct_jax import data
     from ct_jax.autoregressive import generate
 
+    tokenizer = tokenizer or tokenizers.ByteTokenizer()
     model.eval()
-    tokens = generate(model, data.encode_text(prompt or "\n"), length, jax.random.PRNGKey(seed),
-                      temperature=temperature)
-    return data.decode_bytes(tokens)
+    prime = tokenizer.encode(prompt or "\n")
+    if not prime.size:  # a prompt that encodes to nothing: start from the end-of-document token (or id 0)
+        prime = np.asarray([tokenizer.eos_id or 0], np.int32)
+    tokens = generate(model, prime, length, jax.random.PRNGKey(seed), temperature=temperature)
+    return tokenizer.decode(np.asarray(tokens))
 
 
 def check_args(args: argparse.Namespace) -> tuple[ModelConfig, dict]:
@@ -108,6 +132,7 @@ def check_args(args: argparse.Namespace) -> tuple[ModelConfig, dict]:
     if not args.out.strip() or Path(args.out).is_file():
         raise ValueError(f"--out must name a folder, got {args.out!r}")
     data.check_spec(args.data)
+    tokenizers.check_spec(args.tokenizer)
     return model_config, train_kwargs
 
 
@@ -143,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-    from ct_jax import data, parallel, train_loop, training
+    from ct_jax import data, parallel, tokenized, train_loop, training
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     if train_kwargs["parallel"] == "auto":
@@ -155,16 +180,24 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     window = config.n_segments * model_config.seq_len + 1
     max_bytes = presets.MAIN_JOB_CORPUS_BYTES if args.data is None and args.max_bytes is None else args.max_bytes
-    corpus = data.read_corpus(args.data, window=window, max_bytes=max_bytes, validation_every=args.validation_every,
-                              log=say)
-    splits = corpus.splits
+    corpus = data.read_corpus(args.data, max_bytes=max_bytes, validation_every=args.validation_every, log=say)
     say(f"data: {args.data if args.data is not None else 'Python standard library sources'}: "
-        + ", ".join(f"{name} {len(split):,} bytes" for name, split in splits.items()))
+        + ", ".join(f"{name} {len(split):,} bytes" for name, split in corpus.splits.items()))
+    known = tokenizers.known_vocab_size(args.tokenizer)
+    if args.num_tokens_given or known is not None:  # refuse a misfit before learning a tokenizer
+        check_footprint(model_config if args.num_tokens_given else with_vocabulary(model_config, known), config)
+    tokenizer = run_tokenizer(args, out, corpus, say)
+    model_config = with_vocabulary(model_config, None if args.num_tokens_given else tokenizer.vocab_size, say)
+    check_footprint(model_config, config)
+    tokens = tokenized.tokenize_corpus(corpus, tokenizer)
+    splits = tokens.splits
+    data.check_window(splits, window)
     say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
         f"parallel={config.parallel.value}; out: {out}")
     started = time.perf_counter()
     result = train_loop.fit(model_config, config, splits, out, resume=args.resume, resume_from=args.resume_from,
-                            progress=args.progress and lead, log=say, documents=corpus.starts)
+                            progress=args.progress and lead, log=say, documents=tokens.starts, counts=tokens.counts,
+                            tokenizer=tokenizer)
     if result.start >= config.steps:  # fit said why; nothing was trained or written
         return 0
     steps, val = result.history.column("val_bpb")
@@ -178,7 +211,59 @@ def run(args: argparse.Namespace) -> int:
         say(f"test bits/byte: {test[-1]:.3f} ({how})")
     say(f"wrote {out / 'metrics.csv'}, {out / 'loss.png'}, {out / 'model'} (model.safetensors + config.json)")
     if lead and args.sample_length > 0:
-        prompt = args.prompt if args.prompt is not None else data.decode_bytes(splits["validation"][:64])
-        text = sample_text(result.model, prompt, args.sample_length, seed=config.seed, temperature=args.temperature)
-        say(f"sample ({args.sample_length} bytes after the prompt):\n{prompt}{text}")
+        prompt = args.prompt if args.prompt is not None else tokenizer.decode(splits["validation"][:64])
+        text = sample_text(result.model, prompt, args.sample_length, seed=config.seed, temperature=args.temperature,
+                           tokenizer=tokenizer)
+        unit = "bytes" if tokenizer.kind == "bytes" else "tokens"
+        say(f"sample ({args.sample_length} {unit} after the prompt):\n{prompt}{text}")
     return 0
+
+
+def run_tokenizer(args: argparse.Namespace, out: Path, corpus: Corpus,
+                  say: Callable[[str], Any]) -> tokenizers.Tokenizer:
+    """The run's tokenizer: the one stored in `out` when it holds checkpoints (resume), else the one
+    --tokenizer names, learnt from the training split where it learns (spm-train, words)."""
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        stored = tokenizers.load_tokenizer(out)
+        if args.tokenizer_given and tokenizers.check_spec(args.tokenizer) != stored.kind:
+            raise ValueError(f"{tokenizers.TOKENIZER_FLAG} {args.tokenizer!r}, but the run in {out} was trained with "
+                             f"{stored.spec!r} ({tokenizers.TOKENIZER_RECORD}); resume without the flag or use "
+                             "another --out")
+        return stored
+    split, starts = corpus.splits["train"], corpus.starts["train"]
+    bounds = np.append(starts, len(split))
+    documents = (bytes(split[a:b]).decode("utf-8", "replace") for a, b in zip(bounds[:-1], bounds[1:]))
+    if args.tokenizer != "bytes":
+        say(f"tokenizer: {args.tokenizer} (learning from the training split where it learns)")
+    with tempfile.TemporaryDirectory() as scratch:  # `fit` stores the model file in --out, once it holds the folder
+        return tokenizers.tokenizer_from_spec(args.tokenizer, train_text=documents, run_dir=scratch)
+
+
+def with_vocabulary(model_config: ModelConfig, num_tokens: int | None,
+                    say: Callable[[str], Any] | None = None) -> ModelConfig:
+    """`model_config` with `num_tokens` (None: as it is; the tokenizer's vocabulary where --num-tokens is not
+    given), its adaptive cutoffs fitted to it (`presets.fit_cutoffs`, a note to `say` of what changed)."""
+    kwargs, note = presets.fit_cutoffs(model_config.to_kwargs(), num_tokens or model_config.num_tokens)
+    if note and say is not None:
+        say(f"note: {note}")
+    return ModelConfig.from_kwargs(kwargs)
+
+
+def check_footprint(model_config: ModelConfig, config: TrainConfig) -> None:
+    """Refuses (`footprint.DoesNotFitError`, with the estimate and what to shrink) a configuration whose training
+    step cannot fit on a device, before anything is allocated."""
+    import jax
+    import jax.numpy as jnp
+
+    from ct_jax import footprint
+
+    kwargs = model_config.to_kwargs()
+    per_device = -(-config.batch_size // jax.device_count())
+    per_device = -(-per_device // config.micro_batches) * config.micro_batches
+    estimate = footprint.estimate(
+        **{key: kwargs[key] for key in footprint.MODEL_KEYWORDS if key in kwargs}, batch_size=per_device,
+        n_segments=config.n_segments, micro_batches=config.micro_batches, memory_gradients=config.memory_gradients,
+        dtype_bytes=jnp.dtype(config.compute_dtype).itemsize,
+    )
+    footprint.check_fits(estimate)
