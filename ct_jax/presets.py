@@ -79,7 +79,8 @@ def fit_cutoffs(model: dict[str, Any], num_tokens: int) -> tuple[dict[str, Any],
     """(`model` kwargs with `num_tokens` and the `adaptive_cutoffs` below it, a note of what was dropped or None).
 
     A preset's cutoffs (WikiText-103's 20000, 40000, 200000) assume its vocabulary; with a smaller one (another
-    corpus, a shrunken run) the cutoffs at or above `num_tokens` go, and with none left the softmax is full.
+    corpus, a shrunken run) the cutoffs at or above `num_tokens` go, and with none left the softmax is full
+    (and `adaptive_div_val` 1).
     """
     model = dict(model, num_tokens=num_tokens)
     cutoffs = model.get("adaptive_cutoffs")
@@ -89,6 +90,8 @@ def fit_cutoffs(model: dict[str, Any], num_tokens: int) -> tuple[dict[str, Any],
     if len(kept) == len(cutoffs):
         return model, None
     model["adaptive_cutoffs"] = kept or None
+    if not kept:
+        model["adaptive_div_val"] = 1  # no clusters left to narrow
     return model, (f"adaptive_cutoffs {list(cutoffs)} reach past the vocabulary of {num_tokens:,} tokens: using "
                    f"{kept or 'none (a full softmax)'}")
 

@@ -94,10 +94,10 @@ class Tokenizer(abc.ABC):
         model = self._model_bytes()
         file = _FILES.get(self.kind)
         if model is not None:
-            atomic_write(run_dir / file, lambda tmp: Path(tmp).write_bytes(model))
+            _write_if_changed(run_dir / file, model)
         record = {"kind": self.kind, "spec": self.spec, "file": file if model is not None else None,
                   "vocab_size": self.vocab_size}
-        return atomic_write(run_dir / TOKENIZER_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+        return _write_if_changed(run_dir / TOKENIZER_RECORD, json.dumps(record, indent=2).encode())
 
     def _checked_ids(self, ids: Any) -> np.ndarray:
         ids = np.asarray(ids)
@@ -192,6 +192,14 @@ class SentencePieceTokenizer(Tokenizer):
         """As `Tokenizer.save`; the spec then names the file written (a trained model's first file may be gone)."""
         self.path = Path(run_dir) / SPM_FILE
         return super().save(run_dir)
+
+
+def _write_if_changed(path: Path, content: bytes) -> Path:
+    """Writes `content` to `path` atomically unless it already holds exactly that (a resumed run's files
+    stay untouched)."""
+    if not (path.is_file() and path.read_bytes() == content):
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
+    return path
 
 
 def _prefix_lines(text: TextSource, max_bytes: int | None) -> Iterator[str]:

@@ -102,7 +102,7 @@ def test_long_range_preset_holds_options_only_and_is_valid():
 
 
 def test_parallel_runs_get_disjoint_cores():
-    from ct_jax.long_range.run import _core_sets
+    from ct_jax.long_range.pool import _core_sets
 
     for jobs in (1, 2, 3):
         sets = _core_sets(jobs)

@@ -4,11 +4,8 @@ there is skipped, so an interrupted benchmark resumes), then the tables are writ
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
-import multiprocessing
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from typing import Any
 from ct_jax.data import read_corpus
 from ct_jax.long_range.harness import train_recall
 from ct_jax.long_range.plot import plot_recall
+from ct_jax.long_range.pool import run_all
 from ct_jax.long_range.report import recall_table, reconstruction_table, spread_table, text_table
 from ct_jax.long_range.suite import Plan, ablations, main_variants
 from ct_jax.long_range.text import train_text
@@ -67,18 +65,6 @@ def run_job(plan: Plan, kind: str, ratio: int | None, variant: Variant, seed: in
     return {"kind": kind, "ratio": ratio, **dataclasses.asdict(result), **(_setting(plan, kind) or {})}
 
 
-def _core_sets(jobs: int) -> list[set[int]]:
-    """This process's cores dealt round-robin into `jobs` disjoint sets (shared when there are fewer cores)."""
-    cores = sorted(os.sched_getaffinity(0))
-    return [set(cores[i::jobs]) or {cores[i % len(cores)]} for i in range(jobs)]
-
-
-def _pin(cores: Any) -> None:
-    """Worker initializer: keep to one set of cores, so that XLA sizes its thread pool to it (runs
-    before the worker's first computation, when JAX creates its CPU client)."""
-    os.sched_setaffinity(0, cores.get())
-
-
 def _jobs(plan: Plan, recall: bool, text: bool) -> list[tuple[str, int | None, Variant, int]]:
     jobs = [("recall", r, v, s) for r, v, s in plan.recall_runs()] if recall else []
     if text:
@@ -110,19 +96,8 @@ def run_plan(plan: Plan, out_dir: str | Path, *, recall: bool = True, text: bool
         log(f"{result['kind']} ratio {result['ratio']} | {result['variant']} | seed {result['seed']}: {score} "
             f"({result['seconds']:.0f} s)")
 
-    if jobs == 1:
-        for job in todo:
-            record(run_job(plan, *job, corpus))
-    else:
-        context = multiprocessing.get_context("spawn")  # JAX does not survive fork
-        cores = context.Queue()
-        for core in _core_sets(jobs):
-            cores.put(core)
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin,
-                                                    initargs=(cores,)) as pool:
-            futures = [pool.submit(run_job, plan, *job, corpus) for job in todo]
-            for future in concurrent.futures.as_completed(futures):
-                record(future.result())
+    for result in run_all(run_job, [(plan, *job, corpus) for job in todo], jobs):
+        record(result)
     tables = _tables(plan, records)
     (out / "tables.md").write_text(tables)
     panels = {ratio: _recall_rows(plan, records, ratio) for ratio in plan.ratios}
