@@ -65,24 +65,15 @@ def torch_key(path: str) -> str:
     return path
 
 
-def _param_paths(model: CompressiveTransformer) -> dict[str, Any]:
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+def _param_paths(module: nnx.Module) -> dict[str, Any]:
+    """'.'-joined parameter path -> its Param, of the model or any submodule."""
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
     return {".".join(str(p) for p in path): variable for path, variable in flat}
 
 
 def to_numpy(model: CompressiveTransformer) -> dict[str, np.ndarray]:
     """Model weights as an upstream-keyed `state_dict` of numpy arrays (exact copies)."""
-    out = {}
-    for path, variable in _param_paths(model).items():
-        value = np.asarray(variable.get_value())
-        out[torch_key(path)] = value.transpose() if _TRANSPOSED.search(path) else value
-    return out
-
-
-def _module_param_paths(module: nnx.Module) -> dict[str, Any]:
-    """`_param_paths` for any submodule ('.'-joined path -> its Param)."""
-    return {".".join(str(p) for p in path): variable
-            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    return module_to_numpy(model, "")
 
 
 def module_to_numpy(module: nnx.Module, prefix: str) -> dict[str, np.ndarray]:
@@ -92,10 +83,14 @@ def module_to_numpy(module: nnx.Module, prefix: str) -> dict[str, np.ndarray]:
     (keys `to_logits.1.head.weight`, ...) or "token_emb" for an `AdaptiveEmbedding`.
     """
     out = {}
-    for path, variable in _module_param_paths(module).items():
+    for path, variable in _param_paths(module).items():
         value = np.asarray(variable.get_value())
-        out[torch_key(f"{prefix}.{path}")] = value.transpose() if _TRANSPOSED.search(path) else value
+        out[torch_key(_joined(prefix, path))] = value.transpose() if _TRANSPOSED.search(path) else value
     return out
+
+
+def _joined(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix else path
 
 
 def module_from_torch(state_dict: Mapping[str, Any], module: nnx.Module, prefix: str) -> nnx.Module:
@@ -103,12 +98,19 @@ def module_from_torch(state_dict: Mapping[str, Any], module: nnx.Module, prefix:
 
     Raises ValueError listing missing and unexpected keys and shape mismatches before changing anything.
     """
-    state = {key: _as_numpy(value) for key, value in state_dict.items()}
-    params = _module_param_paths(module)
-    expected = {torch_key(f"{prefix}.{path}"): path for path in params}
-    problems = [f"missing keys {sorted(set(expected) - set(state))}"] if set(expected) - set(state) else []
-    if set(state) - set(expected):
-        problems.append(f"unexpected keys {sorted(set(state) - set(expected))}")
+    return _load(state_dict, module, prefix, f"the module at {prefix!r}", allow_non_finite=True)
+
+
+def _load(state_dict: Mapping[str, Any], module: nnx.Module, prefix: str, what: str, *,
+          allow_non_finite: bool) -> nnx.Module:
+    """Strictly loads `state_dict` into `module`'s parameters (upstream keys at `prefix`), all or nothing:
+    every missing or unexpected key, shape or dtype mismatch and non-finite weight is listed first."""
+    state = _upgrade_old_mogrifier({key: _as_numpy(value) for key, value in state_dict.items()})
+    params = _param_paths(module)
+    expected = {torch_key(_joined(prefix, path)): path for path in params}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = []
     converted = {}
     for key, path in expected.items():
         if key not in state:
@@ -116,10 +118,27 @@ def module_from_torch(state_dict: Mapping[str, Any], module: nnx.Module, prefix:
         value = state[key].transpose() if _TRANSPOSED.search(path) else state[key]
         target = params[path].get_value()
         if value.shape != target.shape:
-            problems.append(f"{key}: expected shape {target.shape} (as stored in ct_jax), got {value.shape}")
+            shape = value.transpose().shape if _TRANSPOSED.search(path) else value.shape
+            wanted = tuple(reversed(target.shape)) if _TRANSPOSED.search(path) else target.shape
+            mismatched.append(f"{key}: expected {wanted}, got {shape}")
+            continue
+        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+            mismatched.append(f"{key}: expected a floating dtype, got {value.dtype}")
+            continue
         converted[path] = jnp.asarray(value, dtype=target.dtype)
-    if problems:
-        raise ValueError(f"state_dict does not match the module at {prefix!r}: " + "; ".join(problems))
+    non_finite = [] if allow_non_finite else sorted(
+        torch_key(_joined(prefix, path)) for path, value in converted.items() if not bool(jnp.isfinite(value).all()))
+    if missing or unexpected or mismatched or non_finite:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if mismatched:
+            problems.append(f"shape/dtype mismatches {mismatched}")
+        if non_finite:
+            problems.append(f"weights holding NaN or Inf {non_finite} (allow_non_finite=True loads them anyway)")
+        raise ValueError(f"state_dict does not match {what}: " + "; ".join(problems))
     for path, value in converted.items():
         params[path].set_value(value)
     return module
@@ -190,43 +209,7 @@ def from_torch(state_dict: Mapping[str, Any], model: CompressiveTransformer, *,
                         f"got {type(state_dict).__name__}")
     if not isinstance(model, CompressiveTransformer):
         raise TypeError(f"model must be a ct_jax.CompressiveTransformer, got {type(model).__name__}")
-    state = _upgrade_old_mogrifier({key: _as_numpy(value) for key, value in state_dict.items()})
-    params = _param_paths(model)
-    expected = {torch_key(path): path for path in params}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = []
-    converted = {}
-    for key, path in expected.items():
-        if key not in state:
-            continue
-        value = state[key].transpose() if _TRANSPOSED.search(path) else state[key]
-        target = params[path].get_value()
-        if value.shape != target.shape:
-            shape = value.transpose().shape if _TRANSPOSED.search(path) else value.shape
-            wanted = tuple(reversed(target.shape)) if _TRANSPOSED.search(path) else target.shape
-            mismatched.append(f"{key}: expected {wanted}, got {shape}")
-            continue
-        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
-            mismatched.append(f"{key}: expected a floating dtype, got {value.dtype}")
-            continue
-        converted[path] = jnp.asarray(value, dtype=target.dtype)
-    non_finite = [] if allow_non_finite else sorted(
-        torch_key(path) for path, value in converted.items() if not bool(jnp.isfinite(value).all()))
-    if missing or unexpected or mismatched or non_finite:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            problems.append(f"shape/dtype mismatches {mismatched}")
-        if non_finite:
-            problems.append(f"weights holding NaN or Inf {non_finite} (allow_non_finite=True loads them anyway)")
-        raise ValueError("state_dict does not match the model: " + "; ".join(problems))
-    for path, value in converted.items():
-        params[path].set_value(value)
-    return model
+    return _load(state_dict, model, "", "the model", allow_non_finite=allow_non_finite)
 
 
 def memory_to_torch(memories: Memory):
