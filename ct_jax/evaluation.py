@@ -5,6 +5,11 @@ each is run from its first token, segment by segment, its memory carried and res
 document boundaries, so every token is predicted once, with all the context before it in
 its stream and document. One compiled function runs a fixed number of segments per call
 (the last call padded with empty segments), so the whole split costs one compile.
+
+`stream_eval` returns the measures behind the number (`StreamEval`): the NLL by a token's
+distance from its document's start (the paper's per-position view), each layer's attention
+mass on compressed memory, memory and the segment, and, with `knockout`, all of it with the
+compressed memory (or all memory) emptied before every segment.
 """
 
 from __future__ import annotations

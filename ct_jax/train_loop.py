@@ -371,8 +371,8 @@ class _Run:
         compressed memory, what emptying it costs in bits per byte (one more evaluation)."""
         values = {}
         for layer, (cmem, mem, segment) in enumerate(evaluated.attention_mass, start=1):
-            values.update({f"val_mass_cmem_{layer}": cmem, f"val_mass_mem_{layer}": mem,
-                           f"val_mass_segment_{layer}": segment})
+            values.update({f"val_mass_cmem_{layer}": float(cmem), f"val_mass_mem_{layer}": float(mem),
+                           f"val_mass_segment_{layer}": float(segment)})
         if self.model_config.cmem_len and self.model_config.memory_layers:
             knocked = self.streamed(whole=whole, progress=progress, knockout="compressed")
             values["val_cmem_knockout_bpb"] = (self.measured("validation", knocked.bits_per_token)["val_bpb"]

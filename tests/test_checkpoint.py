@@ -272,14 +272,6 @@ def test_metrics_log_round_trip_truncate_and_atomic_write(tmp_path):
         reloaded.add(4, accuracy=1.0)
     with pytest.raises(ValueError, match="unknown metrics"):
         reloaded.add(4, val_mass_cmem_0=1.0)  # layers count from 1
-    reloaded.add(2, val_mass_segment_10=0.5, val_mass_cmem_2=0.25, val_mass_mem_2=0.75, val_cmem_knockout_bpb=0.01)
-    reloaded.write()
-    again = MetricsLog(tmp_path / "metrics.csv")
-    layered = ("val_mass_cmem_2", "val_mass_mem_2", "val_mass_segment_10")  # by layer, then part
-    assert again.columns() == MetricsLog.FIELDS + layered, again.columns()
-    assert again.column("val_mass_segment_10") == ([2], [0.5])
-    assert again.column("val_cmem_knockout_bpb") == ([2], [0.01])
-    again.plot(tmp_path / "loss.png")  # with the memory panel
 
     def crash(tmp):
         with open(tmp, "w") as file:
@@ -289,6 +281,14 @@ def test_metrics_log_round_trip_truncate_and_atomic_write(tmp_path):
     with pytest.raises(RuntimeError):
         checkpointing.atomic_write(tmp_path / "metrics.csv", crash)
     assert _rows(tmp_path / "metrics.csv")[3]["loss"], "a crashed write must leave the previous file intact"
+    reloaded.add(2, val_mass_segment_10=0.5, val_mass_cmem_2=0.25, val_mass_mem_2=0.75, val_cmem_knockout_bpb=0.01)
+    reloaded.write()
+    again = MetricsLog(tmp_path / "metrics.csv")
+    layered = ("val_mass_cmem_2", "val_mass_mem_2", "val_mass_segment_10")  # by layer, then part
+    assert again.columns() == MetricsLog.FIELDS + layered, again.columns()
+    assert again.column("val_mass_segment_10") == ([2], [0.5])
+    assert again.column("val_cmem_knockout_bpb") == ([2], [0.01])
+    again.plot(tmp_path / "loss.png")  # with the memory panel
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -469,7 +469,7 @@ def transformer_xl_streams(tmp_path_factory):
 
 def _fit_xl(out, config, splits, documents, **kwargs):
     kwargs = dict(dict(progress=False, log=lambda m: None, compiler_options=training.FAST_CPU_COMPILE), **kwargs)
-    model = dict(TRAIN_MODEL, cmem_len=0, cmem_ratio=8)  # mem_len // cmem_ratio = 0: no compressed memory
+    model = dict(TRAIN_MODEL, cmem_len=0)  # mem_len // cmem_ratio = 2: evicted slots are dropped, not compressed
     return train_loop.fit(model, config, splits, out, documents=documents, **kwargs)
 
 
