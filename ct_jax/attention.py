@@ -70,6 +70,9 @@ class AttentionOutput(NamedTuple):
     memory: memlib.LayerMemory | None  # the layer's memory after this segment (None: no memory)
     aux_loss: Float[Array, ""]
     cache: LayerCache | None  # the decoder's cache with this call's keys/values written
+    # Asked for (`attention_mass`): the attention on compressed memory, memory and the segment,
+    # each query's averaged over heads, summed over the real queries (Sonnet's `export_stats`).
+    mass: Float[Array, " 3"] | None = None
 
 
 def relative_shift(pos_logits: Float[Array, "b h t w"], keys: int) -> Float[Array, "b h t k"]:
@@ -83,6 +86,20 @@ def relative_shift(pos_logits: Float[Array, "b h t w"], keys: int) -> Float[Arra
     flat = padded.reshape(*lead, t * (width + 1))
     skewed = flat[..., t - 1 : t - 1 + t * width].reshape(*lead, t, width)
     return skewed[..., :keys]
+
+
+def attention_mass(
+    probs: Float[Array, "b h t k"], n_cmem: int, n_mem: int, mask: Bool[Array, "b t"] | None
+) -> Float[Array, " 3"]:
+    """The probability mass on `cmem | mem | segment` (the key axis's three blocks), averaged over
+    heads and summed over the real (mask True) queries: divided by their number, the mean mass."""
+    per_query = jnp.mean(probs.astype(jnp.float32), axis=1)  # [b, t, k]
+    ends = (n_cmem, n_cmem + n_mem, per_query.shape[-1])
+    blocks = jnp.stack([jnp.sum(per_query[..., start:end], axis=-1) for start, end in zip((0, *ends[:2]), ends)],
+                       axis=-1)  # [b, t, 3]
+    if mask is not None:
+        blocks = jnp.where(mask[..., None], blocks, 0.0)
+    return jnp.sum(blocks, axis=(0, 1))
 
 
 def position_window(
@@ -293,6 +310,7 @@ class SelfAttention(nnx.Module):
         self, x: Float[Array, "b t d"], pos_emb: Float[Array, "h r dh"] | None, total_mem_valid: Int[Array, " #b"],
         mask: Bool[Array, "b s"] | None = None, layer_memory: memlib.LayerMemory | None = None,
         rngs: nnx.Rngs | None = None, *, memory_gradients: bool = False, cache: LayerCache | None = None,
+        mass: bool = False,
     ) -> AttentionOutput:
         """Attention of `x` (the layer-normed input) over its layer's memory and window.
 
@@ -302,6 +320,7 @@ class SelfAttention(nnx.Module):
         come from the cache, `mask` covers the window and the memory is not touched.
         `total_mem_valid`: per row (or one for all), the memory layers' valid `cmem|mem` length (sets the
         learned position rows in every layer). `memory_gradients`: the memory keeps its gradient.
+        `mass` (segments only): the output carries `attention_mass` (the "xla" path runs then).
         """
         x = x.astype(self.dtype)
         q = self.queries(x)
@@ -317,16 +336,18 @@ class SelfAttention(nnx.Module):
         k, v = self.keys_values(jnp.concatenate([*buffers, x], axis=1))  # [b, h, c+m+t, dh] each
         n_buffer = buffer_valid.shape[1]
         updates = layer_memory is not None and t == self.config.seq_len
-        with_probs = updates and self.config.compression == "most_used"  # the attention each slot received
+        most_used = updates and self.config.compression == "most_used"  # the attention each slot received
         attended = self.attend(q, [k], [v], pos_emb=pos_emb, total_mem_valid=total_mem_valid,
-                               buffer_valid=buffer_valid, mask=mask, rngs=rngs, with_probs=with_probs)
+                               buffer_valid=buffer_valid, mask=mask, rngs=rngs, with_probs=most_used or mass)
+        n_cmem = 0 if layer_memory is None else layer_memory.compressed_mem.shape[1]
+        masses = attention_mass(attended.probs, n_cmem, n_buffer - n_cmem, mask) if mass else None
         if not updates:
-            return AttentionOutput(attended.out, layer_memory, jnp.zeros((), wide(self.dtype)), None)
+            return AttentionOutput(attended.out, layer_memory, jnp.zeros((), wide(self.dtype)), None, masses)
         new_memory, aux_loss = memory_update.update_memory(
-            self, layer_memory_in, x, q, k[:, :, :n_buffer], v[:, :, :n_buffer], attended.probs, mask, rngs,
-            memory_gradients=memory_gradients,
+            self, layer_memory_in, x, q, k[:, :, :n_buffer], v[:, :, :n_buffer],
+            attended.probs if most_used else None, mask, rngs, memory_gradients=memory_gradients,
         )
-        return AttentionOutput(attended.out, new_memory, aux_loss, None)
+        return AttentionOutput(attended.out, new_memory, aux_loss, None, masses)
 
     def _cached(
         self, x: Float[Array, "r n d"], q: Float[Array, "r h n dh"], pos_emb: Float[Array, "h q dh"] | None,

@@ -20,24 +20,37 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from ct_jax._checks import check_int
+from ct_jax._checks import check_choice, check_int
 from ct_jax.generation import generate  # noqa: F401  (public here: ct_jax.autoregressive.generate)
-from ct_jax.memory import Memory
+from ct_jax.memory import KNOCKOUTS, Memory
 from ct_jax.model import CompressiveTransformer
 from ct_jax.streams import IGNORE_INDEX, StreamBatch
 from ct_jax.validation import check_batch_ids
 
 __all__ = ["IGNORE_INDEX", "Gradients", "Losses", "StreamBatch", "cross_entropy", "generate", "grads", "losses",
-           "segment_losses", "sequence_grads", "token_nll"]
+           "segment_losses", "sequence_grads", "token_nll", "token_nlls"]
 
 
-def token_nll(logits: Float[Array, "b t v"], targets: Int[Array, "b t"], ignore_index: int = IGNORE_INDEX):
-    """(summed negative log-likelihood, number) of the targets != ignore_index."""
+def _nlls_counted(logits: Float[Array, "b t v"], targets: Int[Array, "b t"], ignore_index: int
+                  ) -> tuple[Float[Array, "b t"], Bool[Array, "b t"]]:
+    """(each target's negative log-likelihood, 0 where not counted; which targets are != ignore_index)."""
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     counted = targets != ignore_index
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(log_probs, jnp.where(counted, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(counted, -picked, 0.0)), jnp.sum(counted)
+    return jnp.where(counted, -picked, 0.0), counted
+
+
+def token_nlls(logits: Float[Array, "b t v"], targets: Int[Array, "b t"], ignore_index: int = IGNORE_INDEX
+               ) -> Float[Array, "b t"]:
+    """Negative log-likelihood of each target, 0 where targets == ignore_index."""
+    return _nlls_counted(logits, targets, ignore_index)[0]
+
+
+def token_nll(logits: Float[Array, "b t v"], targets: Int[Array, "b t"], ignore_index: int = IGNORE_INDEX):
+    """(summed negative log-likelihood, number) of the targets != ignore_index."""
+    nlls, counted = _nlls_counted(logits, targets, ignore_index)
+    return jnp.sum(nlls), jnp.sum(counted)
 
 
 def cross_entropy(logits: Float[Array, "b t v"], targets: Int[Array, "b t"], ignore_index: int = IGNORE_INDEX):
@@ -57,6 +70,10 @@ class Losses(NamedTuple):
     nll: Float[Array, " n"]  # per segment: summed NLL of the counted targets, nats
     counts: Int[Array, " n"]  # per segment: counted targets (!= ignore_index)
     memories: Memory
+    token_nll: Float[Array, "n b t"] | None = None  # asked for (`per_token`): each target's NLL, 0 where ignored
+    # asked for (`attention_mass`): per segment and layer, the mass on cmem | mem | segment summed
+    # over the real queries (`ct_jax.attention.attention_mass`); over all segments it divides by `mask.sum()`
+    attention_mass: Float[Array, "n l 3"] | None = None
 
 
 class Gradients(NamedTuple):
@@ -87,6 +104,8 @@ class _SegmentResult(NamedTuple):
     aux: jax.Array
     nll: jax.Array
     count: jax.Array
+    token_nll: jax.Array | None = None  # (b, t), asked for
+    attention_mass: jax.Array | None = None  # (l, 3), asked for
 
 
 class _Segments(NamedTuple):
@@ -131,28 +150,54 @@ def _cut(batch: StreamBatch, rng: jax.Array | None, seq_len: int, denominators: 
     return _Segments(full, tail)
 
 
-def _summed_nll(net: CompressiveTransformer, hidden: Float[Array, "b t d"], targets: Int[Array, "b t"],
-                ignore_index: int) -> tuple[Float[Array, ""], Int[Array, ""]]:
-    """`token_nll` from the last layer's stream: of the full logits, or (adaptive) of the adaptive
+def _target_nlls(net: CompressiveTransformer, hidden: Float[Array, "b t d"], targets: Int[Array, "b t"],
+                 ignore_index: int) -> tuple[Float[Array, "b t"], Bool[Array, "b t"]]:
+    """`_nlls_counted` from the last layer's stream: of the full logits, or (adaptive) the adaptive
     softmax's per-target NLL, which never builds the (b, t, num_tokens) log-probabilities."""
     if not net.config.adaptive:
-        return token_nll(net.logits(hidden), targets, ignore_index)
-    return jnp.sum(net.adaptive_nll(hidden, targets, ignore_index)), jnp.sum(targets != ignore_index)
+        return _nlls_counted(net.logits(hidden), targets, ignore_index)
+    return net.adaptive_nll(hidden, targets, ignore_index), targets != ignore_index
 
 
-def _segment_loss(graphdef: nnx.GraphDef, rest: nnx.State, ignore_index: int, memory_gradients: bool) -> Callable:
+class _Measures(NamedTuple):
+    """What `_segment_loss` measures beyond the loss (evaluation's options; the defaults change nothing)."""
+
+    knockout: str | None = None  # `Memory.knocked_out`'s part, emptied before every segment
+    per_token: bool = False  # each target's NLL
+    attention_mass: bool = False  # each layer's attention mass (`CompressiveTransformer.features`)
+
+
+_NO_MEASURES = _Measures()
+
+
+def _features_with_mass(net: CompressiveTransformer, *args: Any, **kwargs: Any):
+    """`net.features(*args, **kwargs)` sowing its attention mass (for `nnx.capture`)."""
+    return net.features(*args, attention_mass=True, **kwargs)
+
+
+def _segment_loss(graphdef: nnx.GraphDef, rest: nnx.State, ignore_index: int, memory_gradients: bool,
+                  measures: _Measures = _NO_MEASURES) -> Callable:
     """`loss(params, memories, segment) -> (lm + aux, (memories, _SegmentResult))` of one segment."""
 
     def loss(params: nnx.State, memories: Memory, segment: _Segment):
         memories = memories.reset(segment.reset)
+        if measures.knockout is not None:
+            memories = memories.knocked_out(measures.knockout)
         net = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=segment.key) if segment.key is not None else None
-        hidden, memories, aux = net.features(segment.inputs, memories, segment.mask, rngs=rngs,
-                                             memory_gradients=memory_gradients)
-        nll, count = _summed_nll(net, hidden, segment.targets, ignore_index)
+        mass = None
+        if measures.attention_mass:  # the mass `features` sows
+            (hidden, memories, aux), sown = nnx.capture(_features_with_mass, nnx.Intermediate)(
+                net, segment.inputs, memories, segment.mask, rngs=rngs, memory_gradients=memory_gradients)
+            mass = sown["attention_mass"][0]
+        else:
+            hidden, memories, aux = net.features(segment.inputs, memories, segment.mask, rngs=rngs,
+                                                 memory_gradients=memory_gradients)
+        nlls, counted = _target_nlls(net, hidden, segment.targets, ignore_index)
+        nll, count = jnp.sum(nlls), jnp.sum(counted)
         # the segment's token mean is `cross_entropy`'s formula, to the bit
         lm = nll / (jnp.maximum(count, 1) if segment.denominator is None else segment.denominator)
-        return lm + aux, (memories, _SegmentResult(lm, aux, nll, count))
+        return lm + aux, (memories, _SegmentResult(lm, aux, nll, count, nlls if measures.per_token else None, mass))
 
     return loss
 
@@ -203,6 +248,9 @@ def losses(
     axis_name: str | None = None,
     ignore_index: int = IGNORE_INDEX,
     memory_gradients: bool = False,
+    knockout: str | None = None,
+    per_token: bool = False,
+    attention_mass: bool = False,
 ) -> Losses:
     """Per-segment losses of a batch, its rows continuing from `memories` (None: empty), emptied where
     `batch.resets` says; one `lax.scan` over the full segments (a shorter last one is allowed), so
@@ -213,7 +261,12 @@ def losses(
     the devices on `axis_name` too), so rows of unequal padding add up to the batch's mean.
     `rng` seeds dropout, one key per segment. `memory_gradients`: the carried memory keeps its
     gradient (for differentiating the result; the values are the same).
+    Measures for evaluation: `knockout` ("compressed" or "memory", `Memory.KNOCKOUTS`) empties
+    that part of every row's memory before every segment; `per_token` returns each target's NLL,
+    `attention_mass` each layer's attention mass (see `Losses`).
     """
+    if knockout is not None:
+        check_choice("knockout", knockout, KNOCKOUTS)
     seq_len = model.config.seq_len
     check_batch_ids(batch.inputs, batch.targets, model.config, ignore_index)
     batch = jax.tree.map(jnp.asarray, batch)  # numpy from a sampler, or from_windows' resets
@@ -221,14 +274,15 @@ def losses(
         memories = Memory.empty(model, batch.inputs.shape[0], model.dtype)
     denominators = _denominators(batch, seq_len, ignore_index, 1, axis_name) if batch_mean else None
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    loss = _segment_loss(graphdef, rest, ignore_index, memory_gradients)
+    loss = _segment_loss(graphdef, rest, ignore_index, memory_gradients,
+                         _Measures(knockout, per_token, attention_mass))
 
     def body(memories: Memory, segment: _Segment):
         _, (memories, result) = loss(params, memories, segment)
         return memories, result
 
     memories, result = _run_segments(body, memories, _cut(batch, rng, seq_len, denominators))
-    return Losses(result.lm, result.aux, result.nll, result.count, memories)
+    return Losses(result.lm, result.aux, result.nll, result.count, memories, result.token_nll, result.attention_mass)
 
 
 def _grads(model: CompressiveTransformer, segments: _Segments, memories: Memory, ignore_index: int, remat: bool,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 import sys
 import threading
 import zlib
@@ -249,11 +250,16 @@ def restore_newest(directory: str | os.PathLike, template: Callable[[dict[str, A
 class MetricsLog:
     """Per-step metrics in memory, written as a CSV (atomically) and plotted to a PNG.
 
-    One row per train step; `val_bpb` is filled on validation steps (step 0 = before training).
+    One row per train step; `val_bpb` is filled on validation steps (step 0 = before training), and
+    there too the memory diagnostics (`val_cmem_knockout_bpb`: bits per byte with the compressed memory
+    emptied minus without; the per-layer attention masses `LAYER_FIELD`), their columns after `FIELDS`.
     """
 
     FIELDS = ("step", "loss", "lm", "aux", "bpb", "grad_norm", "learning_rate", "tokens_per_s", "val_bpb", "test_bpb",
-              "val_bits_per_token", "val_ppl", "val_word_ppl", "test_bits_per_token", "test_ppl", "test_word_ppl")
+              "val_bits_per_token", "val_ppl", "val_word_ppl", "test_bits_per_token", "test_ppl", "test_word_ppl",
+              "val_cmem_knockout_bpb")
+    # per layer (1-based), at validation: the mean attention mass on compressed memory, memory and the segment
+    LAYER_FIELD = re.compile(r"val_mass_(cmem|mem|segment)_([1-9][0-9]*)")
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -264,7 +270,7 @@ class MetricsLog:
             reader = csv.DictReader(text.splitlines())
             for row in reader:
                 try:
-                    values = {key: float(value) for key, value in row.items() if key in self.FIELDS and value}
+                    values = {key: float(value) for key, value in row.items() if self.known(key) and value}
                     step = values.pop("step")
                     if step != int(step) or step < 0:
                         raise ValueError(f"bad step {step}")
@@ -273,11 +279,28 @@ class MetricsLog:
                     continue
                 self.rows[int(step)] = values
 
+    @classmethod
+    def known(cls, name: str | None) -> bool:
+        """Whether `name` is a column: one of `FIELDS` or a per-layer `LAYER_FIELD`."""
+        return name in cls.FIELDS or (name is not None and cls.LAYER_FIELD.fullmatch(name) is not None)
+
+    def columns(self) -> tuple[str, ...]:
+        """`FIELDS`, then the per-layer columns present, by layer."""
+        layered = {name for row in self.rows.values() for name in row if name not in self.FIELDS}
+        parts = ("cmem", "mem", "segment")
+
+        def order(name: str) -> tuple[int, int]:
+            part, layer = self.LAYER_FIELD.fullmatch(name).groups()
+            return int(layer), parts.index(part)
+
+        return self.FIELDS + tuple(sorted(layered, key=order))
+
     def add(self, step: int, **values: float) -> None:
         """Merges `values` into the row of `step`."""
-        unknown = sorted(set(values) - set(self.FIELDS))
+        unknown = sorted(name for name in values if not self.known(name))
         if unknown:
-            raise ValueError(f"unknown metrics {unknown}; expected a subset of {self.FIELDS[1:]}")
+            raise ValueError(f"unknown metrics {unknown}; expected a subset of {self.FIELDS[1:]} or per-layer "
+                             f"columns val_mass_{{cmem,mem,segment}}_LAYER")
         self.rows.setdefault(step, {}).update({key: float(value) for key, value in values.items()})
 
     def truncate(self, last_step: int) -> None:
@@ -290,13 +313,15 @@ class MetricsLog:
         return steps, [self.rows[step][name] for step in steps]
 
     def write(self) -> Path:
+        columns = self.columns()
+
         def write_csv(tmp: str) -> None:
             with open(tmp, "w", newline="") as file:
                 writer = csv.writer(file)
-                writer.writerow(self.FIELDS)
+                writer.writerow(columns)
                 for step in sorted(self.rows):
                     row = self.rows[step]
-                    writer.writerow([step] + [_format(row.get(name)) for name in self.FIELDS[1:]])
+                    writer.writerow([step] + [_format(row.get(name)) for name in columns[1:]])
 
         return atomic_write(self.path, write_csv)
 
@@ -309,7 +334,9 @@ class MetricsLog:
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
 
-        figure, axes = plt.subplots(figsize=(8, 5))
+        masses = [name for name in self.columns() if name.startswith(("val_mass_cmem_", "val_mass_mem_"))]
+        figure, panels = plt.subplots(2 if masses else 1, 1, figsize=(8, 8 if masses else 5), squeeze=False)
+        axes = panels[0, 0]
         steps, train = self.column("bpb")
         if steps:
             axes.plot(steps, train, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
@@ -321,6 +348,16 @@ class MetricsLog:
         axes.set_ylabel("bits per byte")
         axes.grid(alpha=0.3)
         axes.legend()
+        if masses:  # the memory diagnostics: where each layer's attention goes
+            lower = panels[1, 0]
+            for name in masses:
+                part, layer = self.LAYER_FIELD.fullmatch(name).groups()
+                lower.plot(*self.column(name), "o-" if part == "cmem" else "s--", markersize=3,
+                           label=f"layer {layer}: {'compressed memory' if part == 'cmem' else 'memory'}")
+            lower.set_xlabel("step")
+            lower.set_ylabel("attention mass (validation)")
+            lower.grid(alpha=0.3)
+            lower.legend(fontsize="small")
         figure.tight_layout()
         try:
             return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))

@@ -43,7 +43,8 @@ class ModelConfig:
     memory_layers: Iterable[int] | None = documented(None, "layers (1-based) that keep memory (unset: all)")  # a tuple
     enhanced_recurrence: bool = documented(True, "each memory layer reads the memory of the layer above")
     mem_len: int | None = documented(None, "memory slots per memory layer (unset: seq_len)")
-    cmem_len: int | None = documented(None, "compressed memory slots (unset: mem_len // cmem_ratio)")
+    cmem_len: int | None = documented(None, "compressed memory slots (unset: mem_len // cmem_ratio; 0: none, a "
+                                      "plain Transformer-XL)")
     cmem_ratio: int = documented(4, "evicted memories per compressed slot")
     heads: int = documented(8, "attention heads (dim must be divisible by heads)")
     gru_gated_residual: bool = documented(True, "GRU gates instead of residual additions")
@@ -80,9 +81,10 @@ class ModelConfig:
             )
         min_cmem = self.mem_len // self.cmem_ratio
         set_("cmem_len", check_int("cmem_len", min_cmem if self.cmem_len is None else self.cmem_len, None))
-        if self.cmem_len < min_cmem:
+        if 0 < self.cmem_len < min_cmem:  # 0: no compressed memory, a plain Transformer-XL (upstream refuses it)
             raise ValueError(
-                f"cmem_len must be at least mem_len // cmem_ratio ({min_cmem}), got {self.cmem_len}"
+                f"cmem_len must be at least mem_len // cmem_ratio ({min_cmem}), or 0 for no compressed memory, "
+                f"got {self.cmem_len}"
             )
         if self.dim % self.heads != 0:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads, got heads={self.heads}")

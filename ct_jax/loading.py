@@ -23,6 +23,9 @@ CHECKPOINTS_FOLDER = "checkpoints"  # of a training run (ct_jax.train_loop.fit)
 MODEL_FOLDER = "model"  # a training run's export
 
 
+MEMORY_FLAGS = {"mem_len": "--mem-len", "cmem_len": "--cmem-len"}  # `with_memory_lengths`' arguments as flags
+
+
 class Loaded(NamedTuple):
     """A loaded model, what it was read from (in words for the user) and the training step of a checkpoint."""
 
@@ -71,3 +74,42 @@ def load_run_tokenizer(path: str | os.PathLike, model: CompressiveTransformer) -
                          f"{tokenizer.vocab_size} ids of its tokenizer {tokenizer.spec!r} "
                          f"({folder / TOKENIZER_RECORD})")
     return tokenizer
+
+
+def _param_shapes(model: CompressiveTransformer) -> dict[str, tuple[int, ...]]:
+    """Every parameter's path and shape."""
+    return {"/".join(map(str, path)): tuple(variable.shape)
+            for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def with_memory_lengths(model: CompressiveTransformer, *, mem_len: int | None = None,
+                        cmem_len: int | None = None) -> CompressiveTransformer:
+    """`model`'s parameters in a model whose memory holds `mem_len` / `cmem_len` slots (None: as trained),
+    to evaluate with other memory lengths than training; refused (ValueError naming the flag) where a
+    parameter's shape depends on them: learned relative positions (`pos_emb`, seq_len + mem_len + cmem_len
+    rows). Sinusoidal positions and every compressor have none."""
+    changes = {name: value for name, value in (("mem_len", mem_len), ("cmem_len", cmem_len)) if value is not None}
+    if not changes or all(getattr(model.config, name) == value for name, value in changes.items()):
+        return model
+    described = ", ".join(f"{MEMORY_FLAGS[name]} {value}" for name, value in changes.items())
+    try:
+        config = ModelConfig.from_kwargs({**model.config.to_kwargs(), **changes})
+    except ValueError as error:
+        raise ValueError(f"{described}: {error}") from None
+
+    def build() -> CompressiveTransformer:
+        return CompressiveTransformer(**config.to_kwargs(), rngs=nnx.Rngs(0), dtype=model.dtype,
+                                      attention_impl=model.attention_impl)
+
+    trained, resized = _param_shapes(model), _param_shapes(nnx.eval_shape(build))
+    differing = sorted(path for path in trained.keys() | resized.keys() if trained.get(path) != resized.get(path))
+    if differing:
+        path = differing[0]
+        raise ValueError(f"{described}: the model's parameters depend on the memory lengths ({path} "
+                         f"{trained.get(path)} would need {resized.get(path)}; relative_positions="
+                         f"{model.config.relative_positions!r}): evaluate at the trained lengths (mem_len "
+                         f"{model.config.mem_len}, cmem_len {model.config.cmem_len}), or train with "
+                         f"--relative-positions sinusoidal")
+    out = build()
+    nnx.update(out, nnx.state(model, nnx.Param))
+    return out

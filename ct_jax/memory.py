@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from ct_jax._checks import check_choice
 from ct_jax.config import ModelConfig
+
+KNOCKOUTS = ("compressed", "memory")  # what `Memory.knocked_out` empties
 
 
 class Memory(NamedTuple):
@@ -78,6 +81,14 @@ class Memory(NamedTuple):
             jnp.where(keep, self.compressed_mem_valid, 0),
             None if self.mem_usage is None else jnp.where(keep[None, :, None], self.mem_usage, 0),
         )
+
+    def knocked_out(self, part: str) -> Memory:
+        """The memory with, in every row, its compressed part (`part="compressed"`) or all of it
+        (`"memory"`) emptied: what the model predicts without it (the invariant holds, as after `reset`)."""
+        if check_choice("knockout", part, KNOCKOUTS) == "memory":
+            return self.reset(jnp.ones(self.mem_valid.shape, bool))
+        return self._replace(compressed_mem=jnp.zeros_like(self.compressed_mem),
+                             compressed_mem_valid=jnp.zeros_like(self.compressed_mem_valid))
 
 
 class LayerMemory(NamedTuple):

@@ -26,6 +26,7 @@ class LayersOutput(NamedTuple):
     memories: tuple[LayerMemory, ...]  # each memory layer's memory after this segment (none with a cache)
     aux_loss: Float[Array, ""]  # summed over the layers, unweighted
     cache: tuple[LayerCache, ...] | None  # the updated caches, if given
+    attention_mass: Float[Array, "l 3"] | None = None  # per layer, if asked (`AttentionOutput.mass`)
 
 
 class Sublayer(nnx.Module):
@@ -152,9 +153,15 @@ class CompressiveTransformer(nnx.Module):
         *,
         rngs: nnx.Rngs | None = None,
         memory_gradients: bool = False,
+        attention_mass: bool = False,
     ) -> tuple[Float[Array, "b t d"], Memory, Float[Array, ""]]:
         """One segment up to the output layer: (the last layer's stream, next memories, aux loss), as
-        ct_torch_ref's `features`; the LM loss reads it (`logits` or, adaptive, `adaptive_nll`)."""
+        ct_torch_ref's `features`; the LM loss reads it (`logits` or, adaptive, `adaptive_nll`).
+
+        `attention_mass`: each layer's attention mass on compressed memory, memory and the segment,
+        summed over the real queries ((depth, 3), see `ct_jax.attention.attention_mass`), is sown as
+        the `nnx.Intermediate` `attention_mass` (`nnx.capture(model.features, nnx.Intermediate)` returns it).
+        """
         config = self.config
         check_tokens(tokens, config)
         b, t = tokens.shape
@@ -169,7 +176,10 @@ class CompressiveTransformer(nnx.Module):
                 name: jnp.roll(getattr(memories, name), -1, axis=0)
                 for name in ("mem", "compressed_mem", "mem_usage") if getattr(memories, name) is not None
             })
-        ran = self.run_layers(x, memories, mask, rngs=rngs, memory_gradients=memory_gradients)
+        ran = self.run_layers(x, memories, mask, rngs=rngs, memory_gradients=memory_gradients,
+                              attention_mass=attention_mass)
+        if attention_mass:
+            self.sow(nnx.Intermediate, "attention_mass", ran.attention_mass)
         last = ran.memories[-1]
         mem = jnp.stack([layer.mem for layer in ran.memories])
         cmem = jnp.stack([layer.compressed_mem for layer in ran.memories])
@@ -189,6 +199,7 @@ class CompressiveTransformer(nnx.Module):
         rngs: nnx.Rngs | None = None,
         memory_gradients: bool = False,
         cache: Sequence[LayerCache] | None = None,
+        attention_mass: bool = False,
     ) -> LayersOutput:
         """The layer stack on the stream `x`: the one path of the segment forward and the decoder.
 
@@ -197,10 +208,13 @@ class CompressiveTransformer(nnx.Module):
         is None, each layer reads its keys/values and counts from its `LayerCache` and returns it
         updated, and `mask` covers the window. A cache holding more rows than `x` holds the
         decoder's variants of each row: from that layer up, `x` runs once per variant.
+        `attention_mass` (segments only): the output carries each layer's `AttentionOutput.mass`.
         """
+        if attention_mass and cache is not None:
+            raise ValueError("attention_mass is measured on segments, not with a decoder cache")
         pos_emb = self.pos_emb[...] if self.pos_emb is not None else None
         total_valid = None if memories is None else memories.total_valid
-        next_memories, next_cache = [], []
+        next_memories, next_cache, masses = [], [], []
         aux_loss = jnp.zeros((), wide(self.dtype))
         for index, (attn, ff) in enumerate(zip(self.attn_layers, self.ff_layers)):
             is_memory_layer = memories is not None and index + 1 in self.config.memory_layers
@@ -210,14 +224,16 @@ class CompressiveTransformer(nnx.Module):
                 x, mask = _variant_rows(x, mask, layer_cache.k.shape[0])
                 total_valid = layer_cache.total_valid
             result = attn.fn(attn.normed(x), pos_emb, total_valid, mask, layer_memory, rngs,
-                             memory_gradients=memory_gradients, cache=layer_cache)
+                             memory_gradients=memory_gradients, cache=layer_cache, mass=attention_mass)
             x = attn.join(result.out, x)
             x = ff.join(ff.fn(ff.normed(x), rngs), x)
             aux_loss = aux_loss + result.aux_loss
             if result.memory is not None:
                 next_memories.append(result.memory)
             next_cache.append(result.cache)
-        return LayersOutput(x, tuple(next_memories), aux_loss, None if cache is None else tuple(next_cache))
+            masses.append(result.mass)
+        return LayersOutput(x, tuple(next_memories), aux_loss, None if cache is None else tuple(next_cache),
+                            jnp.stack(masses) if attention_mass else None)
 
 
 def _variant_rows(

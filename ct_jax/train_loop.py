@@ -21,7 +21,8 @@ from ct_jax.checkpointing import Checkpoints, DamagedCheckpointError, MetricsLog
 from ct_jax.config import ModelConfig
 from ct_jax.convert import save_pretrained
 from ct_jax.data import Splits, WindowSampler, eval_batches, fingerprint
-from ct_jax.evaluation import evaluate_stream
+from ct_jax.evaluation import StreamEval, stream_eval
+from ct_jax.event_log import EventLog
 from ct_jax.interrupts import StopSignals, TrainingInterrupted
 from ct_jax.io import folder_lock
 from ct_jax.model import CompressiveTransformer
@@ -65,6 +66,8 @@ def fit(
     documents: dict[str, np.ndarray] | None = None,
     counts: dict[str, SplitCounts] | None = None,
     tokenizer: Tokenizer | None = None,
+    tensorboard: bool = True,
+    diagnostics: bool = True,
 ) -> FitResult:
     """Trains on `splits['train']`, validating on `splits['validation']`, writing into `out_dir`.
 
@@ -79,7 +82,11 @@ def fit(
     bits per token into the logged bits per byte (`val_bpb`), `val_bits_per_token`,
     `val_ppl` and, for a word tokenizer, `val_word_ppl`. `tokenizer` (the one that made the
     splits) is stored in `out_dir` and `model/` (`Tokenizer.save`) for evaluation, generation
-    and resume.
+    and resume. `tensorboard`: the lead process also writes the metrics as TensorBoard events into
+    `out_dir` (`ct_jax.event_log`). `diagnostics` (streams): each validation also measures the
+    memory's use (`val_mass_*` per layer: the attention mass on compressed memory, memory and the
+    segment; `val_cmem_knockout_bpb`: the bits per byte the compressed memory saves, one more
+    evaluation with it emptied).
 
     Files: `checkpoints/` (orbax, every `checkpoint_every` steps and at the end, the last
     `keep_checkpoints` kept), `metrics.csv` (rewritten atomically at every checkpoint),
@@ -113,22 +120,25 @@ def fit(
     say = log if lead else _silent
     with folder_lock(out_dir) if lead else contextlib.nullcontext():
         checkpoints = Checkpoints(out_dir / "checkpoints", config.keep_checkpoints)
+        run = None
         try:
             steps = _resumable_steps(checkpoints, resume, resume_from)
             if lead and tokenizer is not None:
                 tokenizer.save(out_dir)
             run = _Run(model_config, config, splits, out_dir, checkpoints, compiler_options, lead, say, documents or {},
-                       counts or {})
+                       counts or {}, diagnostics)
             start = run.resume(resume_from) if steps else 0
             if start >= config.steps:
                 say(f"run is at step {start} >= --steps {config.steps}: nothing to train; pass a larger --steps")
                 return FitResult(run.trainer.load_params(run.trainer.host(run.state).params),
                                  run.trainer.host(run.state), run.history, out_dir, start)
+            if lead and tensorboard:
+                run.events = EventLog(out_dir, start)
             with StopSignals() as stop:
                 run.loop(start, progress and lead, stop)
             if "test" in splits and run.trainer.streaming:
                 test = run.measured("test", run.evaluate("test", progress and lead))
-                run.history.add(config.steps, **test)
+                run.log(config.steps, **test)
                 say(f"test: {test['test_bpb']:.4f} bits/byte (whole split, streamed)")
             checkpoints.wait()
             host_state = run.trainer.host(run.state)
@@ -141,6 +151,8 @@ def fit(
                     tokenizer.save(out_dir / "model")
             return FitResult(model, host_state, run.history, out_dir, start)
         finally:
+            if run is not None and run.events is not None:
+                run.events.close()
             checkpoints.close()  # after pending saves complete (or a timeout: an error must not hang here)
 
 
@@ -282,8 +294,11 @@ class _Run:
 
     def __init__(self, model_config: ModelConfig, config: TrainConfig, splits: Splits, out_dir: Path,
                  checkpoints: Checkpoints, compiler_options: dict[str, Any] | None, lead: bool,
-                 say: Callable[[str], Any], documents: dict[str, np.ndarray], counts: dict[str, SplitCounts]):
+                 say: Callable[[str], Any], documents: dict[str, np.ndarray], counts: dict[str, SplitCounts],
+                 diagnostics: bool = True):
         self.model_config, self.config, self.checkpoints = model_config, config, checkpoints
+        self.diagnostics = diagnostics
+        self.events: EventLog | None = None  # TensorBoard events (the lead, if asked), opened once the start is known
         self.lead, self.say = lead, say
         self.trainer = Trainer(create_model(model_config, config), config, compiler_options=compiler_options)
         self.splits = splits
@@ -333,15 +348,42 @@ class _Run:
                  segments: int | None = None) -> float:
         """Bits per byte of a split: streamed (memory carried; `segments`, else `eval_segments`, per stream
         unless `whole`), or on `eval_batches` sequential windows from empty memory."""
-        config = self.config
         if self.trainer.streaming:
-            model = self.trainer.load_params(self.trainer.host(self.state).params)
-            segments = segments or config.eval_segments or None
-            return evaluate_stream(model, self.splits[split], config.batch_size, document_starts=self.documents[split],
-                                   max_segments=None if whole else segments, progress=progress, name=split)
+            return self.streamed(split, progress, whole, segments).bits_per_token
+        config = self.config
         batches = eval_batches(self.splits["validation"], self.trainer.window, config.batch_size, config.eval_batches,
                                drop_remainder=True)
         return self.trainer.evaluate(self.state, batches)
+
+    def streamed(self, split: str = "validation", progress: bool = False, whole: bool = False,
+                 segments: int | None = None, *, knockout: str | None = None, attention_mass: bool = False
+                 ) -> StreamEval:
+        """`stream_eval` of a split at the current parameters (`evaluate`'s streamed case, with its options)."""
+        config = self.config
+        model = self.trainer.load_params(self.trainer.host(self.state).params)
+        segments = segments or config.eval_segments or None
+        return stream_eval(model, self.splits[split], config.batch_size, document_starts=self.documents[split],
+                           max_segments=None if whole else segments, progress=progress, name=split,
+                           knockout=knockout, attention_mass=attention_mass)
+
+    def memory_diagnostics(self, evaluated: StreamEval, whole: bool, progress: bool) -> dict[str, float]:
+        """The validation's memory columns: each layer's attention mass (from `evaluated`) and, with a
+        compressed memory, what emptying it costs in bits per byte (one more evaluation)."""
+        values = {}
+        for layer, (cmem, mem, segment) in enumerate(evaluated.attention_mass, start=1):
+            values.update({f"val_mass_cmem_{layer}": float(cmem), f"val_mass_mem_{layer}": float(mem),
+                           f"val_mass_segment_{layer}": float(segment)})
+        if self.model_config.cmem_len and self.model_config.memory_layers:
+            knocked = self.streamed(whole=whole, progress=progress, knockout="compressed")
+            values["val_cmem_knockout_bpb"] = (self.measured("validation", knocked.bits_per_token)["val_bpb"]
+                                               - self.measured("validation", evaluated.bits_per_token)["val_bpb"])
+        return values
+
+    def log(self, step: int, **values: float) -> None:
+        """Adds `values` to the metrics (and the TensorBoard events, if written)."""
+        self.history.add(step, **values)
+        if self.events is not None:
+            self.events.add(step, **values)
 
     def measured(self, split: str, bits_per_token: float) -> dict[str, float]:
         """The log columns of a split's bits per token: `{split}_bpb` (bits per byte), bits per token, perplexity."""
@@ -370,19 +412,27 @@ class _Run:
         tokens_per_step = self.config.batch_size * self.config.n_segments * self.model_config.seq_len
         metrics["tokens_per_s"] = tokens_per_step / max(now - self.clock, 1e-9)
         self.clock = now
-        self.history.add(step, **metrics)
+        self.log(step, **metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", bpb=f"{metrics['bpb']:.3f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
 
     def validate(self, step: int, save_now: bool, progress: bool, bar: tqdm) -> None:
         """Validation after `step` (the whole split at the last step); it checks the checkpoint saved now."""
-        val_bits = self.evaluate(whole=step == self.config.steps, progress=progress)  # per token
+        whole = step == self.config.steps
+        diagnose = self.diagnostics and self.trainer.streaming
+        if diagnose:
+            evaluated = self.streamed(whole=whole, progress=progress, attention_mass=True)
+            val_bits = evaluated.bits_per_token
+        else:
+            val_bits = self.evaluate(whole=whole, progress=progress)  # per token
         problem = self.guard.check(f"(validation after step {step})", val_bits * LN2)
         if save_now and problem is not None:
             self.held.stop(problem, _failure(val_bits))
         measured = self.measured("validation", val_bits)
-        self.history.add(step, **measured)
+        self.log(step, **measured, **(self.memory_diagnostics(evaluated, whole, progress) if diagnose else {}))
+        if self.events is not None:
+            self.events.flush()
         if progress:
             bar.write(f"step {step}: validation {measured['val_bpb']:.4f} bits/byte")
 
@@ -391,7 +441,7 @@ class _Run:
         the step in flight finishes, is checkpointed, and TrainingInterrupted is raised."""
         config = self.config
         if start == 0:
-            self.history.add(0, **self.measured("validation", self.evaluate()))
+            self.log(0, **self.measured("validation", self.evaluate()))
         pending: tuple[int, dict[str, jax.Array]] | None = None  # read one step late: no sync per step
         self.clock = time.perf_counter()
         with tqdm(total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True) as bar:

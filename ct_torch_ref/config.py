@@ -109,10 +109,11 @@ def normalize_config(
         raise ValueError(f"mem_len must be an int >= seq_len={seq_len}, got {mem_len!r}")
     min_cmem_len = mem_len // cmem_ratio
     cmem_len = min_cmem_len if cmem_len is None else _int("cmem_len", cmem_len)
-    if cmem_len < min_cmem_len:
+    if 0 < cmem_len < min_cmem_len or cmem_len < 0:  # 0: no compressed memory (upstream refuses it when mem_len
+        # >= cmem_ratio; its `[:, -0:]` would keep every compressed slot, here none is kept)
         raise ValueError(
             f"cmem_len must be an int >= mem_len // cmem_ratio = {mem_len} // {cmem_ratio} "
-            f"= {min_cmem_len}, got {cmem_len!r}"
+            f"= {min_cmem_len}, or 0 for no compressed memory, got {cmem_len!r}"
         )
     options = dict(
         compression=check_option("compression", compression),

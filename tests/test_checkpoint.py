@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ct_torch_ref
-from ct_jax import checkpointing, convert, train_loop, training
+from ct_jax import checkpointing, convert, event_log, train_loop, training
 from ct_jax.checkpointing import Checkpoints, MetricsLog
 from tests.configs import TRAIN_CONFIG, TRAIN_MODEL, train_batch
 from tests.tolerances import JAX_VS_TORCH_ATOL, assert_close
@@ -65,6 +65,13 @@ def test_run_writes_checkpoints_metrics_plot_and_export(finished):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, f"{name} ignores the umask"
     assert (out / "model" / convert.WEIGHTS_FILE).is_file() and (out / "model" / convert.CONFIG_FILE).is_file()
     assert int(result.state.step) == TRAIN_CONFIG.steps
+    events = event_log.read_scalars(out)
+    for tag in ("train/loss_per_token", "train/learning_rate", "train/grad_norm", "train/tokens_per_s",
+                "validation/bits_per_byte"):
+        assert tag in events, f"TensorBoard events lack {tag}: {sorted(events)}"
+    assert [step for step, _ in events["train/loss_per_token"]] == list(range(1, TRAIN_CONFIG.steps + 1))
+    assert [(step, round(value, 5)) for step, value in events["validation/bits_per_byte"]] == [
+        (step, round(float(rows[step]["val_bpb"]), 5)) for step in (0, 3, 6)], "events and metrics.csv agree"
 
 
 def test_checkpoint_holds_state_sampler_position_and_configs(finished):
@@ -124,6 +131,15 @@ def test_streamed_run_resumes_exactly_with_stream_positions_and_memory(tmp_path)
     assert resumed.state.memory is not None, "the carried memory is part of the state"
     for got_leaf, expected_leaf in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(uninterrupted.state)):
         np.testing.assert_array_equal(got_leaf, expected_leaf, err_msg="final state (memory included) after resume")
+    diagnostics = ["val_cmem_knockout_bpb", "val_mass_cmem_1", "val_mass_mem_1", "val_mass_segment_1"]
+    for step in (3, 6):  # the memory diagnostics at validation, reproduced by the resumed run
+        masses = [float(expected[step][name]) for name in diagnostics[1:]]
+        assert abs(sum(masses) - 1) <= 1e-5 and min(masses) > 0, f"attention mass at step {step}: {masses}"
+        assert float(expected[step]["val_cmem_knockout_bpb"]) != 0.0, "emptying the compressed memory costs bits"
+        for name in diagnostics:
+            assert float(got[step][name]) == float(expected[step][name]), f"{name} at step {step} after resume"
+    events = event_log.read_scalars(tmp_path / "resumed")
+    assert "memory/mass_cmem/layer1" in events and "memory/compressed_knockout_bits_per_byte" in events, sorted(events)
 
 
 def test_resume_refuses_another_model(finished):
@@ -254,6 +270,8 @@ def test_metrics_log_round_trip_truncate_and_atomic_write(tmp_path):
     assert sorted(reloaded.rows) == [0, 1, 2]
     with pytest.raises(ValueError, match="unknown metrics"):
         reloaded.add(4, accuracy=1.0)
+    with pytest.raises(ValueError, match="unknown metrics"):
+        reloaded.add(4, val_mass_cmem_0=1.0)  # layers count from 1
 
     def crash(tmp):
         with open(tmp, "w") as file:
@@ -263,6 +281,14 @@ def test_metrics_log_round_trip_truncate_and_atomic_write(tmp_path):
     with pytest.raises(RuntimeError):
         checkpointing.atomic_write(tmp_path / "metrics.csv", crash)
     assert _rows(tmp_path / "metrics.csv")[3]["loss"], "a crashed write must leave the previous file intact"
+    reloaded.add(2, val_mass_segment_10=0.5, val_mass_cmem_2=0.25, val_mass_mem_2=0.75, val_cmem_knockout_bpb=0.01)
+    reloaded.write()
+    again = MetricsLog(tmp_path / "metrics.csv")
+    layered = ("val_mass_cmem_2", "val_mass_mem_2", "val_mass_segment_10")  # by layer, then part
+    assert again.columns() == MetricsLog.FIELDS + layered, again.columns()
+    assert again.column("val_mass_segment_10") == ([2], [0.5])
+    assert again.column("val_cmem_knockout_bpb") == ([2], [0.01])
+    again.plot(tmp_path / "loss.png")  # with the memory panel
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -434,13 +460,16 @@ def transformer_xl_streams(tmp_path_factory):
     config = training.TrainConfig(**{**TRAIN_CONFIG.to_json(), "data_order": "streams", "eval_segments": 2})
     splits = _splits()
     documents = {"train": np.arange(0, len(splits["train"]), 700), "validation": np.array([0, 300])}
-    _fit_xl(out, training.TrainConfig(**{**config.to_json(), "steps": 2}), splits, documents)
+    _fit_xl(out, training.TrainConfig(**{**config.to_json(), "steps": 2}), splits, documents, tensorboard=False,
+            diagnostics=False)
+    assert not list(out.glob("events.out.tfevents.*")), "tensorboard=False writes no events"
+    assert "val_mass_cmem_1" not in _rows(out / "metrics.csv")[0], "diagnostics=False adds no columns"
     return out, config, splits, documents
 
 
 def _fit_xl(out, config, splits, documents, **kwargs):
     kwargs = dict(dict(progress=False, log=lambda m: None, compiler_options=training.FAST_CPU_COMPILE), **kwargs)
-    model = dict(TRAIN_MODEL, cmem_len=0, cmem_ratio=8)  # mem_len // cmem_ratio = 0: no compressed memory
+    model = dict(TRAIN_MODEL, cmem_len=0)  # mem_len // cmem_ratio = 2: evicted slots are dropped, not compressed
     return train_loop.fit(model, config, splits, out, documents=documents, **kwargs)
 
 

@@ -118,3 +118,85 @@ def test_stream_nll_sums_what_evaluate_stream_averages_on_token_arrays(model):
                                        progress=False)
     assert count == 2 * (83 // STREAMS - 1), "every target of each stream but its first token"
     assert nll / count / math.log(2.0) == expected, "uint16 token ids evaluate as the uint8 ones"
+
+
+def test_knockout_of_an_empty_compressed_memory_changes_nothing(model):
+    data = np.random.default_rng(5).integers(0, CONFIG["num_tokens"], 83).astype(np.uint8)
+    # two segments per stream: the memory (8 slots) holds them, nothing is compressed yet
+    plain = evaluation.stream_eval(model, data, STREAMS, segments_per_call=PER_CALL, max_segments=2, progress=False)
+    knocked = evaluation.stream_eval(model, data, STREAMS, segments_per_call=PER_CALL, max_segments=2, progress=False,
+                                     knockout="compressed")
+    assert knocked.total == plain.total, f"empty compressed memory knocked out: {knocked.total} vs {plain.total}"
+    whole = evaluation.stream_eval(model, data, STREAMS, segments_per_call=PER_CALL, progress=False)
+    without = evaluation.stream_eval(model, data, STREAMS, segments_per_call=PER_CALL, progress=False,
+                                     knockout="compressed")
+    assert abs(without.total - whole.total) > 1e-4, "emptying a filled compressed memory must change the loss"
+    assert without.count == whole.count
+
+
+def test_knockout_equals_the_memory_emptied_by_hand_row_by_row(model):
+    """losses(knockout=...) equals running segment by segment with the memory emptied by hand, rows reset apart."""
+    rng = np.random.default_rng(6)
+    seq_len, n = CONFIG["seq_len"], 7
+    inputs = rng.integers(0, CONFIG["num_tokens"], (2, n * seq_len)).astype(np.int32)
+    targets = rng.integers(0, CONFIG["num_tokens"], (2, n * seq_len)).astype(np.int32)
+    resets = np.zeros((2, n), bool)
+    resets[:, 0] = resets[1, 4] = True  # row 1 starts a document at segment 4, row 0 goes on
+    batch = StreamBatch(inputs, targets, None, resets)
+    for knockout in ("compressed", "memory"):
+        got = losses(model, batch, knockout=knockout)
+        memories = ct_jax.Memory.empty(model, 2)
+        for s in range(n):
+            memories = memories.reset(jnp.asarray(resets[:, s])).knocked_out(knockout)
+            window = slice(s * seq_len, (s + 1) * seq_len)
+            segment = StreamBatch(inputs[:, window], targets[:, window], None, np.zeros((2, 1), bool))
+            one = losses(model, segment, memories)
+            memories = one.memories
+            assert float(abs(one.nll[0] - got.nll[s])) <= 1e-5, f"knockout={knockout}, segment {s}"
+    emptied = losses(model, StreamBatch(inputs, targets, None, np.ones((2, n), bool)))
+    np.testing.assert_array_equal(losses(model, batch, knockout="memory").nll, emptied.nll,
+                                  "knockout='memory' must equal a reset before every segment")
+
+
+def test_buckets_partition_the_tokens_by_distance_from_the_document_start(model):
+    data = np.random.default_rng(7).integers(0, CONFIG["num_tokens"], 200).astype(np.uint8)
+    starts = np.array([0, 30, 47, 130])
+    result = evaluation.stream_eval(model, data, STREAMS, document_starts=starts, segments_per_call=PER_CALL,
+                                    progress=False)
+    assert result.bucket_edges == (4, 12, 20), "default edges: window, + memory, + cmem_len * cmem_ratio"
+    assert sum(result.bucket_count) == result.count, f"bucket counts {result.bucket_count} vs {result.count}"
+    assert abs(sum(result.bucket_total) - result.total) <= 1e-4 * result.total
+    # the targets by hand: documents cut at the stream boundary (100) and at each start
+    expected = [0, 0, 0, 0]
+    for begin, end in [(0, 30), (30, 47), (47, 100), (100, 130), (130, 200)]:
+        for distance in range(end - begin - 1):
+            expected[int(np.searchsorted(result.bucket_edges, distance, side="right"))] += 1
+    assert list(result.bucket_count) == expected, f"bucket counts {result.bucket_count}, by hand {expected}"
+    custom = evaluation.stream_eval(model, data, STREAMS, document_starts=starts, segments_per_call=PER_CALL,
+                                    progress=False, bucket_edges=[8])
+    assert custom.total == result.total and len(custom.bucket_count) == 2
+    with pytest.raises(ValueError, match="bucket_edges must be non-decreasing positive ints, got \\[8, 4\\]"):
+        evaluation.stream_eval(model, data, STREAMS, bucket_edges=[8, 4])
+    with pytest.raises(ValueError, match="knockout must be one of 'compressed', 'memory', got 'cmem'"):
+        evaluation.evaluate_stream(model, data, STREAMS, knockout="cmem")
+
+
+def test_document_positions_count_from_each_rows_reset():
+    resets = np.array([[True, False, False], [True, True, False]])
+    np.testing.assert_array_equal(evaluation.document_positions(resets, 2), [[0, 1, 2, 3, 4, 5], [0, 1, 0, 1, 2, 3]])
+
+
+def test_attention_mass_sums_to_one_per_layer_and_leaves_the_loss_alone(model):
+    data = np.random.default_rng(8).integers(0, CONFIG["num_tokens"], 120).astype(np.uint8)
+    result = evaluation.stream_eval(model, data, STREAMS, segments_per_call=PER_CALL, progress=False,
+                                    attention_mass=True)
+    plain = evaluation.stream_eval(model, data, STREAMS, segments_per_call=PER_CALL, progress=False)
+    mass = result.attention_mass
+    assert mass.shape == (CONFIG["depth"], 3)
+    np.testing.assert_allclose(mass.sum(axis=1), 1.0, atol=1e-5, err_msg=f"mass per layer {mass}")
+    assert mass[0, 0] == mass[0, 1] == 0.0, f"layer 1 has no memory (memory_layers [2, 3]), got {mass[0]}"
+    assert np.all(mass[1:, :2] > 0), f"memory layers attend to cmem and mem, got {mass[1:]}"
+    assert abs(result.total - plain.total) <= 1e-5 * plain.total, "measuring the mass must not change the loss"
+    emptied = evaluation.stream_eval(model, data, STREAMS, segments_per_call=PER_CALL, progress=False,
+                                     attention_mass=True, knockout="compressed")
+    assert np.all(emptied.attention_mass[:, 0] == 0), "no mass on an emptied compressed memory"

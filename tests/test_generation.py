@@ -19,7 +19,7 @@ import ct_torch_ref
 from ct_jax import convert, generation
 from ct_jax.autoregressive import generate
 from ct_jax.generation import decode
-from tests.configs import CONFIGS, random_config, randomize_
+from tests.configs import CONFIGS, TRANSFORMER_XL, random_config, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, JAX_VS_TORCH_ATOL, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 # head, memory 2x seq_len; 3 variants, 8 heads, emb_dim > dim; no enhanced recurrence (1
 # variant), a memory-layer subset, emb_dim < dim. Each with a weight seed whose greedy run
 # has no near-tie (see MIN_TOP2_GAP). The first also serves the other tests.
-PARITY_CONFIGS = {"heads1_subset_mem2x": 1, "wide_emb_heads8": 2, "small_emb_no_recurrence": 1}
+PARITY_CONFIGS = {"heads1_subset_mem2x": 1, "wide_emb_heads8": 2, "small_emb_no_recurrence": 1, "transformer_xl": 1}
+MODELS = {**CONFIGS, "transformer_xl": TRANSFORMER_XL}  # CONFIGS and a Transformer-XL with a full-size memory
 MAIN = "heads1_subset_mem2x"
 # Greedy decoding of tests.configs.randomize_ weights falls into repeating one token; weight
 # matrices scaled by 3 give varied text (5-20 distinct tokens per row), which tests more.
@@ -52,21 +53,21 @@ def _random_weights(torch_model: torch.nn.Module, seed: int) -> torch.nn.Module:
 @functools.cache
 def _models(name: str) -> tuple[torch.nn.Module, ct_jax.CompressiveTransformer]:
     """ct_torch_ref model with random weights (pos_emb too, see WEIGHT_GAIN), eval mode, and its JAX copy."""
-    torch_model = _random_weights(ct_torch_ref.CompressiveTransformer(**CONFIGS[name]), PARITY_CONFIGS[name]).eval()
-    jax_model = ct_jax.CompressiveTransformer(**CONFIGS[name], rngs=nnx.Rngs(0))
+    torch_model = _random_weights(ct_torch_ref.CompressiveTransformer(**MODELS[name]), PARITY_CONFIGS[name]).eval()
+    jax_model = ct_jax.CompressiveTransformer(**MODELS[name], rngs=nnx.Rngs(0))
     convert.from_torch(torch_model.state_dict(), jax_model)
     jax_model.eval()  # the mode is part of the graph: one mode, one compilation per test session
     return torch_model, jax_model
 
 
 def _prime(name: str, kind: str, batch: int = BATCH) -> np.ndarray:
-    seq_len = CONFIGS[name]["seq_len"]
+    seq_len = MODELS[name]["seq_len"]
     length = {"shorter": seq_len - 1, "equal": seq_len, "longer": 2 * seq_len + 3}[kind]
-    return np.random.default_rng(length).integers(0, CONFIGS[name]["num_tokens"], (batch, length))
+    return np.random.default_rng(length).integers(0, MODELS[name]["num_tokens"], (batch, length))
 
 
 def _length(name: str) -> int:
-    return WINDOWS * CONFIGS[name]["seq_len"]
+    return WINDOWS * MODELS[name]["seq_len"]
 
 
 def reference_generate(torch_model, prime, length, mask=None, eos_token=None):

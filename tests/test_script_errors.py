@@ -144,10 +144,10 @@ def test_every_script_refuses_a_bad_flag_in_one_line(script):
 def no_evaluation(monkeypatch):
     """Fails the test if a split is evaluated: refusals come first."""
 
-    def evaluate_stream(*args, **kwargs):
+    def stream_eval(*args, **kwargs):
         raise AssertionError("evaluated before the refusal")
 
-    monkeypatch.setattr(evaluate.evaluation, "evaluate_stream", evaluate_stream)
+    monkeypatch.setattr(evaluate.evaluation, "stream_eval", stream_eval)
 
 
 def test_evaluate_refuses_a_missing_checkpoint(capsys, tmp_path, corpus, no_evaluation):
@@ -199,3 +199,43 @@ def test_evaluate_refuses_data_too_short_for_its_streams_before_evaluating_any_s
     short.write_text("0123456789" * 30)  # 300 bytes: 5% test split = 15 bytes
     status = evaluate.main(["--checkpoint", str(checkpoint), "--data", str(short), "--batch-size", "16"])
     _one_line(capsys, status, 2, "is too short for --batch-size 16 streams of 2 bytes or more")
+
+
+@pytest.fixture(scope="module")
+def sinusoidal_checkpoint(tmp_path_factory) -> Path:
+    """A model with no parameter that depends on the memory lengths (Transformer-XL positions)."""
+    folder = tmp_path_factory.mktemp("sinusoidal") / "model"
+    model = ct_jax.CompressiveTransformer(**CONFIG, relative_positions="sinusoidal", rngs=nnx.Rngs(0))
+    convert.save_pretrained(model, folder)
+    return folder
+
+
+def test_evaluate_refuses_memory_lengths_its_parameters_do_not_allow(capsys, checkpoint, corpus, no_evaluation):
+    status = evaluate.main(["--checkpoint", str(checkpoint), "--data", str(corpus), "--cmem-len", "8"])
+    _one_line(capsys, status, 2, "--cmem-len 8: the model's parameters depend on the memory lengths (pos_emb "
+              "(2, 10, 4) would need (2, 16, 4)")
+    status = evaluate.main(["--checkpoint", str(checkpoint), "--data", str(corpus), "--mem-len", "-1"])
+    _one_line(capsys, status, 2, "--mem-len must be an int >= 0, got -1")
+    status = evaluate.main(["--checkpoint", str(checkpoint), "--data", str(corpus), "--mem-len", "2"])
+    _one_line(capsys, status, 2, "--mem-len 2: mem_len must be at least seq_len (4), got 2")
+    status = evaluate.main(["--checkpoint", str(checkpoint), "--data", str(corpus), "--knockout", "cmem"])
+    assert status == 2 and "argument --knockout: invalid choice: 'cmem'" in capsys.readouterr().err
+
+
+def test_evaluate_prints_buckets_and_masses_with_other_memory_lengths_and_knockouts(capsys, sinusoidal_checkpoint,
+                                                                                     corpus):
+    common = ["--checkpoint", str(sinusoidal_checkpoint), "--data", str(corpus), "--batch-size", "2", "--split",
+              "validation", "--no-progress"]
+    bits = {}
+    for extra in ([], ["--cmem-len", "8"], ["--mem-len", "8", "--cmem-len", "0"], ["--knockout", "compressed"],
+                  ["--knockout", "memory"]):
+        assert evaluate.main(common + extra) == 0, extra
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 3 and out[0].startswith("validation: "), out
+        bits[" ".join(extra)] = float(out[0].split()[1])
+        assert out[1].startswith("  bits/token by distance from the document start (tokens): window [< 4] "), out[1]
+        assert out[2].startswith("  attention mass compressed memory/memory/segment: layer 1 "), out[2]
+    masses = [float(x) for x in out[2].split("layer 1 ")[1].split("/")]
+    assert masses[:2] == [0.0, 0.0] and masses[2] == 1.0, f"--knockout memory leaves only the segment: {masses}"
+    for setting in ("--cmem-len 8", "--knockout compressed", "--knockout memory"):
+        assert bits[setting] != bits[""], f"{setting} must change what the model sees: {bits}"

@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--prompt", default=None, help="sample prompt (default: the start of the validation split)")
     run.add_argument("--temperature", type=float, default=0.8)
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                     help="write the metrics as TensorBoard events into --out too (tensorboard --logdir OUT)")
+    run.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=True,
+                     help="data order streams: at each validation, measure each layer's attention mass on "
+                     "compressed memory, memory and the segment, and the bits the compressed memory saves (one "
+                     "more evaluation with it emptied); columns val_mass_* and val_cmem_knockout_bpb")
     system = parser.add_argument_group("system")
     system.add_argument("--cpu-devices", type=int, default=None, help="split the CPU into this many JAX devices")
     system.add_argument("--compile-cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME") or
@@ -197,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = train_loop.fit(model_config, config, splits, out, resume=args.resume, resume_from=args.resume_from,
                             progress=args.progress and lead, log=say, documents=tokens.starts, counts=tokens.counts,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, tensorboard=args.tensorboard, diagnostics=args.diagnostics)
     if result.start >= config.steps:  # fit said why; nothing was trained or written
         return 0
     steps, val = result.history.column("val_bpb")
