@@ -162,29 +162,60 @@ def _silent(*args: object, **kwargs: object) -> None:
 def run(args: argparse.Namespace) -> int:
     """The whole run: checks, JAX set-up, data, training, export and the sample."""
     model_config, train_kwargs = check_args(args)
+    jax = _start_jax(args)
+    from ct_jax import train_loop, training
+
+    if train_kwargs["parallel"] == "auto":
+        train_kwargs["parallel"] = "jit" if jax.device_count() > 1 else "none"
+    config = training.TrainConfig(**train_kwargs)
+    lead = jax.process_index() == 0
+    say = print if lead else _silent
+    out = Path(args.out)
+    model_config, tokenizer, tokens = _tokens(args, model_config, config, out, say)
+    say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
+        f"parallel={config.parallel.value}; out: {out}")
+    started = time.perf_counter()
+    result = train_loop.fit(model_config, config, tokens.splits, out, resume=args.resume,
+                            resume_from=args.resume_from, progress=args.progress and lead, log=say,
+                            documents=tokens.starts, counts=tokens.counts, tokenizer=tokenizer,
+                            tensorboard=args.tensorboard, diagnostics=args.diagnostics)
+    if result.start >= config.steps:  # fit said why; nothing was trained or written
+        return 0
+    _report(result, config, out, time.perf_counter() - started, say)
+    if lead and args.sample_length > 0:
+        prompt = args.prompt if args.prompt is not None else tokenizer.decode(tokens.splits["validation"][:64])
+        text = sample_text(result.model, prompt, args.sample_length, seed=config.seed, temperature=args.temperature,
+                           tokenizer=tokenizer)
+        unit = "bytes" if tokenizer.kind == "bytes" else "tokens"
+        say(f"sample ({args.sample_length} {unit} after the prompt):\n{prompt}{text}")
+    return 0
+
+
+def _start_jax(args: argparse.Namespace) -> Any:
+    """JAX with the run's XLA flags, CPU devices, compile cache and processes (`jax.distributed`)."""
     if args.fast_compile:  # as XLA_FLAGS, read when JAX starts its backend: every compile of the run gets them
         from ct_jax.training import xla_flags
 
         os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags()]).strip()
     import jax
 
+    from ct_jax import parallel
+
     if args.cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-    from ct_jax import data, parallel, tokenized, train_loop, training
-
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    if train_kwargs["parallel"] == "auto":
-        train_kwargs["parallel"] = "jit" if jax.device_count() > 1 else "none"
-    config = training.TrainConfig(**train_kwargs)
-    lead = jax.process_index() == 0
-    say = print if lead else _silent
+    return jax
 
-    out = Path(args.out)
-    window = config.n_segments * model_config.seq_len + 1
+
+def _tokens(args: argparse.Namespace, model_config: ModelConfig, config: Any, out: Path,
+            say: Callable[[str], Any]) -> tuple[ModelConfig, tokenizers.Tokenizer, Any]:
+    """(the model config with the tokenizer's vocabulary, the tokenizer, the tokenized corpus): the corpus read,
+    a misfit refused (footprint, a split shorter than a window) before and after learning the tokenizer."""
+    from ct_jax import data, tokenized
+
     max_bytes = presets.MAIN_JOB_CORPUS_BYTES if args.data is None and args.max_bytes is None else args.max_bytes
     corpus = data.read_corpus(args.data, max_bytes=max_bytes, validation_every=args.validation_every, log=say)
     say(f"data: {args.data if args.data is not None else 'Python standard library sources'}: "
@@ -196,33 +227,24 @@ def run(args: argparse.Namespace) -> int:
     model_config = with_vocabulary(model_config, None if args.num_tokens_given else tokenizer.vocab_size, say)
     check_footprint(model_config, config)
     tokens = tokenized.tokenize_corpus(corpus, tokenizer)
-    splits = tokens.splits
-    data.check_window(splits, window)
-    say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} in {jax.process_count()} process(es), "
-        f"parallel={config.parallel.value}; out: {out}")
-    started = time.perf_counter()
-    result = train_loop.fit(model_config, config, splits, out, resume=args.resume, resume_from=args.resume_from,
-                            progress=args.progress and lead, log=say, documents=tokens.starts, counts=tokens.counts,
-                            tokenizer=tokenizer, tensorboard=args.tensorboard, diagnostics=args.diagnostics)
-    if result.start >= config.steps:  # fit said why; nothing was trained or written
-        return 0
+    data.check_window(tokens.splits, config.n_segments * model_config.seq_len + 1)
+    return model_config, tokenizer, tokens
+
+
+def _report(result: Any, config: Any, out: Path, seconds: float, say: Callable[[str], Any]) -> None:
+    """The run's validation (and test) bits per byte and what it wrote."""
+    from ct_jax.training import DataOrder
+
     steps, val = result.history.column("val_bpb")
-    how = ("whole split, memory streamed" if config.data_order is training.DataOrder.STREAMS
+    how = ("whole split, memory streamed" if config.data_order is DataOrder.STREAMS
            else f"{config.eval_batches} batches of windows from empty memory")
     if val:
         say(f"validation bits/byte: {val[0]:.3f} (step {steps[0]}) -> {val[-1]:.3f} (step {steps[-1]}, {how}); "
-            f"{time.perf_counter() - started:.0f}s")
+            f"{seconds:.0f}s")
     _, test = result.history.column("test_bpb")
     if test:
         say(f"test bits/byte: {test[-1]:.3f} ({how})")
     say(f"wrote {out / 'metrics.csv'}, {out / 'loss.png'}, {out / 'model'} (model.safetensors + config.json)")
-    if lead and args.sample_length > 0:
-        prompt = args.prompt if args.prompt is not None else tokenizer.decode(splits["validation"][:64])
-        text = sample_text(result.model, prompt, args.sample_length, seed=config.seed, temperature=args.temperature,
-                           tokenizer=tokenizer)
-        unit = "bytes" if tokenizer.kind == "bytes" else "tokens"
-        say(f"sample ({args.sample_length} {unit} after the prompt):\n{prompt}{text}")
-    return 0
 
 
 def run_tokenizer(args: argparse.Namespace, out: Path, corpus: Corpus,
