@@ -243,13 +243,14 @@ class SelfAttention(nnx.Module):
         `cmem|mem|window` (n_buffer memory slots first), d = n_buffer + first_query + a - p apart:
         upstream reads row total_mem_valid + seq_len - 1 - d (drifts while memory fills; kept).
         Visible pairs read window rows <= keys - 1; future pairs read wrapped values (`visible`
-        masks them). Sinusoidal: the projected sinusoid of d (no drift; `q` carries the bias v).
+        masks them). Sinusoidal: the projected sinusoid of min(d, clamp_len) (no drift; `q` carries the bias v).
         """
         n, seq_len = q.shape[2], self.config.seq_len
         if self.config.relative_positions == "sinusoidal":
             # Static distances n_buffer + seq_len - 1 .. 0, the same for every row; rows past them
             # (future keys of the decoder's window, masked) read zeros.
-            table = jnp.asarray(sinusoid_table(n_buffer + seq_len, self.config.dim), self.dtype)
+            table = sinusoid_table(n_buffer + seq_len, self.config.dim, self.config.clamp_len)
+            table = jnp.asarray(table, self.dtype)
             rows = position_window(table[None], seq_len - first_query - n, keys)[0]  # [keys, dim]
             window = self.heads(self.to_pos(rows)[None])  # [1, h, keys, dh]
         else:  # rows holding different amounts of memory read different rows

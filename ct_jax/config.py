@@ -64,6 +64,8 @@ class ModelConfig:
     eviction_padding: EvictionPadding | str = documented(
         EvictionPadding.UPSTREAM, "zeros padding the evicted memories to a multiple of cmem_ratio")
     relative_positions: RelativePositions | str = documented(RelativePositions.LEARNED, "relative position encoding")
+    clamp_len: int | None = documented(
+        None, "sinusoidal positions: distances beyond it read its encoding (Transformer-XL's; unset: none)")
     # Adaptive input and softmax (docs/paper-options.md); unset: the full embedding and softmax.
     adaptive_cutoffs: Sequence[int] | None = documented(
         None, "adaptive input/softmax cluster starts, e.g. 20000,40000,200000 (unset: full softmax)")  # a tuple
@@ -103,6 +105,14 @@ class ModelConfig:
                 "adaptive_cutoffs=None; pass cutoffs, or leave adaptive_div_val at 1"
             )
         set_("adaptive_cutoffs", cutoffs)
+        if self.clamp_len is not None:
+            set_("clamp_len", check_int("clamp_len", self.clamp_len))
+            if self.relative_positions != "sinusoidal":
+                raise ValueError(
+                    f"clamp_len={self.clamp_len} needs relative_positions='sinusoidal' (learned positions read a "
+                    f"table row per distance, which cannot be clamped without changing its drift), got "
+                    f"relative_positions={self.relative_positions.value!r}; leave clamp_len unset"
+                )
         if self.compression == "most_used" and self.aux_loss == "autoencoder":
             raise ValueError(
                 "aux_loss='autoencoder' decodes windows of evicted slots, but compression="
@@ -121,6 +131,18 @@ class ModelConfig:
     def pos_len(self) -> int:
         """Rows of the relative-position table: `seq_len + mem_len + cmem_len`."""
         return self.seq_len + self.mem_len + self.cmem_len
+
+    @property
+    def trained_reach(self) -> int:
+        """The largest relative distance (in slots) whose encoding this model reads: the last query of a
+        window to the oldest compressed slot, `seq_len + mem_len + cmem_len - 1`, or `clamp_len` if smaller.
+
+        Keys are `cmem|mem|window`, each slot (compressed or not) one step of distance. Evaluated with
+        longer memories, the model sees farther distances than it trained on; building that model with
+        `clamp_len=trained_reach` of the training config keeps every encoding one training saw.
+        """
+        reach = self.pos_len - 1
+        return reach if self.clamp_len is None else min(reach, self.clamp_len)
 
     @property
     def adaptive(self) -> bool:
@@ -142,6 +164,8 @@ class ModelConfig:
             kwargs["adaptive_cutoffs"] = list(self.adaptive_cutoffs)
         else:  # written only when adaptive, as ct_torch_ref: a default config.json keeps its keys
             del kwargs["adaptive_cutoffs"], kwargs["adaptive_div_val"]
+        if self.clamp_len is None:  # written only when set, as ct_torch_ref
+            del kwargs["clamp_len"]
         return kwargs
 
     @classmethod

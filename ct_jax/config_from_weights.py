@@ -21,7 +21,7 @@ from ct_jax.config import ModelConfig
 _LAYER = re.compile(r"^attn_layers\.(\d+)\.")
 _LENGTHS = ("seq_len", "mem_len", "cmem_len")
 # Settings that change the forward pass but no weight's shape or key; and those that change only training.
-UNSEEN = ("memory_layers", "enhanced_recurrence", "reconstruction_target", "eviction_padding")
+UNSEEN = ("memory_layers", "enhanced_recurrence", "reconstruction_target", "eviction_padding", "clamp_len")
 TRAINING_ONLY = ("attn_dropout", "ff_dropout", "attn_layer_dropout", "reconstruction_attn_dropout",
                  "reconstruction_loss_weight", "aux_loss")
 

@@ -73,6 +73,7 @@ class SelfAttention(nn.Module):
         aux_loss: str = "attention",
         eviction_padding: str = "upstream",
         relative_positions: str = "learned",
+        clamp_len: int | None = None,
     ):
         super().__init__()
         if dim % heads != 0:
@@ -89,6 +90,7 @@ class SelfAttention(nn.Module):
         self.aux_loss = aux_loss
         self.eviction_padding = eviction_padding
         self.relative_positions = relative_positions
+        self.clamp_len = clamp_len
 
         # Creation order as upstream, so that a seeded init draws the same numbers; the
         # options' parameters come after upstream's.
@@ -118,7 +120,7 @@ class SelfAttention(nn.Module):
         if self.relative_positions == "sinusoidal":
             # Row r of the encodings is distance kv_len - 1 - r, the layout relative_shift reads.
             distances = torch.arange(kv_len - 1, -1, -1, device=q.device)
-            encodings = sinusoid_encoding(distances, self.to_pos.in_features).to(q.dtype)
+            encodings = sinusoid_encoding(distances, self.to_pos.in_features, self.clamp_len).to(q.dtype)
             pos_keys = self._split_heads(self.to_pos(encodings)[None])[0]  # (h, kv_len, dh)
             content_q = q + self.pos_bias_u[None, :, None, :].to(q.dtype)
             position_q = q + self.pos_bias_v[None, :, None, :].to(q.dtype)

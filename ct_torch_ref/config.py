@@ -86,14 +86,15 @@ def normalize_config(
     aux_loss: str = "attention",
     eviction_padding: str = "upstream",
     relative_positions: str = "learned",
+    clamp_len: int | None = None,
     adaptive_cutoffs: Sequence[int] | None = None,
     adaptive_div_val: int = 1,
 ) -> dict[str, Any]:
     """Validates upstream's constructor kwargs and returns them with defaults resolved.
 
     The result is JSON-serialisable (memory_layers a sorted list) and builds the same model.
-    The adaptive keywords appear only for an adaptive model, so a default model's config (and
-    config.json) keeps the keys it had before they existed.
+    The adaptive keywords appear only for an adaptive model, and clamp_len only when set, so a
+    default model's config (and config.json) keeps the keys it had before they existed.
     """
     for name, value in dict(
         num_tokens=num_tokens, dim=dim, seq_len=seq_len, depth=depth, heads=heads,
@@ -129,6 +130,13 @@ def normalize_config(
             "adaptive_cutoffs=None; pass cutoffs, or leave adaptive_div_val at 1"
         )
     adaptive = {} if cutoffs is None else dict(adaptive_cutoffs=cutoffs, adaptive_div_val=div_val)
+    clamp = {} if clamp_len is None else dict(clamp_len=_positive_int("clamp_len", clamp_len))
+    if clamp and options["relative_positions"] != "sinusoidal":
+        raise ValueError(
+            f"clamp_len={clamp_len} needs relative_positions='sinusoidal' (learned positions read a table row "
+            f"per distance, which cannot be clamped without changing its drift), got "
+            f"relative_positions={options['relative_positions']!r}; leave clamp_len unset"
+        )
     if compression == "most_used" and aux_loss == "autoencoder":
         raise ValueError(
             "aux_loss='autoencoder' decodes windows of evicted slots, but compression="
@@ -158,6 +166,7 @@ def normalize_config(
         ),
         reconstruction_loss_weight=_finite("reconstruction_loss_weight", reconstruction_loss_weight),
         **options,
+        **clamp,
         **adaptive,
     )
 

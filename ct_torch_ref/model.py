@@ -24,8 +24,8 @@ class CompressiveTransformer(nn.Module):
     """Compressive Transformer over one segment: tokens (b, t) -> (logits, Memory, aux loss).
 
     Keywords and defaults are those of upstream 0.4.0, plus the paper-faithful options
-    (compression, reconstruction_target, aux_loss, eviction_padding, relative_positions;
-    docs/paper-options.md) whose defaults are upstream's, and adaptive input and softmax
+    (compression, reconstruction_target, aux_loss, eviction_padding, relative_positions and
+    its clamp_len; docs/paper-options.md) whose defaults are upstream's, and adaptive input and softmax
     (adaptive_cutoffs, adaptive_div_val; docs/paper-options.md) off by default; `self.config`
     holds them normalised.
     """
@@ -56,6 +56,7 @@ class CompressiveTransformer(nn.Module):
         aux_loss: str = "attention",
         eviction_padding: str = "upstream",
         relative_positions: str = "learned",
+        clamp_len: int | None = None,
         adaptive_cutoffs: Sequence[int] | None = None,
         adaptive_div_val: int = 1,
     ):
@@ -71,7 +72,7 @@ class CompressiveTransformer(nn.Module):
             reconstruction_loss_weight=reconstruction_loss_weight,
             compression=compression, reconstruction_target=reconstruction_target,
             aux_loss=aux_loss, eviction_padding=eviction_padding,
-            relative_positions=relative_positions,
+            relative_positions=relative_positions, clamp_len=clamp_len,
             adaptive_cutoffs=adaptive_cutoffs, adaptive_div_val=adaptive_div_val,
         )
         self.num_tokens = c["num_tokens"]
@@ -119,7 +120,7 @@ class CompressiveTransformer(nn.Module):
                 reconstruction_attn_dropout=c["reconstruction_attn_dropout"],
                 compression=c["compression"], reconstruction_target=c["reconstruction_target"],
                 aux_loss=c["aux_loss"], eviction_padding=c["eviction_padding"],
-                relative_positions=c["relative_positions"],
+                relative_positions=c["relative_positions"], clamp_len=c.get("clamp_len"),
             )))
             for _ in range(depth)
         ])

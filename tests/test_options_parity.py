@@ -6,6 +6,9 @@ and without memory gradients (and remat); weights both ways through the converte
 
 from __future__ import annotations
 
+import json
+import random
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +19,7 @@ from flax import nnx
 import ct_jax
 import ct_torch_ref
 from ct_jax import autoregressive, convert
+from ct_jax.config_from_weights import config_from_weights
 from ct_jax.generation import decode
 from ct_jax.parity import make_inputs
 from tests.configs import OPTION_VALUES, OPTIONS_BASE, random_config, random_options, randomize_
@@ -95,6 +99,7 @@ def _torch_grads(torch_model, tokens: torch.Tensor, memory_gradients: bool) -> t
         (dict(compression="dilated_conv", aux_loss="autoencoder", relative_positions="sinusoidal"), True, True),
         (dict(compression="most_used", reconstruction_target="evicted", eviction_padding="exact"), True, False),
         (dict(compression="mean_pool", relative_positions="sinusoidal", reconstruction_target="evicted"), False, False),
+        (dict(relative_positions="sinusoidal", clamp_len=4, reconstruction_target="evicted"), True, False),
     ],
 )
 def test_gradients_match_reference(options, memory_gradients, remat):
@@ -128,6 +133,7 @@ def test_gradients_match_reference(options, memory_gradients, remat):
     [
         dict(relative_positions="sinusoidal", compression="most_used", eviction_padding="exact"),
         dict(compression="dilated_conv", reconstruction_target="evicted", aux_loss="autoencoder"),
+        dict(relative_positions="sinusoidal", clamp_len=4),
     ],
 )
 def test_greedy_generation_matches_reference(options):
@@ -173,3 +179,120 @@ def test_new_parameters_convert_both_ways_and_sinusoidal_loads_into_larger_memor
     assert ct_torch_ref.load_pretrained(tmp_path / "jax").config == torch_model.config
     ct_torch_ref.save_pretrained(torch_model, tmp_path / "torch")
     assert convert.load_pretrained(tmp_path / "torch").config == jax_model.config
+
+
+# --- clamp_len: Transformer-XL's clamp of the sinusoidal distances ---------------------------
+
+# Compression from the second segment on (ratio 2, memory = window): the fourth segment's
+# queries see 4 compressed + 4 memory + 4 window slots, distances 0..11 (trained_reach).
+CLAMPED = dict(num_tokens=24, dim=8, seq_len=4, depth=2, heads=2, mem_len=4, cmem_len=4, cmem_ratio=2,
+               relative_positions="sinusoidal")
+
+
+@pytest.mark.parametrize("clamp_len", [1, 5, 9])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_clamped_positions_match_reference(clamp_len, mode):
+    """Logits, memories and aux loss over 5 segments (compressed memory read from the third on)."""
+    config = dict(CLAMPED, clamp_len=clamp_len)
+    torch_model, jax_model = model_pair(config, seed=5)
+    torch_model.train(mode == "train")
+    getattr(jax_model, mode)()
+    compare_run(torch_model, jax_model, config, mask_kind="left", seed=6, label=f"clamp_len={clamp_len} {mode}")
+
+
+def _jax_logits(config: dict, segments: list, jax_state: nnx.State) -> list[np.ndarray]:
+    """Eval-mode logits of a JAX model of `config` holding `jax_state`, memory threaded over `segments`."""
+    model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
+    nnx.update(model, jax_state)
+    model.eval()
+    memory, out = ct_jax.Memory.empty(model, segments[0].shape[0]), []
+    for tokens in segments:
+        logits, memory, _ = model(jnp.asarray(tokens.numpy()), memory)
+        out.append(np.asarray(logits))
+    return out
+
+
+def _torch_logits(config: dict, segments: list, state: dict) -> list[np.ndarray]:
+    """The same for the reference."""
+    model = ct_torch_ref.CompressiveTransformer(**config).eval()
+    model.load_state_dict(state)
+    memory, out = None, []
+    with torch.no_grad():
+        for tokens in segments:
+            logits, memory, _ = model(tokens, memories=memory)
+            out.append(logits.numpy())
+    return out
+
+
+def test_clamp_at_or_beyond_the_largest_distance_is_no_clamp_exactly():
+    """clamp_len >= trained_reach changes no bit in either framework; one step less changes the logits,
+    only once memory holds keys that far (the first segment's distances are at most seq_len - 1)."""
+    torch_model, jax_model = model_pair(CLAMPED, seed=7)
+    reach = jax_model.config.trained_reach
+    assert reach == CLAMPED["seq_len"] + CLAMPED["mem_len"] + CLAMPED["cmem_len"] - 1
+    segments, _ = make_inputs(CLAMPED, batch=2, n_segments=N_SEGMENTS, seed=8)
+    state, jax_state = torch_model.state_dict(), nnx.state(jax_model, nnx.Param)
+    for logits in (_jax_logits, _torch_logits):
+        weights = jax_state if logits is _jax_logits else state
+        unclamped = logits(CLAMPED, segments, weights)
+        for clamp_len in (reach, reach + 50):
+            for index, (got, expected) in enumerate(zip(logits(dict(CLAMPED, clamp_len=clamp_len), segments, weights),
+                                                        unclamped)):
+                np.testing.assert_array_equal(got, expected, err_msg=f"{logits.__name__} clamp_len={clamp_len} "
+                                              f"segment {index}")
+        below = logits(dict(CLAMPED, clamp_len=reach - 1), segments, weights)
+        np.testing.assert_array_equal(below[0], unclamped[0], err_msg=f"{logits.__name__}: first segment")
+        assert not np.allclose(below[3], unclamped[3]), f"{logits.__name__}: clamp_len={reach - 1} changed nothing"
+
+
+def test_clamped_rows_with_different_memory_match_the_reference_row_by_row():
+    """Per-row memory: row 1 is reset before the third segment; each row equals the reference run on it alone."""
+    config = dict(CLAMPED, clamp_len=6)
+    torch_model, jax_model = model_pair(config, seed=9)
+    torch_model.eval()
+    jax_model.eval()
+    reset_at = 2
+    segments, _ = make_inputs(config, batch=2, n_segments=N_SEGMENTS, seed=10)
+    forward = nnx.jit(lambda model, *args: model(*args))
+    memory, torch_memories = ct_jax.Memory.empty(jax_model, 2), [None, None]
+    for index, tokens in enumerate(segments):
+        if index == reset_at:
+            memory = memory.reset(jnp.array([False, True]))
+            torch_memories[1] = None
+        logits, memory, _ = forward(jax_model, jnp.asarray(tokens.numpy()), memory, None)
+        assert index <= reset_at or len(set(np.asarray(memory.total_valid).tolist())) > 1, "counts should differ"
+        for row in (0, 1):
+            with torch.no_grad():
+                expected, torch_memories[row], _ = torch_model(tokens[row : row + 1], memories=torch_memories[row])
+            assert_close(f"row {row} logits, segment {index}", logits[row : row + 1], expected, JAX_VS_TORCH_ATOL)
+
+
+@pytest.mark.parametrize("seed", [5, 12, 31])
+def test_random_configurations_with_clamp_len_match_reference(seed):
+    """The property sweep: random configurations and options, sinusoidal positions clamped at a random
+    distance within the reach, training mode."""
+    config = dict(random_config(seed), **dict(random_options(seed), relative_positions="sinusoidal"))
+    reach = ct_jax.ModelConfig(**config).trained_reach
+    config["clamp_len"] = random.Random(seed).randint(1, reach)
+    torch_model, jax_model = model_pair(config, seed=seed)
+    torch_model.train()
+    jax_model.train()
+    compare_run(torch_model, jax_model, config, mask_kind="right", seed=seed, label=f"random {seed} {config}")
+
+
+def test_clamp_len_converts_both_ways_in_config_json(tmp_path):
+    """clamp_len travels in config.json (written only when set) and is accepted by config_from_weights."""
+    config = dict(CLAMPED, clamp_len=6)
+    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(3))
+    convert.save_pretrained(jax_model, tmp_path / "jax")
+    assert json.loads((tmp_path / "jax" / convert.CONFIG_FILE).read_text())["clamp_len"] == 6
+    torch_model = ct_torch_ref.load_pretrained(tmp_path / "jax")
+    assert torch_model.config["clamp_len"] == 6
+    ct_torch_ref.save_pretrained(torch_model, tmp_path / "torch")
+    assert convert.load_pretrained(tmp_path / "torch").config == jax_model.config
+    state = convert.read_state_dict(tmp_path / "torch" / convert.WEIGHTS_FILE)
+    assert config_from_weights(state, dict(seq_len=4, mem_len=4, cmem_len=4, clamp_len=6)) == jax_model.config
+    unset = ct_jax.CompressiveTransformer(**CLAMPED, rngs=nnx.Rngs(3))
+    convert.save_pretrained(unset, tmp_path / "unset")
+    assert "clamp_len" not in json.loads((tmp_path / "unset" / convert.CONFIG_FILE).read_text())
+    assert "clamp_len" not in ct_torch_ref.CompressiveTransformer(**CLAMPED).config

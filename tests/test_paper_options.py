@@ -73,6 +73,33 @@ def test_options_are_stored_in_the_config():
     assert CompressiveTransformer(**model.config).config == model.config
 
 
+@pytest.mark.usefixtures("unchecked_types")  # the package's own messages
+@pytest.mark.parametrize("value,error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError),
+                                         ("8", TypeError)])
+def test_bad_clamp_len_is_named_in_both(value, error):
+    kwargs = dict(num_tokens=8, dim=DIM, seq_len=2, depth=1, heads=HEADS, relative_positions="sinusoidal")
+    for build in (CompressiveTransformer, ModelConfig):
+        with pytest.raises(error, match=r"clamp_len must be a positive int, got") as info:
+            build(**kwargs, clamp_len=value)
+        assert repr(value) in str(info.value)
+
+
+def test_clamp_len_with_learned_positions_is_refused_in_both():
+    """Learned positions read a drifting table row per distance (docs/paper-options.md): no clamp."""
+    kwargs = dict(num_tokens=8, dim=DIM, seq_len=2, depth=1, heads=HEADS, clamp_len=4)
+    for build in (CompressiveTransformer, ModelConfig):
+        with pytest.raises(ValueError, match=r"clamp_len=4 needs relative_positions='sinusoidal'.*'learned'"):
+            build(**kwargs)
+
+
+def test_trained_reach_is_the_farthest_distance_read():
+    config = ModelConfig(num_tokens=8, dim=DIM, seq_len=4, depth=1, heads=HEADS, mem_len=6, cmem_len=3,
+                         relative_positions="sinusoidal")
+    assert config.trained_reach == 4 + 6 + 3 - 1
+    assert ModelConfig(**{**config.to_kwargs(), "clamp_len": 5}).trained_reach == 5
+    assert ModelConfig(**{**config.to_kwargs(), "clamp_len": 50}).trained_reach == 12
+
+
 # --- compression ------------------------------------------------------------------------
 
 
