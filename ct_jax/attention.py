@@ -60,7 +60,7 @@ class LayerCache(NamedTuple):
     memory_valid: Bool[Array, "#r m"] | None
     total_valid: Int[Array, " #r"]
     start: Int[Array, ""]  # window position of the first token run now
-    end: Int[Array, ""]  # tokens in the window once these are written; later slots get zero weight
+    end: Int[Array, "*r"]  # tokens in the window once these are written (or per row); later slots get zero weight
 
 
 class AttentionOutput(NamedTuple):
@@ -154,7 +154,7 @@ def weighted_blocks(attn: Float[Array, "b h n k"], values: Sequence[Float[Array,
     return sum(weighted(attn[..., end - v.shape[2] : end], v) for v, end in zip(values, ends))
 
 
-def slots_valid(buffer_valid: Bool[Array, "#b c"], n_window: int, window_valid: Bool[Array, " s"] | None
+def slots_valid(buffer_valid: Bool[Array, "#b c"], n_window: int, window_valid: Bool[Array, "*r s"] | None
                 ) -> Bool[Array, "#b 1 1 k"]:
     """Which keys of `cmem|mem|window` hold entries, per row: the valid memory slots, then the
     window's (`window_valid`, None = all)."""
@@ -262,7 +262,7 @@ class SelfAttention(nnx.Module):
         self, q: Float[Array, "b h n dh"], keys: Sequence[Float[Array, "b h _ dh"]],
         values: Sequence[Float[Array, "b h _ dh"]], *, pos_emb: Float[Array, "h r dh"] | None,
         total_mem_valid: Int[Array, " #b"], buffer_valid: Bool[Array, "#b c"], first_query: Int[Array, ""] | int = 0,
-        window_valid: Bool[Array, " s"] | None = None, mask: Bool[Array, "b s"] | None = None,
+        window_valid: Bool[Array, "*r s"] | None = None, mask: Bool[Array, "b s"] | None = None,
         rngs: nnx.Rngs | None = None, with_probs: bool = False,
     ) -> Attended:
         """Attention of queries at window positions [first_query, first_query + n) over the keys/
@@ -359,7 +359,7 @@ class SelfAttention(nnx.Module):
         k_new, v_new = self.keys_values(x)
         k = jax.lax.dynamic_update_slice_in_dim(cache.k, k_new.astype(cache.k.dtype), cache.start, axis=2)
         v = jax.lax.dynamic_update_slice_in_dim(cache.v, v_new.astype(cache.v.dtype), cache.start, axis=2)
-        window_valid = jnp.arange(self.config.seq_len) < cache.end
+        window_valid = jnp.arange(self.config.seq_len) < cache.end[..., None]  # [s], or [r, s] per row
         if cache.memory_k is None:
             keys, values, buffer_valid = [k], [v], jnp.zeros((total_mem_valid.shape[0], 0), bool)
         else:

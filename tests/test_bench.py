@@ -9,6 +9,7 @@ import pytest
 from ct_jax import flops
 from ct_jax.bench import common, harness
 from ct_jax.bench import report as bench_report
+from ct_jax.bench.floor import floor_at_batch
 from ct_jax.config import ModelConfig
 
 TINY = dict(num_tokens=32, dim=16, depth=2, seq_len=8, mem_len=8, cmem_len=2, cmem_ratio=4, heads=2,
@@ -45,6 +46,13 @@ def test_training_flops_count_the_aux_path_only_when_something_is_compressed():
     first = flops.run_flops(TINY, batch=2, segments=1, training=True)  # nothing evicted yet
     assert first["reconstruction loss"].total == 0 and first["memory compression"].total == 0
     assert flops.total_flops(TINY, 2, 3, training=True) > 3 * flops.total_flops(TINY, 2, 3, training=False) * 0.9
+
+
+def test_the_floor_of_a_batched_step_reads_the_weights_once_and_each_rows_cache():
+    floor = dict(weights_bytes=1000, cache_bytes=100, sum_gbps=2.0, gemv_gbps=1.0, floor_ms_sum=0.0, floor_ms_gemv=0.0)
+    at = floor_at_batch(floor, 8)
+    assert at["cache_bytes"] == 800 and at["batch"] == 8
+    assert at["floor_ms_sum"] == pytest.approx(1800 / 2.0 / 1e6) and at["floor_ms_gemv"] == pytest.approx(1800 / 1e6)
 
 
 @pytest.mark.usefixtures("unchecked_types")  # the package's own messages
@@ -87,7 +95,7 @@ def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
     bench = common.BenchConfig("tiny", TINY, batch=2, segments=2, prime=5, generate=4,
                                targets=dict(cpu=dict(train=1e-3, memory=1e3)))
     options = harness.RunOptions(threads=1, reps=1, warmup=0, compile_segments=(2, 3), matmul_sizes=(64,),
-                                 fused=True, generation_seq_lens=(16,), log=print)
+                                 fused=True, generation_seq_lens=(16,), generation_batches=(3,), log=print)
     record = harness.run([bench], options, tmp_path)
     rec = record["configs"]["tiny"]
     for kind in ("train", "eval"):
@@ -96,15 +104,18 @@ def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
         assert rec["generation"][fw].get("tokens_per_s", 0) > 0, (fw, rec["generation"])
     assert rec["generation_at"]["16"]["model"]["seq_len"] == 16 and rec["generation_at"]["16"]["torch"]["median"] > 0
     assert rec["decode_floor"]["bfloat16"]["weights_bytes"] * 2 == rec["decode_floor"]["float32"]["weights_bytes"]
+    batched = rec["generation_batched"]["3"]
+    assert batched["jax"]["tokens_per_s"] > 0 and batched["torch"]["tokens_per_s"] > 0, batched
+    assert batched["floor"]["cache_bytes"] == 3 * rec["decode_floor"]["float32"]["cache_bytes"]
     assert set(rec["compile"]) == {"2", "3"}
     streaming = rec["streaming"]
     assert streaming["ratio"] == streaming["streams"]["median"] / streaming["windows"]["median"] > 0
     assert all(rec["peak_memory"][fw]["step_mib"] > 0 for fw in ("jax", "torch")), rec["peak_memory"]
     table = bench_report.markdown(record)
     body = [line.split(" | ") for line in table.splitlines() if line.startswith("| tiny")]
-    # train, eval, generation (at 8, at 16, bf16), decoding vs floor (float32, bf16), streams vs windows, compile,
-    # memory, FLOP/s
-    assert len(body) == 11, table
+    # train, eval, generation (at 8, at batch 3 and its floor, at 16, bf16), decoding vs floor (float32, bf16),
+    # streams vs windows, compile, memory, FLOP/s
+    assert len(body) == 13, table
     jax_only = ("compile", "generation, bfloat16", "decoding ms", "train step with the memory")  # JAX-only rows
     for cells in body:  # | config | measurement | ct_jax | ct_jax fused | ct_torch_ref | upstream? | ratio | target |
         torch_cell = () if cells[1].startswith(jax_only) else (cells[4],)

@@ -70,6 +70,29 @@ def test_generate_refuses_a_folder_as_prime_file_and_reads_a_training_folder(cap
     assert "3 tokens in" in _err(capsys)
 
 
+def test_generate_samples_several_primes_in_one_batch(capsysbinary, run_folder, tmp_path):
+    """Several --prime, or a --prime-file line each: one batched call whose continuations are those of each
+    prime alone, in order, one per line; an empty prime is refused in one line."""
+    capsys = capsysbinary
+    primes, base = ["ab", "hello world", "x"], ["--checkpoint", str(run_folder), "--length", "6", "--temperature", "0"]
+    alone = []
+    for prime in primes:
+        assert generate.main([*base, "--prime", prime]) == 0
+        alone.append(capsys.readouterr().out)
+    assert generate.main([*base, *(arg for prime in primes for arg in ("--prime", prime))]) == 0
+    batched = capsys.readouterr()
+    assert batched.out == b"".join(alone), (batched.out, alone)
+    assert b"3 samples of 6 tokens" in batched.err
+    (tmp_path / "primes.txt").write_text("\n".join(primes) + "\n")
+    assert generate.main([*base, "--prime-file", str(tmp_path / "primes.txt")]) == 0
+    assert capsys.readouterr().out == b"".join(alone)
+    (tmp_path / "gap.txt").write_text("ab\n\nx\n")
+    _refused(capsys, generate.main([*base, "--prime-file", str(tmp_path / "gap.txt")]),
+             f"--prime-file '{tmp_path / 'gap.txt'}': line 2 is empty; give one prime per line")
+    _refused(capsys, generate.main([*base, "--prime", "ab", "--prime", ""]),
+             "--prime number 2 is empty; give at least one byte")
+
+
 def test_generate_decodes_in_bfloat16(capsysbinary, run_folder):
     capsys = capsysbinary
     assert generate.main(["--checkpoint", str(run_folder), "--prime", "ab", "--length", "3", "--temperature", "0",

@@ -171,6 +171,11 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: int =
     return {name: Timing(values) for name, values in samples.items()}
 
 
+def batch_primes(bench: BenchConfig, batch: int, seed: int = 1) -> np.ndarray:
+    """The (batch, prime) int64 primes of a batched generation row, the same for every framework."""
+    return np.random.default_rng(seed).integers(0, bench.model["num_tokens"], (batch, bench.prime))
+
+
 def tokens_for(bench: BenchConfig, segments: int | None = None, seed: int = 0) -> np.ndarray:
     """The (batch, segments * seq_len + 1) int64 tokens every framework gets."""
     length = (segments or bench.segments) * bench.model["seq_len"] + 1

@@ -64,6 +64,14 @@ def gemv_gbps(nbytes: int, dtype: Any = jnp.float32, reps: int = 5) -> float:
     return k * GEMV_COLUMNS * dtype.itemsize / seconds / 1e9
 
 
+def floor_at_batch(floor: dict[str, float], batch: int) -> dict[str, float]:
+    """`decode_floor`'s result for one decoding step of `batch` rows: the weights read once, each row's
+    cache read (the bandwidths measured for batch 1 reused)."""
+    total = floor["weights_bytes"] + batch * floor["cache_bytes"]
+    return dict(floor, batch=batch, cache_bytes=batch * floor["cache_bytes"],
+                floor_ms_sum=total / floor["sum_gbps"] / 1e6, floor_ms_gemv=total / floor["gemv_gbps"] / 1e6)
+
+
 def decode_floor(model: CompressiveTransformer, dtype: Any = jnp.float32, reps: int = 5,
                  stream_bytes: int = 256 * 2**20) -> dict[str, float]:
     """Bytes per token and the floor in ms per token at the streaming and at the matmul bandwidth."""

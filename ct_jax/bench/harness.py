@@ -7,8 +7,9 @@ and tokens, through its public path:
   `(loss + aux).backward()` per segment, clip_grad_norm 0.5, Adam 1e-4;
 - eval forward: every segment in eval mode (no aux loss), no gradients;
 - generation: prime of 128 tokens, 512 new, batch 1, top-k sampling; optionally at other
-  seq_len (the reference recomputes its window per token), decoding in bfloat16, against
-  the memory-bandwidth floor of one token (`ct_jax.bench.floor`);
+  seq_len (the reference recomputes its window per token), decoding in bfloat16, at larger
+  batches (rows of equal length: the reference's generate takes no ragged batch), each against
+  the memory-bandwidth floor of one decoding step (`ct_jax.bench.floor`);
 - optionally ct_jax with attention_impl="fused" (column `jax_fused`).
 Timings are wall-clock medians of interleaved repetitions (the frameworks alternate, so
 a load change on a shared machine hits both), after warm-up, with a synchronisation
@@ -38,7 +39,7 @@ import torch
 
 from ct_jax import flops as flop_count
 from ct_jax.bench.common import BenchConfig, interleaved
-from ct_jax.bench.floor import decode_floor
+from ct_jax.bench.floor import decode_floor, floor_at_batch
 from ct_jax.bench.jax_side import JaxSide, jax_matmul_seconds
 from ct_jax.bench.peak_memory import measure_peak_memory
 from ct_jax.bench.streaming import streaming_overhead
@@ -60,6 +61,7 @@ class RunOptions:
     fused: bool = False  # also time ct_jax with attention_impl="fused" (column "jax_fused")
     generation_seq_lens: tuple[int, ...] = ()  # generation rows at these seq_len too (memory scaled alike)
     bf16_generation: bool = True  # a generation row decoding in bfloat16, and its floor
+    generation_batches: tuple[int, ...] = (8, 32)  # generation rows at these batch sizes too (b=1 is the first row)
     streaming: bool = True  # the streamed train step against the fixed-window one (first config)
     log: Callable[[str], Any] = print
 
@@ -117,6 +119,10 @@ def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, ge
         record["decode_floor"] = {"float32": decode_floor(jax_side.model, jnp.float32)}
         if options.bf16_generation:
             record["decode_floor"]["bfloat16"] = decode_floor(jax_side.model, jnp.bfloat16)
+        for batch in options.generation_batches:
+            if batch != 1:
+                record.setdefault("generation_batched", {})[str(batch)] = _generation_batched(
+                    bench, batch, options, jax_side, torch_side, record["decode_floor"]["float32"])
         for seq_len in options.generation_seq_lens:
             if seq_len != bench.model["seq_len"]:
                 record.setdefault("generation_at", {})[str(seq_len)] = _generation_at(bench, seq_len, options)
@@ -165,6 +171,25 @@ def _generation(bench: BenchConfig, options: RunOptions, jax_sides: dict[str, An
     out: dict[str, Any] = {name: dict(t.to_json(), tokens_per_s=new / t.median) for name, t in timings.items()}
     for name, seconds in first.items():
         out[name]["first_call_s"] = seconds
+    return out
+
+
+def _generation_batched(bench: BenchConfig, batch: int, options: RunOptions, jax_side: JaxSide, torch_side: TorchSide,
+                        floor: dict[str, float]) -> dict[str, Any]:
+    """Generation of `batch` rows (float32 or the config's dtype), JAX against the reference, and the floor of one
+    decoding step at that batch."""
+    new = bench.generate
+    calls = dict(jax=functools.partial(jax_side.generate, batch=batch), torch=functools.partial(torch_side.generate,
+                                                                                                  batch=batch))
+    options.log(f"[{bench.name}] generation ({bench.prime} + {new} tokens, batch {batch}): {', '.join(calls)}")
+    start = time.perf_counter()
+    calls["jax"]()  # compiles
+    first = time.perf_counter() - start
+    # the reference recomputes every window for every row: one repetition
+    timings = interleaved(calls, 1, warmup=0, sync=torch_side.sync)
+    out: dict[str, Any] = {name: dict(t.to_json(), tokens_per_s=batch * new / t.median) for name, t in timings.items()}
+    out["jax"]["first_call_s"] = first
+    out["floor"] = floor_at_batch(floor, batch)
     return out
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.experimental import serialize_executable
 
 from ct_jax import convert, training
-from ct_jax.bench.common import BenchConfig, interleaved, tokens_for
+from ct_jax.bench.common import BenchConfig, batch_primes, interleaved, tokens_for
 from ct_jax.generation import generate
 from ct_jax.model import CompressiveTransformer
 
@@ -68,6 +68,7 @@ class JaxSide:
         self._leaves = [jax.device_put(x) for x in leaves]  # donated by every step; the model keeps its own
         self._eval, self._eval_params = training.make_eval_step(self.model), nnx.state(self.model, nnx.Param)
         self._prime = jax.device_put(np.ascontiguousarray(tokens[:1, : bench.prime]))
+        self._primes = {1: self._prime}
         self.compiled_train = self.compiled_eval = None
 
     def _flat_step(self):
@@ -115,9 +116,13 @@ class JaxSide:
         """The compiled eval pass over every segment."""
         jax.block_until_ready(self.compiled_eval(self._eval_params, self.tokens))
 
-    def generate(self, dtype: Any = None) -> None:
-        """Samples `bench.generate` tokens after the prime (batch 1), decoding in `dtype` (None: the model's)."""
-        jax.block_until_ready(generate(self.model, self._prime, self.bench.generate, jax.random.key(0), dtype=dtype))
+    def generate(self, dtype: Any = None, batch: int = 1) -> None:
+        """Samples `bench.generate` tokens after the prime (`batch` rows of it: `batch_primes`), decoding in `dtype`
+        (None: the model's)."""
+        if batch not in self._primes:
+            self._primes[batch] = jax.device_put(batch_primes(self.bench, batch).astype(np.int32))
+        jax.block_until_ready(generate(self.model, self._primes[batch], self.bench.generate, jax.random.key(0),
+                                       dtype=dtype))
 
     def save_train_step(self, path: Path) -> None:
         """Serialises the compiled train step, for the peak-memory child.

@@ -68,6 +68,13 @@ def rows(record: dict[str, Any]) -> list[Row]:
                 row = Row(name, label, {fw: _throughput_cell(at.get(fw), new) for fw in LABELS})
                 _ratio(row, at["torch"]["median"] / at["jax"]["median"], None)
                 out.append(row)
+            for batch, at in rec.get("generation_batched", {}).items():
+                label = f"generation at batch {batch}, tok/s (all rows)"
+                row = Row(name, label, {fw: _throughput_cell(at.get(fw), int(batch) * new) for fw in LABELS})
+                _ratio(row, at["torch"]["median"] / at["jax"]["median"], None)
+                out.append(row)
+                out.append(_floor_row(name, f"float32, batch {batch} (ms per step of {batch} tokens)", at["floor"],
+                                      1e3 * at["jax"]["median"] / new))
             if "jax_bf16" in gen:
                 row = Row(name, "generation, bfloat16 decoding, tok/s (ratio: vs the reference in float32)",
                           dict(jax=_throughput_cell(gen["jax_bf16"], new)))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import ct_torch_ref
-from ct_jax.bench.common import BenchConfig, interleaved, tokens_for
+from ct_jax.bench.common import BenchConfig, batch_primes, interleaved, tokens_for
 
 
 def upstream_available() -> bool:
@@ -83,11 +83,14 @@ class TorchSide:
             self.model.train()
         self.sync()
 
-    def generate(self) -> None:
-        """Samples `bench.generate` tokens after the prime (batch 1)."""
+    def generate(self, batch: int = 1) -> None:
+        """Samples `bench.generate` tokens after the prime (`batch` rows of it: `batch_primes`)."""
+        prime = self.prime
+        if batch != 1:
+            prime = torch.from_numpy(batch_primes(self.bench, batch)).to(self.prime.device)
         torch.manual_seed(0)
         with torch.autocast(**self._autocast):
-            self.wrapper.generate(self.prime, self.bench.generate)
+            self.wrapper.generate(prime, self.bench.generate)
         self.sync()
 
     def device_peak_mib(self) -> float | None:

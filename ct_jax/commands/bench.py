@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time ct_jax with attention_impl='fused' (default: on GPU only)")
     parser.add_argument("--generation-seq-lens", default="512",
                         help="generation rows at these seq_len too, memory scaled alike (default 512; '' for none)")
+    parser.add_argument("--generation-batches", default="8,32",
+                        help="generation rows at these batch sizes too, against the reference and the floor of one "
+                        "decoding step (default 8,32; '' for none)")
     parser.add_argument("--no-bf16-generation", action="store_true", help="skip the bfloat16 decoding row")
     parser.add_argument("--no-streaming", action="store_true",
                         help="skip the row of the train step with the memory carried across steps vs fixed windows")
@@ -48,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.reps < 1 or args.warmup < 0:
         parser.error(f"--reps must be >= 1 and --warmup >= 0, got {args.reps} and {args.warmup}")
-    for flag in ("compile_segments", "generation_seq_lens"):
+    for flag in ("compile_segments", "generation_seq_lens", "generation_batches"):
         setattr(args, flag, _positive_ints(parser, "--" + flag.replace("_", "-"), getattr(args, flag)))
     if args.fused is None:
         args.fused = args.device == "gpu"
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                  compile_segments=args.compile_segments, peak_memory=not args.no_memory,
                                  upstream=not args.no_upstream, fused=args.fused,
                                  generation_seq_lens=args.generation_seq_lens,
+                                 generation_batches=args.generation_batches,
                                  bf16_generation=not args.no_bf16_generation, streaming=not args.no_streaming,
                                  log=log)
     first_only = [args.all or index == 0 for index in range(len(configs))]

@@ -1,0 +1,186 @@
+"""Batched generation with prompts of different lengths: each row equals generating it alone.
+
+Rows sit at different places in their windows, hold different amounts of memory and read
+different roll variants (enhanced recurrence); the batch lines their windows up
+(`ct_jax.generation`). Greedy decoding of every row must give the tokens of that row decoded
+alone (which tests/test_generation.py checks against ct_torch_ref), with the logits of each
+draw within the generation tolerance.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import ct_jax
+import ct_torch_ref
+from ct_jax import convert
+from ct_jax.generation import decode, generate
+from tests.configs import CONFIGS, random_config, randomize_
+from tests.tolerances import GENERATION_LOGITS_ATOL, assert_close
+
+# 2 roll variants, memory 2x seq_len; 3 variants, 8 heads; cmem_len 0; uneven evictions, plain residuals;
+# no enhanced recurrence, memory-layer subset; Mogrifier, odd seq_len.
+BATCHED_CONFIGS = ["heads1_subset_mem2x", "wide_emb_heads8", "cmem_zero_glu", "residual_uneven_evictions",
+                   "small_emb_no_recurrence", "mogrify_odd_seq"]
+WEIGHT_GAIN = 3.0  # as tests/test_generation.py: varied greedy text rather than one repeated token
+WINDOWS = 5  # generated windows: memory and compressed memory fill and evict
+
+
+def _with_weights(config: dict) -> ct_jax.CompressiveTransformer:
+    """A JAX model of `config` with ct_torch_ref's random weights (pos_emb too) times WEIGHT_GAIN, in eval mode."""
+    torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=1)
+    state = {key: value * WEIGHT_GAIN if value.ndim >= 2 and key != "pos_emb" else value
+             for key, value in torch_model.state_dict().items()}
+    model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
+    convert.from_torch(state, model)
+    model.eval()
+    return model
+
+
+@functools.cache
+def _model(name: str) -> ct_jax.CompressiveTransformer:
+    return _with_weights(CONFIGS[name])
+
+
+def _lengths(seq_len: int) -> list[int]:
+    """Prompt lengths around the window edges: 1, inside the first window, one and several full
+    windows, and past them (memory, and with enough windows compressed memory, in play)."""
+    return sorted({1, max(1, seq_len - 1), seq_len, seq_len + 1, 2 * seq_len + 3, 3 * seq_len})
+
+
+def _prompts(config: dict, lengths: list[int], seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, config["num_tokens"], n) for n in lengths]
+
+
+def _padded(prompts: list[np.ndarray], padding: str, fill: int = -1) -> np.ndarray:
+    """The prompts as one (b, max length) array padded with `fill` on the `padding` side."""
+    width = max(len(p) for p in prompts)
+    out = np.full((len(prompts), width), fill, np.int64)
+    for row, prompt in enumerate(prompts):
+        if padding == "left":
+            out[row, width - len(prompt):] = prompt
+        else:
+            out[row, : len(prompt)] = prompt
+    return out
+
+
+def assert_rows_alone(label: str, model, prompts: list[np.ndarray], got, length: int, masks=None, **kwargs) -> None:
+    """Every row of the batched result `got` has the tokens and lengths of decoding its prompt alone (greedy),
+    and the logits of its prompt repeated over the batch: the same shapes round the same (a batch's size
+    changes float32 rounding, which some configs here amplify to 1e-2 within the logits of a lone row)."""
+    batch = len(prompts)
+    for row, prompt in enumerate(prompts):
+        mask = None if masks is None else masks[row][None]
+        alone = decode(model, prompt[None], length, jax.random.key(0), temperature=0, mask=mask, **kwargs)
+        repeated = decode(model, np.repeat(prompt[None], batch, axis=0), length, jax.random.key(0), temperature=0,
+                          return_logits=True, mask=None if mask is None else np.repeat(mask, batch, axis=0), **kwargs)
+        where = f"{label}, row {row} (prompt of {len(prompt)})"
+        drawn = int(alone.lengths[0])  # after its eos a row's logits are the batch's business
+        assert_close(f"{where}: logits of every draw", got.logits[row, :drawn], repeated.logits[0, :drawn],
+                     GENERATION_LOGITS_ATOL)
+        tokens, expected = np.asarray(got.tokens[row]), np.asarray(alone.tokens[0])
+        differ = np.flatnonzero(tokens != expected)
+        assert differ.size == 0, f"{where}: {differ.size} tokens differ from decoding it alone, first at {differ[0]}"
+        assert int(got.lengths[row]) == int(alone.lengths[0]), f"{where}: length {got.lengths[row]} alone " \
+                                                               f"{alone.lengths[0]}"
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("name", BATCHED_CONFIGS)
+def test_each_row_of_a_ragged_batch_equals_decoding_it_alone(name, padding):
+    config = CONFIGS[name]
+    model = _model(name)
+    prompts = _prompts(config, _lengths(config["seq_len"]), seed=len(name))
+    length = WINDOWS * config["seq_len"] + 1
+    prime = _padded(prompts, padding)
+    got = decode(model, prime, length, jax.random.key(0), temperature=0, return_logits=True,
+                 prompt_lengths=[len(p) for p in prompts], padding=padding)
+    assert_rows_alone(f"{name} {padding}-padded", model, prompts, got, length)
+
+
+@pytest.mark.parametrize("seed", [3, 5, 9, 12])
+def test_ragged_batches_on_random_configs(seed):
+    """Random valid configs (seq_len 1, ratios above seq_len, cmem_len 0, ...), random lengths, a list of prompts."""
+    config = random_config(seed)
+    model = _with_weights(config)
+    rng = np.random.default_rng(seed)
+    lengths = [1, *rng.integers(1, 4 * config["seq_len"] + 2, 4).tolist()]
+    prompts = _prompts(config, lengths, seed)
+    length = 4 * config["seq_len"] + int(rng.integers(1, 4))
+    got = decode(model, [p.tolist() for p in prompts], length, jax.random.key(0), temperature=0, return_logits=True)
+    assert_rows_alone(f"random config {seed}, lengths {lengths}", model, prompts, got, length)
+
+
+def test_eos_ends_each_row_where_it_would_alone():
+    name = "heads1_subset_mem2x"
+    config = CONFIGS[name]
+    model = _model(name)
+    prompts = _prompts(config, [2, 7, 11], seed=4)
+    length = WINDOWS * config["seq_len"]
+    free = decode(model, prompts, length, jax.random.key(0), temperature=0)
+    eos = int(np.asarray(free.tokens)[1, 3])  # ends row 1 at its 4th token at the latest
+    got = decode(model, prompts, length, jax.random.key(0), temperature=0, eos_token=eos, return_logits=True)
+    assert int(got.lengths[1]) <= 4
+    assert_rows_alone(f"{name} with eos {eos}", model, prompts, got, length, eos_token=eos)
+    tokens, lengths = np.asarray(got.tokens), np.asarray(got.lengths)
+    for row in range(len(prompts)):
+        assert (tokens[row, lengths[row]:] == eos).all(), f"row {row} is not padded with eos after its end"
+
+
+def test_a_prime_mask_applies_to_each_row_as_alone():
+    """Masked prime tokens (the last one of a row included) in a ragged batch, as each row with its mask alone."""
+    name = "wide_emb_heads8"
+    config = CONFIGS[name]
+    model = _model(name)
+    prompts = _prompts(config, [3, 13, 6, 20], seed=7)
+    masks = [np.random.default_rng(row).random(len(p)) < 0.6 for row, p in enumerate(prompts)]
+    masks[1][-1] = masks[2][-1] = False
+    length = 3 * config["seq_len"] + 2
+    got = decode(model, _padded(prompts, "right", fill=0), length, jax.random.key(0), temperature=0,
+                 mask=_padded(masks, "right", fill=0).astype(bool), prompt_lengths=[len(p) for p in prompts],
+                 return_logits=True)
+    assert_rows_alone(f"{name} with a prime mask", model, prompts, got, length, masks=masks)
+
+
+def test_prompt_lists_lengths_and_sides_agree():
+    """A list of prompts, lengths with right or left padding: one result; equal lengths are a plain prime."""
+    config = CONFIGS["defaults"]
+    model = _model("defaults")
+    prompts = _prompts(config, [5, 1, 9], seed=2)
+    key, length = jax.random.key(3), 9
+    listed = generate(model, prompts, length, key, temperature=0.7)
+    for padding in ("right", "left"):
+        padded = generate(model, _padded(prompts, padding), length, key, temperature=0.7,
+                          prompt_lengths=np.array([5, 1, 9]), padding=padding)
+        np.testing.assert_array_equal(padded, listed, err_msg=f"{padding}-padded prompts differ from the list")
+    same = _prompts(config, [6, 6], seed=3)
+    plain = generate(model, np.stack(same), length, key, temperature=0.7)
+    np.testing.assert_array_equal(generate(model, same, length, key, temperature=0.7), plain)
+    padded = np.concatenate([np.full((2, 3), -1), np.stack(same)], axis=1)
+    np.testing.assert_array_equal(generate(model, padded, length, key, temperature=0.7, prompt_lengths=[6, 6],
+                                           padding="left"), plain)
+
+
+def test_invalid_ragged_arguments_name_the_argument():
+    model = _model("defaults")
+    prime, key = np.zeros((2, 3), np.int32), jax.random.key(0)
+    cases = [
+        (dict(prompt_lengths=[1, 2, 3]), "prompt_lengths"),
+        (dict(prompt_lengths=[0, 2]), "prompt_lengths"),
+        (dict(prompt_lengths=[1, 4]), "prompt_lengths"),
+        (dict(prompt_lengths=[1.0, 2.0]), "prompt_lengths"),
+        (dict(prompt_lengths=[1, 2], padding="middle"), "padding"),
+        (dict(prime=[[1, 2], []]), "prime"),
+        (dict(prime=[[1, 2], [1]], prompt_lengths=[2, 1]), "prompt_lengths"),
+        (dict(prime=np.zeros(3, np.int32), prompt_lengths=[3]), "prompt_lengths"),
+    ]
+    for overrides, name in cases:
+        kwargs = dict(prime=prime, length=4, rng=key) | overrides
+        with pytest.raises(ValueError, match=name):
+            generate(model, **kwargs)
