@@ -9,6 +9,7 @@ tables.md to --out. docs/text-benchmark.md holds the measured results.
 
     python scripts/text_bench.py --sizes XS S --seeds 0 1 2 --steps 1000 --jobs 2
     python scripts/text_bench.py --tokenizers spm-train:1024 --sizes S --seeds 0 1 2
+    python scripts/text_bench.py --sizes M --variants "CT mem 64 + cmem 64 x4" "TXL mem 128 (same slots)"
     python scripts/text_bench.py --quick          # a smoke run: one tiny run of each variant
 
 Rerunning with the same --out skips the runs already recorded there.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 from ct_jax import cli
-from ct_jax.text_bench.plan import SIZES, runs
+from ct_jax.text_bench.plan import SIZES, runs, variants
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="+", default=["S"], choices=sorted(SIZES), help="model sizes (plan.SIZES)")
     parser.add_argument("--tokenizers", nargs="+", default=["bytes"], help="--tokenizer values (ct_jax.tokenizers)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=None, choices=[v.name for v in variants()], metavar="NAME",
+                        help="compared models to train (default: all)")
     parser.add_argument("--steps", type=int, default=1000, help="training steps per run")
     parser.add_argument("--data", default=None, help="corpus as scripts/train.py --data (default: stdlib sources)")
     parser.add_argument("--max-bytes", type=int, default=None, help="corpus bytes read (default: the main job's)")
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.seeds, args.steps, args.max_bytes = ["XS"], [0], 20, args.max_bytes or 1 << 20
     max_bytes = args.max_bytes or MAIN_JOB_CORPUS_BYTES
-    planned = runs(args.sizes, args.tokenizers, args.seeds, args.steps)
+    planned = runs(args.sizes, args.tokenizers, args.seeds, args.steps, args.variants)
     run_benchmark(planned, args.out, data=args.data, max_bytes=max_bytes, jobs=args.jobs)
     measure_all(planned, args.out, data=args.data, max_bytes=max_bytes, jobs=args.jobs)
     print(write_tables(args.out))

@@ -65,10 +65,13 @@ class Run:
         return f"{self.size}/{self.tokenizer.replace(':', '-')}/{self.steps}/{name}/seed{self.seed}"
 
 
-def runs(sizes: list[str], tokenizers: list[str], seeds: list[int], steps: int) -> list[Run]:
-    """Every (size, tokenizer, seed, variant), seeds outermost so a partial benchmark has whole seeds."""
+def runs(sizes: list[str], tokenizers: list[str], seeds: list[int], steps: int,
+         names: list[str] | None = None) -> list[Run]:
+    """Every (size, tokenizer, seed, variant), seeds outermost so a partial benchmark has whole seeds;
+    `names` keeps only those variants (all by default)."""
+    chosen = [variant_named(name) for name in names] if names else variants()
     return [Run(size, tokenizer, variant.name, seed, steps) for seed in seeds for size in sizes
-            for tokenizer in tokenizers for variant in variants()]
+            for tokenizer in tokenizers for variant in chosen]
 
 
 def variant_named(name: str) -> Variant:
