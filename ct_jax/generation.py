@@ -206,6 +206,7 @@ def _kept_where_held(caches: tuple[LayerCache, ...], updated: tuple[LayerCache, 
     return tuple(out)
 
 
+@jax.named_scope("window_forward")  # scopes name the ops of a profile (ct_jax.bench.decode_profile)
 def _full_call(loop: _Loop, window: Int[Array, "b s"], window_mask: Bool[Array, "b s"], s: _State):
     """A call on a full window: the model's own forward (its memory update, and the logits of the
     last position only: (b, V), never (b, t, V)); it rolls the memory once more, as the reference's
@@ -227,6 +228,7 @@ def _rows_first(rows: Bool[Array, " b"], like: jax.Array) -> jax.Array:
     return rows.reshape((1, -1) + (1,) * (like.ndim - 2))
 
 
+@jax.named_scope("cached_call")
 def _cached_call(loop: _Loop, tokens: Int[Array, "b n"], start: Int[Array, ""] | int, filled: Int[Array, "*b"],
                  window_mask: Bool[Array, "b s"], held: Bool[Array, " b"] | None, s: _State):
     """A call through the cache: `tokens` at window positions [start, ...) in a window of `filled`
@@ -282,6 +284,7 @@ def _call(loop: _Loop, s: _State, incremental_only: bool) -> _State:
     return _advance(loop, s._replace(memory=memory, caches=caches), pos, row_pos, draws, is_full, logits)
 
 
+@jax.named_scope("bookkeeping")
 def _advance(loop: _Loop, s: _State, pos: Int[Array, ""], row_pos: Int[Array, " b"], draws: Bool[Array, " b"],
              is_full: Bool[Array, ""], logits: Float[Array, "b v"]) -> _State:
     """The state after the call at `pos`, each row having the logits of its `row_pos`: the `draws` rows

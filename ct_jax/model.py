@@ -108,7 +108,8 @@ class CompressiveTransformer(nnx.Module):
     def logits(self, x: Float[Array, "*lead d"]) -> Float[Array, "*lead v"]:
         """The stream to next-token logits, in (at least) float32; an adaptive model's are its
         log-probabilities (their softmax is the adaptive distribution)."""
-        return self.to_logits(self.output_features(x)).astype(wide(self.dtype))
+        with jax.named_scope("logits"):
+            return self.to_logits(self.output_features(x)).astype(wide(self.dtype))
 
     def output_features(self, x: Float[Array, "*lead d"]) -> Float[Array, "*lead e"]:
         """The stream as the output layer reads it: projected to `emb_dim` if that differs (upstream to_logits.0)."""
@@ -223,10 +224,12 @@ class CompressiveTransformer(nnx.Module):
             if layer_cache is not None:
                 x, mask = _variant_rows(x, mask, layer_cache.k.shape[0])
                 total_valid = layer_cache.total_valid
-            result = attn.fn(attn.normed(x), pos_emb, total_valid, mask, layer_memory, rngs,
-                             memory_gradients=memory_gradients, cache=layer_cache, mass=attention_mass)
-            x = attn.join(result.out, x)
-            x = ff.join(ff.fn(ff.normed(x), rngs), x)
+            with jax.named_scope("attention"):  # scopes name the ops of a profile (ct_jax.bench.decode_profile)
+                result = attn.fn(attn.normed(x), pos_emb, total_valid, mask, layer_memory, rngs,
+                                 memory_gradients=memory_gradients, cache=layer_cache, mass=attention_mass)
+                x = attn.join(result.out, x)
+            with jax.named_scope("feed_forward"):
+                x = ff.join(ff.fn(ff.normed(x), rngs), x)
             aux_loss = aux_loss + result.aux_loss
             if result.memory is not None:
                 next_memories.append(result.memory)

@@ -39,10 +39,18 @@ def top_p(logits: Float[Array, "... v"], thres: float = 0.9) -> Float[Array, "..
 FILTERS: dict[str, FilterFn] = {"top_k": top_k, "top_p": top_p}
 
 
-def draw(logits: Float[Array, "b v"], key, temperature, filter_fn: FilterFn | None, filter_thres: float):
-    """Greedy where temperature == 0, else a draw from softmax(filter(logits) / temperature)."""
-    greedy = jnp.argmax(logits, axis=-1)
-    filtered = filter_fn(logits, thres=filter_thres) if filter_fn is not None else logits
-    safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
-    drawn = jax.random.categorical(key, filtered / safe_temperature, axis=-1)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+@jax.named_scope("sampling")
+def draw(logits: Float[Array, "b v"], key: jax.Array, temperature: Float[Array, ""], filter_fn: FilterFn | None,
+         filter_thres: float) -> Int[Array, " b"]:
+    """Greedy where temperature == 0, else a draw from softmax(filter(logits) / temperature).
+
+    A branch, not a select: greedy decoding runs no filter and no categorical draw."""
+
+    def greedy(logits: Float[Array, "b v"]) -> Int[Array, " b"]:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled(logits: Float[Array, "b v"]) -> Int[Array, " b"]:
+        filtered = filter_fn(logits, thres=filter_thres) if filter_fn is not None else logits
+        return jax.random.categorical(key, filtered / temperature, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sampled, greedy, logits)

@@ -111,7 +111,9 @@ def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
     streaming = rec["streaming"]
     assert streaming["ratio"] == streaming["streams"]["median"] / streaming["windows"]["median"] > 0
     assert all(rec["peak_memory"][fw]["step_mib"] > 0 for fw in ("jax", "torch")), rec["peak_memory"]
+    assert set(rec["decode_profile"]) == {"top_k", "greedy"}
     table = bench_report.markdown(record)
+    assert "tiny: where a decoded token's time goes (batch 1, float32, greedy)" in table
     body = [line.split(" | ") for line in table.splitlines() if line.startswith("| tiny")]
     # train, eval, generation (at 8, at batch 3 and its floor, at 16, bf16), decoding vs floor (float32, bf16),
     # streams vs windows, compile, memory, FLOP/s
@@ -130,6 +132,31 @@ def test_harness_runs_every_row_on_a_tiny_config(tmp_path):
     bench_report.bar_chart(record, tmp_path / "bench.png")
     assert json.loads((tmp_path / "bench.json").read_text())["configs"]["tiny"]["config"]["batch"] == 2
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_decode_profile_charges_each_part_and_greedy_skips_the_draw():
+    import numpy as np
+    from flax import nnx
+
+    from ct_jax.bench.decode_profile import decode_profile
+    from ct_jax.model import CompressiveTransformer
+
+    model = CompressiveTransformer(**TINY, rngs=nnx.Rngs(0))
+    prime = np.random.default_rng(0).integers(0, TINY["num_tokens"], (1, 11)).astype(np.int32)
+    found = {name: decode_profile(model, prime, 12, reps=1, temperature=t) for name, t in (("top_k", 1.0),
+                                                                                          ("greedy", 0.0))}
+    parts = {name: {row["source"]: row for row in profile["sources"]} for name, profile in found.items()}
+    for name, profile in found.items():
+        assert 0 < profile["ops_ms_per_token"] <= profile["traced_ms_per_token"], profile
+        for part in ("window_forward/attention (matmul)", "cached_call/attention (matmul)",
+                     "cached_call/feed_forward (matmul)", "bookkeeping/sampling (other)"):
+            assert parts[name][part]["ops_per_token"] > 0, (name, part, sorted(parts[name]))
+    # a greedy draw is one argmax: the filter and the categorical draw's ops do not run
+    assert parts["greedy"]["bookkeeping/sampling (other)"]["ops_per_token"] < \
+        parts["top_k"]["bookkeeping/sampling (other)"]["ops_per_token"] / 4, parts
+    table = bench_report.decode_profile_markdown(found["greedy"], floor_ms=1.0, top=3)
+    assert table.count("\n| ") == 6 and "more parts" in table and "outside any op" in table, table
+    assert found["greedy"]["ms_per_token"] > 0
 
 
 def test_profile_categories_name_both_frameworks_ops():

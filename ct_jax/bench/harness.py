@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import torch
 
 from ct_jax import flops as flop_count
-from ct_jax.bench.common import BenchConfig, interleaved
+from ct_jax.bench.common import BenchConfig, batch_primes, interleaved
+from ct_jax.bench.decode_profile import decode_profile
 from ct_jax.bench.floor import decode_floor, floor_at_batch
 from ct_jax.bench.jax_side import JaxSide, jax_matmul_seconds
 from ct_jax.bench.peak_memory import measure_peak_memory
@@ -63,6 +64,7 @@ class RunOptions:
     bf16_generation: bool = True  # a generation row decoding in bfloat16, and its floor
     generation_batches: tuple[int, ...] = (8, 32)  # generation rows at these batch sizes too (b=1 is the first row)
     streaming: bool = True  # the streamed train step against the fixed-window one (first config)
+    decode_profile: bool = True  # where a b=1 decoded token's time goes (`ct_jax.bench.decode_profile`)
     log: Callable[[str], Any] = print
 
 
@@ -80,8 +82,34 @@ def matmul_peaks(device: str, dtype: str, threads: int, reps: int = 5,
 def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, generation: bool = True,
                compile_times: bool = True) -> dict[str, Any]:
     """All measurements of one config (generation and compile times optional); a JSON-ready dict."""
-    log = options.log
     record: dict[str, Any] = dict(config=bench.to_json())
+    sides = _sides(bench, options)
+    jax_side = sides["jax"]
+    options.log(f"[{bench.name}] compiling the JAX train and eval steps")
+    record["jax_train_compile_s"] = jax_side.compile_train()
+    record["jax_eval_compile_s"] = jax_side.compile_eval()
+    if options.fused:
+        sides["jax_fused"].compile_train()
+        sides["jax_fused"].compile_eval()
+    record["flops"] = _flops(bench)
+    record.update(_throughput(bench, options, sides))
+    if generation:
+        record.update(_generation_rows(bench, options, sides))
+    if generation and options.streaming:
+        options.log(f"[{bench.name}] train step with the memory carried across steps vs fixed windows")
+        record["streaming"] = streaming_overhead(bench, options.reps, options.warmup)
+    if compile_times and options.compile_segments:
+        record["compile"] = {}
+        for segments in options.compile_segments:
+            options.log(f"[{bench.name}] JAX train step: lower + compile for {segments} segments")
+            record["compile"][str(segments)] = jax_side.compile_time(segments)
+    if options.peak_memory:
+        record["peak_memory"] = _peak_memory(bench, options, jax_side, results_dir)
+    return record
+
+
+def _sides(bench: BenchConfig, options: RunOptions) -> dict[str, Any]:
+    """The timed implementations, the torch reference's weights in each: jax, torch (and jax_fused, upstream)."""
     torch_side = TorchSide(bench, options.device, options.threads)
     state_dict = torch_side.state_dict()
     sides: dict[str, Any] = dict(jax=JaxSide(bench, options.device, state_dict), torch=torch_side)
@@ -89,66 +117,66 @@ def run_config(bench: BenchConfig, options: RunOptions, results_dir: Path, *, ge
         sides["jax_fused"] = JaxSide(bench, options.device, state_dict, attention_impl="fused")
     if options.upstream and upstream_available():
         sides["upstream"] = TorchSide(bench, options.device, options.threads, upstream=True, state_dict=state_dict)
-    jax_side = sides["jax"]
-    sync = torch_side.sync
+    return sides
 
-    log(f"[{bench.name}] compiling the JAX train and eval steps")
-    record["jax_train_compile_s"] = jax_side.compile_train()
-    record["jax_eval_compile_s"] = jax_side.compile_eval()
-    if options.fused:
-        sides["jax_fused"].compile_train()
-        sides["jax_fused"].compile_eval()
-    tokens = bench.tokens_per_step
-    train_flops = flop_count.run_flops(bench.model, bench.batch, bench.segments, training=True)
-    eval_flops = flop_count.run_flops(bench.model, bench.batch, bench.segments, training=False)
-    record["flops"] = dict(train={k: dataclasses.asdict(v) for k, v in train_flops.items()},
-                           eval={k: dataclasses.asdict(v) for k, v in eval_flops.items()},
-                           train_total=sum(f.total for f in train_flops.values()),
-                           eval_total=sum(f.total for f in eval_flops.values()))
 
+def _flops(bench: BenchConfig) -> dict[str, Any]:
+    """The model's matrix-product FLOPs per train and eval step, per component and in total (`ct_jax.flops`)."""
+    train = flop_count.run_flops(bench.model, bench.batch, bench.segments, training=True)
+    evaluation = flop_count.run_flops(bench.model, bench.batch, bench.segments, training=False)
+    return dict(train={k: dataclasses.asdict(v) for k, v in train.items()},
+                eval={k: dataclasses.asdict(v) for k, v in evaluation.items()},
+                train_total=sum(f.total for f in train.values()), eval_total=sum(f.total for f in evaluation.values()))
+
+
+def _throughput(bench: BenchConfig, options: RunOptions, sides: dict[str, Any]) -> dict[str, Any]:
+    """Train and eval steps of every side, interleaved: {"train": ..., "eval": ...}."""
+    out = {}
     for kind in ("train", "eval"):
-        log(f"[{bench.name}] {kind}: {options.reps} interleaved repetitions of {', '.join(sides)}")
+        options.log(f"[{bench.name}] {kind}: {options.reps} interleaved repetitions of {', '.join(sides)}")
         timings = interleaved({name: getattr(side, f"{kind}_step") for name, side in sides.items()},
-                              options.reps, options.warmup, sync)
-        record[kind] = {name: dict(timing.to_json(), tokens_per_s=tokens / timing.median)
-                        for name, timing in timings.items()}
+                              options.reps, options.warmup, sides["torch"].sync)
+        out[kind] = {name: dict(timing.to_json(), tokens_per_s=bench.tokens_per_step / timing.median)
+                     for name, timing in timings.items()}
+    return out
 
-    if generation:
-        jax_sides = {name: side for name, side in sides.items() if name.startswith("jax")}
-        record["generation"] = _generation(bench, options, jax_sides, torch_side, sync)
-        record["decode_floor"] = {"float32": decode_floor(jax_side.model, jnp.float32)}
-        if options.bf16_generation:
-            record["decode_floor"]["bfloat16"] = decode_floor(jax_side.model, jnp.bfloat16)
-        for batch in options.generation_batches:
-            if batch != 1:
-                record.setdefault("generation_batched", {})[str(batch)] = _generation_batched(
-                    bench, batch, options, jax_side, torch_side, record["decode_floor"]["float32"])
-        for seq_len in options.generation_seq_lens:
-            if seq_len != bench.model["seq_len"]:
-                record.setdefault("generation_at", {})[str(seq_len)] = _generation_at(bench, seq_len, options)
 
-    if generation and options.streaming:
-        log(f"[{bench.name}] train step with the memory carried across steps vs fixed windows")
-        record["streaming"] = streaming_overhead(bench, options.reps, options.warmup)
+def _generation_rows(bench: BenchConfig, options: RunOptions, sides: dict[str, Any]) -> dict[str, Any]:
+    """Generation at batch 1 (and bfloat16, other batches, other seq_len), the floors, the b=1 profile."""
+    jax_side, torch_side = sides["jax"], sides["torch"]
+    jax_sides = {name: side for name, side in sides.items() if name.startswith("jax")}
+    out: dict[str, Any] = dict(generation=_generation(bench, options, jax_sides, torch_side, torch_side.sync))
+    out["decode_floor"] = {"float32": decode_floor(jax_side.model, jnp.float32)}
+    if options.bf16_generation:
+        out["decode_floor"]["bfloat16"] = decode_floor(jax_side.model, jnp.bfloat16)
+    for batch in options.generation_batches:
+        if batch != 1:
+            out.setdefault("generation_batched", {})[str(batch)] = _generation_batched(
+                bench, batch, options, jax_side, torch_side, out["decode_floor"]["float32"])
+    for seq_len in options.generation_seq_lens:
+        if seq_len != bench.model["seq_len"]:
+            out.setdefault("generation_at", {})[str(seq_len)] = _generation_at(bench, seq_len, options)
+    if options.decode_profile:
+        options.log(f"[{bench.name}] decoding profile (batch 1; top-k sampling, then greedy)")
+        prime = batch_primes(bench, 1).astype("int32")
+        out["decode_profile"] = {name: decode_profile(jax_side.model, prime, bench.generate, temperature=t)
+                                 for name, t in (("top_k", 1.0), ("greedy", 0.0))}
+    return out
 
-    if compile_times and options.compile_segments:
-        record["compile"] = {}
-        for segments in options.compile_segments:
-            log(f"[{bench.name}] JAX train step: lower + compile for {segments} segments")
-            record["compile"][str(segments)] = jax_side.compile_time(segments)
 
-    if options.peak_memory:
-        record["peak_memory"] = {}
-        executable = results_dir / f"jax_train_{bench.name}.xla"
-        jax_side.save_train_step(executable)
-        try:
-            for name in ("jax", "torch"):
-                log(f"[{bench.name}] peak memory of a {name} training step (subprocess)")
-                record["peak_memory"][name] = measure_peak_memory(
-                    name, bench, options.device, options.threads, executable if name == "jax" else None)
-        finally:
-            executable.unlink(missing_ok=True)
-    return record
+def _peak_memory(bench: BenchConfig, options: RunOptions, jax_side: JaxSide, results_dir: Path) -> dict[str, Any]:
+    """Peak host memory of a training step per framework, each in a fresh subprocess (`peak_memory`)."""
+    out = {}
+    executable = results_dir / f"jax_train_{bench.name}.xla"
+    jax_side.save_train_step(executable)
+    try:
+        for name in ("jax", "torch"):
+            options.log(f"[{bench.name}] peak memory of a {name} training step (subprocess)")
+            out[name] = measure_peak_memory(name, bench, options.device, options.threads,
+                                            executable if name == "jax" else None)
+    finally:
+        executable.unlink(missing_ok=True)
+    return out
 
 
 def _generation(bench: BenchConfig, options: RunOptions, jax_sides: dict[str, Any], torch_side, sync,

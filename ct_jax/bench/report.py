@@ -55,89 +55,112 @@ def rows(record: dict[str, Any]) -> list[Row]:
             _ratio(row, entry["torch"]["median"] / entry["jax"]["median"], targets.get(kind))
             out.append(row)
         if "generation" in rec:
-            gen = rec["generation"]
-            new = rec["config"]["generate"]
-            label = f"generation, tok/s (b=1, {rec['config']['prime']}+{new})"
-            row = Row(name, label, {fw: _throughput_cell(gen.get(fw), new) for fw in LABELS})
-            _ratio(row, gen["torch"]["median"] / gen["jax"]["median"], targets.get("generation"))
-            out.append(row)
-            for seq_len, at in rec.get("generation_at", {}).items():
-                model = at["model"]
-                memory = f"mem {model['mem_len']}, cmem {model.get('cmem_len', '—')}"
-                label = f"generation at seq_len {seq_len} ({memory}), tok/s"
-                row = Row(name, label, {fw: _throughput_cell(at.get(fw), new) for fw in LABELS})
-                _ratio(row, at["torch"]["median"] / at["jax"]["median"], None)
-                out.append(row)
-            for batch, at in rec.get("generation_batched", {}).items():
-                label = f"generation at batch {batch}, tok/s (all rows)"
-                row = Row(name, label, {fw: _throughput_cell(at.get(fw), int(batch) * new) for fw in LABELS})
-                _ratio(row, at["torch"]["median"] / at["jax"]["median"], None)
-                out.append(row)
-                out.append(_floor_row(name, f"float32, batch {batch} (ms per step of {batch} tokens)", at["floor"],
-                                      1e3 * at["jax"]["median"] / new))
-            if "jax_bf16" in gen:
-                row = Row(name, "generation, bfloat16 decoding, tok/s (ratio: vs the reference in float32)",
-                          dict(jax=_throughput_cell(gen["jax_bf16"], new)))
-                _ratio(row, gen["torch"]["median"] / gen["jax_bf16"]["median"], None)
-                out.append(row)
-            for dtype, floor in rec.get("decode_floor", {}).items():
-                entry = gen.get("jax" if dtype == "float32" else "jax_bf16")
-                if entry:
-                    out.append(_floor_row(name, dtype, floor, 1e3 * entry["median"] / new))
+            out += _generation_rows(name, rec, targets)
         if "streaming" in rec:
-            streaming = rec["streaming"]
-            cell = (f"windows {_throughput_cell(streaming['windows'], tokens)}, "
-                    f"streams {_throughput_cell(streaming['streams'], tokens)}")
-            row = Row(name, "train step with the memory carried across steps (streams ÷ windows, time), tok/s",
-                      dict(jax=cell))
-            row.ratio, row.ratio_text = streaming["ratio"], f"{streaming['ratio']:.3f} (streams ÷ windows)"
-            row.target, row.met = f"≤ {STREAMING_TARGET:g}", streaming["ratio"] <= STREAMING_TARGET
-            out.append(row)
+            out.append(_streaming_row(name, rec["streaming"], tokens))
         if "compile" in rec:
-            segs = sorted(rec["compile"], key=int)
-            times = [rec["compile"][s]["total_s"] for s in segs]
-            row = Row(name, f"compile train step, s ({' / '.join(segs)} segments)",
-                      dict(jax=" / ".join(f"{t:.1f}" for t in times), torch="—", upstream="—"))
-            ratio = times[-1] / times[0]
-            row.ratio, row.ratio_text = ratio, f"{ratio:.2f} ({segs[-1]} vs {segs[0]})"
-            if "compile" in targets:
-                row.target, row.met = f"≤ {targets['compile']:g}", ratio <= targets["compile"]
-            out.append(row)
+            out.append(_compile_row(name, rec["compile"], targets))
         if "peak_memory" in rec:
-            mem = rec["peak_memory"]
-            cells = {fw: f"{mem[fw]['step_mib']:,.0f} ({mem[fw]['peak_rss_mib']:,.0f})" if fw in mem else "—"
-                     for fw in LABELS}
-            row = Row(name, "train step host memory, MiB above the framework's import RSS (peak RSS)", cells)
-            ratio = mem["jax"]["step_mib"] / mem["torch"]["step_mib"]
-            row.ratio, row.ratio_text, row.advantage = ratio, f"{ratio:.2f}", 1 / ratio
-            if "memory" in targets:
-                row.target, row.met = f"≤ {targets['memory']:g}", ratio <= targets["memory"]
-            out.append(row)
-            if mem["jax"].get("device_peak_mib") is not None:
-                cells = {fw: f"{mem[fw]['device_peak_mib']:,.0f}" if fw in mem else "—" for fw in LABELS}
-                out.append(Row(name, "peak device memory of a train step, MiB", cells))
-        flops = rec["flops"]["train_total"]
-        cells, mfu = {}, {}
-        for fw in LABELS:
-            entry = rec["train"].get(fw)
-            peak = peaks.get("jax" if fw.startswith("jax") else "torch", {}).get("gflops")
-            if not entry or not peak:
-                cells[fw] = "—"
-                continue
-            achieved = flops / entry["median"] / 1e9
-            mfu[fw] = achieved / peak
-            cells[fw] = f"{achieved:,.1f} ({100 * mfu[fw]:.0f}% of peak)"
-        row = Row(name, f"model GFLOP/s, train ({flops / 1e9:,.1f} GFLOP/step)", cells)
-        row.ratio, row.ratio_text = mfu["jax"] / mfu["torch"], f"{mfu['jax'] / mfu['torch']:.2f} (MFU)"
-        if "train_mfu" in targets:
-            row.target, row.met = f"JAX ≥ {100 * targets['train_mfu']:.0f}%", mfu["jax"] >= targets["train_mfu"]
-        out.append(row)
+            out += _memory_rows(name, rec["peak_memory"], targets)
+        out.append(_flops_row(name, rec, peaks, targets))
     peak_row = Row("all", "dense matmul peak, GFLOP/s (best square size)",
                    dict(jax=f"{peaks['jax']['gflops']:,.1f}", torch=f"{peaks['torch']['gflops']:,.1f}"))
     ratio = peaks["jax"]["gflops"] / peaks["torch"]["gflops"]
     peak_row.ratio, peak_row.ratio_text = ratio, f"{ratio:.2f}"
     out.append(peak_row)
     return out
+
+
+def _generation_rows(name: str, rec: dict[str, Any], targets: dict[str, float]) -> list[Row]:
+    """Generation at b=1, at other seq_len and batches, in bfloat16, and ms per token against the floors."""
+    out = []
+    gen = rec["generation"]
+    new = rec["config"]["generate"]
+    label = f"generation, tok/s (b=1, {rec['config']['prime']}+{new})"
+    row = Row(name, label, {fw: _throughput_cell(gen.get(fw), new) for fw in LABELS})
+    _ratio(row, gen["torch"]["median"] / gen["jax"]["median"], targets.get("generation"))
+    out.append(row)
+    for seq_len, at in rec.get("generation_at", {}).items():
+        model = at["model"]
+        memory = f"mem {model['mem_len']}, cmem {model.get('cmem_len', '—')}"
+        row = Row(name, f"generation at seq_len {seq_len} ({memory}), tok/s",
+                  {fw: _throughput_cell(at.get(fw), new) for fw in LABELS})
+        _ratio(row, at["torch"]["median"] / at["jax"]["median"], None)
+        out.append(row)
+    for batch, at in rec.get("generation_batched", {}).items():
+        row = Row(name, f"generation at batch {batch}, tok/s (all rows)",
+                  {fw: _throughput_cell(at.get(fw), int(batch) * new) for fw in LABELS})
+        _ratio(row, at["torch"]["median"] / at["jax"]["median"], None)
+        out.append(row)
+        out.append(_floor_row(name, f"float32, batch {batch} (ms per step of {batch} tokens)", at["floor"],
+                              1e3 * at["jax"]["median"] / new))
+    if "jax_bf16" in gen:
+        row = Row(name, "generation, bfloat16 decoding, tok/s (ratio: vs the reference in float32)",
+                  dict(jax=_throughput_cell(gen["jax_bf16"], new)))
+        _ratio(row, gen["torch"]["median"] / gen["jax_bf16"]["median"], None)
+        out.append(row)
+    for dtype, floor in rec.get("decode_floor", {}).items():
+        entry = gen.get("jax" if dtype == "float32" else "jax_bf16")
+        if entry:
+            out.append(_floor_row(name, dtype, floor, 1e3 * entry["median"] / new))
+    return out
+
+
+def _streaming_row(name: str, streaming: dict[str, Any], tokens: int) -> Row:
+    cell = (f"windows {_throughput_cell(streaming['windows'], tokens)}, "
+            f"streams {_throughput_cell(streaming['streams'], tokens)}")
+    row = Row(name, "train step with the memory carried across steps (streams ÷ windows, time), tok/s",
+              dict(jax=cell))
+    row.ratio, row.ratio_text = streaming["ratio"], f"{streaming['ratio']:.3f} (streams ÷ windows)"
+    row.target, row.met = f"≤ {STREAMING_TARGET:g}", streaming["ratio"] <= STREAMING_TARGET
+    return row
+
+
+def _compile_row(name: str, compile_times: dict[str, Any], targets: dict[str, float]) -> Row:
+    segs = sorted(compile_times, key=int)
+    times = [compile_times[s]["total_s"] for s in segs]
+    row = Row(name, f"compile train step, s ({' / '.join(segs)} segments)",
+              dict(jax=" / ".join(f"{t:.1f}" for t in times), torch="—", upstream="—"))
+    ratio = times[-1] / times[0]
+    row.ratio, row.ratio_text = ratio, f"{ratio:.2f} ({segs[-1]} vs {segs[0]})"
+    if "compile" in targets:
+        row.target, row.met = f"≤ {targets['compile']:g}", ratio <= targets["compile"]
+    return row
+
+
+def _memory_rows(name: str, mem: dict[str, Any], targets: dict[str, float]) -> list[Row]:
+    cells = {fw: f"{mem[fw]['step_mib']:,.0f} ({mem[fw]['peak_rss_mib']:,.0f})" if fw in mem else "—"
+             for fw in LABELS}
+    row = Row(name, "train step host memory, MiB above the framework's import RSS (peak RSS)", cells)
+    ratio = mem["jax"]["step_mib"] / mem["torch"]["step_mib"]
+    row.ratio, row.ratio_text, row.advantage = ratio, f"{ratio:.2f}", 1 / ratio
+    if "memory" in targets:
+        row.target, row.met = f"≤ {targets['memory']:g}", ratio <= targets["memory"]
+    out = [row]
+    if mem["jax"].get("device_peak_mib") is not None:
+        cells = {fw: f"{mem[fw]['device_peak_mib']:,.0f}" if fw in mem else "—" for fw in LABELS}
+        out.append(Row(name, "peak device memory of a train step, MiB", cells))
+    return out
+
+
+def _flops_row(name: str, rec: dict[str, Any], peaks: dict[str, Any], targets: dict[str, float]) -> Row:
+    """Achieved model FLOP/s of the train step per framework, and its share of the matmul peak (MFU)."""
+    flops = rec["flops"]["train_total"]
+    cells, mfu = {}, {}
+    for fw in LABELS:
+        entry = rec["train"].get(fw)
+        peak = peaks.get("jax" if fw.startswith("jax") else "torch", {}).get("gflops")
+        if not entry or not peak:
+            cells[fw] = "—"
+            continue
+        achieved = flops / entry["median"] / 1e9
+        mfu[fw] = achieved / peak
+        cells[fw] = f"{achieved:,.1f} ({100 * mfu[fw]:.0f}% of peak)"
+    row = Row(name, f"model GFLOP/s, train ({flops / 1e9:,.1f} GFLOP/step)", cells)
+    row.ratio, row.ratio_text = mfu["jax"] / mfu["torch"], f"{mfu['jax'] / mfu['torch']:.2f} (MFU)"
+    if "train_mfu" in targets:
+        row.target, row.met = f"JAX ≥ {100 * targets['train_mfu']:.0f}%", mfu["jax"] >= targets["train_mfu"]
+    return row
 
 
 def _floor_row(config: str, dtype: str, floor: dict[str, float], ms: float) -> Row:
@@ -149,6 +172,28 @@ def _floor_row(config: str, dtype: str, floor: dict[str, float], ms: float) -> R
     row.ratio = ms / floor["floor_ms_sum"]
     row.ratio_text = f"{row.ratio:.2f}x floor (jnp.sum bandwidth)"
     return row
+
+
+def decode_profile_markdown(profile: dict[str, Any], floor_ms: float | None = None, top: int = 15) -> str:
+    """A `ct_jax.bench.decode_profile` record as a table: each part's ms per token and share of the traced
+    wall time, then the time outside any op, and the floor if given."""
+    traced = profile["traced_ms_per_token"]
+    header = "| where (loop part/model part (op kind)) | ms per token | ops per token | share of traced time |"
+    lines = [f"ms per token: {profile['ms_per_token']:.3f} untraced, {traced:.3f} traced"
+             + (f"; floor {floor_ms:.3f} ({profile['ms_per_token'] / floor_ms:.2f}x)" if floor_ms else ""), "",
+             header, "|---|---:|---:|---:|"]
+    for row in profile["sources"][:top]:
+        lines.append(f"| `{row['source']}` | {row['ms_per_token']:.3f} | {row['ops_per_token']:.1f} | "
+                     f"{100 * row['ms_per_token'] / traced:.0f}% |")
+    rest = profile["sources"][top:]
+    if rest:
+        ms = sum(row["ms_per_token"] for row in rest)
+        lines.append(f"| {len(rest)} more parts | {ms:.3f} | {sum(r['ops_per_token'] for r in rest):.1f} | "
+                     f"{100 * ms / traced:.0f}% |")
+    outside = traced - profile["ops_ms_per_token"]
+    lines.append(f"| outside any op (runtime: launches, loop conditions, branches) | {outside:.3f} | | "
+                 f"{100 * outside / traced:.0f}% |")
+    return "\n".join(lines)
 
 
 def _ratio(row: Row, ratio: float, target: float | None) -> None:
@@ -181,6 +226,11 @@ def markdown(record: dict[str, Any]) -> str:
         "Load average (1, 5, 15 min) at start {} and end {}.".format(
             *(", ".join(f"{x:.1f}" for x in record[k]) for k in ("load_average_start", "load_average_end"))),
     ]
+    for name, rec in record["configs"].items():
+        for sampling, profile in rec.get("decode_profile", {}).items():
+            floor = rec["decode_floor"]["float32"]["floor_ms_sum"]
+            lines += ["", f"{name}: where a decoded token's time goes (batch 1, float32, {sampling})", "",
+                      decode_profile_markdown(profile, floor)]
     return "\n".join(lines)
 
 

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-bf16-generation", action="store_true", help="skip the bfloat16 decoding row")
     parser.add_argument("--no-streaming", action="store_true",
                         help="skip the row of the train step with the memory carried across steps vs fixed windows")
+    parser.add_argument("--no-decode-profile", action="store_true",
+                        help="skip the profile of a decoded token (b=1: ms per loop part under jax.profiler)")
     parser.add_argument("--torch-profile", action="store_true",
                         help="instead of the benchmark: one train step of ct_torch_ref under torch.profiler and one "
                         "of ct_jax under jax.profiler (CPU, first config), printed as time per op category and top ops")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                  generation_seq_lens=args.generation_seq_lens,
                                  generation_batches=args.generation_batches,
                                  bf16_generation=not args.no_bf16_generation, streaming=not args.no_streaming,
-                                 log=log)
+                                 decode_profile=not args.no_decode_profile, log=log)
     first_only = [args.all or index == 0 for index in range(len(configs))]
     per_config = [dict(generation=on, compile=on) for on in first_only]
     record = harness.run(configs, options, args.out, per_config=per_config)
