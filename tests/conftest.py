@@ -1,7 +1,10 @@
 """Test-wide settings, applied before JAX initialises, and the runtime check of type annotations."""
 
 import os
+import shutil
+import tempfile
 
+import jax
 import jaxtyping
 import pytest
 
@@ -19,6 +22,18 @@ from ct_jax.training import xla_flags  # noqa: E402  (after the hook; importing 
 os.environ.setdefault("XLA_FLAGS", xla_flags())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One compilation cache for the whole run: both xdist workers and every subprocess they start compile
+# many of the same small programs. Made by the process that starts the run (the workers inherit it) and
+# removed when the run ends; a cache the caller names is used and kept.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ct-jax-tests-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 try:  # tiny tensors: on 2 busy cores torch's default thread pool makes tests ~16x slower
     import torch
 
@@ -34,3 +49,9 @@ def unchecked_types():
     jaxtyping.config.update("jaxtyping_disable", True)
     yield
     jaxtyping.config.update("jaxtyping_disable", False)
+
+
+def pytest_sessionfinish(session):
+    """The run's compilation cache removed by the process that made it (not by the workers)."""
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
