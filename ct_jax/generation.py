@@ -387,8 +387,23 @@ def _report(on_token, sampling, index, tokens) -> None:
         on_token(np.where(sampling, index, -1), tokens)
 
 
-_decode_jit = jax.jit(_decode, static_argnums=(0,),
-                      static_argnames=("length", "filter_fn", "filter_thres", "return_logits", "on_token", "ragged"))
+_STATIC = dict(static_argnums=(0,),
+               static_argnames=("length", "filter_fn", "filter_thres", "return_logits", "on_token", "ragged"))
+# On CPU, XLA by default hands the one-query attention's multiply-reduces to its YNN library fusion, which ran
+# them at a third of the speed of its own loops (docs/benchmarks.md, "Decoding against the floor"); the dots
+# stay with YNN. Logits move by float32 rounding (<= 1e-7 in the tests' configs), tokens not.
+CPU_DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+_decode_jit = jax.jit(_decode, **_STATIC)
+_decode_jit_cpu = jax.jit(_decode, **_STATIC, compiler_options=CPU_DECODE_COMPILER_OPTIONS)
+
+
+def _decoder():
+    """The compiled loop: with `CPU_DECODE_COMPILER_OPTIONS` on CPU when called outside any trace (jax takes
+    compiler options on top-level jits only; `trace_state_clean` is jax's own test, absent: the plain loop)."""
+    from jax._src import core
+
+    top_level = getattr(core, "trace_state_clean", lambda: False)()
+    return _decode_jit_cpu if top_level and jax.default_backend() == "cpu" else _decode_jit
 
 
 def _prime_capacity(prime_len: int) -> int:
@@ -549,7 +564,7 @@ def _prepared(model, prime, length, rng, temperature, filter_logits_fn, filter_t
     mask = jnp.pad(mask, ((0, 0), (0, capacity - width)), constant_values=True)
     graphdef, state = nnx.split(model)
     return one_d, batch, functools.partial(
-        _decode_jit, graphdef, state, padded, lengths, offsets, mask, rng,
+        _decoder(), graphdef, state, padded, lengths, offsets, mask, rng,
         jnp.asarray(temperature, jnp.float32), jnp.asarray(-1 if eos_token is None else eos_token, jnp.int32),
         length=length, filter_fn=filter_logits_fn, filter_thres=float(filter_thres),
         return_logits=return_logits, on_token=on_token, ragged=ragged,
