@@ -145,7 +145,7 @@ def test_decode_profile_charges_each_part_and_greedy_skips_the_draw():
     prime = np.random.default_rng(0).integers(0, TINY["num_tokens"], (1, 11)).astype(np.int32)
     found = {name: decode_profile(model, prime, 12, reps=1, temperature=t) for name, t in (("top_k", 1.0),
                                                                                           ("greedy", 0.0))}
-    parts = {name: {row["source"]: row for row in profile["sources"]} for name, profile in found.items()}
+    parts = {name: {row["part"]: row for row in profile["parts"]} for name, profile in found.items()}
     for name, profile in found.items():
         assert 0 < profile["ops_ms_per_token"] <= profile["traced_ms_per_token"], profile
         for part in ("window_forward/attention (matmul)", "cached_call/attention (matmul)",

@@ -50,7 +50,7 @@ def op_parts(hlo_text: str) -> dict[str, str]:
 def traced_op_times(call, hlo_text: str) -> tuple[dict[str, dict[str, float]], float]:
     """Runs `call()` once under jax.profiler: per part (`op_parts`), the ms its XLA ops took and how many
     ran; and the call's wall time in ms."""
-    sources = op_parts(hlo_text)
+    parts = op_parts(hlo_text)
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
             start = time.perf_counter()
@@ -61,16 +61,16 @@ def traced_op_times(call, hlo_text: str) -> tuple[dict[str, dict[str, float]], f
     totals: dict[str, dict[str, float]] = collections.defaultdict(lambda: dict(ms=0.0, ops=0))
     for event in events:
         name = event.get("name", "")
-        if event.get("ph") == "X" and "dur" in event and name in sources:
-            totals[sources[name]]["ms"] += event["dur"] / 1e3
-            totals[sources[name]]["ops"] += 1
+        if event.get("ph") == "X" and "dur" in event and name in parts:
+            totals[parts[name]]["ms"] += event["dur"] / 1e3
+            totals[parts[name]]["ops"] += 1
     return dict(totals), wall_ms
 
 
 def decode_profile(model: CompressiveTransformer, prime: np.ndarray, length: int, reps: int = 3,
                    **kwargs: Any) -> dict[str, Any]:
     """`decode(model, prime, length, **kwargs)`: its ms per token untraced (median of `reps`, after a compile),
-    and one traced call's op time per source, per token."""
+    and one traced call's op time per part, per token."""
     rng = jax.random.key(0)
     run = functools.partial(decode, model, prime, length, rng, **kwargs)
     jax.block_until_ready(run())  # compiles
@@ -81,8 +81,8 @@ def decode_profile(model: CompressiveTransformer, prime: np.ndarray, length: int
         seconds.append(time.perf_counter() - start)
     per_token_ms = float(np.median(seconds)) * 1e3 / length
     totals, traced_ms = traced_op_times(run, decode_program(model, prime, length, rng, **kwargs))
-    rows = sorted(((source, t["ms"] / length, t["ops"] / length) for source, t in totals.items()),
+    rows = sorted(((part, t["ms"] / length, t["ops"] / length) for part, t in totals.items()),
                   key=lambda row: -row[1])
     return dict(ms_per_token=per_token_ms, traced_ms_per_token=traced_ms / length,
                 ops_ms_per_token=sum(row[1] for row in rows),
-                sources=[dict(source=s, ms_per_token=ms, ops_per_token=n) for s, ms, n in rows])
+                parts=[dict(part=p, ms_per_token=ms, ops_per_token=n) for p, ms, n in rows])

@@ -182,10 +182,10 @@ def decode_profile_markdown(profile: dict[str, Any], floor_ms: float | None = No
     lines = [f"ms per token: {profile['ms_per_token']:.3f} untraced, {traced:.3f} traced"
              + (f"; floor {floor_ms:.3f} ({profile['ms_per_token'] / floor_ms:.2f}x)" if floor_ms else ""), "",
              header, "|---|---:|---:|---:|"]
-    for row in profile["sources"][:top]:
-        lines.append(f"| `{row['source']}` | {row['ms_per_token']:.3f} | {row['ops_per_token']:.1f} | "
+    for row in profile["parts"][:top]:
+        lines.append(f"| `{row['part']}` | {row['ms_per_token']:.3f} | {row['ops_per_token']:.1f} | "
                      f"{100 * row['ms_per_token'] / traced:.0f}% |")
-    rest = profile["sources"][top:]
+    rest = profile["parts"][top:]
     if rest:
         ms = sum(row["ms_per_token"] for row in rest)
         lines.append(f"| {len(rest)} more parts | {ms:.3f} | {sum(r['ops_per_token'] for r in rest):.1f} | "
