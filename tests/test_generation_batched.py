@@ -2,9 +2,11 @@
 
 Rows sit at different places in their windows, hold different amounts of memory and read
 different roll variants (enhanced recurrence); the batch lines their windows up
-(`ct_jax.generation`). Greedy decoding of every row must give the tokens of that row decoded
-alone (which tests/test_generation.py checks against ct_torch_ref), with the logits of each
-draw within the generation tolerance.
+(`ct_jax.generation`). Greedy decoding of every row must give the tokens, lengths and logits
+of that row decoded alone: its prompt repeated over a batch of the same size, a plain decode
+(which tests/test_generation.py checks against ct_torch_ref). The same shapes round the same,
+and one compiled loop per batch size serves every row (the decode loop's compile is these
+tests' cost).
 """
 
 from __future__ import annotations
@@ -71,37 +73,39 @@ def _padded(prompts: list[np.ndarray], padding: str, fill: int = -1) -> np.ndarr
 
 
 def assert_rows_alone(label: str, model, prompts: list[np.ndarray], got, length: int, masks=None, **kwargs) -> None:
-    """Every row of the batched result `got` has the tokens and lengths of decoding its prompt alone (greedy),
-    and the logits of its prompt repeated over the batch: the same shapes round the same (a batch's size
-    changes float32 rounding, which some configs here amplify to 1e-2 within the logits of a lone row)."""
+    """Every row of the batched result `got` (or of each result in a dict of them, keyed by what they are)
+    has the tokens, lengths and logits of its prompt decoded alone, as a plain (not ragged) batch of copies
+    of itself: the same shapes round the same (a batch's size changes float32 rounding, which some configs
+    here amplify to 1e-2 within the logits of a lone row)."""
+    results = got if isinstance(got, dict) else {"": got}
     batch = len(prompts)
     for row, prompt in enumerate(prompts):
-        mask = None if masks is None else masks[row][None]
-        alone = decode(model, prompt[None], length, jax.random.key(0), temperature=0, mask=mask, **kwargs)
-        repeated = decode(model, np.repeat(prompt[None], batch, axis=0), length, jax.random.key(0), temperature=0,
-                          return_logits=True, mask=None if mask is None else np.repeat(mask, batch, axis=0), **kwargs)
-        where = f"{label}, row {row} (prompt of {len(prompt)})"
+        mask = None if masks is None else np.repeat(masks[row][None], batch, axis=0)
+        alone = decode(model, np.repeat(prompt[None], batch, axis=0), length, jax.random.key(0), temperature=0,
+                       return_logits=True, mask=mask, **kwargs)
         drawn = int(alone.lengths[0])  # after its eos a row's logits are the batch's business
-        assert_close(f"{where}: logits of every draw", got.logits[row, :drawn], repeated.logits[0, :drawn],
-                     GENERATION_LOGITS_ATOL)
-        tokens, expected = np.asarray(got.tokens[row]), np.asarray(alone.tokens[0])
-        differ = np.flatnonzero(tokens != expected)
-        assert differ.size == 0, f"{where}: {differ.size} tokens differ from decoding it alone, first at {differ[0]}"
-        assert int(got.lengths[row]) == int(alone.lengths[0]), f"{where}: length {got.lengths[row]} alone " \
-                                                               f"{alone.lengths[0]}"
+        for kind, result in results.items():
+            where = f"{label}{kind}, row {row} (prompt of {len(prompt)})"
+            assert_close(f"{where}: logits of every draw", result.logits[row, :drawn], alone.logits[0, :drawn],
+                         GENERATION_LOGITS_ATOL)
+            tokens, expected = np.asarray(result.tokens[row]), np.asarray(alone.tokens[0])
+            differ = np.flatnonzero(tokens != expected)
+            assert differ.size == 0, f"{where}: {differ.size} tokens differ from decoding it alone, first at " \
+                                     f"{differ[0]}"
+            assert int(result.lengths[row]) == drawn, f"{where}: length {result.lengths[row]}, alone {drawn}"
 
 
-@pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("name", BATCHED_CONFIGS)
-def test_each_row_of_a_ragged_batch_equals_decoding_it_alone(name, padding):
+def test_each_row_of_a_ragged_batch_equals_decoding_it_alone(name):
+    """Right- and left-padded: one compiled ragged loop serves both."""
     config = CONFIGS[name]
     model = _model(name)
     prompts = _prompts(config, _lengths(config["seq_len"]), seed=len(name))
     length = WINDOWS * config["seq_len"] + 1
-    prime = _padded(prompts, padding)
-    got = decode(model, prime, length, jax.random.key(0), temperature=0, return_logits=True,
-                 prompt_lengths=[len(p) for p in prompts], padding=padding)
-    assert_rows_alone(f"{name} {padding}-padded", model, prompts, got, length)
+    got = {f" {padding}-padded": decode(model, _padded(prompts, padding), length, jax.random.key(0), temperature=0,
+                                        return_logits=True, prompt_lengths=[len(p) for p in prompts], padding=padding)
+           for padding in ("right", "left")}
+    assert_rows_alone(name, model, prompts, got, length)
 
 
 @pytest.mark.parametrize("seed", [3, 5, 9, 12])
@@ -123,7 +127,7 @@ def test_eos_ends_each_row_where_it_would_alone():
     model = _model(name)
     prompts = _prompts(config, [2, 7, 11], seed=4)
     length = WINDOWS * config["seq_len"]
-    free = decode(model, prompts, length, jax.random.key(0), temperature=0)
+    free = decode(model, prompts, length, jax.random.key(0), temperature=0, return_logits=True)  # one compile
     eos = int(np.asarray(free.tokens)[1, 3])  # ends row 1 at its 4th token at the latest
     got = decode(model, prompts, length, jax.random.key(0), temperature=0, eos_token=eos, return_logits=True)
     assert int(got.lengths[1]) <= 4
