@@ -1,5 +1,6 @@
 """Test-wide settings, applied before JAX initialises, and the runtime check of type annotations."""
 
+import gc
 import os
 import shutil
 import tempfile
@@ -33,6 +34,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# Tracing and lowering make millions of short-lived objects: the default collection thresholds
+# run full collections over every imported module's objects many times a test. Frozen imports
+# and rarer collections make the suite 10-15% faster (tests/test_parity.py: 71 s -> 60 s).
+gc.freeze()
+gc.set_threshold(200_000, 50, 1000)
 
 try:  # tiny tensors: on 2 busy cores torch's default thread pool makes tests ~16x slower
     import torch

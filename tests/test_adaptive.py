@@ -110,12 +110,13 @@ def test_softmax_log_probs_nll_loss_and_gradients_match_torch(case, vocab_chunk)
     targets_t = torch.tensor(targets)
 
     log_probs_t = softmax.log_probs(hidden_t)
-    assert_close("log_probs", jax_softmax.log_probs(jnp.asarray(hidden)), log_probs_t, JAX_VS_TORCH_ATOL)
-    assert_close("logsumexp of log_probs", jax.nn.logsumexp(jax_softmax(jnp.asarray(hidden)), -1),
-                 np.zeros(targets.shape), JAX_VS_TORCH_ATOL)
+    log_probs_j, logits_j = nnx.jit(lambda module, x: (module.log_probs(x), module(x)))(jax_softmax, hidden)
+    assert_close("log_probs", log_probs_j, log_probs_t, JAX_VS_TORCH_ATOL)
+    assert_close("logsumexp of log_probs", jax.nn.logsumexp(logits_j, -1), np.zeros(targets.shape),
+                 JAX_VS_TORCH_ATOL)
 
     nll_t = softmax.nll(hidden_t, targets_t, IGNORE)
-    nll_j = jax_softmax.nll(jnp.asarray(hidden), jnp.asarray(targets), IGNORE)
+    nll_j = nnx.jit(lambda module, x, y: module.nll(x, y, IGNORE))(jax_softmax, hidden, targets)
     assert_close("per-token nll", nll_j, nll_t, JAX_VS_TORCH_ATOL)
     assert float(nll_j[1, -1]) == 0.0 and float(nll_t.detach()[1, -1]) == 0.0, "ignored targets must give 0"
     kept = targets != IGNORE
@@ -133,7 +134,7 @@ def test_softmax_log_probs_nll_loss_and_gradients_match_torch(case, vocab_chunk)
     def summed(module, hidden):
         return module.nll(hidden, jnp.asarray(targets), IGNORE).sum()
 
-    param_grads, hidden_grad = nnx.grad(summed, argnums=(0, 1))(jax_softmax, jnp.asarray(hidden))
+    param_grads, hidden_grad = nnx.jit(nnx.grad(summed, argnums=(0, 1)))(jax_softmax, jnp.asarray(hidden))
     assert_close("d loss / d hidden", hidden_grad, hidden_t.grad, GRAD_ATOL, GRAD_RTOL)
     got = _grads_by_key(jax_softmax, param_grads, SOFTMAX_PREFIX)
     expected = {SOFTMAX_TORCH_PREFIX + key: param.grad for key, param in softmax.named_parameters()}
@@ -157,7 +158,7 @@ def test_log_probs_gradients_match_torch(case):
     def weighted(module, hidden):
         return (module.log_probs(hidden) * weights).sum()
 
-    param_grads, hidden_grad = nnx.grad(weighted, argnums=(0, 1))(jax_softmax, jnp.asarray(hidden))
+    param_grads, hidden_grad = nnx.jit(nnx.grad(weighted, argnums=(0, 1)))(jax_softmax, jnp.asarray(hidden))
     assert_close("d weighted log_probs / d hidden", hidden_grad, hidden_t.grad, GRAD_ATOL, GRAD_RTOL)
     got = _grads_by_key(jax_softmax, param_grads, SOFTMAX_PREFIX)
     for key, param in softmax.named_parameters():
@@ -179,7 +180,7 @@ def test_embedding_and_its_gradients_match_torch(case):
     def weighted(module):
         return (module(jnp.asarray(tokens)) * weights).sum()
 
-    got = _grads_by_key(jax_embedding, nnx.grad(weighted)(jax_embedding), EMBEDDING_PREFIX)
+    got = _grads_by_key(jax_embedding, nnx.jit(nnx.grad(weighted))(jax_embedding), EMBEDDING_PREFIX)
     expected = {EMBEDDING_TORCH_PREFIX + key: param.grad for key, param in embedding.named_parameters()}
     assert sorted(got) == sorted(expected)
     for key, grad in expected.items():
