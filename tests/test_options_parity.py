@@ -6,6 +6,7 @@ and without memory gradients (and remat); weights both ways through the converte
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 
@@ -111,9 +112,9 @@ def test_gradients_match_reference(options, memory_gradients, remat):
     tokens = torch.randint(0, config["num_tokens"], (2, 4 * config["seq_len"] + 1),
                            generator=torch.Generator().manual_seed(0))
     total, torch_grads = _torch_grads(torch_model, tokens, memory_gradients)
-    objective, _, _, grads = autoregressive.sequence_grads(
-        jax_model, jnp.asarray(tokens.numpy()), memory_gradients=memory_gradients, remat=remat
-    )
+    objective, _, _, grads = nnx.jit(functools.partial(
+        autoregressive.sequence_grads, memory_gradients=memory_gradients, remat=remat
+    ))(jax_model, jnp.asarray(tokens.numpy()))
     assert_close("objective", objective, total, JAX_VS_TORCH_ATOL)
     graded = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
     nnx.update(graded, grads)
@@ -206,8 +207,9 @@ def _jax_logits(config: dict, segments: list, jax_state: nnx.State) -> list[np.n
     nnx.update(model, jax_state)
     model.eval()
     memory, out = ct_jax.Memory.empty(model, segments[0].shape[0]), []
+    forward = nnx.jit(lambda model, *args: model(*args))
     for tokens in segments:
-        logits, memory, _ = model(jnp.asarray(tokens.numpy()), memory)
+        logits, memory, _ = forward(model, jnp.asarray(tokens.numpy()), memory)
         out.append(np.asarray(logits))
     return out
 
