@@ -55,12 +55,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     choices = dict(dtype=sorted(DTYPES), parallel=["auto"] + [p.value for p in Parallel])
     cli.add_dataclass_flags(parser.add_argument_group("training"), TrainConfig, dict(defaults["train"],
                             parallel="auto"), choices)
-    run = parser.add_argument_group("run")
+    _add_run_flags(parser.add_argument_group("run"), given.preset)
+    _add_system_flags(parser.add_argument_group("system"))
+    args = parser.parse_args(argv)
+    args.tokenizer_given, args.num_tokens_given = given.tokenizer is not None, given.num_tokens is not None
+    return args
+
+
+def _add_run_flags(run: argparse._ArgumentGroup, preset: str | None) -> None:
+    """The run's flags: data, tokenizer, output, resume, sample and logs."""
     run.add_argument("--data", default=None, help="corpus: a text file or folder, enwik8[.gz|.zip], 'enwik8:PATH', "
                      "'text:PATH', or hf:PATH_OR_NAME[:CONFIG] (a Hugging Face dataset saved with save_to_disk or "
                      "in the local cache, a document per row of its text column); default: this Python's "
                      "standard-library sources")
-    run.add_argument(tokenizers.TOKENIZER_FLAG, default=presets.default_tokenizer(given.preset),
+    run.add_argument(tokenizers.TOKENIZER_FLAG, default=presets.default_tokenizer(preset),
                      help=f"{tokenizers.TOKENIZER_FORMS}: the model's tokens (default: bytes, or the preset's; "
                      "ct_jax.tokenizers); spm-train and words learn from the training split; stored in --out for "
                      "evaluate, generate and resume; --num-tokens defaults to its vocabulary")
@@ -85,7 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="data order streams: at each validation, measure each layer's attention mass on "
                      "compressed memory, memory and the segment, and the bits the compressed memory saves (one "
                      "more evaluation with it emptied); columns val_mass_* and val_cmem_knockout_bpb")
-    system = parser.add_argument_group("system")
+
+
+def _add_system_flags(system: argparse._ArgumentGroup) -> None:
+    """Devices, the compilation cache and multi-host settings."""
     system.add_argument("--cpu-devices", type=int, default=None, help="split the CPU into this many JAX devices")
     system.add_argument("--compile-cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME") or
                         os.path.expanduser("~/.cache"), "ct_jax", "xla"),
@@ -96,9 +107,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(or CT_COORDINATOR_ADDRESS / JAX_COORDINATOR_ADDRESS)")
     system.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     system.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
-    args = parser.parse_args(argv)
-    args.tokenizer_given, args.num_tokens_given = given.tokenizer is not None, given.num_tokens is not None
-    return args
 
 
 def sample_text(model, prompt: str, length: int, *, seed: int, temperature: float,
