@@ -11,6 +11,8 @@ checked to run on upstream 0.4.0 for 5+ segments (see tests/test_torch_ref.py).
 TRAIN_MODEL / TRAIN_CONFIG are the training tests' tiny model and step (test_training,
 test_checkpoint, test_parallel and its workers, test_long_run): one configuration, so the
 compiled steps are cached once per process. Input segments come from `ct_jax.parity.make_inputs`.
+`forward` is the model's call compiled once for the process: a config's forward (per mode, dtype
+and shapes) is traced once and shared by every test module that runs it.
 This module imports no torch (the parallel workers import it).
 """
 
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from ct_jax import training
 from ct_jax.memory import Memory
@@ -29,6 +32,8 @@ from ct_jax.options import OPTIONS
 
 if TYPE_CHECKING:
     import torch
+
+forward = nnx.jit(lambda model, tokens, memories=None, mask=None: model(tokens, memories, mask))
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # Upstream defaults: mem_len = seq_len, cmem_len = mem_len // 4, every layer remembers.

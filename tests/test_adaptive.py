@@ -23,7 +23,7 @@ from ct_jax.footprint import count_parameters
 from ct_jax.generation import decode
 from ct_jax.sharding import logical_axes
 from ct_torch_ref import adaptive as torch_adaptive
-from tests.configs import ADAPTIVE_CONFIGS, randomize_
+from tests.configs import ADAPTIVE_CONFIGS, forward, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
 
 IGNORE = -100
@@ -460,7 +460,6 @@ def test_model_log_probs_losses_and_gradients_match_torch_with_per_row_memory(na
     batch = _stream_batch(ADAPTIVE_CONFIGS[name])
     log_probs_t, nll_t, counts_t, aux_t, objective_t, grads_t = _torch_rows(torch_model, batch, seq_len)
 
-    forward = nnx.jit(lambda model, tokens, memories, mask: model(tokens, memories, mask))
     memories = ct_jax.Memory.empty(model, batch.inputs.shape[0])
     uneven = 0  # segments whose rows start from different memory counts
     for segment in range(N_SEGMENTS):

@@ -14,7 +14,7 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import autoregressive, convert, parity
 from ct_jax.generation import decode
-from tests.configs import CONFIGS, randomize_
+from tests.configs import CONFIGS, forward, randomize_
 
 # Memory and compressed memory (uneven evictions, Mogrifier, one head, layer subsets), and
 # the paper options whose attention differs: sinusoidal positions (u/v biases, static table),
@@ -40,9 +40,6 @@ def _pair(name: str) -> tuple[ct_jax.CompressiveTransformer, ct_jax.CompressiveT
     return xla, fused
 
 
-_forward = nnx.jit(lambda model, tokens, memories, mask: model(tokens, memories, mask))
-
-
 def _max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
 
@@ -57,13 +54,13 @@ def test_fused_forward_equals_xla(name, mode):
         getattr(model, mode)()
     for mask_kind in (None, "right", "padded_row"):
         segments, masks = parity.make_inputs(CASES[name], batch=3, n_segments=5, seed=1, mask_kind=mask_kind)
-        memories = {impl: ct_jax.Memory.empty(xla, 3) for impl in ("xla", "fused")}
+        memories = {impl: ct_jax.Memory.empty(xla, segments[0].shape[0]) for impl in ("xla", "fused")}
         for index, (tokens, mask) in enumerate(zip(segments, masks)):
             tokens = jnp.asarray(tokens.numpy())
             mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask.numpy())
             out = {}
             for impl, model in (("xla", xla), ("fused", fused)):
-                out[impl] = _forward(model, tokens, memories[impl], mask)
+                out[impl] = forward(model, tokens, memories[impl], mask)
                 memories[impl] = out[impl][1]
             (logits_x, mem_x, aux_x), (logits_f, mem_f, aux_f) = out["xla"], out["fused"]
             for what, a, b in (("logits", logits_x, logits_f), ("mem", mem_x.mem, mem_f.mem),
@@ -88,7 +85,7 @@ def test_fused_forward_equals_xla_with_per_row_counts():
             memories = {impl: memory.reset(jnp.array([False, True, False])) for impl, memory in memories.items()}
         logits = {}
         for impl, model in (("xla", xla), ("fused", fused)):
-            logits[impl], memories[impl], _ = _forward(model, jnp.asarray(tokens.numpy()), memories[impl],
+            logits[impl], memories[impl], _ = forward(model, jnp.asarray(tokens.numpy()), memories[impl],
                                                        jnp.asarray(mask.numpy()))
         assert index < 2 or len(set(np.asarray(memories["xla"].total_valid).tolist())) > 1, "counts should differ"
         diff = _max_diff(logits["xla"], logits["fused"])

@@ -127,7 +127,7 @@ def test_eos_ends_each_row_where_it_would_alone():
     model = _model(name)
     prompts = _prompts(config, [2, 7, 11], seed=4)
     length = WINDOWS * config["seq_len"]
-    free = decode(model, prompts, length, jax.random.key(0), temperature=0, return_logits=True)  # one compile
+    free = decode(model, prompts, length, jax.random.key(0), temperature=0, return_logits=True)  # got's loop
     eos = int(np.asarray(free.tokens)[1, 3])  # ends row 1 at its 4th token at the latest
     got = decode(model, prompts, length, jax.random.key(0), temperature=0, eos_token=eos, return_logits=True)
     assert int(got.lengths[1]) <= 4

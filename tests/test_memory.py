@@ -11,7 +11,7 @@ from flax import nnx
 
 import ct_jax
 from ct_jax import convert
-from tests.configs import CONFIGS, present_fields
+from tests.configs import CONFIGS, forward, present_fields
 
 # (config, segments each row has already seen): empty, filling, full with compressed memory.
 CASES = {
@@ -34,13 +34,8 @@ def stack_rows(memories: list[ct_jax.Memory]) -> ct_jax.Memory:
                            zip(zip(*memories), (1, 1, 0, 0))))
 
 
-@pytest.fixture(scope="module")
-def forward():
-    return nnx.jit(lambda model, tokens, memories, mask: model(tokens, memories, mask))
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_rows_with_different_memory_compute_what_each_row_computes_alone(name, forward):
+def test_rows_with_different_memory_compute_what_each_row_computes_alone(name):
     config = CONFIGS[name]
     model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(1))
     model.train()  # the aux loss is computed per row too

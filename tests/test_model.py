@@ -10,7 +10,7 @@ from flax import nnx
 from jax.experimental import checkify
 
 import ct_jax
-from tests.configs import CONFIGS
+from tests.configs import CONFIGS, forward
 from tests.tolerances import assert_close, bf16_atol
 
 CONFIG = CONFIGS["heads1_subset_mem2x"]  # 2 memory layers, seq 4, mem 8, cmem 4, ratio 2, 24 tokens
@@ -19,11 +19,6 @@ CONFIG = CONFIGS["heads1_subset_mem2x"]  # 2 memory layers, seq 4, mem 8, cmem 4
 @pytest.fixture(scope="module")
 def model():
     return ct_jax.CompressiveTransformer(**CONFIG, rngs=nnx.Rngs(0))
-
-
-@pytest.fixture(scope="module")
-def forward():
-    return nnx.jit(lambda model, tokens, memories, mask: model(tokens, memories, mask))
 
 
 @pytest.mark.usefixtures("unchecked_types")  # the package's own messages
@@ -84,7 +79,7 @@ def test_checked_mode_reports_bad_tokens_under_jit(model):
     assert error.get() is None
 
 
-def test_memory_fills_then_compresses_with_the_invariant(model, forward):
+def test_memory_fills_then_compresses_with_the_invariant(model):
     """Valid counts grow as the reference's memory does; cmem is non-empty only once mem is full."""
     memories = ct_jax.Memory.empty(model, 2)
     counts = []
@@ -106,7 +101,6 @@ def test_no_nan_from_valid_but_awkward_input(name):
     config = CONFIGS[name]
     net = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(1))
     net.train()
-    forward = nnx.jit(lambda model, tokens, memories, mask: model(tokens, memories, mask))
     memories = ct_jax.Memory.empty(net, 3)
     for step in range(12):  # compressed memory full for many segments
         tokens = jax.random.randint(jax.random.key(step), (3, config["seq_len"]), 0, config["num_tokens"])
@@ -135,7 +129,7 @@ def test_bfloat16_compute_tracks_float32(model):
         assert_close(f"bf16 logits, segment {step}", logits16, logits32, bf16_atol(logits32))
 
 
-def test_eval_mode_has_no_aux_loss_and_train_mode_does(model, forward):
+def test_eval_mode_has_no_aux_loss_and_train_mode_does(model):
     memories = ct_jax.Memory.empty(model, 2)
     aux = {}
     for mode in ("train", "eval"):

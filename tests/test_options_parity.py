@@ -23,7 +23,7 @@ from ct_jax import autoregressive, convert
 from ct_jax.config_from_weights import config_from_weights
 from ct_jax.generation import decode
 from ct_jax.parity import make_inputs
-from tests.configs import OPTION_VALUES, OPTIONS_BASE, random_config, random_options, randomize_
+from tests.configs import OPTION_VALUES, OPTIONS_BASE, forward, random_config, random_options, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
 
 N_SEGMENTS = 5
@@ -42,7 +42,6 @@ def model_pair(
 def compare_run(torch_model, jax_model, config: dict, *, mask_kind: str, seed: int, label: str) -> None:
     """Runs both over N_SEGMENTS segments (the last short) threading memory; checks every output."""
     segments, masks = make_inputs(config, batch=3, n_segments=N_SEGMENTS, seed=seed, mask_kind=mask_kind)
-    forward = nnx.jit(lambda model, *args: model(*args))
     torch_memory, jax_memory = None, ct_jax.Memory.empty(jax_model, 3)
     for index, (tokens, mask) in enumerate(zip(segments, masks)):
         with torch.no_grad():
@@ -207,7 +206,6 @@ def _jax_logits(config: dict, segments: list, jax_state: nnx.State) -> list[np.n
     nnx.update(model, jax_state)
     model.eval()
     memory, out = ct_jax.Memory.empty(model, segments[0].shape[0]), []
-    forward = nnx.jit(lambda model, *args: model(*args))
     for tokens in segments:
         logits, memory, _ = forward(model, jnp.asarray(tokens.numpy()), memory)
         out.append(np.asarray(logits))
@@ -255,7 +253,6 @@ def test_clamped_rows_with_different_memory_match_the_reference_row_by_row():
     jax_model.eval()
     reset_at = 2
     segments, _ = make_inputs(config, batch=2, n_segments=N_SEGMENTS, seed=10)
-    forward = nnx.jit(lambda model, *args: model(*args))
     memory, torch_memories = ct_jax.Memory.empty(jax_model, 2), [None, None]
     for index, tokens in enumerate(segments):
         if index == reset_at:

@@ -14,18 +14,12 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import convert
 from ct_jax.parity import MASK_KINDS, make_inputs, run_both
-from tests.configs import CONFIGS, random_config, randomize_
+from tests.configs import CONFIGS, forward, random_config, randomize_
 from tests.tolerances import JAX_VS_TORCH_ATOL, JAX_VS_TORCH_F64_ATOL, assert_close
 
 upstream = pytest.importorskip("compressive_transformer_pytorch")
 
 N_SEGMENTS = 5
-
-
-@functools.cache
-def _jitted_forward(name: str):
-    """One jitted forward per config, so its compilations are shared by the tests."""
-    return nnx.jit(lambda model, tokens, memories, mask: model(tokens, memories, mask))
 
 
 @functools.cache
@@ -63,7 +57,6 @@ def test_forward_matches_upstream(name, mask_kind, mode):
     torch_model.train(mode == "train")
     getattr(jax_model, mode)()
     segments, masks = make_inputs(CONFIGS[name], batch=3, n_segments=N_SEGMENTS, seed=7, mask_kind=mask_kind)
-    forward = _jitted_forward(name)
     compare_segments(torch_model, jax_model, segments, masks, call=lambda *args: forward(jax_model, *args),
                      label=f"{name}/{mask_kind}/{mode}")
 
@@ -96,7 +89,6 @@ def test_weights_made_in_jax_match_ct_torch_ref(name):
     torch_model.train()
     jax_model.train()
     segments, masks = make_inputs(config, batch=2, n_segments=N_SEGMENTS, seed=11, mask_kind="left")
-    forward = nnx.jit(lambda model, *args: model(*args))
     compare_segments(torch_model, jax_model, segments, masks, call=lambda *args: forward(jax_model, *args),
                      label=f"{name}/from-jax")
 
@@ -111,7 +103,6 @@ def test_float64_semantics_are_exact(name):
         jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0), dtype=jnp.float64,
                                                   param_dtype=jnp.float64)
         convert.from_torch(torch_model.state_dict(), jax_model)
-        forward = nnx.jit(lambda model, *args: model(*args))  # eager float64 calls would compile every op
         segments, masks = make_inputs(config, batch=2, n_segments=N_SEGMENTS, seed=5, mask_kind="right")
         memory = None
         jax_memory = None
@@ -133,7 +124,6 @@ def test_memory_round_trip_switches_framework_mid_run():
     torch_model.eval()
     jax_model.eval()
     segments, _ = make_inputs(CONFIGS[name], batch=2, n_segments=N_SEGMENTS, seed=4)
-    forward = _jitted_forward(name)  # compiled, not op by op (eager calls: test_eager_matches_upstream)
     jax_memory = None
     for tokens in segments[:3]:
         _, jax_memory, _ = forward(jax_model, jnp.asarray(tokens.numpy()), jax_memory, None)
@@ -156,7 +146,6 @@ def test_random_configurations_match_reference(seed):
     torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=seed)
     jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
     convert.from_torch(torch_model.state_dict(), jax_model)
-    forward = nnx.jit(lambda model, *args: model(*args))
     for mode in ("train", "eval"):
         torch_model.train(mode == "train")
         getattr(jax_model, mode)()
