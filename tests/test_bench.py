@@ -12,8 +12,7 @@ from ct_jax.bench import report as bench_report
 from ct_jax.bench.floor import floor_at_batch
 from ct_jax.config import ModelConfig
 
-TINY = dict(num_tokens=32, dim=16, depth=2, seq_len=8, mem_len=8, cmem_len=2, cmem_ratio=4, heads=2,
-            memory_layers=[2])
+TINY = dict(num_tokens=32, dim=16, depth=1, seq_len=8, mem_len=8, cmem_len=2, cmem_ratio=4, heads=2)
 
 
 def test_memory_schedule_follows_the_reference_growth():

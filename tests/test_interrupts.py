@@ -90,24 +90,31 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
+def _stop(run: _Run, name: str, signum: int) -> None:
+    """`signum` sent once `run` has stepped (twice for "twice", the second after the acknowledgement)."""
+    assert run.wait_for(r"\b[1-9]\d*/100000"), f"{name}: no step reported:\n{run.stderr[-2000:]}"
+    run.proc.send_signal(signum)
+    if name == "twice":
+        assert run.wait_for(ACKNOWLEDGED), run.stderr[-2000:]
+        run.proc.send_signal(signum)
+
+
 @pytest.fixture(scope="module")
 def interrupted(workdir):
-    """Three runs at once: stopped by SIGTERM, by SIGINT, and by SIGINT twice; (status, stdout, stderr, out)."""
-    runs = {name: _Run(_train(workdir, workdir / name, 100_000)) for name in ("sigterm", "sigint", "twice")}
-    results = {}
+    """Three runs: stopped by SIGTERM, by SIGINT, and by SIGINT twice; (status, stdout, stderr, out). The
+    first fills the compilation cache and the other two start from it; each is signalled once it steps (a
+    run left stepping takes a core from the others)."""
+    signals = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "twice": signal.SIGINT}
+    runs = {}
     try:
-        for name, signum in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT), ("twice", signal.SIGINT)):
-            run = runs[name]
-            assert run.wait_for(r"\b[1-9]\d*/100000"), f"{name}: no step reported:\n{run.stderr[-2000:]}"
-            run.proc.send_signal(signum)
-            if name == "twice":
-                assert run.wait_for(ACKNOWLEDGED), run.stderr[-2000:]
-                run.proc.send_signal(signum)
-            results[name] = (*run.finish(), workdir / name)
+        for names in (["sigterm"], ["sigint", "twice"]):
+            runs.update({name: _Run(_train(workdir, workdir / name, 100_000)) for name in names})
+            for name in names:
+                _stop(runs[name], name, signals[name])
+        return {name: (*run.finish(), workdir / name) for name, run in runs.items()}
     finally:
         for run in runs.values():
             run.kill()
-    return results
 
 
 @pytest.mark.parametrize("name, signum", [("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)])

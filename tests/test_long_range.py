@@ -53,7 +53,8 @@ def _script():
 
 
 def test_quick_mode_runs_and_writes_tables(tmp_path):
-    tables = _script().main(["--quick", "--out", str(tmp_path)])
+    # the quick plan's runs at fewer steps: the wiring, not the learning (the next test's)
+    tables = _script().main(["--quick", "--steps", "3", "--text-steps", "2", "--out", str(tmp_path)])
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     kinds = {(r["kind"], r["variant"]) for r in records}
     assert ("recall", "CT LONG_RANGE") in kinds and ("text", "CT LONG_RANGE") in kinds

@@ -16,7 +16,7 @@ from ct_jax.commands import evaluate, generate, train
 from ct_jax.tokenizers import TOKENIZER_RECORD
 
 CORPUS_BYTES = "300000"  # of the default corpus: a tokenizer learns in seconds
-SHRUNKEN = ["--dim", "64", "--depth", "2", "--heads", "4", "--seq-len", "64", "--mem-len", "64", "--cmem-len", "32",
+SHRUNKEN = ["--dim", "64", "--depth", "1", "--heads", "4", "--seq-len", "32", "--mem-len", "32", "--cmem-len", "16",
             "--batch-size", "4", "--steps", "3", "--max-bytes", CORPUS_BYTES, "--no-progress", "--sample-length", "12",
             "--compile-cache", "", "--fast-compile"]
 

@@ -239,10 +239,19 @@ def _refused(workdir: Path, out: Path, *extra: str) -> subprocess.CompletedProce
     (("--num-tokens", "100"), "num_tokens=100 (--num-tokens) is too small for the data: the train split holds token "
                               "ids up to 1"),
 ])
-def test_bad_arguments_are_refused_before_any_work_or_write(workdir, tmp_path, extra, message):
+def test_bad_arguments_are_refused_before_any_work_or_write(workdir, tmp_path, monkeypatch, capsys, extra, message):
+    """The command's `main` in this process, as the script calls it (a list argv returns the status where the
+    script's process would exit with it): the refusals need no process of their own. The process-level
+    wiring (one line, no traceback, the status) is tested by the data-errors test below."""
+    from ct_jax.commands import train
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # --fast-compile appends to it
     out = tmp_path / "out"
-    done = _refused(workdir, out, *extra)
-    assert f"error: {message}" in done.stderr, done.stderr[-2000:]
+    command = _command(workdir, out, *extra)
+    cache = command.index("--compile-cache")  # this process keeps the test run's compilation cache
+    status = train.main(command[2:cache] + command[cache + 2:])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, (status, err[-2000:])
     assert not out.exists(), "nothing may be written for a refused command"
 
 
