@@ -224,6 +224,25 @@ def _refused(workdir: Path, out: Path, *extra: str) -> subprocess.CompletedProce
     return done
 
 
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """The command's `main` called in this process as the script calls it (a list argv returns the status the
+    script's process exits with): for runs that refuse or stop before training, which need no process of
+    their own. (status, stdout, stderr); the test run's compilation cache stays this process's."""
+    from ct_jax.commands import train
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # --fast-compile appends to it
+
+    def call(workdir: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+        command = _command(workdir, out, *extra)
+        cache = command.index("--compile-cache")
+        status = train.main(command[2:cache] + command[cache + 2:])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return call
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--data", ""), "the data spec '' names no path"),
     (("--data", "text:"), "the data spec 'text:' names no path"),
@@ -239,30 +258,20 @@ def _refused(workdir: Path, out: Path, *extra: str) -> subprocess.CompletedProce
     (("--num-tokens", "100"), "num_tokens=100 (--num-tokens) is too small for the data: the train split holds token "
                               "ids up to 1"),
 ])
-def test_bad_arguments_are_refused_before_any_work_or_write(workdir, tmp_path, monkeypatch, capsys, extra, message):
-    """The command's `main` in this process, as the script calls it (a list argv returns the status where the
-    script's process would exit with it): the refusals need no process of their own. The process-level
-    wiring (one line, no traceback, the status) is tested by the data-errors test below."""
-    from ct_jax.commands import train
-
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # --fast-compile appends to it
+def test_bad_arguments_are_refused_before_any_work_or_write(workdir, tmp_path, in_process, extra, message):
     out = tmp_path / "out"
-    command = _command(workdir, out, *extra)
-    cache = command.index("--compile-cache")  # this process keeps the test run's compilation cache
-    status = train.main(command[2:cache] + command[cache + 2:])
-    err = capsys.readouterr().err
+    status, _, err = in_process(workdir, out, *extra)
     assert status == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, (status, err[-2000:])
     assert not out.exists(), "nothing may be written for a refused command"
 
 
-def test_data_errors_print_the_message_alone_and_the_traceback_with_debug(workdir, tmp_path):
+def test_data_errors_print_the_message_alone_and_the_traceback_with_debug(workdir, tmp_path, in_process):
     bad = tmp_path / "corpus.txt.gz"
     bad.write_bytes(b"\x1f\x8b\x08 truncated")
     done = _refused(workdir, tmp_path / "out", "--data", str(bad))
     assert f"error: {bad} is not a readable gz file" in done.stderr, done.stderr[-2000:]
-    debug = subprocess.run(_command(workdir, tmp_path / "out", "--data", str(bad), "--debug"), cwd=ROOT, env=_env(),
-                           capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    status, _, err = in_process(workdir, tmp_path / "out", "--data", str(bad), "--debug")
+    assert status != 0 and "Traceback" in err, err[-2000:]
 
 
 def test_a_second_run_on_a_held_output_folder_is_refused_naming_the_holder(workdir, tmp_path):
@@ -298,24 +307,27 @@ def _files(folder: Path) -> dict[Path, int]:
     return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.name != ".lock"}
 
 
-def test_fewer_steps_than_the_run_has_exits_0_in_one_line_writing_nothing(workdir, uninterrupted, tmp_path):
+def test_fewer_steps_than_the_run_has_exits_0_in_one_line_writing_nothing(workdir, uninterrupted, tmp_path,
+                                                                          in_process):
     reference, _, _ = uninterrupted
     out = tmp_path / "finished"
     shutil.copytree(reference, out, ignore=shutil.ignore_patterns(".lock"))
     before = _files(out)
-    done = _run(_command(workdir, out, "--steps", "10", "--sample-length", "5"))
-    said = done.stdout.splitlines()[2:]  # after the data and devices lines
-    assert said == [f"run is at step {STEPS} >= --steps 10: nothing to train; pass a larger --steps"], done.stdout
+    status, stdout, _ = in_process(workdir, out, "--steps", "10", "--sample-length", "5")
+    said = stdout.splitlines()[2:]  # after the data and devices lines
+    assert status == 0 and said == [f"run is at step {STEPS} >= --steps 10: nothing to train; pass a larger "
+                                    "--steps"], stdout
     assert _files(out) == before, "nothing may be written"
 
 
-def test_resuming_with_another_data_order_names_it_and_keeps_the_checkpoints(workdir, uninterrupted, tmp_path):
+def test_resuming_with_another_data_order_names_it_and_keeps_the_checkpoints(workdir, uninterrupted, tmp_path,
+                                                                              in_process):
     reference, _, _ = uninterrupted
     out = tmp_path / "streamed"
     shutil.copytree(reference, out, ignore=shutil.ignore_patterns(".lock"))
     before = _files(out)
-    done = _refused(workdir, out, "--data-order", "windows")
-    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error) == 1 and "data_order streams -> windows" in error[0], done.stderr[-2000:]
+    status, _, err = in_process(workdir, out, "--data-order", "windows")
+    error = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 2 and len(error) == 1 and "data_order streams -> windows" in error[0], err[-2000:]
     assert "rerun with the checkpoint's values (--data-order streams)" in error[0] and "Move" not in error[0]
     assert _files(out) == before, "the healthy checkpoints stay as they are"
