@@ -21,6 +21,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from ct_jax._checks import check_choice, check_int
+from ct_jax._host import to_device
 from ct_jax.generation import generate  # noqa: F401  (public here: ct_jax.autoregressive.generate)
 from ct_jax.memory import KNOCKOUTS, Memory
 from ct_jax.model import CompressiveTransformer
@@ -269,7 +270,7 @@ def losses(
         check_choice("knockout", knockout, KNOCKOUTS)
     seq_len = model.config.seq_len
     check_batch_ids(batch.inputs, batch.targets, model.config, ignore_index)
-    batch = jax.tree.map(jnp.asarray, batch)  # numpy from a sampler, or from_windows' resets
+    batch = jax.tree.map(to_device, batch)  # numpy from a sampler, or from_windows' resets
     if memories is None:
         memories = Memory.empty(model, batch.inputs.shape[0], model.dtype)
     denominators = _denominators(batch, seq_len, ignore_index, 1, axis_name) if batch_mean else None
@@ -423,7 +424,7 @@ def grads(
         raise ValueError(f"batch size ({b}) must be divisible by micro_batches ({micro_batches})")
     seq_len = model.config.seq_len
     check_batch_ids(batch.inputs, batch.targets, model.config, ignore_index)
-    batch = jax.tree.map(jnp.asarray, batch)  # numpy from a sampler, or from_windows' resets
+    batch = jax.tree.map(to_device, batch)  # numpy from a sampler, or from_windows' resets
     if memories is None:
         memories = Memory.empty(model, b, model.dtype)
     denominators = _denominators(batch, seq_len, ignore_index, micro_batches, axis_name) if batch_mean else None

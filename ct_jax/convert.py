@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ct_jax._host import to_device
 from ct_jax.config import ModelConfig
 from ct_jax.io import atomic_write
 from ct_jax.memory import Memory
@@ -125,9 +126,11 @@ def _load(state_dict: Mapping[str, Any], module: nnx.Module, prefix: str, what: 
         if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
             mismatched.append(f"{key}: expected a floating dtype, got {value.dtype}")
             continue
-        converted[path] = jnp.asarray(value, dtype=target.dtype)
+        with np.errstate(over="ignore"):  # a weight too large for the dtype becomes inf: refused below
+            converted[path] = np.asarray(value, dtype=target.dtype)
+    # checked and cast on the host: on the device each parameter shape would compile its own programs
     non_finite = [] if allow_non_finite else sorted(
-        torch_key(_joined(prefix, path)) for path, value in converted.items() if not bool(jnp.isfinite(value).all()))
+        torch_key(_joined(prefix, path)) for path, value in converted.items() if not np.isfinite(value).all())
     if missing or unexpected or mismatched or non_finite:
         problems = []
         if missing:
@@ -140,7 +143,7 @@ def _load(state_dict: Mapping[str, Any], module: nnx.Module, prefix: str, what: 
             problems.append(f"weights holding NaN or Inf {non_finite} (allow_non_finite=True loads them anyway)")
         raise ValueError(f"state_dict does not match {what}: " + "; ".join(problems))
     for path, value in converted.items():
-        params[path].set_value(value)
+        params[path].set_value(to_device(value))
     return module
 
 
@@ -276,10 +279,10 @@ def memory_from_torch(memory, model_or_config) -> Memory:
         usage = np.zeros(mem.shape[:3], np.float32) if given is None else _as_numpy(given).astype(np.float32)
         if usage.shape != mem.shape[:3]:
             raise ValueError(f"memory.mem_usage must have shape {mem.shape[:3]} like mem, got {usage.shape}")
-        usage = jnp.asarray(pad(usage, config.mem_len))
+        usage = to_device(pad(usage, config.mem_len))
     return Memory(
-        jnp.asarray(pad(mem, config.mem_len)),
-        jnp.asarray(pad(cmem, config.cmem_len)),
+        to_device(pad(mem, config.mem_len)),
+        to_device(pad(cmem, config.cmem_len)),
         jnp.full((mem.shape[1],), mem.shape[2], jnp.int32),
         jnp.full((mem.shape[1],), cmem.shape[2], jnp.int32),
         usage,

@@ -29,6 +29,7 @@ from jaxtyping import Array, Int
 from tqdm.auto import tqdm
 
 from ct_jax._checks import check_choice, check_int
+from ct_jax._host import to_device
 from ct_jax.autoregressive import losses
 from ct_jax.config import ModelConfig
 from ct_jax.memory import KNOCKOUTS, Memory
@@ -217,10 +218,10 @@ def stream_eval(
     sums = []  # read once at the end: no host sync per call
     span = per_call * seq_len
     for call in tqdm(range(n_calls), desc=f"evaluating {name}", unit="call", disable=not progress, leave=False):
-        chunk = StreamBatch(*(jnp.asarray(x[:, call * span : (call + 1) * span]) for x in batch[:3]),
-                            jnp.asarray(batch.resets[:, call * per_call : (call + 1) * per_call]))
+        chunk = StreamBatch(*(to_device(x[:, call * span : (call + 1) * span]) for x in batch[:3]),
+                            to_device(batch.resets[:, call * per_call : (call + 1) * per_call]))
         *measured, memories = _chunk_nll(graphdef, state, memories, chunk, measures,
-                                         jnp.asarray(buckets[:, call * span : (call + 1) * span], jnp.int32))
+                                         to_device(buckets[:, call * span : (call + 1) * span], np.int32))
         sums.append(measured)
     nll, count, bucket_nll, bucket_count, mass = (jax.tree.map(np.asarray, list(parts)) for parts in zip(*sums))
     queries = max(int(np.sum(batch.mask)), 1)

@@ -55,6 +55,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Shaped
 
+from ct_jax._host import to_device
 from ct_jax.attention import LayerCache
 from ct_jax.layers import wide
 from ct_jax.memory import Memory
@@ -438,7 +439,7 @@ def _is_concrete(x: Any) -> bool:
 def _checked_inputs(config, prime, length, temperature, filter_logits_fn, filter_thres, eos_token, mask
                     ) -> tuple[Int[Array, "b p"], Bool[Array, "b p"], FilterFn | None]:
     """`decode`'s arguments checked, with errors that name them: (prime and mask as (b, p), the filter)."""
-    prime = jnp.asarray(prime)
+    prime = to_device(prime)
     if prime.ndim not in (1, 2) or not jnp.issubdtype(prime.dtype, jnp.integer):
         raise ValueError(f"prime must be a (b, p) or (p,) array of token ids, got {prime.dtype} {prime.shape}")
     one_d = prime.ndim == 1
@@ -463,7 +464,7 @@ def _checked_inputs(config, prime, length, temperature, filter_logits_fn, filter
         raise ValueError(f"filter_thres must be a float in [0, 1], got {filter_thres!r}")
     if mask is None:  # all real: the same values as no mask, and the same compilation as a mask
         mask = jnp.ones(prime.shape, bool)
-    mask = jnp.asarray(mask)
+    mask = to_device(mask)
     mask = mask[None] if one_d and mask.ndim == 1 else mask
     if mask.shape != prime.shape or mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be a bool array of the prime's shape {prime.shape}, got {mask.dtype} {mask.shape}")
@@ -501,7 +502,7 @@ def _checked_lengths(prompt_lengths: Any, padding: str, prime: Int[Array, "b p"]
         raise ValueError(f"padding must be 'right' or 'left' (where each row's padding sits), got {padding!r}")
     if prompt_lengths is None:
         return None
-    lengths = jnp.asarray(prompt_lengths)
+    lengths = to_device(prompt_lengths)
     batch, width = prime.shape
     if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"prompt_lengths must be {batch} ints (one per prime row), "

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ct_jax import convert
+from ct_jax._host import to_device
 from ct_jax.checkpointing import restore_newest
 from ct_jax.config import ModelConfig
 from ct_jax.model import CompressiveTransformer
@@ -56,7 +57,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> Loaded:
     step, state, record = restore_newest(path / CHECKPOINTS_FOLDER, _train_state)
     model = CompressiveTransformer(**ModelConfig.from_kwargs(record["model_config"]).to_kwargs(),
                                    rngs=nnx.Rngs(0), dtype=dtype)
-    nnx.update(model, jax.tree.map(jnp.asarray, state.params))
+    nnx.update(model, jax.tree.map(to_device, state.params))
     return Loaded(model, f"step {step} of {path / CHECKPOINTS_FOLDER} (the run's newest verified checkpoint; "
                          f"it has no model/ export)", step)
 

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from ct_jax import convert
+from ct_jax._host import to_device
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 
@@ -152,8 +153,8 @@ def run_both(torch_model: Any, call: JaxCall, segments: list[Any], masks: list[A
     for tokens, mask in zip(segments, masks):
         with torch.no_grad():
             logits, torch_memory, aux = torch_model(tokens, memories=torch_memory, mask=mask)
-        jax_mask = None if mask is None else jnp.asarray(mask.numpy())
-        jax_logits, jax_memory, jax_aux = call(jnp.asarray(tokens.numpy()), jax_memory, jax_mask)
+        jax_mask = None if mask is None else to_device(mask.numpy())
+        jax_logits, jax_memory, jax_aux = call(to_device(tokens.numpy()), jax_memory, jax_mask)
         valid = convert.memory_to_torch(jax_memory)
         yield {
             "logits": (np.asarray(jax_logits), logits.numpy()),

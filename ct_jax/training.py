@@ -22,6 +22,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from ct_jax._checks import check_float, check_int
+from ct_jax._host import to_device
 from ct_jax.autoregressive import grads, segment_losses
 from ct_jax.config import ModelConfig, documented
 from ct_jax.memory import Memory
@@ -420,5 +421,5 @@ class Trainer:
 
     def load_params(self, params: nnx.State) -> CompressiveTransformer:
         """The model with host `params` loaded (in place), e.g. for export or sampling."""
-        nnx.update(self.model, jax.tree.map(jnp.asarray, params))
+        nnx.update(self.model, jax.tree.map(to_device, params))
         return self.model

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from ct_jax import training
+from ct_jax import convert, training
 from ct_jax.memory import Memory
+from ct_jax.model import CompressiveTransformer
 from ct_jax.options import OPTIONS
 
 if TYPE_CHECKING:
@@ -129,6 +131,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 value = WEIGHT_GAIN * noise / math.sqrt(max(1, fan_in))
             value = torch.where(value == 0, torch.full_like(value, 1e-3), value)
             param.copy_(value.to(param.dtype))
+    return model
+
+
+def loaded_model(config: dict[str, Any], state_dict: Mapping[str, Any], **kwargs: Any) -> CompressiveTransformer:
+    """The JAX model of `config` (and `kwargs`) holding `state_dict`'s weights (`convert.from_torch`), built from
+    shapes only: a random init compiles each initializer for each parameter shape, for weights replaced at once.
+    A model with state besides its parameters (dropout's random streams) needs a random init: refused."""
+    model = nnx.eval_shape(lambda: CompressiveTransformer(**config, **kwargs, rngs=nnx.Rngs(0)))
+    convert.from_torch(state_dict, model)
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model))):
+        raise ValueError(f"{config} holds state besides its parameters: build it with a random init")
     return model
 
 

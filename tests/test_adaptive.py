@@ -23,7 +23,7 @@ from ct_jax.footprint import count_parameters
 from ct_jax.generation import decode
 from ct_jax.sharding import logical_axes
 from ct_torch_ref import adaptive as torch_adaptive
-from tests.configs import ADAPTIVE_CONFIGS, forward, randomize_
+from tests.configs import ADAPTIVE_CONFIGS, forward, loaded_model, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
 
 IGNORE = -100
@@ -393,8 +393,7 @@ def _adaptive_models(name: str) -> tuple[torch.nn.Module, ct_jax.CompressiveTran
     """ct_torch_ref adaptive model with random weights (train mode: aux loss on) and its JAX copy."""
     config = ADAPTIVE_CONFIGS[name]
     torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=11).train()
-    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
-    convert.from_torch(torch_model.state_dict(), jax_model)
+    jax_model = loaded_model(config, torch_model.state_dict())
     jax_model.train()
     return torch_model, jax_model
 

@@ -12,9 +12,9 @@ from flax import nnx
 
 import ct_jax
 import ct_torch_ref
-from ct_jax import autoregressive, convert, parity
+from ct_jax import autoregressive, parity
 from ct_jax.generation import decode
-from tests.configs import CONFIGS, forward, randomize_
+from tests.configs import CONFIGS, forward, loaded_model, randomize_
 
 # Memory and compressed memory (uneven evictions, Mogrifier, one head, layer subsets), and
 # the paper options whose attention differs: sinusoidal positions (u/v biases, static table),
@@ -33,11 +33,8 @@ CASES = {
 @functools.cache
 def _pair(name: str) -> tuple[ct_jax.CompressiveTransformer, ct_jax.CompressiveTransformer]:
     """(xla model, fused model) of one config with the same random weights."""
-    xla = ct_jax.CompressiveTransformer(**CASES[name], rngs=nnx.Rngs(0))
-    convert.from_torch(randomize_(ct_torch_ref.CompressiveTransformer(**CASES[name])).state_dict(), xla)
-    fused = ct_jax.CompressiveTransformer(**CASES[name], rngs=nnx.Rngs(0), attention_impl="fused")
-    nnx.update(fused, nnx.state(xla, nnx.Param))
-    return xla, fused
+    state = randomize_(ct_torch_ref.CompressiveTransformer(**CASES[name])).state_dict()
+    return loaded_model(CASES[name], state), loaded_model(CASES[name], state, attention_impl="fused")
 
 
 def _max_diff(a, b) -> float:

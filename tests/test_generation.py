@@ -19,7 +19,7 @@ import ct_torch_ref
 from ct_jax import convert, generation
 from ct_jax.autoregressive import generate
 from ct_jax.generation import decode
-from tests.configs import CONFIGS, TRANSFORMER_XL, random_config, randomize_
+from tests.configs import CONFIGS, TRANSFORMER_XL, loaded_model, random_config, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, JAX_VS_TORCH_ATOL, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +54,7 @@ def _random_weights(torch_model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def _models(name: str) -> tuple[torch.nn.Module, ct_jax.CompressiveTransformer]:
     """ct_torch_ref model with random weights (pos_emb too, see WEIGHT_GAIN), eval mode, and its JAX copy."""
     torch_model = _random_weights(ct_torch_ref.CompressiveTransformer(**MODELS[name]), PARITY_CONFIGS[name]).eval()
-    jax_model = ct_jax.CompressiveTransformer(**MODELS[name], rngs=nnx.Rngs(0))
-    convert.from_torch(torch_model.state_dict(), jax_model)
+    jax_model = loaded_model(MODELS[name], torch_model.state_dict())
     jax_model.eval()  # the mode is part of the graph: one mode, one compilation per test session
     return torch_model, jax_model
 
@@ -296,8 +295,7 @@ def test_script_streams_the_greedy_sample(tmp_path):
     greedy generate on the same directory (so both frameworks read it)."""
     config = dict(num_tokens=256, dim=16, seq_len=8, depth=1, heads=2, mem_len=8, cmem_ratio=4)
     torch_model = _random_weights(ct_torch_ref.CompressiveTransformer(**config), seed=3)
-    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
-    convert.from_torch(torch_model.state_dict(), jax_model)
+    jax_model = loaded_model(config, torch_model.state_dict())
     convert.save_pretrained(jax_model, tmp_path / "ckpt")
     prime, length = "Compressive memory", 40
     expected, expected_logits, _ = reference_generate(
@@ -321,8 +319,7 @@ def test_greedy_generation_matches_reference_on_random_configs(seed):
     unit-scale random weights, a prime of random length, three windows and more."""
     config = random_config(seed)
     torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=seed).eval()
-    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
-    convert.from_torch(torch_model.state_dict(), jax_model)
+    jax_model = loaded_model(config, torch_model.state_dict())
     jax_model.eval()
     rng = np.random.default_rng(seed)
     prime = rng.integers(0, config["num_tokens"], (2, int(rng.integers(1, 3 * config["seq_len"] + 2))))

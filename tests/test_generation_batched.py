@@ -16,13 +16,11 @@ import functools
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import ct_jax
 import ct_torch_ref
-from ct_jax import convert
 from ct_jax.generation import decode, generate
-from tests.configs import CONFIGS, random_config, randomize_
+from tests.configs import CONFIGS, loaded_model, random_config, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, assert_close
 
 # 2 roll variants, memory 2x seq_len; 3 variants, 8 heads; cmem_len 0; uneven evictions, plain residuals;
@@ -38,8 +36,7 @@ def _with_weights(config: dict) -> ct_jax.CompressiveTransformer:
     torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=1)
     state = {key: value * WEIGHT_GAIN if value.ndim >= 2 and key != "pos_emb" else value
              for key, value in torch_model.state_dict().items()}
-    model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
-    convert.from_torch(state, model)
+    model = loaded_model(config, state)
     model.eval()
     return model
 

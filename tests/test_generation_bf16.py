@@ -12,10 +12,9 @@ from flax import nnx
 
 import ct_jax
 import ct_torch_ref
-from ct_jax import convert
 from ct_jax.generation import decode, generate, with_dtype
 from ct_jax.parity import BF16_DECODE_LOGITS_ATOL, BF16_DECODE_SCALE_RTOL
-from tests.configs import CONFIGS, randomize_
+from tests.configs import CONFIGS, loaded_model, randomize_
 
 NAMES = ("heads1_subset_mem2x", "wide_emb_heads8", "mogrify_odd_seq")
 WINDOWS = 10
@@ -24,8 +23,7 @@ WINDOWS = 10
 @functools.cache
 def _model(name: str) -> ct_jax.CompressiveTransformer:
     """A float32 model of `name` with tests.configs.randomize_ weights, in eval mode."""
-    model = ct_jax.CompressiveTransformer(**CONFIGS[name], rngs=nnx.Rngs(0))
-    convert.from_torch(randomize_(ct_torch_ref.CompressiveTransformer(**CONFIGS[name])).state_dict(), model)
+    model = loaded_model(CONFIGS[name], randomize_(ct_torch_ref.CompressiveTransformer(**CONFIGS[name])).state_dict())
     model.eval()
     return model
 

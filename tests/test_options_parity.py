@@ -23,7 +23,7 @@ from ct_jax import autoregressive, convert
 from ct_jax.config_from_weights import config_from_weights
 from ct_jax.generation import decode
 from ct_jax.parity import make_inputs
-from tests.configs import OPTION_VALUES, OPTIONS_BASE, forward, random_config, random_options, randomize_
+from tests.configs import OPTION_VALUES, OPTIONS_BASE, forward, loaded_model, random_config, random_options, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, GRAD_ATOL, GRAD_RTOL, JAX_VS_TORCH_ATOL, assert_close
 
 N_SEGMENTS = 5
@@ -34,9 +34,7 @@ def model_pair(
 ) -> tuple[ct_torch_ref.CompressiveTransformer, ct_jax.CompressiveTransformer]:
     """ct_torch_ref with random weights (every parameter non-zero) and the same weights in JAX."""
     torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=seed)
-    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
-    convert.from_torch(torch_model.state_dict(), jax_model)
-    return torch_model, jax_model
+    return torch_model, loaded_model(config, torch_model.state_dict())
 
 
 def compare_run(torch_model, jax_model, config: dict, *, mask_kind: str, seed: int, label: str) -> None:

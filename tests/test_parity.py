@@ -14,7 +14,7 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import convert
 from ct_jax.parity import MASK_KINDS, make_inputs, run_both
-from tests.configs import CONFIGS, forward, random_config, randomize_
+from tests.configs import CONFIGS, forward, loaded_model, random_config, randomize_
 from tests.tolerances import JAX_VS_TORCH_ATOL, JAX_VS_TORCH_F64_ATOL, assert_close
 
 upstream = pytest.importorskip("compressive_transformer_pytorch")
@@ -26,9 +26,7 @@ N_SEGMENTS = 5
 def _models(name: str) -> tuple[torch.nn.Module, ct_jax.CompressiveTransformer]:
     """Upstream model with random weights (pos_emb too) and the same weights in JAX."""
     torch_model = randomize_(upstream.CompressiveTransformer(**CONFIGS[name]), seed=1)
-    jax_model = ct_jax.CompressiveTransformer(**CONFIGS[name], rngs=nnx.Rngs(0))
-    convert.from_torch(torch_model.state_dict(), jax_model)
-    return torch_model, jax_model
+    return torch_model, loaded_model(CONFIGS[name], torch_model.state_dict())
 
 
 def compare_segments(torch_model, jax_model, segments, masks, *, call, label="", none_mask_as_ones=True):
@@ -100,9 +98,7 @@ def test_float64_semantics_are_exact(name):
     try:
         config = CONFIGS[name]
         torch_model = randomize_(upstream.CompressiveTransformer(**config), seed=2).double().train()
-        jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0), dtype=jnp.float64,
-                                                  param_dtype=jnp.float64)
-        convert.from_torch(torch_model.state_dict(), jax_model)
+        jax_model = loaded_model(config, torch_model.state_dict(), dtype=jnp.float64, param_dtype=jnp.float64)
         segments, masks = make_inputs(config, batch=2, n_segments=N_SEGMENTS, seed=5, mask_kind="right")
         memory = None
         jax_memory = None
@@ -144,8 +140,7 @@ def test_random_configurations_match_reference(seed):
     evictions shorter than cmem_ratio; ct_torch_ref compresses nothing there, as ct_jax does)."""
     config = random_config(seed)
     torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**config), seed=seed)
-    jax_model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
-    convert.from_torch(torch_model.state_dict(), jax_model)
+    jax_model = loaded_model(config, torch_model.state_dict())
     for mode in ("train", "eval"):
         torch_model.train(mode == "train")
         getattr(jax_model, mode)()

@@ -12,16 +12,14 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import convert, evaluation, parity
 from ct_jax.memory import Memory
-from tests.configs import TRANSFORMER_XL, randomize_
+from tests.configs import TRANSFORMER_XL, loaded_model, randomize_
 
 
 @pytest.fixture(scope="module")
 def models():
     """(ct_torch_ref model with random weights, its JAX copy)."""
     torch_model = randomize_(ct_torch_ref.CompressiveTransformer(**TRANSFORMER_XL), seed=3)
-    jax_model = ct_jax.CompressiveTransformer(**TRANSFORMER_XL, rngs=nnx.Rngs(0))
-    convert.from_torch(torch_model.state_dict(), jax_model)
-    return torch_model, jax_model
+    return torch_model, loaded_model(TRANSFORMER_XL, torch_model.state_dict())
 
 
 @pytest.mark.parametrize("mask_kind", [None, "right"])

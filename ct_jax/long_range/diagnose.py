@@ -21,6 +21,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from ct_jax import aux_losses
+from ct_jax._host import to_device
 from ct_jax.attention import SelfAttention
 from ct_jax.long_range.tasks import RecallTask
 from ct_jax.memory import Memory
@@ -70,7 +71,7 @@ def _errors(model: CompressiveTransformer, task: RecallTask, tokens: np.ndarray,
     step = jax.jit(lambda state, x, m: nnx.merge(graphdef, state)(x, m)[1])
     memories, after = Memory.empty(model, tokens.shape[0], model.dtype), []
     for segment in range(query_segment + 1):
-        memories = step(state, jnp.asarray(tokens[:, segment * seq_len : (segment + 1) * seq_len]), memories)
+        memories = step(state, to_device(tokens[:, segment * seq_len : (segment + 1) * seq_len]), memories)
         after.append(memories)
     layer = config.memory_layers[-1]
     attn = model.attn_layers[layer - 1].fn

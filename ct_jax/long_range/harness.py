@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from ct_jax._host import to_device
 from ct_jax.long_range.diagnose import reconstruction_errors
 from ct_jax.long_range.tasks import RecallTask, recall_mask, span_of
 from ct_jax.long_range.variants import Variant
@@ -117,7 +118,7 @@ def recall_loss(losses: Callable, params: nnx.State, task: RecallTask, rows: dic
     """(mean NLL over the recalled symbols per distance, slot spread per layer on the last distance's rows)."""
     out, spread = {}, None
     for distance, tokens in rows.items():
-        nll, spread = losses(params, jnp.asarray(tokens))
+        nll, spread = losses(params, to_device(tokens))
         mask = recall_mask(task, np.full(len(tokens), distance))
         out[distance] = float(np.asarray(nll)[mask].mean())
     return out, [float(v) for v in np.asarray(spread)]
