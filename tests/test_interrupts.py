@@ -7,6 +7,7 @@ once. A checkpointer that fails mid-run ends the process with a one-line error.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.once import computed_once, shared_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240
@@ -81,13 +84,17 @@ def _complete_steps(out: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("interrupts")
+def _corpus(folder: Path) -> str:
     rng = np.random.default_rng(0)
     words = "def return self import class for in if else while the value of None True".split()
-    (root / "corpus.txt").write_text(" ".join(words[i] for i in rng.integers(0, len(words), 3000)))
-    return root
+    (folder / "corpus.txt").write_text(" ".join(words[i] for i in rng.integers(0, len(words), 3000)))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """The corpus and compilation cache of this module's runs, one for the test run's workers."""
+    return Path(computed_once(shared_folder(tmp_path_factory, "interrupts"), "workdir", _corpus))
 
 
 def _stop(run: _Run, name: str, signum: int) -> None:
@@ -101,17 +108,23 @@ def _stop(run: _Run, name: str, signum: int) -> None:
 
 @pytest.fixture(scope="module")
 def interrupted(workdir):
-    """Three runs: stopped by SIGTERM, by SIGINT, and by SIGINT twice; (status, stdout, stderr, out). The
-    first fills the compilation cache and the other two start from it; each is signalled once it steps (a
-    run left stepping takes a core from the others)."""
+    """Three runs, once for the test run: stopped by SIGTERM, by SIGINT, and by SIGINT twice; name ->
+    (status, stdout, stderr, out)."""
+    found = computed_once(workdir.parent, "interrupted", functools.partial(_interrupted_runs, workdir))
+    return {name: (status, stdout, stderr, Path(out)) for name, (status, stdout, stderr, out) in found.items()}
+
+
+def _interrupted_runs(workdir: Path, folder: Path) -> dict[str, tuple[int, str, str, str]]:
+    """The first run fills the compilation cache and the other two start from it; each is signalled once it
+    steps (a run left stepping takes a core from the others)."""
     signals = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "twice": signal.SIGINT}
     runs = {}
     try:
         for names in (["sigterm"], ["sigint", "twice"]):
-            runs.update({name: _Run(_train(workdir, workdir / name, 100_000)) for name in names})
+            runs.update({name: _Run(_train(workdir, folder / name, 100_000)) for name in names})
             for name in names:
                 _stop(runs[name], name, signals[name])
-        return {name: (*run.finish(), workdir / name) for name, run in runs.items()}
+        return {name: (*run.finish(), str(folder / name)) for name, run in runs.items()}
     finally:
         for run in runs.values():
             run.kill()

@@ -19,6 +19,7 @@ import pytest
 
 from ct_jax import parallel, streams, training
 from tests.configs import make_trainer, train_batch
+from tests.once import computed_once, shared_folder
 from tests.workers.parallel_train import CONFIG, SEEDS, STREAM_SPLIT, STREAM_STARTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,16 +44,23 @@ def _start(program: str, env: dict[str, str], log_dir: Path, name: str) -> tuple
     return proc, stdout, stderr
 
 
-def _result(proc: subprocess.Popen, stdout: Path, stderr: Path, name: str, timeout: float = TIMEOUT) -> dict:
-    """Waits for a worker; returns the JSON object it printed last."""
+def _finished(proc: subprocess.Popen, stdout: Path, stderr: Path, timeout: float = TIMEOUT) -> dict:
+    """A worker awaited: its exit status, the JSON object it printed last, its stderr's tail."""
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        pytest.fail(f"{name} timed out after {timeout}s; stderr tail:\n{stderr.read_text()[-3000:]}")
-    assert proc.returncode == 0, f"{name} failed ({proc.returncode}); stderr tail:\n{stderr.read_text()[-3000:]}"
-    return json.loads(stdout.read_text().strip().splitlines()[-1])
+        return dict(returncode=f"timed out after {timeout}s", stderr=stderr.read_text()[-3000:])
+    lines = stdout.read_text().strip().splitlines()
+    return dict(returncode=proc.returncode, stderr=stderr.read_text()[-3000:],
+                out=json.loads(lines[-1]) if proc.returncode == 0 and lines else None)
+
+
+def _result(finished: dict, name: str) -> dict:
+    """A worker's JSON result, or the test failed with its stderr."""
+    assert finished["returncode"] == 0, f"{name} failed ({finished['returncode']}); stderr tail:\n{finished['stderr']}"
+    return finished["out"]
 
 
 def _max_diff(a, b) -> float:
@@ -74,10 +82,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
-    """Every worker of this module, started together (they compile in parallel with this process)."""
-    logs = tmp_path_factory.mktemp("parallel_workers")
+def _run_workers(logs: Path) -> dict[str, dict]:
+    """Every worker of this module, started together and awaited: name -> `_finished`."""
     flags = f"{FAST_XLA_FLAGS} --xla_force_host_platform_device_count="
     address = f"127.0.0.1:{_free_port()}"
     started = {}
@@ -87,12 +93,18 @@ def workers(tmp_path_factory):
             env = _env(XLA_FLAGS=flags + "2", CT_COORDINATOR_ADDRESS=address, CT_NUM_PROCESSES="2",
                        CT_PROCESS_ID=str(process_id))
             started[f"process {process_id} of 2"] = _start("two_processes", env, logs, f"process{process_id}")
-        yield started
+        return {name: _finished(*worker) for name, worker in started.items()}
     finally:
         for proc, _, _ in started.values():  # never leave a worker behind (or waiting for its partner)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory) -> dict[str, dict]:
+    """The workers' results, once for the test run (the first test's worker runs them, the other waits)."""
+    return computed_once(shared_folder(tmp_path_factory, "parallel"), "workers", _run_workers)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +144,7 @@ def _assert_same_streams(label: str, got: dict, expected: dict) -> None:
 
 
 def test_streams_on_8_devices_carry_the_same_memory_as_one_device(workers, one_device_streams):
-    out = _result(*workers["8 devices"], "8-device worker")
+    out = _result(workers["8 devices"], "8-device worker")
     compressed_counts = np.asarray(one_device_streams["memory"][3])
     assert compressed_counts.min() < compressed_counts.max(), f"rows should hold different memory: {compressed_counts}"
     _assert_same_streams("streams, pmap on 8 devices", out["streams pmap"], one_device_streams)
@@ -140,7 +152,7 @@ def test_streams_on_8_devices_carry_the_same_memory_as_one_device(workers, one_d
 
 
 def test_fsdp_on_8_devices_matches_one_device_with_an_eighth_of_the_state_each(workers, one_device):
-    out = _result(*workers["8 devices"], "8-device worker")
+    out = _result(workers["8 devices"], "8-device worker")
     _assert_same_run("fsdp on 8 devices", out["fsdp"], one_device)
     for name in ("fsdp_params", "fsdp_params_and_adam"):
         total, per_device, replicated = out[name]
@@ -151,7 +163,7 @@ def test_fsdp_on_8_devices_matches_one_device_with_an_eighth_of_the_state_each(w
 
 
 def test_pmap_and_mesh_jit_on_8_devices_match_one_device(workers, one_device):
-    out = _result(*workers["8 devices"], "8-device worker")
+    out = _result(workers["8 devices"], "8-device worker")
     assert one_device["losses"][0]["aux"] > 0, "the aux path must be exercised"
     _assert_same_run("pmap on 8 devices", out["pmap"], one_device)
     _assert_same_run("jit + Mesh on 8 devices", out["jit"], one_device)
@@ -161,12 +173,12 @@ def test_pmap_and_mesh_jit_on_8_devices_match_one_device(workers, one_device):
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(workers):
     """Two processes x 2 CPU devices, jax.distributed over 127.0.0.1, against one process's 4-device mesh."""
-    expected = _result(*workers["8 devices"], "8-device worker")["jit on 4 devices"]
+    expected = _result(workers["8 devices"], "8-device worker")["jit on 4 devices"]
     for process_id in range(2):
-        got = _result(*workers[f"process {process_id} of 2"], f"process {process_id} of 2")
+        got = _result(workers[f"process {process_id} of 2"], f"process {process_id} of 2")
         _assert_same_run(f"process {process_id} of 2 (2 devices each)", got, expected)
         _assert_same_streams(f"streams, process {process_id} of 2", got["streams"],
-                             _result(*workers["8 devices"], "8-device worker")["streams jit on 4 devices"])
+                             _result(workers["8 devices"], "8-device worker")["streams jit on 4 devices"])
 
 
 def test_initialize_distributed_reads_arguments_then_environment():

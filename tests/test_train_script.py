@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 import ct_torch_ref
+from tests.once import computed_once, shared_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -39,15 +41,18 @@ def _load_script():
     return module
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A text corpus and a compilation cache shared by this module's runs."""
-    root = tmp_path_factory.mktemp("train_script")
+def _corpus(folder: Path) -> str:
     rng = np.random.default_rng(0)
     words = "def return self import class for in if else while the value of None True".split()
     text = " ".join(words[i] for i in rng.integers(0, len(words), 12000)).replace("None ", "None\n")
-    (root / "corpus.txt").write_text(text)
-    return root
+    (folder / "corpus.txt").write_text(text)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A text corpus and a compilation cache shared by this module's runs (one for the test run's workers)."""
+    return Path(computed_once(shared_folder(tmp_path_factory, "train_script"), "workdir", _corpus))
 
 
 def _command(workdir: Path, out: Path, *extra: str) -> list[str]:
@@ -91,40 +96,47 @@ def _kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, outcome: dic
     outcome["returncode"] = proc.returncode
 
 
-@pytest.fixture(scope="module")
-def runs(workdir):
-    """Starts, together: the uninterrupted run, and the run killed at its first checkpoint."""
-    uninterrupted_out, killed_out = workdir / "uninterrupted", workdir / "killed"
-    uninterrupted = subprocess.Popen(
-        _command(workdir, uninterrupted_out, "--sample-length", "40", "--prompt", "def "), cwd=ROOT, env=_env(),
-        stdout=open(workdir / "uninterrupted.out", "w"), stderr=open(workdir / "uninterrupted.err", "w"),
-        stdin=subprocess.DEVNULL,
-    )
+def _two_runs(workdir: Path, folder: Path) -> dict:
+    """Started together: the uninterrupted run, and the run killed at its first checkpoint; both awaited."""
+    uninterrupted_out, killed_out = folder / "uninterrupted", folder / "killed"
+    with open(folder / "uninterrupted.out", "w") as stdout, open(folder / "uninterrupted.err", "w") as stderr:
+        uninterrupted = subprocess.Popen(
+            _command(workdir, uninterrupted_out, "--sample-length", "40", "--prompt", "def "), cwd=ROOT,
+            env=_env(), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
     killed = subprocess.Popen(_command(workdir, killed_out, "--sample-length", "0"), cwd=ROOT, env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     kill_outcome: dict = {}
     killer = threading.Thread(target=_kill_after_first_checkpoint, args=(killed, killed_out, kill_outcome))
     killer.start()
     try:
-        yield dict(uninterrupted=(uninterrupted, uninterrupted_out), killed=(killed_out, killer, kill_outcome))
+        uninterrupted.wait(timeout=TIMEOUT)
+        killer.join(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"train.py did not finish in {TIMEOUT}s")
     finally:
         for proc in (uninterrupted, killed):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
         killer.join()
+    return dict(uninterrupted=dict(out=str(uninterrupted_out), returncode=uninterrupted.returncode,
+                                   stdout=(folder / "uninterrupted.out").read_text(),
+                                   stderr=(folder / "uninterrupted.err").read_text()),
+                killed=dict(out=str(killed_out), **kill_outcome))
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(runs, workdir) -> tuple[Path, str, str]:
-    proc, out = runs["uninterrupted"]
-    try:
-        proc.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"train.py did not finish in {TIMEOUT}s")
-    stdout, stderr = (workdir / "uninterrupted.out").read_text(), (workdir / "uninterrupted.err").read_text()
-    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}"
-    return out, stdout, stderr
+def runs(workdir) -> dict:
+    """The uninterrupted run and the killed one, once for the test run."""
+    return computed_once(workdir.parent, "runs", functools.partial(_two_runs, workdir))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(runs) -> tuple[Path, str, str]:
+    run = runs["uninterrupted"]
+    assert run["returncode"] == 0, f"train.py failed ({run['returncode']}):\n{run['stdout'][-2000:]}\n" \
+                                   f"{run['stderr'][-3000:]}"
+    return Path(run["out"]), run["stdout"], run["stderr"]
 
 
 def test_defaults_are_a_small_model_on_the_default_corpus():
@@ -194,8 +206,8 @@ def test_evaluate_script_reproduces_the_final_streamed_validation(workdir, unint
 
 def test_a_killed_run_resumes_from_its_last_checkpoint_on_the_same_curve(workdir, runs, uninterrupted):
     reference, _, _ = uninterrupted
-    out, killer, outcome = runs["killed"]
-    killer.join(TIMEOUT)
+    outcome = runs["killed"]
+    out = Path(outcome["out"])
     assert outcome.get("alive_at_first_checkpoint"), f"the run ended before its first checkpoint was seen: {outcome}"
     assert outcome["returncode"] == -signal.SIGKILL, outcome
     killed_at = _complete_steps(out)
