@@ -119,11 +119,12 @@ def test_ragged_batches_on_random_configs(seed):
 
 
 def test_eos_ends_each_row_where_it_would_alone():
+    """The shapes of the first test's batch: its compiled loops serve this one (eos_token is traced)."""
     name = "heads1_subset_mem2x"
     config = CONFIGS[name]
     model = _model(name)
-    prompts = _prompts(config, [2, 7, 11], seed=4)
-    length = WINDOWS * config["seq_len"]
+    prompts = _prompts(config, _lengths(config["seq_len"]), seed=4)
+    length = WINDOWS * config["seq_len"] + 1
     free = decode(model, prompts, length, jax.random.key(0), temperature=0, return_logits=True)  # got's loop
     eos = int(np.asarray(free.tokens)[1, 3])  # ends row 1 at its 4th token at the latest
     got = decode(model, prompts, length, jax.random.key(0), temperature=0, eos_token=eos, return_logits=True)
@@ -135,14 +136,15 @@ def test_eos_ends_each_row_where_it_would_alone():
 
 
 def test_a_prime_mask_applies_to_each_row_as_alone():
-    """Masked prime tokens (the last one of a row included) in a ragged batch, as each row with its mask alone."""
+    """Masked prime tokens (the last one of a row included) in a ragged batch, as each row with its mask alone.
+    The shapes of the first test's batch: its compiled loops serve this one (a mask is an input)."""
     name = "wide_emb_heads8"
     config = CONFIGS[name]
     model = _model(name)
-    prompts = _prompts(config, [3, 13, 6, 20], seed=7)
+    prompts = _prompts(config, _lengths(config["seq_len"]), seed=7)
     masks = [np.random.default_rng(row).random(len(p)) < 0.6 for row, p in enumerate(prompts)]
-    masks[1][-1] = masks[2][-1] = False
-    length = 3 * config["seq_len"] + 2
+    masks[3][-1] = masks[4][-1] = False
+    length = WINDOWS * config["seq_len"] + 1
     got = decode(model, _padded(prompts, "right", fill=0), length, jax.random.key(0), temperature=0,
                  mask=_padded(masks, "right", fill=0).astype(bool), prompt_lengths=[len(p) for p in prompts],
                  return_logits=True)
