@@ -115,7 +115,7 @@ def test_no_nan_from_valid_but_awkward_input(name):
 
 def test_bfloat16_compute_tracks_float32(model):
     """bf16 compute with float32 parameters stays within the stated bf16 bound, and finite."""
-    net16 = ct_jax.CompressiveTransformer(**CONFIG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    net16 = nnx.eval_shape(lambda: ct_jax.CompressiveTransformer(**CONFIG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
     nnx.update(net16, nnx.state(model, nnx.Param))
     memories32 = ct_jax.Memory.empty(model, 2)
     memories16 = ct_jax.Memory.empty(net16, 2, jnp.bfloat16)

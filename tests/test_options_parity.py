@@ -113,7 +113,7 @@ def test_gradients_match_reference(options, memory_gradients, remat):
         autoregressive.sequence_grads, memory_gradients=memory_gradients, remat=remat
     ))(jax_model, jnp.asarray(tokens.numpy()))
     assert_close("objective", objective, total, JAX_VS_TORCH_ATOL)
-    graded = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
+    graded = nnx.eval_shape(lambda: ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0)))  # no init to compile
     nnx.update(graded, grads)
     for key, grad in convert.to_numpy(graded).items():
         expected = torch_grads.get(key)
@@ -200,7 +200,7 @@ def test_clamped_positions_match_reference(clamp_len, mode):
 
 def _jax_logits(config: dict, segments: list, jax_state: nnx.State) -> list[np.ndarray]:
     """Eval-mode logits of a JAX model of `config` holding `jax_state`, memory threaded over `segments`."""
-    model = ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: ct_jax.CompressiveTransformer(**config, rngs=nnx.Rngs(0)))  # no init to compile
     nnx.update(model, jax_state)
     model.eval()
     memory, out = ct_jax.Memory.empty(model, segments[0].shape[0]), []
