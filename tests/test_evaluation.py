@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from flax import nnx
 import ct_jax
 from ct_jax import evaluation
 from ct_jax.autoregressive import IGNORE_INDEX, StreamBatch, losses
+from ct_jax.memory import KNOCKOUTS
 from tests.configs import CONFIGS
 
 CONFIG = CONFIGS["heads1_subset_mem2x"]  # seq_len 4, mem 8, cmem 4: compression after 3 segments
@@ -143,18 +145,19 @@ def test_knockout_equals_the_memory_emptied_by_hand_row_by_row(model):
     resets = np.zeros((2, n), bool)
     resets[:, 0] = resets[1, 4] = True  # row 1 starts a document at segment 4, row 0 goes on
     batch = StreamBatch(inputs, targets, None, resets)
+    compiled = {knockout: nnx.jit(functools.partial(losses, knockout=knockout)) for knockout in (None, *KNOCKOUTS)}
     for knockout in ("compressed", "memory"):
-        got = losses(model, batch, knockout=knockout)
+        got = compiled[knockout](model, batch)
         memories = ct_jax.Memory.empty(model, 2)
         for s in range(n):
             memories = memories.reset(jnp.asarray(resets[:, s])).knocked_out(knockout)
             window = slice(s * seq_len, (s + 1) * seq_len)
             segment = StreamBatch(inputs[:, window], targets[:, window], None, np.zeros((2, 1), bool))
-            one = losses(model, segment, memories)
+            one = compiled[None](model, segment, memories)
             memories = one.memories
             assert float(abs(one.nll[0] - got.nll[s])) <= 1e-5, f"knockout={knockout}, segment {s}"
-    emptied = losses(model, StreamBatch(inputs, targets, None, np.ones((2, n), bool)))
-    np.testing.assert_array_equal(losses(model, batch, knockout="memory").nll, emptied.nll,
+    emptied = compiled[None](model, StreamBatch(inputs, targets, None, np.ones((2, n), bool)))
+    np.testing.assert_array_equal(compiled["memory"](model, batch).nll, emptied.nll,
                                   "knockout='memory' must equal a reset before every segment")
 
 
