@@ -121,8 +121,8 @@ def test_bfloat16_compute_tracks_float32(model):
     memories16 = ct_jax.Memory.empty(net16, 2, jnp.bfloat16)
     for step in range(5):
         tokens = jax.random.randint(jax.random.key(10 + step), (2, 4), 0, 24)
-        logits32, memories32, _ = model(tokens, memories32)
-        logits16, memories16, aux16 = net16(tokens, memories16)
+        logits32, memories32, _ = forward(model, tokens, memories32)
+        logits16, memories16, aux16 = forward(net16, tokens, memories16)
         assert logits16.dtype == jnp.float32, "logits are returned in float32 for the loss"
         assert memories16.mem.dtype == jnp.bfloat16
         assert bool(jnp.isfinite(aux16))
