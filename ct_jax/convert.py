@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -372,9 +373,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {key: _as_numpy(value) for key, value in state.items()}
 
 
+def model_for_weights(config: ModelConfig, *, seed: int = 0, **kwargs: Any) -> CompressiveTransformer:
+    """A model of `config` (and `CompressiveTransformer` `kwargs`) to load weights into (`from_torch`,
+    `nnx.update`): parameters of the right shapes and no values when the model holds nothing else (a random
+    init computes values that loading replaces, and on CPU compiles each initializer per parameter shape);
+    else a random init from `seed` (its dropout streams are state of their own)."""
+
+    def build() -> CompressiveTransformer:
+        return CompressiveTransformer(**config.to_kwargs(), rngs=nnx.Rngs(seed), **kwargs)
+
+    shaped = nnx.eval_shape(build)
+    return build() if jax.tree.leaves(nnx.state(shaped, nnx.Not(nnx.Param))) else shaped
+
+
 def load_pretrained(directory: str | os.PathLike, *, dtype: Any = jnp.float32, seed: int = 0) -> CompressiveTransformer:
     """A `ct_jax` model from a checkpoint directory written by either framework (or a training folder)."""
     directory = model_directory(directory)
-    config = read_config(directory)
-    model = CompressiveTransformer(**config.to_kwargs(), rngs=nnx.Rngs(seed), dtype=dtype)
+    model = model_for_weights(read_config(directory), seed=seed, dtype=dtype)
     return from_torch(read_state_dict(Path(directory) / WEIGHTS_FILE), model)

@@ -55,8 +55,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> Loaded:
         raise FileNotFoundError(f"--checkpoint {path} holds no {convert.CONFIG_FILE}, no model/ and no "
                                 f"{CHECKPOINTS_FOLDER}/: give a checkpoint directory or a training run's folder")
     step, state, record = restore_newest(path / CHECKPOINTS_FOLDER, _train_state)
-    model = CompressiveTransformer(**ModelConfig.from_kwargs(record["model_config"]).to_kwargs(),
-                                   rngs=nnx.Rngs(0), dtype=dtype)
+    model = convert.model_for_weights(ModelConfig.from_kwargs(record["model_config"]), dtype=dtype)
     nnx.update(model, jax.tree.map(to_device, state.params))
     return Loaded(model, f"step {step} of {path / CHECKPOINTS_FOLDER} (the run's newest verified checkpoint; "
                          f"it has no model/ export)", step)

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from ct_jax import convert, training
+from ct_jax.config import ModelConfig
 from ct_jax.memory import Memory
 from ct_jax.model import CompressiveTransformer
 from ct_jax.options import OPTIONS
@@ -135,14 +136,9 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def loaded_model(config: dict[str, Any], state_dict: Mapping[str, Any], **kwargs: Any) -> CompressiveTransformer:
-    """The JAX model of `config` (and `kwargs`) holding `state_dict`'s weights (`convert.from_torch`), built from
-    shapes only: a random init compiles each initializer for each parameter shape, for weights replaced at once.
-    A model with state besides its parameters (dropout's random streams) needs a random init: refused."""
-    model = nnx.eval_shape(lambda: CompressiveTransformer(**config, **kwargs, rngs=nnx.Rngs(0)))
-    convert.from_torch(state_dict, model)
-    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model))):
-        raise ValueError(f"{config} holds state besides its parameters: build it with a random init")
-    return model
+    """The JAX model of `config` (and `kwargs`) holding `state_dict`'s weights, built from shapes only where it
+    can be (`convert.model_for_weights`): a random init compiles each initializer per parameter shape."""
+    return convert.from_torch(state_dict, convert.model_for_weights(ModelConfig.from_kwargs(config), **kwargs))
 
 
 def random_config(seed: int) -> dict[str, Any]:

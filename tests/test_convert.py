@@ -6,6 +6,7 @@ import json
 import pickle
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -283,3 +284,22 @@ def test_a_training_folder_loads_through_its_model_folder(tmp_path):
     assert again.config == model.config
     with pytest.raises(FileNotFoundError, match="nor in its model/ folder"):
         convert.read_config(tmp_path)
+
+
+def _state_besides_params(model: ct_jax.CompressiveTransformer) -> list[np.ndarray]:
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param)))
+    return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x) for x in leaves]
+
+
+def test_a_model_for_weights_holds_shapes_only_unless_it_has_dropout_streams():
+    """Loading needs no random init; a model with dropout keeps its seeded random streams (real state)."""
+    shaped = convert.model_for_weights(ct_jax.ModelConfig.from_kwargs(CONFIGS["defaults"]))
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(shaped)))
+    dropout = ct_jax.ModelConfig.from_kwargs(dict(CONFIGS["defaults"], ff_dropout=0.1))
+    reference = ct_jax.CompressiveTransformer(**dropout.to_kwargs(), rngs=nnx.Rngs(3))
+    loaded = convert.from_torch(convert.to_torch(reference), convert.model_for_weights(dropout, seed=3))
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(nnx.state(loaded)))
+    got, expected = _state_besides_params(loaded), _state_besides_params(reference)
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)

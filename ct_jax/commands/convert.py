@@ -20,7 +20,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
 from ct_jax import cli, convert
 from ct_jax.config import ModelConfig
@@ -113,8 +112,7 @@ def _load(args: argparse.Namespace) -> tuple[CompressiveTransformer, dict[str, n
     else:
         state = convert.read_state_dict(args.source)
         config = _bare_config(args, state)
-    model = CompressiveTransformer(**config.to_kwargs(), rngs=nnx.Rngs(0))
-    return convert.from_torch(state, model), state, str(args.source)
+    return convert.from_torch(state, convert.model_for_weights(config)), state, str(args.source)
 
 
 def _weights(model: CompressiveTransformer, state: dict[str, np.ndarray], keep_dtype: bool) -> dict[str, np.ndarray]:
