@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +15,11 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import convert, generation
 from ct_jax.autoregressive import generate
+from ct_jax.commands import generate as generate_command
 from ct_jax.generation import decode
 from tests.configs import CONFIGS, TRANSFORMER_XL, loaded_model, random_config, randomize_
 from tests.tolerances import GENERATION_LOGITS_ATOL, JAX_VS_TORCH_ATOL, assert_close
 
-REPO = Path(__file__).resolve().parents[1]
 # Three configurations: 2 memory layers of 3 (enhanced recurrence: 2 roll variants), one
 # head, memory 2x seq_len; 3 variants, 8 heads, emb_dim > dim; no enhanced recurrence (1
 # variant), a memory-layer subset, emb_dim < dim. Each with a weight seed whose greedy run
@@ -290,9 +287,9 @@ def test_invalid_arguments_name_the_argument():
     assert generate(model, prime, 0, key).shape == (2, 0)
 
 
-def test_script_streams_the_greedy_sample(tmp_path):
-    """scripts/generate.py on a byte-level checkpoint saved by ct_jax, against ct_torch_ref's
-    greedy generate on the same directory (so both frameworks read it)."""
+def test_script_streams_the_greedy_sample(tmp_path, capsysbinary):
+    """The generate command (scripts/generate.py's `main`, in this process) on a byte-level checkpoint saved
+    by ct_jax, against ct_torch_ref's greedy generate on the same directory (so both frameworks read it)."""
     config = dict(num_tokens=256, dim=16, seq_len=8, depth=1, heads=2, mem_len=8, cmem_ratio=4)
     torch_model = _random_weights(ct_torch_ref.CompressiveTransformer(**config), seed=3)
     jax_model = loaded_model(config, torch_model.state_dict())
@@ -302,14 +299,12 @@ def test_script_streams_the_greedy_sample(tmp_path):
         ct_torch_ref.load_pretrained(tmp_path / "ckpt"), np.frombuffer(prime.encode(), np.uint8), length)
     top2 = np.sort(expected_logits, axis=-1)[..., -2:]
     assert (top2[..., 1] - top2[..., 0]).min() > MIN_TOP2_GAP, "near-tie in the reference; pick another seed"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "generate.py"), "--checkpoint", str(tmp_path / "ckpt"),
-         "--prime", prime, "--length", str(length), "--temperature", "0", "--top-k", "5"],
-        capture_output=True, timeout=120, cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout == bytes(expected.astype(np.uint8).tolist()) + b"\n", (result.stdout, expected)
-    assert f"{length} tokens" in result.stderr.decode()
+    status = generate_command.main(["--checkpoint", str(tmp_path / "ckpt"), "--prime", prime, "--length",
+                                    str(length), "--temperature", "0", "--top-k", "5"])
+    result = capsysbinary.readouterr()
+    assert status == 0, result.err.decode()
+    assert result.out == bytes(expected.astype(np.uint8).tolist()) + b"\n", (result.out, expected)
+    assert f"{length} tokens" in result.err.decode()
 
 
 @pytest.mark.parametrize("seed", [3, 9])
