@@ -193,11 +193,16 @@ def test_run_writes_metrics_plot_export_and_prints_a_sample(uninterrupted):
     assert "bpb=" in stderr and "tok_s=" in stderr, "the progress bar shows loss, bits/byte, tokens/s"
 
 
-def test_evaluate_script_reproduces_the_final_streamed_validation(workdir, uninterrupted):
+def test_evaluate_script_reproduces_the_final_streamed_validation(workdir, uninterrupted, capsys):
+    """The evaluate command (in this process) on the run's folder."""
+    from ct_jax.commands import evaluate
+
     out, _, _ = uninterrupted
-    done = _run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--checkpoint", str(out), "--data",
-                 str(workdir / "corpus.txt"), "--batch-size", "16", "--no-progress"])
-    line = next(line for line in done.stdout.splitlines() if line.startswith("validation: "))
+    status = evaluate.main(["--checkpoint", str(out), "--data", str(workdir / "corpus.txt"), "--batch-size", "16",
+                            "--no-progress"])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err[-2000:]
+    line = next(line for line in printed.out.splitlines() if line.startswith("validation: "))
     printed = float(line.split()[1])
     final = float(_rows(out)[STEPS]["val_bpb"])
     assert abs(printed - final) <= 1e-4, f"evaluate.py prints {printed}, training's final validation was {final}"
