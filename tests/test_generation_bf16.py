@@ -54,11 +54,15 @@ def test_bfloat16_decoding_tracks_float32(name):
 
 
 def test_float32_stays_the_default_and_exact():
-    """dtype=None and dtype=float32 decode the model itself, with identical results."""
+    """dtype=None and dtype=float32 decode the model itself, with identical results (the first test's
+    float32 loop: the same shapes and options)."""
     model = _model(NAMES[0])
     assert with_dtype(model, jnp.float32) is model
-    args = (_prime(NAMES[0]), 3 * CONFIGS[NAMES[0]]["seq_len"], jax.random.key(2))
-    np.testing.assert_array_equal(generate(model, *args), generate(model, *args, dtype=jnp.float32))
+    args = (_prime(NAMES[0]), WINDOWS * CONFIGS[NAMES[0]]["seq_len"], jax.random.key(2))
+    default, float32 = (decode(model, *args, temperature=0.0, return_logits=True, dtype=dtype)
+                        for dtype in (None, jnp.float32))
+    for got, expected in zip(float32, default):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_with_dtype_casts_every_weight_and_keeps_the_model():
