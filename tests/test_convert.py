@@ -19,7 +19,7 @@ from ct_jax import convert
 from ct_jax.commands import convert as convert_command
 from ct_jax.commands import parity
 from ct_jax.config_from_weights import TRAINING_ONLY, UNSEEN, config_from_weights
-from tests.configs import CONFIGS, randomize_
+from tests.configs import CONFIGS, forward, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,7 @@ def test_memory_from_torch_checks_its_input():
 
 def test_memory_to_torch_has_upstream_shapes():
     model = _jax_model("heads1_subset_mem2x")
-    _, memory, _ = model(jnp.zeros((2, 4), jnp.int32))
+    _, memory, _ = forward(model, jnp.zeros((2, 4), jnp.int32))
     torch_memory = convert.memory_to_torch(memory)
     assert tuple(torch_memory.mem.shape) == (2, 2, 4, 16)
     assert tuple(torch_memory.compressed_mem.shape) == (2, 2, 0, 16)

@@ -12,7 +12,7 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import convert, evaluation, parity
 from ct_jax.memory import Memory
-from tests.configs import TRANSFORMER_XL, loaded_model, randomize_
+from tests.configs import TRANSFORMER_XL, forward, loaded_model, randomize_
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_memory_stays_plain_and_drops_what_it_evicts(models):
     tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, TRANSFORMER_XL["num_tokens"], (2, 4)))
     memories = None
     for _ in range(4):  # 16 tokens through 8 slots: evictions every segment from the third on
-        _, memories, aux = jax_model(tokens, memories)
+        _, memories, aux = forward(jax_model, tokens, memories)
     assert memories.compressed_mem.shape == (2, 2, 0, 16) and int(memories.compressed_mem_valid.max()) == 0
     assert memories.mem_valid.tolist() == [8, 8] and float(aux) == 0.0
     torch_memory = convert.memory_to_torch(memories)
