@@ -8,12 +8,8 @@ import jax
 import numpy as np
 
 
-def to_device(value: Any, dtype: Any = None) -> jax.Array:
-    """`value` as a JAX array, as `jnp.asarray(value, dtype)` gives it (dtypes canonicalised alike); a JAX array
-    of that dtype (or a tracer) passes through. Outside a trace jax 0.10's `jnp.asarray` lifts a host value
-    through a compiled identity, one compile per shape and dtype; `jax.device_put` copies it."""
-    if isinstance(value, jax.Array) and (dtype is None or value.dtype == dtype):
-        return value
-    if isinstance(value, jax.Array):
-        return value.astype(dtype)
-    return jax.device_put(np.asarray(value, dtype))
+def to_device(value: Any) -> jax.Array:
+    """`value` as a JAX array, as `jnp.asarray(value)` gives it (dtypes canonicalised alike); a JAX array (or a
+    tracer) passes through. Outside a trace jax 0.10's `jnp.asarray` lifts a host value through a compiled
+    identity, one compile per shape and dtype; `jax.device_put` copies it."""
+    return value if isinstance(value, jax.Array) else jax.device_put(np.asarray(value))

@@ -210,7 +210,8 @@ def stream_eval(
     batch = _padded(StreamBatch(batch.inputs[:, : n_segments * seq_len], batch.targets[:, : n_segments * seq_len],
                                 batch.mask[:, : n_segments * seq_len], batch.resets[:, :n_segments]),
                     n_calls * per_call, seq_len)
-    buckets = np.searchsorted(np.asarray(edges), document_positions(batch.resets, seq_len), side="right")
+    buckets = np.searchsorted(np.asarray(edges), document_positions(batch.resets, seq_len), side="right"
+                              ).astype(np.int32)
     measures = _Measures(knockout, len(edges) + 1, attention_mass)
     with eval_mode(model):
         graphdef, state = nnx.split(model)
@@ -221,7 +222,7 @@ def stream_eval(
         chunk = StreamBatch(*(to_device(x[:, call * span : (call + 1) * span]) for x in batch[:3]),
                             to_device(batch.resets[:, call * per_call : (call + 1) * per_call]))
         *measured, memories = _chunk_nll(graphdef, state, memories, chunk, measures,
-                                         to_device(buckets[:, call * span : (call + 1) * span], np.int32))
+                                         to_device(buckets[:, call * span : (call + 1) * span]))
         sums.append(measured)
     nll, count, bucket_nll, bucket_count, mass = (jax.tree.map(np.asarray, list(parts)) for parts in zip(*sums))
     queries = max(int(np.sum(batch.mask)), 1)

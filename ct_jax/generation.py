@@ -463,7 +463,7 @@ def _checked_inputs(config, prime, length, temperature, filter_logits_fn, filter
     if not isinstance(filter_thres, (int, float)) or isinstance(filter_thres, bool) or not 0 <= filter_thres <= 1:
         raise ValueError(f"filter_thres must be a float in [0, 1], got {filter_thres!r}")
     if mask is None:  # all real: the same values as no mask, and the same compilation as a mask
-        mask = jnp.ones(prime.shape, bool)
+        mask = np.ones(prime.shape, bool)
     mask = to_device(mask)
     mask = mask[None] if one_d and mask.ndim == 1 else mask
     if mask.shape != prime.shape or mask.dtype != jnp.bool_:

@@ -33,6 +33,6 @@ def computed_once(folder: Path, name: str, compute: Callable[[Path], Any]) -> An
             return json.loads(done.read_text())
         shutil.rmtree(work, ignore_errors=True)  # a failed attempt's files
         work.mkdir()
-        result = compute(work)
-        done.write_text(json.dumps(result))
-        return json.loads(done.read_text())
+        text = json.dumps(compute(work))
+        done.write_text(text)
+        return json.loads(text)
