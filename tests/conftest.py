@@ -58,6 +58,12 @@ def unchecked_types():
     jaxtyping.config.update("jaxtyping_disable", False)
 
 
+def pytest_unconfigure(config):
+    """Everything left frozen: pytest's end-of-run check for unraisable exceptions then runs 5 full collections,
+    which would walk every compiled program and cached model of the run (1-4 s per process)."""
+    gc.freeze()
+
+
 def pytest_sessionfinish(session):
     """The run's compilation cache removed by the process that made it (not by the workers)."""
     if _OWN_CACHE:

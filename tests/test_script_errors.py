@@ -119,8 +119,13 @@ def test_ctrl_c_ends_a_process_with_one_line_and_130_though_a_thread_runs():
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         assert worker.stdout.readline() == "started\n"
+        # what a hang would come from: SIGINT blocked or ignored in a thread of the worker (a mask it inherited)
+        masks = {task.name: [line for line in (task / "status").read_text().splitlines() if line.startswith("Sig")]
+                 for task in Path(f"/proc/{worker.pid}/task").iterdir()} if Path("/proc").is_dir() else {}
         worker.send_signal(signal.SIGINT)
         _, err = worker.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"SIGINT did not end the process; its threads' signal masks: {masks}") from None
     finally:
         worker.kill()
     assert worker.returncode == 130 and err == "interrupted (Ctrl-C)\n", (worker.returncode, err[-2000:])

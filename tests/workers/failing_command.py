@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=time.sleep, args=(600,), daemon=False).start()
     print("started", flush=True)
     if "--wait" in (argv or sys.argv[1:]):
-        time.sleep(600)
+        # short sleeps: if the kernel hands SIGINT to the other thread, the main thread runs Python's handler (raises
+        # KeyboardInterrupt) only when it next wakes
+        for _ in range(6000):
+            time.sleep(0.1)
     raise RuntimeError("cannot schedule new futures after shutdown")
 
 
