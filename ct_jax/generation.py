@@ -242,9 +242,9 @@ def _cached_call(loop: _Loop, tokens: Int[Array, "b n"], start: Int[Array, ""] |
     return s.memory, caches, loop.net.logits(last[variant, jnp.arange(last.shape[1])])
 
 
-def _call(loop: _Loop, s: _State, incremental_only: bool) -> _State:
-    """One reference call (per row: rows whose prime goes on are carried along). `incremental_only`:
-    the caller knows it is a one-token cached call.
+def _window_call(loop: _Loop, s: _State) -> _State:
+    """A reference call that is not one cached token (`_token_call`): a full window through the model's
+    forward, or the first sampling call.
 
     At a window start, a window of prime tokens only is run whole (as the reference runs the
     prime's full windows) and the rest of the prime is the first sampling call's window, run at
@@ -253,36 +253,32 @@ def _call(loop: _Loop, s: _State, incremental_only: bool) -> _State:
     """
     seq_len = loop.net.config.seq_len
     first = jnp.min(loop.last_prime)  # the first call that draws a token
-    pos = s.pos
-    if not incremental_only:
-        at_start = s.pos == s.start
-        pos = jnp.where(at_start, jnp.where(s.start + seq_len <= first + 1, s.start + seq_len - 1,
-                                            jnp.maximum(s.pos, first)), s.pos)
-    filled = pos - s.start + 1
+    pos = jnp.where(s.pos == s.start, jnp.where(s.start + seq_len <= first + 1, s.start + seq_len - 1,
+                                                jnp.maximum(s.pos, first)), s.pos)
+    is_full = pos - s.start + 1 == seq_len
     window = jax.lax.dynamic_slice_in_dim(s.stream, s.start, seq_len, axis=1)
     window_mask = jax.lax.dynamic_slice_in_dim(loop.stream_mask, s.start, seq_len, axis=1)
+    # the first sampling call: each row up to its own last prime token (a row whose window is full draws at the
+    # full call that ends it)
+    ends = jnp.minimum(loop.last_prime - s.start + 1, seq_len) if loop.ragged else pos - s.start + 1
+    memory, caches, logits = jax.lax.cond(is_full, functools.partial(_full_call, loop, window, window_mask),
+                                          functools.partial(_cached_call, loop, window, 0, ends, window_mask, None), s)
+    row_pos = jnp.where(is_full, pos, loop.last_prime)  # the position whose logits each row gets
+    draws = jnp.where(is_full, pos >= loop.last_prime, loop.last_prime < s.start + seq_len - 1)
+    return _advance(loop, s._replace(memory=memory, caches=caches), pos, row_pos, draws, is_full, logits)
+
+
+def _token_call(loop: _Loop, s: _State) -> _State:
+    """A reference call on a window short of full, past the first draw: one token through the cache (per row:
+    rows whose prime goes on are carried along)."""
+    pos, window_mask = s.pos, jax.lax.dynamic_slice_in_dim(loop.stream_mask, s.start, loop.net.config.seq_len, axis=1)
     # a row whose token at `pos` is still its prime's was run by the first sampling call: it keeps what that wrote
     held = (pos <= loop.last_prime) if loop.ragged else None
-    incremental = functools.partial(_cached_call, loop, jax.lax.dynamic_slice_in_dim(s.stream, pos, 1, axis=1),
-                                    pos - s.start, filled, window_mask, held)
-    row_pos = jnp.broadcast_to(pos, loop.last_prime.shape)  # the position whose logits each row gets
-    if incremental_only:
-        is_full = jnp.zeros((), bool)
-        memory, caches, logits = incremental(s)
-        draws = pos > loop.last_prime
-    else:
-        is_full = filled == seq_len
-        kind = jnp.where(is_full, 0, jnp.where(pos == first, 1, 2))
-        # the first sampling call: each row up to its own last prime token (a row whose window is full draws at
-        # the full call that ends it)
-        ends = jnp.minimum(loop.last_prime - s.start + 1, seq_len) if loop.ragged else filled
-        branches = (functools.partial(_full_call, loop, window, window_mask),
-                    functools.partial(_cached_call, loop, window, 0, ends, window_mask, None), incremental)
-        memory, caches, logits = jax.lax.switch(kind, branches, s)
-        row_pos = jnp.where(kind == 1, loop.last_prime, row_pos)
-        draws = jnp.where(kind == 0, pos >= loop.last_prime,
-                          jnp.where(kind == 1, loop.last_prime < s.start + seq_len - 1, pos > loop.last_prime))
-    return _advance(loop, s._replace(memory=memory, caches=caches), pos, row_pos, draws, is_full, logits)
+    memory, caches, logits = _cached_call(loop, jax.lax.dynamic_slice_in_dim(s.stream, pos, 1, axis=1),
+                                          pos - s.start, pos - s.start + 1, window_mask, held, s)
+    row_pos = jnp.broadcast_to(pos, loop.last_prime.shape)
+    return _advance(loop, s._replace(memory=memory, caches=caches), pos, row_pos, pos > loop.last_prime,
+                    jnp.zeros((), bool), logits)
 
 
 @jax.named_scope("bookkeeping")
@@ -319,18 +315,19 @@ def _keep_going(loop: _Loop, s: _State) -> Bool[Array, ""]:
     return (s.pos < jnp.max(loop.last_prime) + loop.length) & ~jnp.all(s.done)
 
 
-def _incremental_next(loop: _Loop, s: _State) -> Bool[Array, ""]:
-    """Inside a window, past the first draw and short of full: the next call is one cached token."""
-    return (_keep_going(loop, s) & (s.pos > s.start) & (s.pos - s.start + 1 < loop.net.config.seq_len)
+def _token_next(loop: _Loop, s: _State) -> Bool[Array, ""]:
+    """Past the first draw and short of a full window (its first token included): the next call is one cached
+    token. Every other call is a full window or the first sampling call (`_window_call`)."""
+    return (_keep_going(loop, s) & (s.pos - s.start + 1 < loop.net.config.seq_len)
             & (s.pos > jnp.min(loop.last_prime)))
 
 
 def _body(loop: _Loop, s: _State) -> _State:
-    """Any call, then the window's run of one-token calls in a loop of their own: its body has
-    no branch, so the memory and its K/V pass through untouched (no per-token copies)."""
-    s = _call(loop, s, incremental_only=False)
-    return jax.lax.while_loop(functools.partial(_incremental_next, loop),
-                              functools.partial(_call, loop, incremental_only=True), s)
+    """A window call, then the one-token calls up to the next full window in a loop of their own: its body
+    has no branch, so the memory and its K/V pass through untouched (no per-token copies), and the program
+    holds the model's layers three times (full window, first sampling call, one token)."""
+    s = _window_call(loop, s)
+    return jax.lax.while_loop(functools.partial(_token_next, loop), functools.partial(_token_call, loop), s)
 
 
 def _placed(prime: Int[Array, "b p"], mask: Bool[Array, "b p"], prompt_lengths: Int[Array, " b"],

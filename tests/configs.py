@@ -18,9 +18,10 @@ This module imports no torch (the parallel workers import it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -133,6 +134,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             value = torch.where(value == 0, torch.full_like(value, 1e-3), value)
             param.copy_(value.to(param.dtype))
     return model
+
+
+@contextlib.contextmanager
+def float64(enabled: bool = True) -> Iterator[None]:
+    """JAX's 64-bit types for the block (`enabled`), switched off again after it."""
+    jax.config.update("jax_enable_x64", enabled)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)
 
 
 def loaded_model(config: dict[str, Any], state_dict: Mapping[str, Any], **kwargs: Any) -> CompressiveTransformer:

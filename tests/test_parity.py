@@ -14,7 +14,7 @@ import ct_jax
 import ct_torch_ref
 from ct_jax import convert
 from ct_jax.parity import MASK_KINDS, make_inputs, run_both
-from tests.configs import CONFIGS, forward, loaded_model, random_config, randomize_
+from tests.configs import CONFIGS, float64, forward, loaded_model, random_config, randomize_
 from tests.tolerances import JAX_VS_TORCH_ATOL, JAX_VS_TORCH_F64_ATOL, assert_close
 
 upstream = pytest.importorskip("compressive_transformer_pytorch")
@@ -95,8 +95,7 @@ def test_weights_made_in_jax_match_ct_torch_ref(name):
 @pytest.mark.parametrize("name", ["mogrify_odd_seq", "residual_uneven_evictions", "top_layer_only_mogrify"])
 def test_float64_semantics_are_exact(name):
     """In float64 both frameworks agree to ~1e-12: any gap in float32 is rounding, not semantics."""
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with float64():
         config = CONFIGS[name]
         torch_model = randomize_(upstream.CompressiveTransformer(**config), seed=2).double().train()
         jax_model = loaded_model(config, torch_model.state_dict(), dtype=jnp.float64, param_dtype=jnp.float64)
@@ -110,8 +109,6 @@ def test_float64_semantics_are_exact(name):
                                                       jnp.asarray(mask.numpy()))
             assert_close(f"{name} float64 logits", jax_logits, logits, JAX_VS_TORCH_F64_ATOL)
             assert_close(f"{name} float64 aux", jax_aux, aux.reshape(()), JAX_VS_TORCH_F64_ATOL)
-    finally:
-        jax.config.update("jax_enable_x64", False)
 
 
 def test_memory_round_trip_switches_framework_mid_run():
