@@ -55,7 +55,6 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Shaped
 
-from ct_jax._host import to_device
 from ct_jax.attention import LayerCache
 from ct_jax.layers import wide
 from ct_jax.memory import Memory
@@ -433,10 +432,22 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _on_host(value: Any) -> Any:
+    """`value` as a numpy array, a tracer as it is: decode's inputs are checked and laid out on the host, where
+    each new prime shape would otherwise compile its own small programs (min, max, pad) before the loop."""
+    return np.asarray(value) if _is_concrete(value) else value
+
+
+def _numpy_for(*values: Any) -> Any:
+    """The array module for `values`: numpy unless one is traced."""
+    return np if all(_is_concrete(value) for value in values) else jnp
+
+
 def _checked_inputs(config, prime, length, temperature, filter_logits_fn, filter_thres, eos_token, mask
-                    ) -> tuple[Int[Array, "b p"], Bool[Array, "b p"], FilterFn | None]:
-    """`decode`'s arguments checked, with errors that name them: (prime and mask as (b, p), the filter)."""
-    prime = to_device(prime)
+                    ) -> tuple[Int[ArrayLike, "b p"], Bool[ArrayLike, "b p"], FilterFn | None]:
+    """`decode`'s arguments checked, with errors that name them: (prime and mask as (b, p), on the host unless
+    traced; the filter)."""
+    prime = _on_host(prime)
     if prime.ndim not in (1, 2) or not jnp.issubdtype(prime.dtype, jnp.integer):
         raise ValueError(f"prime must be a (b, p) or (p,) array of token ids, got {prime.dtype} {prime.shape}")
     one_d = prime.ndim == 1
@@ -461,7 +472,7 @@ def _checked_inputs(config, prime, length, temperature, filter_logits_fn, filter
         raise ValueError(f"filter_thres must be a float in [0, 1], got {filter_thres!r}")
     if mask is None:  # all real: the same values as no mask, and the same compilation as a mask
         mask = np.ones(prime.shape, bool)
-    mask = to_device(mask)
+    mask = _on_host(mask)
     mask = mask[None] if one_d and mask.ndim == 1 else mask
     if mask.shape != prime.shape or mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be a bool array of the prime's shape {prime.shape}, got {mask.dtype} {mask.shape}")
@@ -493,13 +504,13 @@ def _from_list(prime: Any) -> tuple[Any, np.ndarray | None]:
     return padded, lengths
 
 
-def _checked_lengths(prompt_lengths: Any, padding: str, prime: Int[Array, "b p"]) -> Int[Array, " b"] | None:
+def _checked_lengths(prompt_lengths: Any, padding: str, prime: Int[ArrayLike, "b p"]) -> Int[ArrayLike, " b"] | None:
     """`prompt_lengths` as a (b,) int32 array (None stays None), checked against the (b, p) prime."""
     if padding not in PADDINGS:
         raise ValueError(f"padding must be 'right' or 'left' (where each row's padding sits), got {padding!r}")
     if prompt_lengths is None:
         return None
-    lengths = to_device(prompt_lengths)
+    lengths = _on_host(prompt_lengths)
     batch, width = prime.shape
     if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"prompt_lengths must be {batch} ints (one per prime row), "
@@ -544,7 +555,7 @@ def _prepared(model, prime, length, rng, temperature, filter_logits_fn, filter_t
     lengths = _checked_lengths(prompt_lengths, padding, prime)
     length = int(length)
     batch, width = prime.shape
-    offsets = jnp.zeros((batch,), jnp.int32)
+    offsets = np.zeros((batch,), np.int32)
     ragged = lengths is not None
     if ragged and _is_concrete(lengths) and bool((lengths == lengths[0]).all()):  # one length: a plain prime
         start = width - int(lengths[0]) if padding == "left" else 0
@@ -554,12 +565,13 @@ def _prepared(model, prime, length, rng, temperature, filter_logits_fn, filter_t
     if ragged:
         offsets = width - lengths if padding == "left" else offsets
     else:
-        lengths = jnp.full((batch,), width, jnp.int32)
+        lengths = np.full((batch,), width, np.int32)
     if length == 0:
         return one_d, batch, None
     capacity = _prime_capacity(width)
-    padded = jnp.pad(prime.astype(jnp.int32), ((0, 0), (0, capacity - width)))
-    mask = jnp.pad(mask, ((0, 0), (0, capacity - width)), constant_values=True)
+    xp = _numpy_for(prime, mask)
+    padded = xp.pad(prime.astype(np.int32), ((0, 0), (0, capacity - width)))
+    mask = xp.pad(mask, ((0, 0), (0, capacity - width)), constant_values=True)
     graphdef, state = nnx.split(model)
     return one_d, batch, functools.partial(
         _decoder(), graphdef, state, padded, lengths, offsets, mask, rng,
