@@ -254,12 +254,13 @@ def _window_call(loop: _Loop, s: _State) -> _State:
     first = jnp.min(loop.last_prime)  # the first call that draws a token
     pos = jnp.where(s.pos == s.start, jnp.where(s.start + seq_len <= first + 1, s.start + seq_len - 1,
                                                 jnp.maximum(s.pos, first)), s.pos)
-    is_full = pos - s.start + 1 == seq_len
+    filled = pos - s.start + 1
+    is_full = filled == seq_len
     window = jax.lax.dynamic_slice_in_dim(s.stream, s.start, seq_len, axis=1)
     window_mask = jax.lax.dynamic_slice_in_dim(loop.stream_mask, s.start, seq_len, axis=1)
     # the first sampling call: each row up to its own last prime token (a row whose window is full draws at the
     # full call that ends it)
-    ends = jnp.minimum(loop.last_prime - s.start + 1, seq_len) if loop.ragged else pos - s.start + 1
+    ends = jnp.minimum(loop.last_prime - s.start + 1, seq_len) if loop.ragged else filled
     memory, caches, logits = jax.lax.cond(is_full, functools.partial(_full_call, loop, window, window_mask),
                                           functools.partial(_cached_call, loop, window, 0, ends, window_mask, None), s)
     row_pos = jnp.where(is_full, pos, loop.last_prime)  # the position whose logits each row gets
